@@ -1,0 +1,329 @@
+//! The config file: what to read, how to decode it, what to compute.
+//!
+//! A config is TOML. It is parsed into the `*Config` structs below (plain serde), then
+//! [`Config::validate`] checks every cross-reference and expression so that a wrong config
+//! fails at start with an error naming the key, the value and what is allowed — never later
+//! in the middle of a stream.
+//!
+//! ```
+//! let cfg = tally::config::Config::from_toml_str(r#"
+//!     [kafka]
+//!     bootstrap_servers = "127.0.0.1:9092"
+//!     application_id = "shop"
+//!
+//!     [[sources]]
+//!     name = "clicks"
+//!     topic = "clicks"
+//!     event_time = { field = "ts", kind = "epoch_millis" }
+//!
+//!     [[metrics]]
+//!     name = "clicks_per_minute"
+//!     source = "clicks"
+//!     aggregates = ["count"]
+//!     window = { type = "tumbling", size = "1m" }
+//! "#).unwrap();
+//! assert_eq!(cfg.metrics[0].name, "clicks_per_minute");
+//! ```
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+
+/// A config error: which key, which value, and what would have been accepted.
+#[derive(Debug, thiserror::Error, PartialEq)]
+#[error("config key `{key}`: {problem}")]
+pub struct ConfigError {
+    /// Dotted path of the offending key, e.g. `metrics[2].window.size`.
+    pub key: String,
+    /// What is wrong and what is allowed.
+    pub problem: String,
+}
+
+impl ConfigError {
+    /// Builds an error for `key`.
+    pub fn new(key: impl Into<String>, problem: impl Into<String>) -> Self {
+        ConfigError { key: key.into(), problem: problem.into() }
+    }
+}
+
+/// The whole config file.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Connection to the Kafka cluster.
+    pub kafka: KafkaConfig,
+    /// Where and how state is kept.
+    #[serde(default)]
+    pub state: StateConfig,
+    /// The HTTP query API.
+    #[serde(default)]
+    pub http: HttpConfig,
+    /// Topics read, and how their records are decoded.
+    pub sources: Vec<SourceConfig>,
+    /// Aggregations kept per key and window.
+    #[serde(default)]
+    pub metrics: Vec<MetricConfig>,
+    /// Metrics computed at query time from other metrics (e.g. conversion rates).
+    #[serde(default)]
+    pub derived: Vec<DerivedConfig>,
+}
+
+/// Kafka connection settings.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaConfig {
+    /// `bootstrap.servers`.
+    pub bootstrap_servers: String,
+    /// Consumer group id, and the prefix of every internal topic (dead letters, late records).
+    pub application_id: String,
+    /// Any librdkafka property, passed through untouched (e.g. `security.protocol = "SASL_SSL"`).
+    #[serde(default)]
+    pub properties: BTreeMap<String, String>,
+}
+
+/// State store settings.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct StateConfig {
+    /// Directory of the sled store.
+    #[serde(default = "StateConfig::default_dir")]
+    pub dir: PathBuf,
+    /// How often the write-back cache is flushed to disk and offsets are committed.
+    #[serde(default = "StateConfig::default_commit_interval")]
+    pub commit_interval: String,
+}
+
+impl StateConfig {
+    fn default_dir() -> PathBuf {
+        PathBuf::from("tally-state")
+    }
+    fn default_commit_interval() -> String {
+        "200ms".into()
+    }
+}
+
+impl Default for StateConfig {
+    fn default() -> Self {
+        StateConfig { dir: Self::default_dir(), commit_interval: Self::default_commit_interval() }
+    }
+}
+
+/// HTTP API settings.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Listen address; tally only ever binds where it is told (default loopback).
+    #[serde(default = "HttpConfig::default_listen")]
+    pub listen: String,
+}
+
+impl HttpConfig {
+    fn default_listen() -> String {
+        "127.0.0.1:8080".into()
+    }
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig { listen: Self::default_listen() }
+    }
+}
+
+/// One source topic.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceConfig {
+    /// Name metrics refer to.
+    pub name: String,
+    /// Kafka topic.
+    pub topic: String,
+    /// Field aliases: `alias = "path.in.json"`. Fields not listed are read by their own name;
+    /// a dotted name reads a nested field.
+    #[serde(default)]
+    pub fields: BTreeMap<String, String>,
+    /// Where each record's event time comes from.
+    pub event_time: EventTimeConfig,
+    /// Watermark = highest event time seen on the partition minus this delay.
+    #[serde(default = "zero_duration")]
+    pub watermark_delay: String,
+    /// Default grace for this source's metrics: how long after a window's end it still
+    /// accepts records.
+    #[serde(default = "zero_duration")]
+    pub grace: String,
+}
+
+fn zero_duration() -> String {
+    "0s".into()
+}
+
+/// How the event time of a record is found.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct EventTimeConfig {
+    /// Field holding the time (for `string`, `epoch_seconds`, `epoch_millis`).
+    #[serde(default)]
+    pub field: Option<String>,
+    /// `string` (default when `format` is set), `epoch_seconds`, `epoch_millis`, or `parts`.
+    #[serde(default)]
+    pub kind: Option<String>,
+    /// strftime format for `string`, e.g. `%Y-%m-%d %H:%M:%S`.
+    #[serde(default)]
+    pub format: Option<String>,
+    /// IANA zone of times that carry none (e.g. `Asia/Shanghai`); default UTC.
+    #[serde(default)]
+    pub timezone: Option<String>,
+    /// For `parts`: date/time part → field, keys among year, month, day, hour, minute, second.
+    #[serde(default)]
+    pub parts: BTreeMap<String, String>,
+    /// For `parts` without a year field: the year to use (default: the current year).
+    #[serde(default)]
+    pub year: Option<i32>,
+}
+
+/// One metric: a filter, group-by fields, aggregates and a window.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricConfig {
+    /// Name used in queries and state keys.
+    pub name: String,
+    /// Source name.
+    pub source: String,
+    /// Which records count, e.g. `record_type = 1 and product_id in (101, 102)`.
+    #[serde(default)]
+    pub filter: Option<String>,
+    /// Group-by fields; empty means one group for everything.
+    #[serde(default)]
+    pub group_by: Vec<String>,
+    /// Aggregates: `count`, `sum(f)`, `distinct(f)`, `distinct(f, 14)`, `latest(f)`,
+    /// `top_n(f, n)`, `top_n(f, n, sum(g))`, each optionally `... as alias`.
+    pub aggregates: Vec<String>,
+    /// The window.
+    pub window: WindowConfig,
+    /// How long windows stay queryable after they end (default: grace + one window).
+    #[serde(default)]
+    pub retention: Option<String>,
+    /// Overrides the source's grace.
+    #[serde(default)]
+    pub grace: Option<String>,
+    /// Keep only groups for which this holds when answering, e.g. `total > 0`.
+    #[serde(default)]
+    pub having: Option<String>,
+}
+
+/// A window definition as written in the config.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct WindowConfig {
+    /// `tumbling`, `hopping`, `cumulate` or `global`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// Window length (tumbling, hopping).
+    #[serde(default)]
+    pub size: Option<String>,
+    /// Hop (hopping).
+    #[serde(default)]
+    pub slide: Option<String>,
+    /// Step (cumulate).
+    #[serde(default)]
+    pub step: Option<String>,
+    /// Maximum length (cumulate).
+    #[serde(default)]
+    pub max: Option<String>,
+    /// Zone whose midnight windows align to (matters for day-sized windows); default UTC.
+    #[serde(default)]
+    pub timezone: Option<String>,
+}
+
+/// A metric computed at query time from two stored ones.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DerivedConfig {
+    /// Name used in queries.
+    pub name: String,
+    /// `numerator / denominator`, each a metric name, optionally `metric.aggregate`.
+    pub ratio: RatioConfig,
+}
+
+/// The two sides of a ratio.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RatioConfig {
+    /// Metric (optionally `metric.aggregate`) on top.
+    pub numerator: String,
+    /// Metric (optionally `metric.aggregate`) below.
+    pub denominator: String,
+}
+
+/// Parses a duration such as `250ms`, `10s`, `5m`, `6h`, `1d` into milliseconds.
+///
+/// ```
+/// assert_eq!(tally::config::parse_duration_ms("5m"), Ok(300_000));
+/// assert!(tally::config::parse_duration_ms("5 parsecs").is_err());
+/// ```
+pub fn parse_duration_ms(text: &str) -> Result<i64, String> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: i64 = num.parse().map_err(|_| {
+        format!("`{text}` is not a duration; write a whole number and a unit: ms, s, m, h, d (e.g. `10m`)")
+    })?;
+    let mult = match unit.trim() {
+        "ms" => 1,
+        "s" => 1_000,
+        "m" | "min" => 60_000,
+        "h" => 3_600_000,
+        "d" => 86_400_000,
+        other => {
+            return Err(format!("`{text}`: unknown unit `{other}`; allowed units: ms, s, m, h, d"))
+        }
+    };
+    n.checked_mul(mult).ok_or_else(|| format!("`{text}` is too long"))
+}
+
+impl Config {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> anyhow::Result<Config> {
+        use anyhow::Context;
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading config file {}", path.display()))?;
+        Self::from_toml_str(&text).with_context(|| format!("in config file {}", path.display()))
+    }
+
+    /// Parses and validates config text.
+    pub fn from_toml_str(text: &str) -> anyhow::Result<Config> {
+        let cfg: Config = toml::from_str(text).map_err(|e| anyhow::anyhow!("{e}"))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Checks everything a running tally would trip over, returning the first problem.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        crate::topology::Topology::compile(self).map(|_| ())
+    }
+}
+
+/// Checks that names are unique, non-empty and safe to use in topic names and URLs.
+pub(crate) fn check_names<'a>(
+    section: &str,
+    names: impl Iterator<Item = &'a str>,
+    taken: &mut HashSet<String>,
+) -> Result<(), ConfigError> {
+    for (i, name) in names.enumerate() {
+        let key = format!("{section}[{i}].name");
+        if name.is_empty()
+            || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        {
+            return Err(ConfigError::new(
+                key,
+                format!("`{name}` is not a valid name; use letters, digits, `_` and `-`"),
+            ));
+        }
+        if !taken.insert(name.to_string()) {
+            return Err(ConfigError::new(key, format!("`{name}` is used twice; names must be unique")));
+        }
+    }
+    Ok(())
+}
+

@@ -1,0 +1,366 @@
+//! Event decoding: a JSON record becomes a [`Record`] — its event time and the values of
+//! the fields the topology uses, in fixed slots.
+//!
+//! Only the fields some metric reads are kept; the rest of the object is skipped without
+//! being built, which is most of the decoding cost on wide records.
+//!
+//! ```
+//! use tally::event::{Decoder, Record, Value};
+//! use tally::event::time::EventTime;
+//! let dec = Decoder::new(vec![vec!["user".into()], vec!["ts".into()]], EventTime::EpochMillis { slot: 1 });
+//! let mut rec = Record::default();
+//! dec.decode(br#"{"user":"u1","ts":1672131000000,"other":[1,2]}"#, &mut rec).unwrap();
+//! assert_eq!(rec.time_ms, 1_672_131_000_000);
+//! assert_eq!(rec.values[0], Value::Str("u1".into()));
+//! ```
+
+pub mod time;
+
+use std::collections::HashMap;
+use std::fmt;
+
+use serde::Deserialize;
+use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, Visitor};
+
+use self::time::EventTime;
+
+/// A field value as tally sees it. JSON objects and arrays are kept as their JSON text, so
+/// they can still be grouped on or counted distinct.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub enum Value {
+    /// Absent, or JSON `null`.
+    #[default]
+    Null,
+    /// JSON `true`/`false`.
+    Bool(bool),
+    /// A JSON number without fraction or exponent that fits an `i64`.
+    Int(i64),
+    /// Any other JSON number.
+    Float(f64),
+    /// A JSON string (or the JSON text of an object or array).
+    Str(Box<str>),
+}
+
+impl Value {
+    /// The value as a number: numbers, and text that parses as one.
+    pub fn as_f64(&self) -> Option<f64> {
+        match self {
+            Value::Int(i) => Some(*i as f64),
+            Value::Float(f) => Some(*f),
+            Value::Str(s) => s.trim().parse().ok(),
+            _ => None,
+        }
+    }
+
+    /// Appends the value's canonical text: what group keys and sketches are built from, so
+    /// `6` and `"6"` are the same user.
+    pub fn write_text(&self, out: &mut Vec<u8>) {
+        use std::io::Write;
+        match self {
+            Value::Null => out.extend_from_slice(b"null"),
+            Value::Bool(b) => out.extend_from_slice(if *b { b"true" } else { b"false" }),
+            Value::Int(i) => {
+                let _ = write!(out, "{i}");
+            }
+            Value::Float(f) if f.fract() == 0.0 && f.abs() < 9.0e15 => {
+                let _ = write!(out, "{}", *f as i64);
+            }
+            Value::Float(f) => {
+                let _ = write!(out, "{f}");
+            }
+            Value::Str(s) => out.extend_from_slice(s.as_bytes()),
+        }
+    }
+
+    /// The canonical text as a `String`.
+    pub fn to_text(&self) -> String {
+        let mut v = Vec::new();
+        self.write_text(&mut v);
+        String::from_utf8(v).unwrap_or_default()
+    }
+
+    /// The value as JSON, for answers.
+    pub fn to_json(&self) -> serde_json::Value {
+        match self {
+            Value::Null => serde_json::Value::Null,
+            Value::Bool(b) => (*b).into(),
+            Value::Int(i) => (*i).into(),
+            Value::Float(f) => serde_json::Number::from_f64(*f).map_or(serde_json::Value::Null, Into::into),
+            Value::Str(s) => serde_json::Value::String(s.to_string()),
+        }
+    }
+}
+
+/// A decoded record: its event time (epoch milliseconds, UTC) and one value per slot.
+#[derive(Debug, Clone, Default)]
+pub struct Record {
+    /// Event time, epoch milliseconds.
+    pub time_ms: i64,
+    /// Field values, indexed by the slots of the [`Decoder`] that filled them.
+    pub values: Vec<Value>,
+}
+
+/// Why a record could not be decoded. Each variant is a `reason` label in metrics and in the
+/// dead-letter topic's headers.
+#[derive(Debug, Clone, thiserror::Error, PartialEq)]
+pub enum DecodeError {
+    /// Not JSON at all.
+    #[error("not valid JSON: {0}")]
+    NotJson(String),
+    /// JSON, but not an object.
+    #[error("the record is JSON but not an object")]
+    NotAnObject,
+    /// The event-time field is missing or null.
+    #[error("event time field `{0}` is missing")]
+    MissingTime(String),
+    /// The event-time field is there but does not parse.
+    #[error("event time field `{field}` has `{value}`: {why}")]
+    BadTime {
+        /// The field name.
+        field: String,
+        /// What it held.
+        value: String,
+        /// What was expected.
+        why: String,
+    },
+}
+
+impl DecodeError {
+    /// A short, bounded label for metrics and headers.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            DecodeError::NotJson(_) => "not_json",
+            DecodeError::NotAnObject => "not_an_object",
+            DecodeError::MissingTime(_) => "missing_event_time",
+            DecodeError::BadTime { .. } => "bad_event_time",
+        }
+    }
+
+    /// Every label [`DecodeError::reason`] can return, so metrics can be pre-registered.
+    pub const REASONS: [&'static str; 4] = ["not_json", "not_an_object", "missing_event_time", "bad_event_time"];
+}
+
+/// Decodes JSON records of one source into [`Record`]s.
+#[derive(Debug, Clone)]
+pub struct Decoder {
+    /// Slot → path of object keys leading to the value.
+    paths: Vec<Vec<String>>,
+    /// Top-level key → the slots whose path starts there.
+    top: HashMap<String, Vec<usize>>,
+    time: EventTime,
+}
+
+impl Decoder {
+    /// A decoder filling one slot per path, reading the event time as `time` says.
+    pub fn new(paths: Vec<Vec<String>>, time: EventTime) -> Decoder {
+        let mut top: HashMap<String, Vec<usize>> = HashMap::new();
+        for (slot, path) in paths.iter().enumerate() {
+            top.entry(path[0].clone()).or_default().push(slot);
+        }
+        Decoder { paths, top, time }
+    }
+
+    /// Number of slots a record of this decoder has.
+    pub fn slots(&self) -> usize {
+        self.paths.len()
+    }
+
+    /// Decodes `payload` into `out`, reusing its allocation.
+    pub fn decode(&self, payload: &[u8], out: &mut Record) -> Result<(), DecodeError> {
+        out.values.clear();
+        out.values.resize(self.paths.len(), Value::Null);
+        let mut de = serde_json::Deserializer::from_slice(payload);
+        match de.deserialize_any(RecordVisitor { decoder: self, out: &mut out.values }) {
+            Ok(true) => {}
+            Ok(false) => return Err(DecodeError::NotAnObject),
+            Err(e) => return Err(DecodeError::NotJson(e.to_string())),
+        }
+        de.end().map_err(|e| DecodeError::NotJson(e.to_string()))?;
+        out.time_ms = self.time.extract(&out.values, &self.paths)?;
+        Ok(())
+    }
+}
+
+/// Visits the top-level value; `Ok(false)` means it was not an object.
+struct RecordVisitor<'a> {
+    decoder: &'a Decoder,
+    out: &'a mut Vec<Value>,
+}
+
+impl<'de> Visitor<'de> for RecordVisitor<'_> {
+    type Value = bool;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a JSON object")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<bool, A::Error> {
+        while let Some(slots) = map.next_key_seed(KeySeed(&self.decoder.top))? {
+            match slots {
+                None => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+                Some(slots) => {
+                    let nested = slots.iter().any(|&s| self.decoder.paths[s].len() > 1);
+                    if nested {
+                        let v: serde_json::Value = map.next_value()?;
+                        for &s in slots {
+                            let path = &self.decoder.paths[s];
+                            let inner = path[1..].iter().try_fold(&v, |v, k| v.get(k));
+                            self.out[s] = inner.map_or(Value::Null, from_json);
+                        }
+                    } else {
+                        let v = map.next_value_seed(ValueSeed)?;
+                        for &s in slots {
+                            self.out[s] = v.clone();
+                        }
+                    }
+                }
+            }
+        }
+        Ok(true)
+    }
+
+    fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<bool, A::Error> {
+        while seq.next_element::<IgnoredAny>()?.is_some() {}
+        Ok(false)
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<bool, E> {
+        Ok(false)
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<bool, E> {
+        Ok(false)
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<bool, E> {
+        Ok(false)
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<bool, E> {
+        Ok(false)
+    }
+    fn visit_str<E>(self, _: &str) -> Result<bool, E> {
+        Ok(false)
+    }
+    fn visit_unit<E>(self) -> Result<bool, E> {
+        Ok(false)
+    }
+}
+
+/// Looks a key up without allocating it; yields the slots it feeds, if any.
+struct KeySeed<'a>(&'a HashMap<String, Vec<usize>>);
+
+impl<'de, 'a> DeserializeSeed<'de> for KeySeed<'a> {
+    type Value = Option<&'a Vec<usize>>;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_str(self)
+    }
+}
+
+impl<'de, 'a> Visitor<'de> for KeySeed<'a> {
+    type Value = Option<&'a Vec<usize>>;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("an object key")
+    }
+    fn visit_str<E>(self, key: &str) -> Result<Self::Value, E> {
+        Ok(self.0.get(key))
+    }
+}
+
+/// Reads one JSON value as a [`Value`].
+struct ValueSeed;
+
+impl<'de> DeserializeSeed<'de> for ValueSeed {
+    type Value = Value;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for ValueSeed {
+    type Value = Value;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a JSON value")
+    }
+    fn visit_unit<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+    fn visit_bool<E>(self, b: bool) -> Result<Value, E> {
+        Ok(Value::Bool(b))
+    }
+    fn visit_i64<E>(self, i: i64) -> Result<Value, E> {
+        Ok(Value::Int(i))
+    }
+    fn visit_u64<E>(self, u: u64) -> Result<Value, E> {
+        Ok(i64::try_from(u).map_or(Value::Float(u as f64), Value::Int))
+    }
+    fn visit_f64<E>(self, f: f64) -> Result<Value, E> {
+        Ok(Value::Float(f))
+    }
+    fn visit_str<E>(self, s: &str) -> Result<Value, E> {
+        Ok(Value::Str(s.into()))
+    }
+    fn visit_seq<A: de::SeqAccess<'de>>(self, seq: A) -> Result<Value, A::Error> {
+        let v = serde_json::Value::deserialize(de::value::SeqAccessDeserializer::new(seq))?;
+        Ok(Value::Str(v.to_string().into()))
+    }
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Value, A::Error> {
+        let v = serde_json::Value::deserialize(de::value::MapAccessDeserializer::new(map))?;
+        Ok(Value::Str(v.to_string().into()))
+    }
+}
+
+fn from_json(v: &serde_json::Value) -> Value {
+    match v {
+        serde_json::Value::Null => Value::Null,
+        serde_json::Value::Bool(b) => Value::Bool(*b),
+        serde_json::Value::Number(n) => n.as_i64().map_or_else(|| Value::Float(n.as_f64().unwrap_or(f64::NAN)), Value::Int),
+        serde_json::Value::String(s) => Value::Str(s.as_str().into()),
+        other => Value::Str(other.to_string().into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn decoder() -> Decoder {
+        Decoder::new(
+            vec![vec!["a".into()], vec!["n".into(), "x".into()], vec!["t".into()], vec!["n".into(), "y".into()]],
+            EventTime::EpochSeconds { slot: 2 },
+        )
+    }
+
+    #[test]
+    fn keeps_wanted_fields_including_nested_ones() {
+        let mut r = Record::default();
+        decoder()
+            .decode(br#"{"z":{"deep":[1,{"q":2}]},"a":"hi","n":{"x":1.5,"y":[1]},"t":100}"#, &mut r)
+            .unwrap();
+        assert_eq!(r.time_ms, 100_000);
+        assert_eq!(r.values, vec![Value::Str("hi".into()), Value::Float(1.5), Value::Int(100), Value::Str("[1]".into())]);
+    }
+
+    #[test]
+    fn bad_records_get_a_reason() {
+        let d = decoder();
+        let mut r = Record::default();
+        let reason = |p: &[u8]| d.decode(p, &mut Record::default()).unwrap_err().reason();
+        assert_eq!(reason(br#"{"a":"#), "not_json");
+        assert_eq!(reason(br#"{"a":1} trailing"#), "not_json");
+        assert_eq!(reason(b"\xff\xfe"), "not_json");
+        assert_eq!(reason(br#"[1,2]"#), "not_an_object");
+        assert_eq!(reason(br#""text""#), "not_an_object");
+        assert_eq!(reason(br#"{"a":1}"#), "missing_event_time");
+        assert_eq!(reason(br#"{"t":"abc"}"#), "bad_event_time");
+        d.decode(br#"{"t":"12"}"#, &mut r).unwrap();
+        assert_eq!(r.time_ms, 12_000, "numeric text is a number");
+    }
+
+    #[test]
+    fn canonical_text_unifies_numbers_and_numeric_text() {
+        assert_eq!(Value::Int(6).to_text(), "6");
+        assert_eq!(Value::Float(6.0).to_text(), "6");
+        assert_eq!(Value::Float(6.5).to_text(), "6.5");
+        assert_eq!(Value::Str("6".into()).to_text(), "6");
+    }
+}

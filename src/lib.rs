@@ -1,0 +1,26 @@
+//! # tally
+//!
+//! A Kafka Streams–style analytics sidecar: it consumes event topics as a consumer group,
+//! keeps windowed PV / UV / sums / top-N state per owned partition in sled, and answers
+//! HTTP queries and Prometheus scrapes.
+//!
+//! The crate reads top to bottom like the data flows:
+//!
+//! * [`config`] — the TOML config file; [`topology`] — the config compiled and validated;
+//! * [`event`] — JSON records decoded into slots, with their event time;
+//! * [`filter`], [`window`], [`aggregate`] — which records count, where they fall, what is kept;
+//! * [`task`] — the processing core: per-partition tasks and the write-back cache;
+//! * [`store`] — the sled layout of partial aggregates and partition positions;
+//! * [`query`] — answers: merging partials over partitions and slices;
+//! * [`kafka`] — the edges to Kafka: consumer loop, dead-letter/late producer, topics;
+//! * [`http`] — the query API and `/metrics`; [`metrics`] — the Prometheus registry;
+//! * [`app`] — wiring for `tally run`; [`gen`], [`demo`], [`bench`] — tools around it.
+
+pub mod aggregate;
+pub mod config;
+pub mod event;
+pub mod filter;
+pub mod store;
+pub mod task;
+pub mod topology;
+pub mod window;

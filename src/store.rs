@@ -1,0 +1,316 @@
+//! The state store: partial aggregates and partition positions in one sled tree.
+//!
+//! ## Layout
+//!
+//! | key                                                     | value                       |
+//! |---------------------------------------------------------|-----------------------------|
+//! | `S` · len · metric · partition u32 · slice i64 · group  | [`StoredAggregate`]         |
+//! | `P` · len · source · partition u32                      | [`PartitionMeta`]           |
+//!
+//! Integers are big-endian (slices with the sign bit flipped) so sled's byte order is
+//! numeric order: one metric-partition's slices are contiguous and sorted, so a window is a
+//! range scan, expiry is a range delete, and a partition can be handed over or dropped on
+//! its own.
+//!
+//! Every value starts with a format version byte. bincode decodes a mismatched layout into
+//! garbage without complaint; the version byte turns that into an error (and is where
+//! `migrations/` will hook in).
+//!
+//! Aggregates and the partition positions they correspond to are written in one atomic
+//! batch: after a crash the store holds a consistent cut — the state of exactly the records
+//! before the stored next offset.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::aggregate::AggState;
+
+/// Version of [`StoredAggregate`]'s encoding.
+pub const STATE_FORMAT: u8 = 1;
+/// Version of [`PartitionMeta`]'s encoding.
+pub const META_FORMAT: u8 = 1;
+
+const STATE_TAG: u8 = b'S';
+const META_TAG: u8 = b'P';
+/// Separates the values of a multi-field group key (ASCII unit separator).
+pub const GROUP_SEPARATOR: u8 = 0x1f;
+
+/// A store failure.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// sled failed (I/O, corruption).
+    #[error("state store: {0}")]
+    Sled(#[from] sled::Error),
+    /// A value with an unknown version or undecodable bytes.
+    #[error("state store value under key {key:?} is unreadable: {why}")]
+    Corrupt {
+        /// Printable key.
+        key: String,
+        /// What failed.
+        why: String,
+    },
+}
+
+/// The partial aggregates of one metric, partition, slice and group.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StoredAggregate {
+    /// Highest source offset absorbed (-1: none). Lets a replay skip what is already in.
+    pub max_offset: i64,
+    /// One state per aggregate of the metric, in config order.
+    pub states: Vec<AggState>,
+}
+
+/// Where a source partition's state stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartitionMeta {
+    /// Offset of the next record to process: all before it are in the state.
+    pub next_offset: i64,
+    /// Watermark at `next_offset`.
+    pub watermark: i64,
+    /// Highest event time seen.
+    pub max_event_time: i64,
+    /// Changelog offset of the last flush (reserved for changelog restore).
+    pub changelog_offset: Option<i64>,
+}
+
+fn encode<T: Serialize>(version: u8, v: &T) -> Vec<u8> {
+    let mut out = vec![version];
+    bincode::serde::encode_into_std_write(v, &mut out, bincode::config::standard()).expect("writing to a Vec cannot fail");
+    out
+}
+
+fn decode<T: for<'de> Deserialize<'de>>(version: u8, key: &[u8], bytes: &[u8]) -> Result<T, StoreError> {
+    let corrupt = |why: String| StoreError::Corrupt { key: String::from_utf8_lossy(key).into_owned(), why };
+    match bytes.first() {
+        Some(v) if *v == version => {}
+        other => return Err(corrupt(format!("format version {other:?}, expected {version}"))),
+    }
+    let (v, used) = bincode::serde::decode_from_slice(&bytes[1..], bincode::config::standard()).map_err(|e| corrupt(e.to_string()))?;
+    if used != bytes.len() - 1 {
+        return Err(corrupt("trailing bytes".into()));
+    }
+    Ok(v)
+}
+
+impl StoredAggregate {
+    /// Versioned bytes.
+    pub fn encode(&self) -> Vec<u8> {
+        encode(STATE_FORMAT, self)
+    }
+    /// Reads [`StoredAggregate::encode`]'s bytes.
+    pub fn decode(key: &[u8], bytes: &[u8]) -> Result<Self, StoreError> {
+        decode(STATE_FORMAT, key, bytes)
+    }
+}
+
+impl PartitionMeta {
+    /// Versioned bytes.
+    pub fn encode(&self) -> Vec<u8> {
+        encode(META_FORMAT, self)
+    }
+    /// Reads [`PartitionMeta::encode`]'s bytes.
+    pub fn decode(key: &[u8], bytes: &[u8]) -> Result<Self, StoreError> {
+        decode(META_FORMAT, key, bytes)
+    }
+}
+
+fn push_name(out: &mut Vec<u8>, tag: u8, name: &str) {
+    out.push(tag);
+    out.push(name.len().min(255) as u8);
+    out.extend_from_slice(name.as_bytes());
+}
+
+fn slice_bytes(slice: i64) -> [u8; 8] {
+    ((slice as u64) ^ (1 << 63)).to_be_bytes()
+}
+
+/// Key prefix of one metric-partition: all its slices follow.
+pub fn partition_prefix(out: &mut Vec<u8>, metric: &str, partition: i32) {
+    push_name(out, STATE_TAG, metric);
+    out.extend_from_slice(&(partition as u32).to_be_bytes());
+}
+
+/// Writes the state key of (metric, partition, slice) into `out`; the caller appends the
+/// group key.
+pub fn state_key_prefix(out: &mut Vec<u8>, metric: &str, partition: i32, slice: i64) {
+    partition_prefix(out, metric, partition);
+    out.extend_from_slice(&slice_bytes(slice));
+}
+
+/// Splits a state key into (partition, slice, group key).
+pub fn split_state_key(key: &[u8]) -> Option<(i32, i64, &[u8])> {
+    let name_len = *key.get(1)? as usize;
+    let rest = key.get(2 + name_len..)?;
+    if rest.len() < 12 {
+        return None;
+    }
+    let partition = u32::from_be_bytes(rest[0..4].try_into().ok()?) as i32;
+    let slice = (u64::from_be_bytes(rest[4..12].try_into().ok()?) ^ (1 << 63)) as i64;
+    Some((partition, slice, &rest[12..]))
+}
+
+fn meta_key(source: &str, partition: i32) -> Vec<u8> {
+    let mut k = Vec::with_capacity(source.len() + 6);
+    push_name(&mut k, META_TAG, source);
+    k.extend_from_slice(&(partition as u32).to_be_bytes());
+    k
+}
+
+/// A set of writes applied atomically by [`Store::apply`].
+#[derive(Default)]
+pub struct WriteBatch {
+    batch: sled::Batch,
+    /// Number of aggregate values written.
+    pub puts: usize,
+    /// Number of keys removed.
+    pub deletes: usize,
+}
+
+impl WriteBatch {
+    /// Writes an aggregate.
+    pub fn put(&mut self, key: &[u8], value: &StoredAggregate) {
+        self.batch.insert(key, value.encode());
+        self.puts += 1;
+    }
+    /// Removes a key.
+    pub fn delete(&mut self, key: &[u8]) {
+        self.batch.remove(key);
+        self.deletes += 1;
+    }
+    /// Records a partition's position.
+    pub fn put_meta(&mut self, source: &str, partition: i32, meta: &PartitionMeta) {
+        self.batch.insert(meta_key(source, partition), meta.encode());
+    }
+}
+
+/// The on-disk store. Cloning is cheap and shares the same database.
+#[derive(Clone)]
+pub struct Store {
+    db: sled::Db,
+    tree: sled::Tree,
+}
+
+impl Store {
+    /// Opens (or creates) the store in `dir`.
+    pub fn open(dir: &Path) -> Result<Store, StoreError> {
+        let db = sled::Config::new().path(dir).cache_capacity(256 << 20).open()?;
+        let tree = db.open_tree("state")?;
+        Ok(Store { db, tree })
+    }
+
+    /// Reads one aggregate.
+    pub fn get(&self, key: &[u8]) -> Result<Option<StoredAggregate>, StoreError> {
+        match self.tree.get(key)? {
+            None => Ok(None),
+            Some(v) => StoredAggregate::decode(key, &v).map(Some),
+        }
+    }
+
+    /// Applies a batch atomically.
+    pub fn apply(&self, batch: WriteBatch) -> Result<(), StoreError> {
+        Ok(self.tree.apply_batch(batch.batch)?)
+    }
+
+    /// Makes everything applied so far durable (fsync).
+    pub fn flush(&self) -> Result<(), StoreError> {
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// The stored position of a source partition.
+    pub fn partition_meta(&self, source: &str, partition: i32) -> Result<Option<PartitionMeta>, StoreError> {
+        let k = meta_key(source, partition);
+        match self.tree.get(&k)? {
+            None => Ok(None),
+            Some(v) => PartitionMeta::decode(&k, &v).map(Some),
+        }
+    }
+
+    /// Every stored partition of `source` with its position.
+    pub fn partitions(&self, source: &str) -> Result<Vec<(i32, PartitionMeta)>, StoreError> {
+        let mut prefix = Vec::new();
+        push_name(&mut prefix, META_TAG, source);
+        let mut out = Vec::new();
+        for kv in self.tree.scan_prefix(&prefix) {
+            let (k, v) = kv?;
+            let p = u32::from_be_bytes(k[prefix.len()..].try_into().unwrap_or_default()) as i32;
+            out.push((p, PartitionMeta::decode(&k, &v)?));
+        }
+        Ok(out)
+    }
+
+    /// Aggregates of one metric-partition with slices in `[from, to)`: (slice, group, value).
+    pub fn scan(&self, metric: &str, partition: i32, from: i64, to: i64) -> impl Iterator<Item = Result<(i64, Vec<u8>, StoredAggregate), StoreError>> + '_ {
+        let mut lo = Vec::new();
+        state_key_prefix(&mut lo, metric, partition, from);
+        let mut hi = Vec::new();
+        state_key_prefix(&mut hi, metric, partition, to);
+        self.tree.range(lo..hi).map(|kv| {
+            let (k, v) = kv?;
+            let (_, slice, group) = split_state_key(&k).ok_or_else(|| StoreError::Corrupt { key: String::from_utf8_lossy(&k).into(), why: "short key".into() })?;
+            Ok((slice, group.to_vec(), StoredAggregate::decode(&k, &v)?))
+        })
+    }
+
+    /// Keys of one metric-partition with slices before `before`.
+    pub fn keys_before(&self, metric: &str, partition: i32, before: i64) -> Result<Vec<sled::IVec>, StoreError> {
+        let mut lo = Vec::new();
+        partition_prefix(&mut lo, metric, partition);
+        let mut hi = Vec::new();
+        state_key_prefix(&mut hi, metric, partition, before);
+        self.tree.range(lo..hi).keys().map(|k| k.map_err(StoreError::from)).collect()
+    }
+
+    /// Number of stored keys (aggregates and positions).
+    pub fn len(&self) -> usize {
+        self.tree.len()
+    }
+
+    /// Whether the store holds nothing.
+    pub fn is_empty(&self) -> bool {
+        self.tree.is_empty()
+    }
+
+    /// Bytes the store takes on disk.
+    pub fn size_on_disk(&self) -> Result<u64, StoreError> {
+        Ok(self.db.size_on_disk()?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::aggregate::AggState;
+
+    #[test]
+    fn keys_sort_numerically_and_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let mut batch = WriteBatch::default();
+        for slice in [-120_000i64, -60_000, 0, 60_000, 1_630_915_200_000] {
+            let mut k = Vec::new();
+            state_key_prefix(&mut k, "pv", 3, slice);
+            k.extend_from_slice(b"101");
+            batch.put(&k, &StoredAggregate { max_offset: slice, states: vec![AggState::Count(1)] });
+        }
+        batch.put_meta("src", 3, &PartitionMeta { next_offset: 9, watermark: 5, max_event_time: 6, changelog_offset: None });
+        store.apply(batch).unwrap();
+        let slices: Vec<i64> = store.scan("pv", 3, -60_000, 60_001).map(|r| r.unwrap().0).collect();
+        assert_eq!(slices, vec![-60_000, 0, 60_000]);
+        assert_eq!(store.keys_before("pv", 3, 0).unwrap().len(), 2);
+        assert!(store.scan("pv", 4, i64::MIN, i64::MAX).next().is_none(), "partitions are separate");
+        assert_eq!(store.partitions("src").unwrap(), vec![(3, PartitionMeta { next_offset: 9, watermark: 5, max_event_time: 6, changelog_offset: None })]);
+    }
+
+    #[test]
+    fn wrong_versions_are_errors_not_garbage() {
+        let v = StoredAggregate { max_offset: 1, states: vec![AggState::Sum(5)] }.encode();
+        assert!(StoredAggregate::decode(b"k", &v).is_ok());
+        let mut bumped = v.clone();
+        bumped[0] = STATE_FORMAT + 1;
+        assert!(matches!(StoredAggregate::decode(b"k", &bumped), Err(StoreError::Corrupt { .. })));
+        assert!(StoredAggregate::decode(b"k", &v[..v.len() - 1]).is_err());
+        assert!(PartitionMeta::decode(b"k", &v).is_err());
+    }
+}

@@ -1,0 +1,447 @@
+//! The topology: a validated config compiled into what the processing core runs — sources
+//! with their decoders, metrics with resolved field slots, windows and lateness rules.
+//!
+//! Compiling is where every config mistake is caught, so [`Topology::compile`] returns a
+//! [`ConfigError`] naming the key, the value and what is allowed.
+
+use std::collections::{BTreeMap, HashSet};
+
+use serde::Serialize;
+
+use crate::aggregate::{AggKind, AggregateSpec};
+use crate::config::{check_names, parse_duration_ms, Config, ConfigError, MetricConfig, SourceConfig, WindowConfig};
+use crate::event::time::{parse_tz, EventTime, PART_NAMES};
+use crate::event::Decoder;
+use crate::filter::Filter;
+use crate::window::WindowSpec;
+
+/// The compiled config.
+#[derive(Debug, Clone)]
+pub struct Topology {
+    /// Application id: consumer group and internal-topic prefix.
+    pub application_id: String,
+    /// Sources, in config order.
+    pub sources: Vec<Source>,
+    /// Metrics, in config order.
+    pub metrics: Vec<Metric>,
+    /// Derived metrics.
+    pub derived: Vec<Derived>,
+    /// Flush/commit interval, ms.
+    pub commit_interval_ms: u64,
+}
+
+/// A compiled source.
+#[derive(Debug, Clone)]
+pub struct Source {
+    /// Name.
+    pub name: String,
+    /// Kafka topic.
+    pub topic: String,
+    /// Decoder filling the slots the source's metrics read.
+    pub decoder: Decoder,
+    /// Field name of each slot (as written in the config).
+    pub slot_names: Vec<String>,
+    /// Watermark delay, ms.
+    pub watermark_delay_ms: i64,
+    /// Indices of the metrics reading this source.
+    pub metrics: Vec<usize>,
+}
+
+/// A compiled metric.
+#[derive(Debug, Clone, Serialize)]
+pub struct Metric {
+    /// Name.
+    pub name: String,
+    /// Index of its source.
+    #[serde(skip)]
+    pub source: usize,
+    /// The filter as written.
+    pub filter_text: Option<String>,
+    /// Parsed filter over the source's slots.
+    #[serde(skip)]
+    pub filter: Option<Filter>,
+    /// Group-by field names.
+    pub group_by: Vec<String>,
+    /// Slots of the group-by fields.
+    #[serde(skip)]
+    pub group_slots: Vec<usize>,
+    /// Aggregates, in order.
+    #[serde(serialize_with = "aggregate_names")]
+    pub aggregates: Vec<AggregateSpec>,
+    /// The window.
+    pub window: WindowSpec,
+    /// Grace after a slice's end during which it still accepts records, ms.
+    pub grace_ms: i64,
+    /// How long windows stay stored after they end, ms.
+    pub retention_ms: i64,
+    /// The `having` condition as written.
+    pub having_text: Option<String>,
+    /// `having` over aggregate positions.
+    #[serde(skip)]
+    pub having: Option<Filter>,
+}
+
+fn aggregate_names<S: serde::Serializer>(a: &[AggregateSpec], s: S) -> Result<S::Ok, S::Error> {
+    s.collect_seq(a.iter().map(|a| &a.name))
+}
+
+/// A ratio of two metrics' aggregates, computed per key and window when asked.
+#[derive(Debug, Clone, Serialize)]
+pub struct Derived {
+    /// Name.
+    pub name: String,
+    /// Metric index and aggregate index on top.
+    pub numerator: (usize, usize),
+    /// Metric index and aggregate index below.
+    pub denominator: (usize, usize),
+}
+
+fn duration(key: String, text: &str) -> Result<i64, ConfigError> {
+    let ms = parse_duration_ms(text).map_err(|e| ConfigError::new(&key, e))?;
+    if ms < 0 {
+        return Err(ConfigError::new(key, format!("`{text}` must not be negative")));
+    }
+    Ok(ms)
+}
+
+/// Slots of one source: field name → slot, with the JSON path of each.
+struct SlotTable<'a> {
+    source: &'a SourceConfig,
+    names: Vec<String>,
+}
+
+impl SlotTable<'_> {
+    fn slot(&mut self, name: &str) -> usize {
+        if let Some(i) = self.names.iter().position(|n| n == name) {
+            return i;
+        }
+        self.names.push(name.to_string());
+        self.names.len() - 1
+    }
+
+    fn paths(&self) -> Vec<Vec<String>> {
+        self.names
+            .iter()
+            .map(|n| {
+                let path = self.source.fields.get(n).map_or(n.as_str(), String::as_str);
+                path.split('.').map(str::to_string).collect()
+            })
+            .collect()
+    }
+}
+
+impl Topology {
+    /// Compiles and validates `cfg`.
+    pub fn compile(cfg: &Config) -> Result<Topology, ConfigError> {
+        if cfg.kafka.application_id.is_empty()
+            || !cfg.kafka.application_id.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+        {
+            return Err(ConfigError::new(
+                "kafka.application_id",
+                format!("`{}` must be non-empty letters, digits, `.`, `_`, `-` (it prefixes topic names)", cfg.kafka.application_id),
+            ));
+        }
+        if cfg.sources.is_empty() {
+            return Err(ConfigError::new("sources", "at least one [[sources]] entry is required"));
+        }
+        let mut taken = HashSet::new();
+        check_names("sources", cfg.sources.iter().map(|s| s.name.as_str()), &mut taken)?;
+        let mut taken = HashSet::new();
+        check_names("metrics", cfg.metrics.iter().map(|m| m.name.as_str()), &mut taken)?;
+        check_names("derived", cfg.derived.iter().map(|d| d.name.as_str()), &mut taken)?;
+        let mut topics = HashSet::new();
+        for (i, s) in cfg.sources.iter().enumerate() {
+            if !topics.insert(&s.topic) {
+                return Err(ConfigError::new(format!("sources[{i}].topic"), format!("topic `{}` is read by two sources", s.topic)));
+            }
+        }
+        let commit_interval_ms = duration("state.commit_interval".into(), &cfg.state.commit_interval)?;
+        if commit_interval_ms == 0 {
+            return Err(ConfigError::new("state.commit_interval", "must be positive, e.g. `200ms`"));
+        }
+
+        let mut tables: Vec<SlotTable> = cfg.sources.iter().map(|s| SlotTable { source: s, names: vec![] }).collect();
+        let mut times = Vec::new();
+        for (i, s) in cfg.sources.iter().enumerate() {
+            times.push(event_time(i, s, &mut tables[i])?);
+        }
+
+        let mut metrics = Vec::new();
+        for (i, m) in cfg.metrics.iter().enumerate() {
+            let src = cfg.sources.iter().position(|s| s.name == m.source).ok_or_else(|| {
+                let names: Vec<&str> = cfg.sources.iter().map(|s| s.name.as_str()).collect();
+                ConfigError::new(format!("metrics[{i}].source"), format!("`{}` is not a source; sources are {names:?}", m.source))
+            })?;
+            metrics.push(metric(i, m, src, &cfg.sources[src], &mut tables[src])?);
+        }
+
+        let mut sources = Vec::new();
+        for (i, (s, time)) in cfg.sources.iter().zip(times).enumerate() {
+            let table = &tables[i];
+            sources.push(Source {
+                name: s.name.clone(),
+                topic: s.topic.clone(),
+                decoder: Decoder::new(table.paths(), time),
+                slot_names: table.names.clone(),
+                watermark_delay_ms: duration(format!("sources[{i}].watermark_delay"), &s.watermark_delay)?,
+                metrics: metrics.iter().enumerate().filter(|(_, m)| m.source == i).map(|(j, _)| j).collect(),
+            });
+        }
+
+        let mut derived = Vec::new();
+        for (i, d) in cfg.derived.iter().enumerate() {
+            let side = |key: &str, text: &str| -> Result<(usize, usize), ConfigError> {
+                let key = format!("derived[{i}].ratio.{key}");
+                let (mname, agg) = match text.split_once('.') {
+                    Some((m, a)) => (m, Some(a)),
+                    None => (text, None),
+                };
+                let mi = metrics.iter().position(|m| m.name == mname).ok_or_else(|| {
+                    ConfigError::new(&key, format!("`{mname}` is not a metric"))
+                })?;
+                let m = &metrics[mi];
+                let ai = match agg {
+                    None => 0,
+                    Some(a) => m.aggregates.iter().position(|x| x.name == a).ok_or_else(|| {
+                        let names: Vec<&str> = m.aggregates.iter().map(|a| a.name.as_str()).collect();
+                        ConfigError::new(&key, format!("metric `{mname}` has no aggregate `{a}`; it has {names:?}"))
+                    })?,
+                };
+                if matches!(m.aggregates[ai].kind, AggKind::TopN { .. }) {
+                    return Err(ConfigError::new(&key, format!("`{text}` is a top_n list, not a number")));
+                }
+                Ok((mi, ai))
+            };
+            let num = side("numerator", &d.ratio.numerator)?;
+            let den = side("denominator", &d.ratio.denominator)?;
+            let (a, b) = (&metrics[num.0], &metrics[den.0]);
+            if a.window != b.window || a.group_by != b.group_by || a.source != b.source {
+                return Err(ConfigError::new(
+                    format!("derived[{i}].ratio"),
+                    format!("`{}` and `{}` must read the same source with the same window and group_by to be divided per key and window", a.name, b.name),
+                ));
+            }
+            derived.push(Derived { name: d.name.clone(), numerator: num, denominator: den });
+        }
+
+        Ok(Topology {
+            application_id: cfg.kafka.application_id.clone(),
+            sources,
+            metrics,
+            derived,
+            commit_interval_ms: commit_interval_ms as u64,
+        })
+    }
+
+    /// The metric called `name`.
+    pub fn metric(&self, name: &str) -> Option<(usize, &Metric)> {
+        self.metrics.iter().enumerate().find(|(_, m)| m.name == name)
+    }
+
+    /// The topic dead letters go to.
+    pub fn dead_letter_topic(&self) -> String {
+        format!("{}-dead-letters", self.application_id)
+    }
+
+    /// The topic late records go to.
+    pub fn late_topic(&self) -> String {
+        format!("{}-late-records", self.application_id)
+    }
+
+    /// A human-readable account of what the config does (`tally check`).
+    pub fn explain(&self) -> String {
+        use std::fmt::Write;
+        let mut out = String::new();
+        let _ = writeln!(out, "application `{}` (consumer group; internal topics `{}`, `{}`)", self.application_id, self.dead_letter_topic(), self.late_topic());
+        let _ = writeln!(out, "flush + commit every {} ms", self.commit_interval_ms);
+        for s in &self.sources {
+            let _ = writeln!(out, "source `{}` reads topic `{}`, watermark = max event time - {} ms, fields {:?}", s.name, s.topic, s.watermark_delay_ms, s.slot_names);
+            for &mi in &s.metrics {
+                let m = &self.metrics[mi];
+                let aggs: Vec<&str> = m.aggregates.iter().map(|a| a.name.as_str()).collect();
+                let _ = writeln!(
+                    out,
+                    "  metric `{}`: {:?} per {} over {:?}{}; grace {} ms, kept {} ms after windows end{}",
+                    m.name,
+                    aggs,
+                    if m.group_by.is_empty() { "everything".to_string() } else { format!("{:?}", m.group_by) },
+                    m.window.kind,
+                    m.filter_text.as_ref().map_or(String::new(), |f| format!(" where {f}")),
+                    m.grace_ms,
+                    m.retention_ms,
+                    m.having_text.as_ref().map_or(String::new(), |h| format!("; answers keep groups with {h}")),
+                );
+            }
+        }
+        for d in &self.derived {
+            let (n, d2) = (&self.metrics[d.numerator.0], &self.metrics[d.denominator.0]);
+            let _ = writeln!(out, "derived `{}` = {}.{} / {}.{} per key and window", d.name, n.name, n.aggregates[d.numerator.1].name, d2.name, d2.aggregates[d.denominator.1].name);
+        }
+        out
+    }
+}
+
+fn event_time(i: usize, s: &SourceConfig, table: &mut SlotTable) -> Result<EventTime, ConfigError> {
+    let t = &s.event_time;
+    let key = |k: &str| format!("sources[{i}].event_time.{k}");
+    let tz = match &t.timezone {
+        Some(name) => parse_tz(name).map_err(|e| ConfigError::new(key("timezone"), e))?,
+        None => chrono_tz::UTC,
+    };
+    let kind = t.kind.clone().unwrap_or_else(|| if t.parts.is_empty() { "string".into() } else { "parts".into() });
+    let field = |table: &mut SlotTable| -> Result<usize, ConfigError> {
+        let f = t.field.as_ref().ok_or_else(|| ConfigError::new(key("field"), format!("kind `{kind}` needs the field holding the time")))?;
+        Ok(table.slot(f))
+    };
+    match kind.as_str() {
+        "string" => {
+            let format = t.format.as_ref().ok_or_else(|| ConfigError::new(key("format"), "a strftime format is required for text times, e.g. `%Y-%m-%d %H:%M:%S`"))?;
+            if chrono::format::StrftimeItems::new(format).any(|it| matches!(it, chrono::format::Item::Error)) {
+                return Err(ConfigError::new(key("format"), format!("`{format}` is not a valid strftime format")));
+            }
+            Ok(EventTime::Text { slot: field(table)?, format: format.clone(), tz })
+        }
+        "epoch_seconds" => Ok(EventTime::EpochSeconds { slot: field(table)? }),
+        "epoch_millis" => Ok(EventTime::EpochMillis { slot: field(table)? }),
+        "parts" => {
+            if t.parts.is_empty() {
+                return Err(ConfigError::new(key("parts"), "list the parts, e.g. `{ month = \"month\", day = \"day\" }`"));
+            }
+            let mut slots = [None; 6];
+            for (part, f) in &t.parts {
+                let pos = PART_NAMES.iter().position(|p| p == part).ok_or_else(|| {
+                    ConfigError::new(key("parts"), format!("unknown part `{part}`; allowed: {PART_NAMES:?}"))
+                })?;
+                slots[pos] = Some(table.slot(f));
+            }
+            let year = t.year.unwrap_or_else(|| chrono::Datelike::year(&chrono::Utc::now()));
+            Ok(EventTime::Parts { slots, year, tz })
+        }
+        other => Err(ConfigError::new(key("kind"), format!("`{other}` is not a kind; allowed: string, epoch_seconds, epoch_millis, parts"))),
+    }
+}
+
+fn window(key: String, w: &WindowConfig) -> Result<WindowSpec, ConfigError> {
+    let need = |k: &str, v: &Option<String>| -> Result<i64, ConfigError> {
+        let text = v.as_ref().ok_or_else(|| ConfigError::new(format!("{key}.{k}"), format!("a `{}` window needs `{k}`", w.kind)))?;
+        duration(format!("{key}.{k}"), text)
+    };
+    let offset_ms = match &w.timezone {
+        None => 0,
+        Some(name) => {
+            let tz = parse_tz(name).map_err(|e| ConfigError::new(format!("{key}.timezone"), e))?;
+            use chrono::{Offset, TimeZone};
+            // Windows align to the zone's current offset: exact for zones without daylight
+            // saving (Asia/Shanghai), an hour off across a DST change otherwise.
+            tz.offset_from_utc_datetime(&chrono::Utc::now().naive_utc()).fix().local_minus_utc() as i64 * 1000
+        }
+    };
+    let spec = match w.kind.as_str() {
+        "tumbling" => WindowSpec::tumbling(need("size", &w.size)?, offset_ms),
+        "hopping" => WindowSpec::hopping(need("size", &w.size)?, need("slide", &w.slide)?, offset_ms),
+        "cumulate" => WindowSpec::cumulate(need("step", &w.step)?, need("max", &w.max)?, offset_ms),
+        "global" => Ok(WindowSpec::global()),
+        other => return Err(ConfigError::new(format!("{key}.type"), format!("`{other}` is not a window type; allowed: tumbling, hopping, cumulate, global"))),
+    };
+    spec.map_err(|e| ConfigError::new(key, e))
+}
+
+fn metric(i: usize, m: &MetricConfig, src: usize, s: &SourceConfig, table: &mut SlotTable) -> Result<Metric, ConfigError> {
+    let key = |k: &str| format!("metrics[{i}].{k}");
+    if m.aggregates.is_empty() {
+        return Err(ConfigError::new(key("aggregates"), "list at least one aggregate, e.g. [\"count\"]"));
+    }
+    let filter = match &m.filter {
+        None => None,
+        Some(text) => Some(
+            Filter::parse(text, |name| Some(table.slot(name))).map_err(|e| ConfigError::new(key("filter"), format!("`{text}`: {e}")))?,
+        ),
+    };
+    let group_slots = m.group_by.iter().map(|g| table.slot(g)).collect();
+    let mut aggregates = Vec::new();
+    let mut names = BTreeMap::new();
+    for (j, text) in m.aggregates.iter().enumerate() {
+        let a = AggregateSpec::parse(text, |f| table.slot(f)).map_err(|e| ConfigError::new(format!("metrics[{i}].aggregates[{j}]"), e))?;
+        if names.insert(a.name.clone(), j).is_some() {
+            return Err(ConfigError::new(format!("metrics[{i}].aggregates[{j}]"), format!("two aggregates are named `{}`; add `as alias`", a.name)));
+        }
+        aggregates.push(a);
+    }
+    let window = window(key("window"), &m.window)?;
+    let grace_ms = duration(key("grace"), m.grace.as_deref().unwrap_or(&s.grace))?;
+    let retention_ms = match &m.retention {
+        Some(r) => duration(key("retention"), r)?,
+        None => grace_ms.saturating_add(window.span_ms().min(i64::MAX / 4)),
+    };
+    let having = match &m.having {
+        None => None,
+        Some(text) => {
+            let f = Filter::parse(text, |n| names.get(n).copied()).map_err(|e| {
+                let known: Vec<&String> = names.keys().collect();
+                ConfigError::new(key("having"), format!("`{text}`: {e}; aggregates are {known:?}"))
+            })?;
+            Some(f)
+        }
+    };
+    Ok(Metric {
+        name: m.name.clone(),
+        source: src,
+        filter_text: m.filter.clone(),
+        filter,
+        group_by: m.group_by.clone(),
+        group_slots,
+        aggregates,
+        window,
+        grace_ms,
+        retention_ms,
+        having_text: m.having.clone(),
+        having,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::config::Config;
+
+    const BASE: &str = r#"
+        [kafka]
+        bootstrap_servers = "127.0.0.1:9092"
+        application_id = "t"
+        [[sources]]
+        name = "s"
+        topic = "t"
+        event_time = { field = "ts", kind = "epoch_millis" }
+    "#;
+
+    fn err(extra: &str) -> String {
+        Config::from_toml_str(&format!("{BASE}{extra}")).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn errors_name_key_value_and_what_is_allowed() {
+        let e = err("[[metrics]]\nname = \"m\"\nsource = \"s\"\naggregates = [\"avg(x)\"]\nwindow = { type = \"tumbling\", size = \"1m\" }\n");
+        assert!(e.contains("metrics[0].aggregates[0]") && e.contains("avg") && e.contains("allowed"), "{e}");
+        let e = err("[[metrics]]\nname = \"m\"\nsource = \"s\"\naggregates = [\"count\"]\nwindow = { type = \"sliding\", size = \"1m\" }\n");
+        assert!(e.contains("metrics[0].window.type") && e.contains("sliding") && e.contains("tumbling, hopping"), "{e}");
+        let e = err("[[metrics]]\nname = \"m\"\nsource = \"s\"\naggregates = [\"count\"]\nwindow = { type = \"tumbling\", size = \"5 parsecs\" }\n");
+        assert!(e.contains("metrics[0].window.size") && e.contains("parsecs"), "{e}");
+        let e = err("[[metrics]]\nname = \"m\"\nsource = \"nope\"\naggregates = [\"count\"]\nwindow = { type = \"global\" }\n");
+        assert!(e.contains("metrics[0].source") && e.contains("nope"), "{e}");
+        let e = err("[[metrics]]\nname = \"m\"\nsource = \"s\"\naggregates = [\"count\"]\nhaving = \"total > 0\"\nwindow = { type = \"global\" }\n");
+        assert!(e.contains("metrics[0].having") && e.contains("total"), "{e}");
+        let e = err("[[metrics]]\nname = \"m\"\nsource = \"s\"\naggregates = [\"count\"]\nfilter = \"a = \"\nwindow = { type = \"global\" }\n");
+        assert!(e.contains("metrics[0].filter"), "{e}");
+        let e = err("[[metrics]]\nname = \"m\"\nsource = \"s\"\naggregates = [\"count\"]\nwindow = { type = \"global\" }\nbogus = 1\n");
+        assert!(e.contains("bogus"), "{e}");
+    }
+
+    #[test]
+    fn ratios_need_matching_metrics() {
+        let two = "[[metrics]]\nname = \"a\"\nsource = \"s\"\naggregates = [\"count\"]\nwindow = { type = \"tumbling\", size = \"1m\" }\n\
+                   [[metrics]]\nname = \"b\"\nsource = \"s\"\naggregates = [\"count\"]\nwindow = { type = \"tumbling\", size = \"2m\" }\n";
+        let e = err(&format!("{two}[[derived]]\nname = \"r\"\nratio = {{ numerator = \"a\", denominator = \"b\" }}\n"));
+        assert!(e.contains("derived[0].ratio") && e.contains("same"), "{e}");
+        let e = err(&format!("{two}[[derived]]\nname = \"r\"\nratio = {{ numerator = \"a.nope\", denominator = \"a\" }}\n"));
+        assert!(e.contains("derived[0].ratio.numerator") && e.contains("nope"), "{e}");
+    }
+}
