@@ -17,9 +17,17 @@
 //! * [`app`] — wiring for `tally run`; [`gen`], [`demo`], [`bench`] — tools around it.
 
 pub mod aggregate;
+pub mod app;
+pub mod bench;
 pub mod config;
+pub mod demo;
 pub mod event;
 pub mod filter;
+pub mod gen;
+pub mod http;
+pub mod kafka;
+pub mod metrics;
+pub mod query;
 pub mod store;
 pub mod task;
 pub mod topology;

@@ -1,0 +1,97 @@
+//! `tally run`: the store, the consumer thread and the HTTP server, wired together and
+//! stopped together.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+
+use crate::config::Config;
+use crate::http::{self, ApiState};
+use crate::kafka::consumer::SourceConsumer;
+use crate::kafka::side::SideOutputs;
+use crate::kafka::topics;
+use crate::metrics::Metrics;
+use crate::query::QueryEngine;
+use crate::store::Store;
+use crate::task::TaskSet;
+use crate::topology::Topology;
+
+/// How often store-size gauges are refreshed (counting keys walks the tree).
+const STATE_GAUGE_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Runs tally on `cfg` until `shutdown` resolves or processing fails. `on_listening` gets
+/// the HTTP address once bound (useful with port 0).
+pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'static, on_listening: impl FnOnce(SocketAddr)) -> anyhow::Result<()> {
+    let topo = Arc::new(Topology::compile(&cfg)?);
+    let store = Store::open(&cfg.state.dir).with_context(|| format!("opening the state store in {}", cfg.state.dir.display()))?;
+    let metrics = Metrics::new();
+    topics::ensure(&cfg.kafka, &[(topo.dead_letter_topic(), 1), (topo.late_topic(), 1)]).await?;
+    let side = SideOutputs::new(&cfg.kafka, topo.dead_letter_topic(), topo.late_topic(), metrics.clone())?;
+    let ready = Arc::new(AtomicBool::new(false));
+    let consumer = SourceConsumer::new(&cfg.kafka, TaskSet::new(Arc::clone(&topo), store.clone()), side, metrics.clone(), Arc::clone(&ready))?;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    let consumer_thread = {
+        let stop = Arc::clone(&stop);
+        std::thread::Builder::new().name("tally-consumer".into()).spawn(move || {
+            let r = consumer.run(&stop);
+            let _ = done_tx.send(());
+            r
+        })?
+    };
+
+    let addr: SocketAddr = cfg.http.listen.parse().with_context(|| format!("http.listen `{}` is not an address like 127.0.0.1:8080", cfg.http.listen))?;
+    let (http_stop_tx, http_stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let api = ApiState { engine: QueryEngine::new(Arc::clone(&topo), store.clone()), metrics: metrics.clone(), ready };
+    let (bound, server) = http::serve(api, addr, async {
+        let _ = http_stop_rx.await;
+    })
+    .await
+    .with_context(|| format!("binding the HTTP server to {addr}"))?;
+    let server = tokio::spawn(server);
+    tracing::info!(http = %bound, app = %topo.application_id, "tally is running");
+    on_listening(bound);
+
+    let gauges = tokio::spawn(async move {
+        loop {
+            let s = store.clone();
+            let m = metrics.clone();
+            let _ = tokio::task::spawn_blocking(move || {
+                m.state_keys.set(s.len() as i64);
+                if let Ok(b) = s.size_on_disk() {
+                    m.state_bytes.set(b as i64);
+                }
+            })
+            .await;
+            tokio::time::sleep(STATE_GAUGE_INTERVAL).await;
+        }
+    });
+
+    tokio::select! {
+        _ = shutdown => tracing::info!("shutting down"),
+        _ = done_rx => tracing::error!("the consumer stopped on its own"),
+    }
+    stop.store(true, Ordering::Relaxed);
+    let result = tokio::task::spawn_blocking(move || consumer_thread.join()).await?;
+    gauges.abort();
+    let _ = http_stop_tx.send(());
+    let _ = server.await;
+    match result {
+        Ok(r) => r,
+        Err(_) => Err(anyhow::anyhow!("the consumer thread panicked")),
+    }
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+pub async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("installing a SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

@@ -1,0 +1,201 @@
+//! The HTTP API (warp): interactive queries, `/metrics`, health, the OpenAPI document and
+//! the live screen.
+//!
+//! | route                                   | answer                                          |
+//! |-----------------------------------------|-------------------------------------------------|
+//! | `GET /api/v1/metrics`                   | every metric and derived metric                 |
+//! | `GET /api/v1/metrics/{name}`            | rows per window and key (`key`, `from`, `to`, `limit`) |
+//! | `GET /api/v1/metrics/{name}/span`       | one merged value per key over a span (`from`/`to` or `last`) |
+//! | `GET /api/v1/metrics/{name}/top`        | top keys in a window (`n`, `at`, `aggregate`)   |
+//! | `GET /openapi.json`                     | the API description                             |
+//! | `GET /metrics`                          | Prometheus exposition                           |
+//! | `GET /health`, `GET /ready`             | liveness; readiness (partitions assigned)       |
+//! | `GET /`                                 | the live screen                                 |
+//!
+//! Errors are JSON `{"error": "...", "status": N}` with 400 for bad parameters, 404 for
+//! unknown metrics or routes.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde_json::json;
+use warp::http::StatusCode;
+use warp::reply::Response;
+use warp::{Filter, Reply};
+
+use crate::config::parse_duration_ms;
+use crate::metrics::Metrics;
+use crate::query::{parse_time, QueryEngine, QueryError, Range};
+
+/// The OpenAPI 3 description of this API, served at `/openapi.json`.
+pub const OPENAPI: &str = include_str!("openapi.json");
+/// The live screen, served at `/`: one self-contained page, no external assets.
+pub const SCREEN: &str = include_str!("screen.html");
+
+/// Default and maximum number of rows per answer.
+const DEFAULT_LIMIT: usize = 10_000;
+
+/// What the HTTP layer reads.
+#[derive(Clone)]
+pub struct ApiState {
+    /// Answers queries.
+    pub engine: QueryEngine,
+    /// Exported metrics.
+    pub metrics: Metrics,
+    /// Whether this replica has its partitions and is processing.
+    pub ready: Arc<AtomicBool>,
+}
+
+fn error(status: StatusCode, msg: impl Into<String>) -> Response {
+    let body = json!({ "error": msg.into(), "status": status.as_u16() });
+    warp::reply::with_status(warp::reply::json(&body), status).into_response()
+}
+
+fn query_reply(r: Result<serde_json::Value, QueryError>) -> Response {
+    match r {
+        Ok(v) => warp::reply::json(&v).into_response(),
+        Err(e @ QueryError::UnknownMetric(_)) => error(StatusCode::NOT_FOUND, e.to_string()),
+        Err(e @ QueryError::BadParam { .. }) => error(StatusCode::BAD_REQUEST, e.to_string()),
+        Err(e @ QueryError::Store(_)) => {
+            tracing::error!(error = %e, "query failed");
+            error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+        }
+    }
+}
+
+type Params = HashMap<String, String>;
+
+fn check_params(p: &Params, allowed: &[&str]) -> Result<(), QueryError> {
+    match p.keys().find(|k| !allowed.contains(&k.as_str())) {
+        None => Ok(()),
+        Some(k) => Err(QueryError::BadParam { param: "query", why: format!("unknown parameter `{k}`; allowed: {allowed:?}") }),
+    }
+}
+
+fn range(p: &Params) -> Result<Range, QueryError> {
+    let from = p.get("from").map(|v| parse_time("from", v)).transpose()?;
+    let to = p.get("to").map(|v| parse_time("to", v)).transpose()?;
+    if let (Some(f), Some(t)) = (from, to) {
+        if f >= t {
+            return Err(QueryError::BadParam { param: "to", why: format!("`to` ({t}) must be after `from` ({f})") });
+        }
+    }
+    Ok(Range { from, to })
+}
+
+fn number(p: &Params, param: &'static str, default: usize, max: usize) -> Result<usize, QueryError> {
+    match p.get(param) {
+        None => Ok(default),
+        Some(v) => v
+            .parse::<usize>()
+            .ok()
+            .filter(|n| (1..=max).contains(n))
+            .ok_or_else(|| QueryError::BadParam { param, why: format!("`{v}` must be a whole number in 1..={max}") }),
+    }
+}
+
+fn windows(engine: &QueryEngine, name: &str, p: &Params) -> Result<serde_json::Value, QueryError> {
+    check_params(p, &["key", "from", "to", "limit"])?;
+    engine.windows(name, p.get("key").map(String::as_str), range(p)?, number(p, "limit", DEFAULT_LIMIT, DEFAULT_LIMIT)?)
+}
+
+fn span(engine: &QueryEngine, name: &str, p: &Params) -> Result<serde_json::Value, QueryError> {
+    check_params(p, &["key", "from", "to", "last"])?;
+    let last = p
+        .get("last")
+        .map(|v| parse_duration_ms(v).map_err(|why| QueryError::BadParam { param: "last", why }))
+        .transpose()?;
+    if last.is_some() && (p.contains_key("from") || p.contains_key("to")) {
+        return Err(QueryError::BadParam { param: "last", why: "give either `last` or `from`/`to`, not both".into() });
+    }
+    engine.span(name, p.get("key").map(String::as_str), range(p)?, last)
+}
+
+fn top(engine: &QueryEngine, name: &str, p: &Params) -> Result<serde_json::Value, QueryError> {
+    check_params(p, &["n", "at", "aggregate"])?;
+    let at = p.get("at").map(|v| parse_time("at", v)).transpose()?;
+    engine.top(name, number(p, "n", 10, 10_000)?, at, p.get("aggregate").map(String::as_str))
+}
+
+/// Runs a query off the async threads: queries scan sled and merge sketches.
+async fn blocking(f: impl FnOnce() -> Response + Send + 'static) -> Result<Response, Infallible> {
+    Ok(tokio::task::spawn_blocking(f).await.unwrap_or_else(|e| error(StatusCode::INTERNAL_SERVER_ERROR, format!("query panicked: {e}"))))
+}
+
+/// Every route, instrumented.
+pub fn routes(state: ApiState) -> impl Filter<Extract = (Response,), Error = Infallible> + Clone {
+    let with = {
+        let s = state.clone();
+        warp::any().map(move || s.clone())
+    };
+    let api = warp::path!("api" / "v1" / "metrics" / ..);
+    let list = api.and(warp::path::end()).and(with.clone()).map(|s: ApiState| warp::reply::json(&s.engine.list()).into_response()).map(|r| ("metrics_list", r));
+    let one = api
+        .and(warp::path::param::<String>())
+        .and(warp::path::end())
+        .and(warp::query::<Params>())
+        .and(with.clone())
+        .and_then(|name: String, p: Params, s: ApiState| blocking(move || query_reply(windows(&s.engine, &name, &p))))
+        .map(|r| ("metric_windows", r));
+    let span_r = api
+        .and(warp::path::param::<String>())
+        .and(warp::path("span"))
+        .and(warp::path::end())
+        .and(warp::query::<Params>())
+        .and(with.clone())
+        .and_then(|name: String, p: Params, s: ApiState| blocking(move || query_reply(span(&s.engine, &name, &p))))
+        .map(|r| ("metric_span", r));
+    let top_r = api
+        .and(warp::path::param::<String>())
+        .and(warp::path("top"))
+        .and(warp::path::end())
+        .and(warp::query::<Params>())
+        .and(with.clone())
+        .and_then(|name: String, p: Params, s: ApiState| blocking(move || query_reply(top(&s.engine, &name, &p))))
+        .map(|r| ("metric_top", r));
+    let prom = warp::path!("metrics").and(with.clone()).map(|s: ApiState| {
+        warp::reply::with_header(s.metrics.render(), "content-type", "text/plain; version=0.0.4").into_response()
+    });
+    let prom = prom.map(|r| ("prometheus", r));
+    let openapi = warp::path!("openapi.json").map(|| warp::reply::with_header(OPENAPI, "content-type", "application/json").into_response()).map(|r| ("openapi", r));
+    let health = warp::path!("health").map(|| warp::reply::json(&json!({ "status": "ok" })).into_response()).map(|r| ("health", r));
+    let ready = warp::path!("ready").and(with.clone()).map(|s: ApiState| {
+        let ready = s.ready.load(Ordering::Relaxed);
+        let code = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+        warp::reply::with_status(warp::reply::json(&json!({ "ready": ready })), code).into_response()
+    });
+    let ready = ready.map(|r| ("ready", r));
+    let screen = warp::path::end().map(|| warp::reply::html(SCREEN).into_response()).map(|r| ("screen", r));
+
+    let any = list.or(one).unify().or(span_r).unify().or(top_r).unify().or(prom).unify().or(openapi).unify().or(health).unify().or(ready).unify().or(screen).unify();
+    let get = warp::get().and(any);
+    let metrics = state.metrics.clone();
+    warp::any()
+        .map(Instant::now)
+        .and(get)
+        .map(move |start: Instant, (route, resp): (&'static str, Response)| {
+            let status = resp.status();
+            metrics.http_requests.with_label_values(&[route, status.as_str()]).inc();
+            metrics.http_duration.with_label_values(&[route]).observe(start.elapsed().as_secs_f64());
+            resp
+        })
+        .recover(move |_rej: warp::Rejection| async move { Ok::<_, Infallible>(error(StatusCode::NOT_FOUND, "no such route; see /openapi.json")) })
+        .unify()
+}
+
+/// Binds `addr` and serves until `shutdown` resolves. Returns the bound address (port 0
+/// picks a free port) and the server future.
+pub async fn serve(
+    state: ApiState,
+    addr: SocketAddr,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<(SocketAddr, impl std::future::Future<Output = ()>)> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let bound = listener.local_addr()?;
+    let server = warp::serve(routes(state)).incoming(listener).graceful(shutdown).run();
+    Ok((bound, server))
+}

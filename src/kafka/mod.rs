@@ -1,0 +1,26 @@
+//! The edges to Kafka: client settings, the source consumer loop ([`consumer`]), the
+//! dead-letter and late-record outputs ([`side`]), internal topics ([`topics`]) and the
+//! producer of generated events ([`feed`]).
+
+pub mod consumer;
+pub mod feed;
+pub mod side;
+pub mod topics;
+
+use rdkafka::ClientConfig;
+
+use crate::config::KafkaConfig;
+
+/// A client config for the user's cluster: bootstrap servers, tally's defaults for `role`,
+/// then every user property on top, untouched (SASL_SSL, truststores, …).
+pub fn client_config(kafka: &KafkaConfig, defaults: &[(&str, &str)]) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &kafka.bootstrap_servers);
+    for (k, v) in defaults {
+        c.set(*k, *v);
+    }
+    for (k, v) in &kafka.properties {
+        c.set(k, v);
+    }
+    c
+}

@@ -1,0 +1,131 @@
+//! The `tally` command line.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+use tally::config::{Config, KafkaConfig};
+use tally::gen::{self, GenOptions, Scenario};
+
+/// tally: windowed PV / UV / sums / top-N from Kafka, answered over HTTP.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run on a config file until Ctrl-C / SIGTERM.
+    Run {
+        /// The config file (TOML).
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Validate a config file and explain what it computes.
+    Check {
+        /// The config file (TOML).
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Run scenario S1 end to end on an in-process Kafka: nothing to install.
+    Demo {
+        /// HTTP listen address.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        http: SocketAddr,
+        /// Events per second.
+        #[arg(long, default_value_t = 200)]
+        rate: u64,
+        /// Partitions of the source topic.
+        #[arg(long, default_value_t = 4)]
+        partitions: i32,
+    },
+    /// Produce a scenario's events to a topic.
+    Gen {
+        /// Which scenario.
+        #[arg(long, value_enum)]
+        scenario: Scenario,
+        /// bootstrap.servers of the cluster.
+        #[arg(long, default_value = "127.0.0.1:9092")]
+        brokers: String,
+        /// Topic (default: the scenario's).
+        #[arg(long)]
+        topic: Option<String>,
+        /// Number of events.
+        #[arg(long, default_value_t = 10_000)]
+        count: usize,
+        /// Events per second (0: as fast as possible).
+        #[arg(long, default_value_t = 0)]
+        rate: u64,
+        /// PRNG seed: the same seed gives the same events.
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+        /// Partitions to spread events over (the topic is created with this many if missing).
+        #[arg(long, default_value_t = 3)]
+        partitions: i32,
+        /// Stamp events with the wall clock instead of the scenario's fixed start time.
+        #[arg(long)]
+        now: bool,
+        /// Share of out-of-order events (default: the scenario's).
+        #[arg(long)]
+        out_of_order: Option<f64>,
+        /// Share of late events (default: the scenario's).
+        #[arg(long)]
+        late: Option<f64>,
+        /// Share of malformed events (default: the scenario's).
+        #[arg(long)]
+        bad: Option<f64>,
+    },
+    /// Benchmark S1 through the mock cluster and print throughput, latency, RSS and state size.
+    Bench(tally::bench::BenchOptions),
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("RUST_LOG").unwrap_or_else(|_| "info,librdkafka=warn,rdkafka=warn".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    match Cli::parse().command {
+        Command::Run { config } => {
+            let cfg = Config::load(&config)?;
+            let rt = tokio::runtime::Runtime::new()?;
+            rt.block_on(tally::app::run(cfg, tally::app::shutdown_signal(), |_| {}))
+        }
+        Command::Check { config } => {
+            let cfg = Config::load(&config)?;
+            print!("{}", tally::topology::Topology::compile(&cfg)?.explain());
+            println!("config OK");
+            Ok(())
+        }
+        Command::Demo { http, rate, partitions } => tally::demo::run(tally::demo::DemoOptions { http, rate, partitions }),
+        Command::Gen { scenario, brokers, topic, count, rate, seed, partitions, now, out_of_order, late, bad } => {
+            let mut opts = GenOptions { seed, count, partitions, ..GenOptions::for_scenario(scenario) };
+            if now {
+                opts.start_ms = SystemTime::now().duration_since(UNIX_EPOCH)?.as_millis() as i64;
+            }
+            if let Some(s) = out_of_order {
+                opts.out_of_order_share = s;
+            }
+            if let Some(s) = late {
+                opts.late_share = s;
+            }
+            if let Some(s) = bad {
+                opts.bad_share = s;
+            }
+            let topic = topic.unwrap_or_else(|| gen::topic(scenario).to_string());
+            let kafka = KafkaConfig { bootstrap_servers: brokers, application_id: "tally-gen".into(), properties: Default::default() };
+            let rt = tokio::runtime::Runtime::new()?;
+            rt.block_on(tally::kafka::topics::ensure(&kafka, &[(topic.clone(), partitions)]))?;
+            let feed = tally::kafka::feed::Feed::new(&kafka, &topic)?;
+            let sent = feed.send_all(gen::generate(scenario, &opts), rate, || false).context("producing events")?;
+            feed.flush()?;
+            eprintln!("produced {sent} {scenario:?} events to {topic}");
+            Ok(())
+        }
+        Command::Bench(opts) => tally::bench::run(opts),
+    }
+}

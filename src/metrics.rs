@@ -1,0 +1,122 @@
+//! Prometheus metrics. Every name starts with `tally_`; label sets are bounded (sources,
+//! metrics, partitions, reasons, routes — never record values).
+//!
+//! Each running tally owns one [`Metrics`] with its own registry: no process-global state,
+//! so several instances (tests, the demo) can live in one process.
+
+use prometheus::{
+    exponential_buckets, Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
+};
+
+/// The registry and every metric tally exports.
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    /// Records read from Kafka, by source.
+    pub records_consumed: IntCounterVec,
+    /// Records decoded and folded into state, by source.
+    pub records_processed: IntCounterVec,
+    /// Records late for a metric (its slice had closed), by metric.
+    pub records_late: IntCounterVec,
+    /// Records that could not be decoded, by source and reason.
+    pub records_invalid: IntCounterVec,
+    /// Records skipped because the state already held them (replays), by source.
+    pub records_replayed: IntCounterVec,
+    /// Records written to the dead-letter or late topics, by topic kind.
+    pub records_set_aside: IntCounterVec,
+    /// Records that could not be set aside (producer queue full or delivery failed).
+    pub set_aside_failures: IntCounter,
+    /// Watermark per source partition, epoch seconds.
+    pub watermark: IntGaugeVec,
+    /// Wall clock minus watermark per source partition, seconds.
+    pub watermark_lag: IntGaugeVec,
+    /// Consumer lag per source partition, records.
+    pub consumer_lag: IntGaugeVec,
+    /// Source partitions owned by this replica.
+    pub partitions_owned: IntGauge,
+    /// Rebalance events, by kind (assign, revoke).
+    pub rebalances: IntCounterVec,
+    /// Kafka timestamp to processed, seconds.
+    pub processing_latency: Histogram,
+    /// Kafka timestamp to queryable (flushed), seconds.
+    pub queryable_latency: Histogram,
+    /// Duration of a state flush (write + fsync), seconds.
+    pub flush_duration: Histogram,
+    /// Duration of an offset commit, seconds.
+    pub commit_duration: Histogram,
+    /// Aggregates written by flushes.
+    pub state_writes: IntCounter,
+    /// Expired aggregates deleted.
+    pub state_deletes: IntCounter,
+    /// Keys in the state store.
+    pub state_keys: IntGauge,
+    /// Bytes of the state store on disk.
+    pub state_bytes: IntGauge,
+    /// HTTP requests, by route and status.
+    pub http_requests: IntCounterVec,
+    /// HTTP request duration, by route.
+    pub http_duration: HistogramVec,
+    /// Build information (value 1).
+    pub build_info: IntGaugeVec,
+}
+
+fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: T) -> T {
+    r.register(Box::new(c.clone())).expect("metric names are unique");
+    c
+}
+
+fn latency_buckets() -> Vec<f64> {
+    exponential_buckets(0.0005, 2.0, 18).expect("valid buckets")
+}
+
+impl Metrics {
+    /// A fresh registry with every metric registered.
+    pub fn new() -> Metrics {
+        let r = Registry::new();
+        let counter = |name: &str, help: &str, labels: &[&str]| reg(&r, IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric"));
+        let gauge = |name: &str, help: &str, labels: &[&str]| reg(&r, IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric"));
+        let hist = |name: &str, help: &str| reg(&r, Histogram::with_opts(HistogramOpts::new(name, help).buckets(latency_buckets())).expect("valid metric"));
+        let m = Metrics {
+            records_consumed: counter("tally_records_consumed_total", "Records read from Kafka.", &["source"]),
+            records_processed: counter("tally_records_processed_total", "Records decoded and folded into state.", &["source"]),
+            records_late: counter("tally_records_late_total", "Records that arrived after their slice closed, per metric.", &["metric"]),
+            records_invalid: counter("tally_records_invalid_total", "Records that could not be decoded.", &["source", "reason"]),
+            records_replayed: counter("tally_records_replayed_total", "Records skipped because the state already held them.", &["source"]),
+            records_set_aside: counter("tally_records_set_aside_total", "Records written to the dead-letter or late-records topic.", &["topic"]),
+            set_aside_failures: reg(&r, IntCounter::new("tally_set_aside_failures_total", "Records that could not be written to the dead-letter or late topic.").expect("valid metric")),
+            watermark: gauge("tally_watermark_seconds", "Watermark of a source partition (epoch seconds).", &["source", "partition"]),
+            watermark_lag: gauge("tally_watermark_lag_seconds", "Wall clock minus watermark of a source partition.", &["source", "partition"]),
+            consumer_lag: gauge("tally_consumer_lag_records", "Records behind the partition's high watermark.", &["source", "partition"]),
+            partitions_owned: reg(&r, IntGauge::new("tally_partitions_owned", "Source partitions owned by this replica.").expect("valid metric")),
+            rebalances: counter("tally_rebalances_total", "Partition assignment changes.", &["kind"]),
+            processing_latency: hist("tally_processing_latency_seconds", "From the record's Kafka timestamp to processed."),
+            queryable_latency: hist("tally_queryable_latency_seconds", "From the record's Kafka timestamp to queryable (flushed to the store)."),
+            flush_duration: hist("tally_flush_duration_seconds", "State flush: write batch and fsync."),
+            commit_duration: hist("tally_commit_duration_seconds", "Offset commit to Kafka."),
+            state_writes: reg(&r, IntCounter::new("tally_state_writes_total", "Aggregates written by flushes.").expect("valid metric")),
+            state_deletes: reg(&r, IntCounter::new("tally_state_deletes_total", "Expired aggregates deleted.").expect("valid metric")),
+            state_keys: reg(&r, IntGauge::new("tally_state_keys", "Keys in the state store.").expect("valid metric")),
+            state_bytes: reg(&r, IntGauge::new("tally_state_bytes", "Bytes of the state store on disk.").expect("valid metric")),
+            http_requests: counter("tally_http_requests_total", "HTTP requests.", &["route", "status"]),
+            http_duration: reg(&r, HistogramVec::new(HistogramOpts::new("tally_http_request_duration_seconds", "HTTP request duration.").buckets(latency_buckets()), &["route"]).expect("valid metric")),
+            build_info: gauge("tally_build_info", "Build information.", &["version"]),
+            registry: r,
+        };
+        m.build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        m
+    }
+
+    /// The text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        TextEncoder::new().encode(&self.registry.gather(), &mut buf).expect("text encoding cannot fail");
+        String::from_utf8(buf).expect("exposition is UTF-8")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

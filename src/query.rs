@@ -1,0 +1,396 @@
+//! Answers: partial aggregates merged over partitions and slices.
+//!
+//! A query names a metric and a time range. The engine reads the partials of every stored
+//! partition of the metric's source in the slices the range needs, merges them per group
+//! key (counts add, sketches merge, …), then builds each window from its slices. Every
+//! answer says which partitions and windows it covers and the watermark it reflects (the
+//! lowest of the covered partitions': windows ending after it may still grow).
+//!
+//! Only what a flush has made durable is visible, so an answer never shows state that a
+//! crash could take back.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use serde_json::{json, Map, Value as Json};
+
+use crate::aggregate::{rank, AggKind, AggState};
+use crate::event::Value;
+use crate::store::{Store, StoreError, GROUP_SEPARATOR};
+use crate::task::NO_WATERMARK;
+use crate::topology::{Metric, Topology};
+use crate::window::{Window, WindowKind, GLOBAL};
+
+/// Why a query has no answer.
+#[derive(Debug, thiserror::Error)]
+pub enum QueryError {
+    /// No metric or derived metric of that name.
+    #[error("no metric named `{0}`")]
+    UnknownMetric(String),
+    /// A parameter is malformed or does not apply.
+    #[error("parameter `{param}`: {why}")]
+    BadParam {
+        /// The parameter.
+        param: &'static str,
+        /// What is wrong and what is allowed.
+        why: String,
+    },
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+fn bad(param: &'static str, why: impl Into<String>) -> QueryError {
+    QueryError::BadParam { param, why: why.into() }
+}
+
+/// A half-open time range `[from, to)` in epoch ms; `None` is unbounded.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Range {
+    /// Start, inclusive.
+    pub from: Option<i64>,
+    /// End, exclusive.
+    pub to: Option<i64>,
+}
+
+/// Parses a time parameter: epoch milliseconds or RFC 3339.
+pub fn parse_time(param: &'static str, text: &str) -> Result<i64, QueryError> {
+    if let Ok(ms) = text.parse::<i64>() {
+        return Ok(ms);
+    }
+    chrono::DateTime::parse_from_rfc3339(text)
+        .map(|t| t.timestamp_millis())
+        .map_err(|_| bad(param, format!("`{text}` is neither epoch milliseconds nor an RFC 3339 time like 2021-09-06T16:00:00+08:00")))
+}
+
+/// Which stored partitions an answer covers and how far their event time has got.
+#[derive(Debug, Clone, PartialEq)]
+struct Coverage {
+    partitions: Vec<i32>,
+    watermark: Option<i64>,
+}
+
+impl Coverage {
+    fn to_json(&self) -> Json {
+        json!({ "partitions": self.partitions, "watermark": self.watermark })
+    }
+}
+
+type Partials = BTreeMap<Vec<u8>, BTreeMap<i64, Vec<AggState>>>;
+
+/// Answers queries from a store.
+#[derive(Clone)]
+pub struct QueryEngine {
+    topo: Arc<Topology>,
+    store: Store,
+}
+
+fn merge_into(acc: &mut Vec<AggState>, other: &[AggState]) -> Result<(), QueryError> {
+    for (a, b) in acc.iter_mut().zip(other) {
+        a.merge(b).map_err(|e| QueryError::Store(StoreError::Corrupt { key: "sketch".into(), why: e.to_string() }))?;
+    }
+    Ok(())
+}
+
+impl QueryEngine {
+    /// An engine over `store`.
+    pub fn new(topo: Arc<Topology>, store: Store) -> QueryEngine {
+        QueryEngine { topo, store }
+    }
+
+    /// Every metric and derived metric, with its definition.
+    pub fn list(&self) -> Json {
+        let metrics: Vec<Json> = self
+            .topo
+            .metrics
+            .iter()
+            .map(|m| {
+                let mut v = serde_json::to_value(m).unwrap_or(Json::Null);
+                v["source"] = json!(self.topo.sources[m.source].name);
+                v["kind"] = json!("metric");
+                v
+            })
+            .collect();
+        let derived: Vec<Json> = self
+            .topo
+            .derived
+            .iter()
+            .map(|d| {
+                let side = |(m, a): (usize, usize)| format!("{}.{}", self.topo.metrics[m].name, self.topo.metrics[m].aggregates[a].name);
+                json!({ "name": d.name, "kind": "ratio", "numerator": side(d.numerator), "denominator": side(d.denominator) })
+            })
+            .collect();
+        json!({ "metrics": metrics, "derived": derived })
+    }
+
+    fn metric(&self, name: &str) -> Result<(usize, &Metric), QueryError> {
+        self.topo.metric(name).ok_or_else(|| QueryError::UnknownMetric(name.to_string()))
+    }
+
+    fn coverage(&self, source: usize) -> Result<Coverage, QueryError> {
+        let parts = self.store.partitions(&self.topo.sources[source].name)?;
+        let watermark = parts.iter().map(|(_, m)| m.watermark).filter(|w| *w != NO_WATERMARK).min();
+        Ok(Coverage { partitions: parts.iter().map(|(p, _)| *p).collect(), watermark })
+    }
+
+    fn group_bytes(&self, m: &Metric, key: &str) -> Result<Vec<u8>, QueryError> {
+        let parts: Vec<&str> = if m.group_by.len() <= 1 { vec![key] } else { key.split('|').collect() };
+        if parts.len() != m.group_by.len() {
+            return Err(bad("key", format!("metric `{}` groups by {:?}: give {} value(s) separated by `|`", m.name, m.group_by, m.group_by.len())));
+        }
+        Ok(parts.join(&(GROUP_SEPARATOR as char).to_string()).into_bytes())
+    }
+
+    fn key_json(m: &Metric, group: &[u8]) -> Json {
+        let mut obj = Map::new();
+        if !m.group_by.is_empty() {
+            for (f, v) in m.group_by.iter().zip(group.split(|b| *b == GROUP_SEPARATOR)) {
+                obj.insert(f.clone(), json!(String::from_utf8_lossy(v)));
+            }
+        }
+        Json::Object(obj)
+    }
+
+    /// Reads and merges, across partitions, the partials of slices in `[lo, hi)`.
+    fn partials(&self, m: &Metric, partitions: &[i32], lo: i64, hi: i64, group: Option<&[u8]>) -> Result<Partials, QueryError> {
+        let mut out: Partials = BTreeMap::new();
+        for &p in partitions {
+            for item in self.store.scan(&m.name, p, lo, hi) {
+                let (slice, g, stored) = item?;
+                if group.is_some_and(|want| want != g.as_slice()) {
+                    continue;
+                }
+                match out.entry(g).or_default().entry(slice) {
+                    std::collections::btree_map::Entry::Vacant(v) => {
+                        v.insert(stored.states);
+                    }
+                    std::collections::btree_map::Entry::Occupied(mut o) => merge_into(o.get_mut(), &stored.states)?,
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn slice_bounds(m: &Metric, range: Range) -> (i64, i64) {
+        if m.window.kind == WindowKind::Global {
+            return (GLOBAL.start, GLOBAL.start + 1);
+        }
+        let lo = range.from.map_or(i64::MIN, |f| m.window.slice_start(f.saturating_sub(m.window.span_ms())));
+        let hi = range.to.map_or(i64::MAX, |t| t);
+        (lo, hi)
+    }
+
+    /// Merged states of one window from per-slice partials.
+    fn window_states(m: &Metric, w: Window, slices: &BTreeMap<i64, Vec<AggState>>) -> Result<Option<Vec<AggState>>, QueryError> {
+        let mut acc: Option<Vec<AggState>> = None;
+        for s in m.window.slices_of(w) {
+            if let Some(st) = slices.get(&s) {
+                match &mut acc {
+                    None => acc = Some(st.clone()),
+                    Some(a) => merge_into(a, st)?,
+                }
+            }
+        }
+        Ok(acc)
+    }
+
+    fn values_json(m: &Metric, states: &[AggState]) -> Json {
+        let mut obj = Map::new();
+        for (spec, st) in m.aggregates.iter().zip(states) {
+            obj.insert(spec.name.clone(), st.to_json(&spec.kind));
+        }
+        Json::Object(obj)
+    }
+
+    fn passes_having(m: &Metric, states: &[AggState]) -> bool {
+        match &m.having {
+            None => true,
+            Some(h) => {
+                let vals: Vec<Value> = states.iter().map(|s| s.number().map_or(Value::Null, Value::Float)).collect();
+                h.matches(&vals)
+            }
+        }
+    }
+
+    fn window_json(m: &Metric, w: Window, watermark: Option<i64>) -> Json {
+        let closed = watermark.is_some_and(|wm| w.end.saturating_add(m.grace_ms) <= wm);
+        if w == GLOBAL {
+            return json!({ "global": true, "closed": false });
+        }
+        json!({ "start": w.start, "end": w.end, "closed": closed })
+    }
+
+    /// Windowed rows (window, key, merged values) — per window overlapping `range`, per
+    /// key (or just `key`), newest window first, at most `limit` rows. For a derived metric,
+    /// rows hold the ratio.
+    pub fn windows(&self, name: &str, key: Option<&str>, range: Range, limit: usize) -> Result<Json, QueryError> {
+        if let Some(d) = self.topo.derived.iter().find(|d| d.name == name) {
+            return self.ratio(d, key, range, limit);
+        }
+        let (_, m) = self.metric(name)?;
+        let cov = self.coverage(m.source)?;
+        let group = key.map(|k| self.group_bytes(m, k)).transpose()?;
+        let (lo, hi) = Self::slice_bounds(m, range);
+        let partials = self.partials(m, &cov.partitions, lo, hi, group.as_deref())?;
+        let mut rows = Vec::new();
+        for (g, slices) in &partials {
+            let starts: Vec<i64> = slices.keys().copied().collect();
+            for w in m.window.windows_of_slices(&starts) {
+                if range.from.is_some_and(|f| w.end <= f) || range.to.is_some_and(|t| w.start >= t) {
+                    continue;
+                }
+                if let Some(states) = Self::window_states(m, w, slices)? {
+                    if Self::passes_having(m, &states) {
+                        rows.push((w, g.clone(), states));
+                    }
+                }
+            }
+        }
+        rows.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(&b.1)));
+        let truncated = rows.len() > limit;
+        rows.truncate(limit);
+        let rows: Vec<Json> = rows
+            .iter()
+            .map(|(w, g, st)| json!({ "window": Self::window_json(m, *w, cov.watermark), "key": Self::key_json(m, g), "values": Self::values_json(m, st) }))
+            .collect();
+        Ok(json!({ "metric": m.name, "coverage": cov.to_json(), "truncated": truncated, "rows": rows }))
+    }
+
+    fn ratio(&self, d: &crate::topology::Derived, key: Option<&str>, range: Range, limit: usize) -> Result<Json, QueryError> {
+        let (num_m, den_m) = (&self.topo.metrics[d.numerator.0], &self.topo.metrics[d.denominator.0]);
+        let cov = self.coverage(num_m.source)?;
+        let group = key.map(|k| self.group_bytes(num_m, k)).transpose()?;
+        let (lo, hi) = Self::slice_bounds(num_m, range);
+        let nums = self.partials(num_m, &cov.partitions, lo, hi, group.as_deref())?;
+        let dens = self.partials(den_m, &cov.partitions, lo, hi, group.as_deref())?;
+        let empty = BTreeMap::new();
+        let mut rows = Vec::new();
+        for (g, den_slices) in &dens {
+            let num_slices = nums.get(g).unwrap_or(&empty);
+            let starts: Vec<i64> = den_slices.keys().copied().collect();
+            for w in num_m.window.windows_of_slices(&starts) {
+                if range.from.is_some_and(|f| w.end <= f) || range.to.is_some_and(|t| w.start >= t) {
+                    continue;
+                }
+                let den = Self::window_states(den_m, w, den_slices)?.and_then(|s| s[d.denominator.1].number()).unwrap_or(0.0);
+                let num = Self::window_states(num_m, w, num_slices)?.and_then(|s| s[d.numerator.1].number()).unwrap_or(0.0);
+                rows.push((w, g.clone(), num, den));
+            }
+        }
+        rows.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(&b.1)));
+        let truncated = rows.len() > limit;
+        rows.truncate(limit);
+        let rows: Vec<Json> = rows
+            .iter()
+            .map(|(w, g, num, den)| {
+                let ratio = if *den == 0.0 { Json::Null } else { json!(num / den) };
+                json!({ "window": Self::window_json(num_m, *w, cov.watermark), "key": Self::key_json(num_m, g), "values": { "ratio": ratio, "numerator": num, "denominator": den } })
+            })
+            .collect();
+        Ok(json!({ "metric": d.name, "coverage": cov.to_json(), "truncated": truncated, "rows": rows }))
+    }
+
+    /// One merged value per key over every slice starting in `range` — e.g. the UV of the
+    /// last 6 hours from per-slice sketches. `last_ms` instead means the span of that length
+    /// ending at the watermark.
+    pub fn span(&self, name: &str, key: Option<&str>, range: Range, last_ms: Option<i64>) -> Result<Json, QueryError> {
+        let (_, m) = self.metric(name)?;
+        let cov = self.coverage(m.source)?;
+        let range = match last_ms {
+            None => range,
+            Some(len) => {
+                let wm = cov.watermark.ok_or_else(|| bad("last", "no watermark yet: the metric has seen no records"))?;
+                Range { from: Some(wm.saturating_sub(len)), to: Some(wm.saturating_add(1)) }
+            }
+        };
+        let group = key.map(|k| self.group_bytes(m, k)).transpose()?;
+        let (lo, hi) = match m.window.kind {
+            WindowKind::Global => (GLOBAL.start, GLOBAL.start + 1),
+            _ => (range.from.map_or(i64::MIN, |f| m.window.slice_start(f)), range.to.unwrap_or(i64::MAX)),
+        };
+        let partials = self.partials(m, &cov.partitions, lo, hi, group.as_deref())?;
+        let (mut first, mut last) = (i64::MAX, i64::MIN);
+        let mut rows = Vec::new();
+        for (g, slices) in &partials {
+            let mut acc: Option<Vec<AggState>> = None;
+            for (s, st) in slices {
+                first = first.min(*s);
+                last = last.max(m.window.slice_end(*s));
+                match &mut acc {
+                    None => acc = Some(st.clone()),
+                    Some(a) => merge_into(a, st)?,
+                }
+            }
+            if let Some(states) = acc {
+                rows.push(json!({ "key": Self::key_json(m, g), "values": Self::values_json(m, &states) }));
+            }
+        }
+        let covered = if first <= last { json!({ "start": first, "end": last }) } else { Json::Null };
+        Ok(json!({ "metric": m.name, "coverage": cov.to_json(), "span": covered, "rows": rows }))
+    }
+
+    /// The `n` keys with the highest value of `aggregate` in one window (the one holding
+    /// `at`, default: the latest window with data); for a `top_n` aggregate, its own list.
+    pub fn top(&self, name: &str, n: usize, at: Option<i64>, aggregate: Option<&str>) -> Result<Json, QueryError> {
+        let (_, m) = self.metric(name)?;
+        let ai = match aggregate {
+            None => 0,
+            Some(a) => m.aggregates.iter().position(|x| x.name == a).ok_or_else(|| {
+                let names: Vec<&str> = m.aggregates.iter().map(|a| a.name.as_str()).collect();
+                bad("aggregate", format!("`{a}` is not an aggregate of `{}`; it has {names:?}", m.name))
+            })?,
+        };
+        let cov = self.coverage(m.source)?;
+        let (lo, hi) = match at {
+            Some(t) => Self::slice_bounds(m, Range { from: Some(t), to: Some(t.saturating_add(1)) }),
+            None => (i64::MIN, i64::MAX),
+        };
+        let partials = self.partials(m, &cov.partitions, lo, hi, None)?;
+        // The window: the one containing `at` that ends first... or the newest with data.
+        let window = match at {
+            Some(t) => m.window.windows_containing(t).into_iter().last(),
+            None => {
+                let starts: Vec<i64> = partials.values().flat_map(|s| s.keys().copied()).collect();
+                m.window.windows_of_slices(&starts).into_iter().max_by_key(|w| (w.end, std::cmp::Reverse(w.start)))
+            }
+        };
+        let Some(w) = window else {
+            return Ok(json!({ "metric": m.name, "coverage": cov.to_json(), "window": Json::Null, "top": [] }));
+        };
+        let spec = &m.aggregates[ai];
+        let top = if let AggKind::TopN { .. } = spec.kind {
+            let mut acc: Option<AggState> = None;
+            for slices in partials.values() {
+                if let Some(st) = Self::window_states(m, w, slices)? {
+                    match &mut acc {
+                        None => acc = Some(st[ai].clone()),
+                        Some(a) => a.merge(&st[ai]).map_err(|e| bad("aggregate", e.to_string()))?,
+                    }
+                }
+            }
+            let mut list = acc.map_or(json!([]), |a| a.to_json(&spec.kind));
+            if let Json::Array(items) = &mut list {
+                items.truncate(n);
+            }
+            list
+        } else {
+            let mut totals: BTreeMap<String, i128> = BTreeMap::new();
+            let mut shown: BTreeMap<String, Json> = BTreeMap::new();
+            for (g, slices) in &partials {
+                if let Some(st) = Self::window_states(m, w, slices)? {
+                    if !Self::passes_having(m, &st) {
+                        continue;
+                    }
+                    if let Some(v) = st[ai].number() {
+                        let label = String::from_utf8_lossy(g).replace(GROUP_SEPARATOR as char, "|");
+                        totals.insert(label.clone(), (v * 1e6).round() as i128);
+                        shown.insert(label, st[ai].to_json(&spec.kind));
+                    }
+                }
+            }
+            let ranked: Vec<Json> = rank(&totals, n).into_iter().map(|(k, _)| json!({ "item": k, "value": shown[k] })).collect();
+            Json::Array(ranked)
+        };
+        Ok(json!({ "metric": m.name, "aggregate": spec.name, "coverage": cov.to_json(), "window": Self::window_json(m, w, cov.watermark), "top": top }))
+    }
+}
