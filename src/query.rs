@@ -67,12 +67,24 @@ pub fn parse_time(param: &'static str, text: &str) -> Result<i64, QueryError> {
 #[derive(Debug, Clone, PartialEq)]
 struct Coverage {
     partitions: Vec<i32>,
+    positions: Vec<Json>,
     watermark: Option<i64>,
+    /// Highest event time seen on any covered partition.
+    latest_event: Option<i64>,
 }
 
 impl Coverage {
     fn to_json(&self) -> Json {
-        json!({ "partitions": self.partitions, "watermark": self.watermark })
+        json!({ "partitions": self.positions, "watermark": self.watermark })
+    }
+}
+
+/// A number as JSON, whole numbers as integers (counts stay counts).
+fn number_json(x: f64) -> Json {
+    if x.fract() == 0.0 && x.abs() < 9.0e15 {
+        json!(x as i64)
+    } else {
+        json!(x)
     }
 }
 
@@ -130,7 +142,15 @@ impl QueryEngine {
     fn coverage(&self, source: usize) -> Result<Coverage, QueryError> {
         let parts = self.store.partitions(&self.topo.sources[source].name)?;
         let watermark = parts.iter().map(|(_, m)| m.watermark).filter(|w| *w != NO_WATERMARK).min();
-        Ok(Coverage { partitions: parts.iter().map(|(p, _)| *p).collect(), watermark })
+        let positions = parts
+            .iter()
+            .map(|(p, m)| {
+                let wm = (m.watermark != NO_WATERMARK).then_some(m.watermark);
+                json!({ "partition": p, "next_offset": m.next_offset, "watermark": wm })
+            })
+            .collect();
+        let latest_event = parts.iter().map(|(_, m)| m.max_event_time).filter(|t| *t != NO_WATERMARK).max();
+        Ok(Coverage { partitions: parts.iter().map(|(p, _)| *p).collect(), positions, watermark, latest_event })
     }
 
     fn group_bytes(&self, m: &Metric, key: &str) -> Result<Vec<u8>, QueryError> {
@@ -194,10 +214,16 @@ impl QueryEngine {
         Ok(acc)
     }
 
-    fn values_json(m: &Metric, states: &[AggState]) -> Json {
+    /// The values of one row; with `sketches`, distinct aggregates also carry their
+    /// canonical sketch encoding in hex (for comparing sketches built by different paths).
+    fn values_json(m: &Metric, states: &[AggState], sketches: bool) -> Json {
         let mut obj = Map::new();
         for (spec, st) in m.aggregates.iter().zip(states) {
-            obj.insert(spec.name.clone(), st.to_json(&spec.kind));
+            let mut v = st.to_json(&spec.kind);
+            if let (true, AggState::Distinct(sk)) = (sketches, st) {
+                v["sketch"] = json!(sk.to_canonical().iter().map(|b| format!("{b:02x}")).collect::<String>());
+            }
+            obj.insert(spec.name.clone(), v);
         }
         Json::Object(obj)
     }
@@ -223,7 +249,7 @@ impl QueryEngine {
     /// Windowed rows (window, key, merged values) — per window overlapping `range`, per
     /// key (or just `key`), newest window first, at most `limit` rows. For a derived metric,
     /// rows hold the ratio.
-    pub fn windows(&self, name: &str, key: Option<&str>, range: Range, limit: usize) -> Result<Json, QueryError> {
+    pub fn windows(&self, name: &str, key: Option<&str>, range: Range, limit: usize, sketches: bool) -> Result<Json, QueryError> {
         if let Some(d) = self.topo.derived.iter().find(|d| d.name == name) {
             return self.ratio(d, key, range, limit);
         }
@@ -251,7 +277,7 @@ impl QueryEngine {
         rows.truncate(limit);
         let rows: Vec<Json> = rows
             .iter()
-            .map(|(w, g, st)| json!({ "window": Self::window_json(m, *w, cov.watermark), "key": Self::key_json(m, g), "values": Self::values_json(m, st) }))
+            .map(|(w, g, st)| json!({ "window": Self::window_json(m, *w, cov.watermark), "key": Self::key_json(m, g), "values": Self::values_json(m, st, sketches) }))
             .collect();
         Ok(json!({ "metric": m.name, "coverage": cov.to_json(), "truncated": truncated, "rows": rows }))
     }
@@ -284,7 +310,7 @@ impl QueryEngine {
             .iter()
             .map(|(w, g, num, den)| {
                 let ratio = if *den == 0.0 { Json::Null } else { json!(num / den) };
-                json!({ "window": Self::window_json(num_m, *w, cov.watermark), "key": Self::key_json(num_m, g), "values": { "ratio": ratio, "numerator": num, "denominator": den } })
+                json!({ "window": Self::window_json(num_m, *w, cov.watermark), "key": Self::key_json(num_m, g), "values": { "ratio": ratio, "numerator": number_json(*num), "denominator": number_json(*den) } })
             })
             .collect();
         Ok(json!({ "metric": d.name, "coverage": cov.to_json(), "truncated": truncated, "rows": rows }))
@@ -292,15 +318,15 @@ impl QueryEngine {
 
     /// One merged value per key over every slice starting in `range` — e.g. the UV of the
     /// last 6 hours from per-slice sketches. `last_ms` instead means the span of that length
-    /// ending at the watermark.
-    pub fn span(&self, name: &str, key: Option<&str>, range: Range, last_ms: Option<i64>) -> Result<Json, QueryError> {
+    /// ending at the latest event time seen (so the freshest, still-open slices count too).
+    pub fn span(&self, name: &str, key: Option<&str>, range: Range, last_ms: Option<i64>, sketches: bool) -> Result<Json, QueryError> {
         let (_, m) = self.metric(name)?;
         let cov = self.coverage(m.source)?;
         let range = match last_ms {
             None => range,
             Some(len) => {
-                let wm = cov.watermark.ok_or_else(|| bad("last", "no watermark yet: the metric has seen no records"))?;
-                Range { from: Some(wm.saturating_sub(len)), to: Some(wm.saturating_add(1)) }
+                let latest = cov.latest_event.ok_or_else(|| bad("last", "the metric has seen no records yet"))?;
+                Range { from: Some(latest.saturating_sub(len)), to: None }
             }
         };
         let group = key.map(|k| self.group_bytes(m, k)).transpose()?;
@@ -322,7 +348,7 @@ impl QueryEngine {
                 }
             }
             if let Some(states) = acc {
-                rows.push(json!({ "key": Self::key_json(m, g), "values": Self::values_json(m, &states) }));
+                rows.push(json!({ "key": Self::key_json(m, g), "values": Self::values_json(m, &states, sketches) }));
             }
         }
         let covered = if first <= last { json!({ "start": first, "end": last }) } else { Json::Null };

@@ -343,6 +343,7 @@ impl AggState {
                     .collect();
                 serde_json::Value::Array(top)
             }
+            (AggState::Count(c), _) => json!(c),
             (s, _) => s.number().map_or(serde_json::Value::Null, |n| json!(n)),
         }
     }

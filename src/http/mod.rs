@@ -98,13 +98,22 @@ fn number(p: &Params, param: &'static str, default: usize, max: usize) -> Result
     }
 }
 
+/// `sketch=canonical` adds each distinct aggregate's canonical sketch encoding (hex).
+fn sketches(p: &Params) -> Result<bool, QueryError> {
+    match p.get("sketch").map(String::as_str) {
+        None => Ok(false),
+        Some("canonical") => Ok(true),
+        Some(other) => Err(QueryError::BadParam { param: "sketch", why: format!("`{other}`: the only encoding is `canonical`") }),
+    }
+}
+
 fn windows(engine: &QueryEngine, name: &str, p: &Params) -> Result<serde_json::Value, QueryError> {
-    check_params(p, &["key", "from", "to", "limit"])?;
-    engine.windows(name, p.get("key").map(String::as_str), range(p)?, number(p, "limit", DEFAULT_LIMIT, DEFAULT_LIMIT)?)
+    check_params(p, &["key", "from", "to", "limit", "sketch"])?;
+    engine.windows(name, p.get("key").map(String::as_str), range(p)?, number(p, "limit", DEFAULT_LIMIT, DEFAULT_LIMIT)?, sketches(p)?)
 }
 
 fn span(engine: &QueryEngine, name: &str, p: &Params) -> Result<serde_json::Value, QueryError> {
-    check_params(p, &["key", "from", "to", "last"])?;
+    check_params(p, &["key", "from", "to", "last", "sketch"])?;
     let last = p
         .get("last")
         .map(|v| parse_duration_ms(v).map_err(|why| QueryError::BadParam { param: "last", why }))
@@ -112,7 +121,7 @@ fn span(engine: &QueryEngine, name: &str, p: &Params) -> Result<serde_json::Valu
     if last.is_some() && (p.contains_key("from") || p.contains_key("to")) {
         return Err(QueryError::BadParam { param: "last", why: "give either `last` or `from`/`to`, not both".into() });
     }
-    engine.span(name, p.get("key").map(String::as_str), range(p)?, last)
+    engine.span(name, p.get("key").map(String::as_str), range(p)?, last, sketches(p)?)
 }
 
 fn top(engine: &QueryEngine, name: &str, p: &Params) -> Result<serde_json::Value, QueryError> {

@@ -1,0 +1,281 @@
+//! Test harness: a real Kafka protocol broker (librdkafka's mock cluster), tally on it
+//! (in-process or as a child process), HTTP over loopback, and an independent replay of the
+//! event list that tests recompute exact answers from.
+
+#![allow(dead_code)]
+
+use std::collections::{BTreeSet, HashMap};
+use std::io::{Read, Write};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::mocking::MockCluster;
+use rdkafka::producer::DefaultProducerContext;
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use serde_json::Value;
+
+use tally::aggregate::sketch::Sketch;
+use tally::config::{Config, KafkaConfig};
+use tally::gen::GenRecord;
+use tally::kafka::feed::Feed;
+
+/// A mock Kafka cluster hosted by the test process; its brokers listen on loopback.
+pub struct Cluster {
+    pub mock: MockCluster<'static, DefaultProducerContext>,
+    pub brokers: String,
+}
+
+impl Cluster {
+    /// A one-broker cluster with `topics` (name, partitions).
+    pub fn new(topics: &[(&str, i32)]) -> Cluster {
+        let mock = MockCluster::new(1).expect("mock cluster");
+        for (t, p) in topics {
+            mock.create_topic(t, *p, 1).expect("create topic");
+        }
+        let brokers = mock.bootstrap_servers();
+        assert!(brokers.starts_with("127.0.0.1:") || brokers.starts_with("localhost:"), "mock brokers must be on loopback: {brokers}");
+        Cluster { mock, brokers }
+    }
+
+    fn kafka(&self) -> KafkaConfig {
+        KafkaConfig { bootstrap_servers: self.brokers.clone(), application_id: "test".into(), properties: [("enable.idempotence".to_string(), "true".to_string())].into() }
+    }
+
+    /// Produces `records` in order, each to its own partition, and waits for the acks.
+    pub fn produce(&self, topic: &str, records: &[GenRecord]) {
+        let feed = Feed::new(&self.kafka(), topic).expect("producer");
+        feed.send_all(records.iter().cloned(), 0, || false).expect("produce");
+        feed.flush().expect("flush");
+    }
+
+    /// Reads `expect` records of every partition of `topic`: (headers as a map, payload).
+    pub fn read_all(&self, topic: &str, expect: usize) -> Vec<(HashMap<String, String>, Vec<u8>)> {
+        let c: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &self.brokers)
+            .set("group.id", "test-reader")
+            .set("enable.auto.commit", "false")
+            .create()
+            .expect("consumer");
+        let meta = c.fetch_metadata(Some(topic), Duration::from_secs(10)).expect("metadata");
+        let mut tpl = TopicPartitionList::new();
+        for p in meta.topics()[0].partitions() {
+            tpl.add_partition_offset(topic, p.id(), Offset::Beginning).unwrap();
+        }
+        c.assign(&tpl).unwrap();
+        let mut out = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while out.len() < expect && Instant::now() < deadline {
+            if let Some(Ok(m)) = c.poll(Duration::from_millis(100)) {
+                let mut h = HashMap::new();
+                if let Some(hs) = m.headers() {
+                    for x in hs.iter() {
+                        h.insert(x.key.to_string(), String::from_utf8_lossy(x.value.unwrap_or_default()).into_owned());
+                    }
+                }
+                out.push((h, m.payload().unwrap_or_default().to_vec()));
+            }
+        }
+        out
+    }
+}
+
+/// Loads a shipped example config, pointed at `brokers`, a state dir and a free port.
+pub fn example_config(file: &str, brokers: &str, state: &Path) -> Config {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples").join(file);
+    let mut cfg = Config::load(&path).expect("example config");
+    cfg.kafka.bootstrap_servers = brokers.to_string();
+    cfg.state.dir = state.to_path_buf();
+    cfg.http.listen = "127.0.0.1:0".into();
+    cfg
+}
+
+/// GET over loopback; returns status and body.
+pub fn http_get_raw(addr: SocketAddr, path: &str) -> (u16, String) {
+    let mut s = std::net::TcpStream::connect(addr).expect("connect");
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    let (head, body) = resp.split_once("\r\n\r\n").expect("HTTP response");
+    let status = head.split(' ').nth(1).and_then(|c| c.parse().ok()).expect("status");
+    (status, body.to_string())
+}
+
+/// GET returning JSON; panics unless 200.
+pub fn get(addr: SocketAddr, path: &str) -> Value {
+    let (status, body) = http_get_raw(addr, path);
+    assert_eq!(status, 200, "GET {path}: {body}");
+    serde_json::from_str(&body).expect("JSON body")
+}
+
+/// Sum of the samples of a metric family (name + optional labels filter by prefix).
+pub fn metric_sum(text: &str, prefix: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(prefix) && l[prefix.len()..].starts_with([' ', '{', ',']))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Value of one sample, the line starting with exactly `series`.
+pub fn metric_value(text: &str, series: &str) -> f64 {
+    text.lines().find(|l| l.starts_with(series) && l[series.len()..].starts_with(' ')).and_then(|l| l.rsplit(' ').next()?.parse().ok()).unwrap_or(0.0)
+}
+
+/// Waits until every partition in the answer of `probe` (a query path) has reached
+/// `ends[partition]` — i.e. everything produced is in the queryable state.
+pub fn wait_caught_up(addr: SocketAddr, probe: &str, ends: &HashMap<i32, i64>) {
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        let (status, body) = http_get_raw(addr, probe);
+        if status == 200 {
+            let v: Value = serde_json::from_str(&body).unwrap();
+            let positions: HashMap<i32, i64> = v["coverage"]["partitions"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|p| (p["partition"].as_i64().unwrap() as i32, p["next_offset"].as_i64().unwrap()))
+                .collect();
+            if ends.iter().all(|(p, end)| positions.get(p).copied().unwrap_or(0) >= *end) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "tally did not catch up: at {positions:?}, want {ends:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The next offset of each partition after producing `records` once.
+pub fn ends(records: &[GenRecord]) -> HashMap<i32, i64> {
+    let mut m = HashMap::new();
+    for r in records {
+        *m.entry(r.partition).or_insert(0) += 1;
+    }
+    m
+}
+
+/// tally running in-process on its own runtime.
+pub struct Tally {
+    pub addr: SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+impl Tally {
+    /// Starts tally on `cfg` and waits for its HTTP address.
+    pub fn start(cfg: Config) -> Tally {
+        let (addr_tx, addr_rx) = mpsc::channel();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let rt = tokio::runtime::Runtime::new()?;
+            rt.block_on(tally::app::run(
+                cfg,
+                async {
+                    let _ = stop_rx.await;
+                },
+                move |a| {
+                    let _ = addr_tx.send(a);
+                },
+            ))
+        });
+        let addr = addr_rx.recv_timeout(Duration::from_secs(60)).expect("tally did not start");
+        Tally { addr, stop: Some(stop_tx), thread: Some(thread) }
+    }
+
+    /// The Prometheus exposition.
+    pub fn metrics(&self) -> String {
+        http_get_raw(self.addr, "/metrics").1
+    }
+
+    /// GET returning JSON.
+    pub fn get(&self, path: &str) -> Value {
+        get(self.addr, path)
+    }
+
+    /// Stops cleanly and returns the run's result.
+    pub fn stop(mut self) {
+        let _ = self.stop.take().unwrap().send(());
+        self.thread.take().unwrap().join().expect("tally thread").expect("tally run");
+    }
+}
+
+/// One source record as the recomputation sees it.
+#[derive(Debug, Clone)]
+pub struct Ev {
+    pub partition: i32,
+    pub offset: i64,
+    /// The decoded object and its event time, or `None` for a record tally must reject.
+    pub event: Option<(serde_json::Map<String, Value>, i64)>,
+    /// The partition's watermark before this record (`i64::MIN`: none yet).
+    pub wm_before: i64,
+}
+
+/// Replays `records` partition by partition in offset order: decodes each with `time_of`
+/// and tracks the watermark (max event time − `delay_ms`). Independent of tally's code.
+pub fn replay(records: &[GenRecord], time_of: impl Fn(&serde_json::Map<String, Value>) -> Option<i64>, delay_ms: i64) -> Vec<Ev> {
+    let mut next: HashMap<i32, i64> = HashMap::new();
+    let mut max_t: HashMap<i32, i64> = HashMap::new();
+    let mut out = Vec::new();
+    for r in records {
+        let offset = next.entry(r.partition).or_insert(0);
+        let wm_before = max_t.get(&r.partition).map_or(i64::MIN, |m| m - delay_ms);
+        let event = serde_json::from_slice::<Value>(&r.payload).ok().and_then(|v| match v {
+            Value::Object(o) => time_of(&o).map(|t| (o, t)),
+            _ => None,
+        });
+        if let Some((_, t)) = &event {
+            let m = max_t.entry(r.partition).or_insert(i64::MIN);
+            *m = (*m).max(*t);
+        }
+        out.push(Ev { partition: r.partition, offset: *offset, event, wm_before });
+        *offset += 1;
+    }
+    out
+}
+
+/// `YYYY-MM-DD HH:MM:SS` local time at a fixed UTC offset (hours) → epoch ms.
+pub fn local_ms(v: Option<&Value>, offset_h: i64) -> Option<i64> {
+    let s = v?.as_str()?;
+    let t = chrono::NaiveDateTime::parse_from_str(s, "%Y-%m-%d %H:%M:%S").ok()?;
+    if s.len() != 19 {
+        return None;
+    }
+    Some(t.and_utc().timestamp_millis() - offset_h * 3_600_000)
+}
+
+/// Canonical text of a JSON scalar, as tally groups and counts it.
+pub fn text(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Number(n) if n.is_i64() => n.as_i64().unwrap().to_string(),
+        other => other.to_string(),
+    }
+}
+
+/// Start of the `len`-ms slot holding `t`, aligned to `offset_ms` local time.
+pub fn floor(t: i64, len: i64, offset_ms: i64) -> i64 {
+    (t + offset_ms).div_euclid(len) * len - offset_ms
+}
+
+/// The canonical hex of a sketch of exactly these values (single clean pass).
+pub fn sketch_hex<'a>(values: impl IntoIterator<Item = &'a String>, precision: u8) -> String {
+    let mut s = Sketch::new(precision).unwrap();
+    for v in values {
+        s.insert(v.as_bytes());
+    }
+    s.to_canonical().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Asserts an HLL estimate is within 3 standard errors of the exact count.
+pub fn assert_hll(estimate: &Value, exact: usize, what: &str) {
+    let est = estimate["estimate"].as_f64().unwrap_or_else(|| panic!("{what}: no estimate in {estimate}"));
+    let se = estimate["standard_error"].as_f64().unwrap();
+    let bound = 3.0 * se * exact as f64 + 1.0;
+    assert!((est - exact as f64).abs() <= bound, "{what}: estimate {est} vs exact {exact} (bound {bound})");
+}
+
+/// A set of distinct values.
+pub type Distinct = BTreeSet<String>;
