@@ -210,6 +210,10 @@ pub struct MetricConfig {
     /// Keep only groups for which this holds when answering, e.g. `total > 0`.
     #[serde(default)]
     pub having: Option<String>,
+    /// Export the newest window's values as `tally_metric_value{metric, aggregate}` for
+    /// dashboards. Only for metrics without `group_by`: keys never become labels.
+    #[serde(default)]
+    pub export: bool,
 }
 
 /// A window definition as written in the config.
@@ -244,6 +248,10 @@ pub struct DerivedConfig {
     pub name: String,
     /// `numerator / denominator`, each a metric name, optionally `metric.aggregate`.
     pub ratio: RatioConfig,
+    /// Export the newest window's ratio as `tally_metric_value{metric, aggregate="ratio"}`
+    /// (only when the metrics divided have no `group_by`).
+    #[serde(default)]
+    pub export: bool,
 }
 
 /// The two sides of a ratio.

@@ -5,7 +5,7 @@
 //! so several instances (tests, the demo) can live in one process.
 
 use prometheus::{
-    exponential_buckets, Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    exponential_buckets, Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
     TextEncoder,
 };
 
@@ -59,6 +59,8 @@ pub struct Metrics {
     pub http_duration: HistogramVec,
     /// Build information (value 1).
     pub build_info: IntGaugeVec,
+    /// Newest window's value of each exported metric aggregate (opt-in per metric).
+    pub metric_value: GaugeVec,
 }
 
 fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: T) -> T {
@@ -101,6 +103,7 @@ impl Metrics {
             http_requests: counter("tally_http_requests_total", "HTTP requests.", &["route", "status"]),
             http_duration: reg(&r, HistogramVec::new(HistogramOpts::new("tally_http_request_duration_seconds", "HTTP request duration.").buckets(latency_buckets()), &["route"]).expect("valid metric")),
             build_info: gauge("tally_build_info", "Build information.", &["version"]),
+            metric_value: reg(&r, GaugeVec::new(Opts::new("tally_metric_value", "Newest window's value of an exported metric aggregate."), &["metric", "aggregate"]).expect("valid metric")),
             registry: r,
         };
         m.build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);

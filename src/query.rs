@@ -110,6 +110,11 @@ impl QueryEngine {
         QueryEngine { topo, store }
     }
 
+    /// Names exported as `tally_metric_value`.
+    pub fn exported(&self) -> &[String] {
+        &self.topo.exported
+    }
+
     /// Every metric and derived metric, with its definition.
     pub fn list(&self) -> Json {
         let metrics: Vec<Json> = self
@@ -314,6 +319,20 @@ impl QueryEngine {
             })
             .collect();
         Ok(json!({ "metric": d.name, "coverage": cov.to_json(), "truncated": truncated, "rows": rows }))
+    }
+
+    /// The newest window's numeric values of a metric without group-by (or a ratio), as
+    /// (aggregate, value): what `tally_metric_value` exports.
+    pub fn current_values(&self, name: &str) -> Result<Vec<(String, f64)>, QueryError> {
+        let answer = self.windows(name, None, Range::default(), 1, false)?;
+        let Some(Json::Object(values)) = answer["rows"].get(0).map(|r| r["values"].clone()) else {
+            return Ok(vec![]);
+        };
+        Ok(values
+            .into_iter()
+            .filter(|(k, _)| k != "numerator" && k != "denominator")
+            .filter_map(|(k, v)| v.as_f64().or_else(|| v["estimate"].as_f64()).map(|x| (k, x)))
+            .collect())
     }
 
     /// One merged value per key over every slice starting in `range` — e.g. the UV of the

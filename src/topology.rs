@@ -28,6 +28,8 @@ pub struct Topology {
     pub derived: Vec<Derived>,
     /// Flush/commit interval, ms.
     pub commit_interval_ms: u64,
+    /// Names of the metrics and derived metrics exported as `tally_metric_value`.
+    pub exported: Vec<String>,
 }
 
 /// A compiled source.
@@ -224,12 +226,30 @@ impl Topology {
             derived.push(Derived { name: d.name.clone(), numerator: num, denominator: den });
         }
 
+        let mut exported = Vec::new();
+        let grouped = |key: String, name: &str, m: &Metric| -> Result<(), ConfigError> {
+            if m.group_by.is_empty() {
+                Ok(())
+            } else {
+                Err(ConfigError::new(key, format!("`{name}` groups by {:?}: exporting it would turn keys into Prometheus labels; only metrics without group_by can be exported", m.group_by)))
+            }
+        };
+        for (i, m) in cfg.metrics.iter().enumerate().filter(|(_, m)| m.export) {
+            grouped(format!("metrics[{i}].export"), &m.name, &metrics[i])?;
+            exported.push(m.name.clone());
+        }
+        for (i, d) in cfg.derived.iter().enumerate().filter(|(_, d)| d.export) {
+            grouped(format!("derived[{i}].export"), &d.name, &metrics[derived[i].numerator.0])?;
+            exported.push(d.name.clone());
+        }
+
         Ok(Topology {
             application_id: cfg.kafka.application_id.clone(),
             sources,
             metrics,
             derived,
             commit_interval_ms: commit_interval_ms as u64,
+            exported,
         })
     }
 

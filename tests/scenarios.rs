@@ -71,56 +71,8 @@ fn counts_of(answer: &Value, agg: &str) -> BTreeMap<(i64, String), u64> {
 #[test]
 fn s1_uv_pv_conversion() {
     let r = run(Scenario::S1, "s1-uvpv.toml", "/api/v1/metrics/uv_all_time", 12_000);
+    let s1::S1 { uv_all, uv_10m, pv, views, purchases, purchases_by_product, span_users, late, invalid } = s1::truth(&r.records);
     let evs = replay(&r.records, |o| local_ms(o.get("create_time"), 8), 10 * MIN);
-    let slice = 5 * MIN;
-
-    let mut uv_all = Distinct::new();
-    let mut uv_10m: BTreeMap<(i64, String), Distinct> = BTreeMap::new();
-    let mut pv: BTreeMap<(i64, String), u64> = BTreeMap::new();
-    let mut views: BTreeMap<(i64, String), u64> = BTreeMap::new();
-    let mut purchases: BTreeMap<(i64, String), u64> = BTreeMap::new();
-    let mut purchases_by_product: BTreeMap<(i64, String), u64> = BTreeMap::new();
-    let mut span_users = Distinct::new();
-    let mut late: BTreeMap<&str, u64> = BTreeMap::new();
-    let mut invalid = 0;
-    for ev in &evs {
-        let Some((o, t)) = &ev.event else {
-            invalid += 1;
-            continue;
-        };
-        let user = text(&o["user_id"]);
-        let product = text(&o["product_id"]);
-        let kind = o["record_type"].as_i64();
-        uv_all.insert(user.clone());
-        let s = floor(*t, slice, 0);
-        let is_late = s + slice <= ev.wm_before;
-        let filtered: Vec<&str> = match kind {
-            Some(0) => vec!["uv_10m", "pv_by_product", "views"],
-            Some(1) => vec!["uv_10m", "purchases", "purchases_by_product"],
-            _ => vec!["uv_10m"],
-        };
-        if is_late {
-            for m in filtered {
-                *late.entry(m).or_default() += 1;
-            }
-            continue;
-        }
-        span_users.insert(user.clone());
-        for w in [s - slice, s] {
-            uv_10m.entry((w, String::new())).or_default().insert(user.clone());
-            match kind {
-                Some(0) => {
-                    *pv.entry((w, product.clone())).or_default() += 1;
-                    *views.entry((w, String::new())).or_default() += 1;
-                }
-                Some(1) => {
-                    *purchases.entry((w, String::new())).or_default() += 1;
-                    *purchases_by_product.entry((w, product.clone())).or_default() += 1;
-                }
-                _ => {}
-            }
-        }
-    }
     assert!(invalid > 0 && late.values().sum::<u64>() > 0, "the workload must exercise late and invalid records");
 
     assert_eq!(counts_of(&r.tally.get("/api/v1/metrics/pv_by_product"), "pv"), pv);

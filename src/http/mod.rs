@@ -130,6 +130,20 @@ fn top(engine: &QueryEngine, name: &str, p: &Params) -> Result<serde_json::Value
     engine.top(name, number(p, "n", 10, 10_000)?, at, p.get("aggregate").map(String::as_str))
 }
 
+/// Refreshes `tally_metric_value` for the exported metrics, just before a scrape renders.
+fn export_values(s: &ApiState) {
+    for name in s.engine.exported() {
+        match s.engine.current_values(name) {
+            Ok(values) => {
+                for (aggregate, v) in values {
+                    s.metrics.metric_value.with_label_values(&[name, &aggregate]).set(v);
+                }
+            }
+            Err(e) => tracing::warn!(metric = %name, error = %e, "could not export metric value"),
+        }
+    }
+}
+
 /// Runs a query off the async threads: queries scan sled and merge sketches.
 async fn blocking(f: impl FnOnce() -> Response + Send + 'static) -> Result<Response, Infallible> {
     Ok(tokio::task::spawn_blocking(f).await.unwrap_or_else(|e| error(StatusCode::INTERNAL_SERVER_ERROR, format!("query panicked: {e}"))))
@@ -166,8 +180,11 @@ pub fn routes(state: ApiState) -> impl Filter<Extract = (Response,), Error = Inf
         .and(with.clone())
         .and_then(|name: String, p: Params, s: ApiState| blocking(move || query_reply(top(&s.engine, &name, &p))))
         .map(|r| ("metric_top", r));
-    let prom = warp::path!("metrics").and(with.clone()).map(|s: ApiState| {
-        warp::reply::with_header(s.metrics.render(), "content-type", "text/plain; version=0.0.4").into_response()
+    let prom = warp::path!("metrics").and(with.clone()).and_then(|s: ApiState| {
+        blocking(move || {
+            export_values(&s);
+            warp::reply::with_header(s.metrics.render(), "content-type", "text/plain; version=0.0.4").into_response()
+        })
     });
     let prom = prom.map(|r| ("prometheus", r));
     let openapi = warp::path!("openapi.json").map(|| warp::reply::with_header(OPENAPI, "content-type", "application/json").into_response()).map(|r| ("openapi", r));

@@ -4,6 +4,8 @@
 
 #![allow(dead_code)]
 
+pub mod s1;
+
 use std::collections::{BTreeSet, HashMap};
 use std::io::{Read, Write};
 use std::net::SocketAddr;
@@ -94,15 +96,20 @@ pub fn example_config(file: &str, brokers: &str, state: &Path) -> Config {
     cfg
 }
 
+/// GET over loopback; returns status and body, or `None` when nothing answers (yet).
+pub fn try_get_raw(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    let mut s = std::net::TcpStream::connect(addr).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).ok()?;
+    let (head, body) = resp.split_once("\r\n\r\n")?;
+    let status = head.split(' ').nth(1).and_then(|c| c.parse().ok())?;
+    Some((status, body.to_string()))
+}
+
 /// GET over loopback; returns status and body.
 pub fn http_get_raw(addr: SocketAddr, path: &str) -> (u16, String) {
-    let mut s = std::net::TcpStream::connect(addr).expect("connect");
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
-    let mut resp = String::new();
-    s.read_to_string(&mut resp).unwrap();
-    let (head, body) = resp.split_once("\r\n\r\n").expect("HTTP response");
-    let status = head.split(' ').nth(1).and_then(|c| c.parse().ok()).expect("status");
-    (status, body.to_string())
+    try_get_raw(addr, path).unwrap_or_else(|| panic!("GET {path}: no answer from {addr}"))
 }
 
 /// GET returning JSON; panics unless 200.
@@ -130,8 +137,7 @@ pub fn metric_value(text: &str, series: &str) -> f64 {
 pub fn wait_caught_up(addr: SocketAddr, probe: &str, ends: &HashMap<i32, i64>) {
     let deadline = Instant::now() + Duration::from_secs(180);
     loop {
-        let (status, body) = http_get_raw(addr, probe);
-        if status == 200 {
+        if let Some((200, body)) = try_get_raw(addr, probe) {
             let v: Value = serde_json::from_str(&body).unwrap();
             let positions: HashMap<i32, i64> = v["coverage"]["partitions"]
                 .as_array()
@@ -144,6 +150,7 @@ pub fn wait_caught_up(addr: SocketAddr, probe: &str, ends: &HashMap<i32, i64>) {
             }
             assert!(Instant::now() < deadline, "tally did not catch up: at {positions:?}, want {ends:?}");
         }
+        assert!(Instant::now() < deadline, "tally did not answer {probe}");
         std::thread::sleep(Duration::from_millis(50));
     }
 }
