@@ -42,6 +42,9 @@ pub struct BenchOptions {
     /// Seconds of the latency phase.
     #[arg(long, default_value_t = 10)]
     pub latency_seconds: u64,
+    /// Event-time milliseconds between consecutive events of the throughput phase.
+    #[arg(long, default_value_t = 1)]
+    pub step_ms: i64,
 }
 
 fn scrape(addr: SocketAddr) -> anyhow::Result<String> {
@@ -126,16 +129,69 @@ fn wait_for(addr: SocketAddr, what: &str, target: f64, limit: Duration) -> anyho
         if start.elapsed() > limit {
             anyhow::bail!("{what} did not reach {target} within {limit:?} (at {})", sum(&text, what));
         }
-        std::thread::sleep(Duration::from_millis(20));
+        std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// The processing core alone: the same events through a [`TaskSet`] on sled, no Kafka.
+fn core_only(records: &[crate::gen::GenRecord], cfg: &Config) -> anyhow::Result<(f64, usize, Duration)> {
+    let dir = tempfile::Builder::new().prefix("tally-bench-core-").tempdir()?;
+    let topo = std::sync::Arc::new(crate::topology::Topology::compile(cfg)?);
+    let mut tasks = crate::task::TaskSet::new(topo.clone(), crate::store::Store::open(dir.path())?);
+    let mut offsets = vec![0i64; 1024];
+    let start = Instant::now();
+    let mut last_flush = Instant::now();
+    let (mut puts, mut flushing) = (0, Duration::ZERO);
+    let mut flush = |tasks: &mut crate::task::TaskSet| -> anyhow::Result<()> {
+        let t = Instant::now();
+        puts += tasks.flush()?.puts;
+        flushing += t.elapsed();
+        Ok(())
+    };
+    for r in records {
+        let o = &mut offsets[r.partition as usize];
+        tasks.process(0, r.partition, *o, &r.payload)?;
+        *o += 1;
+        if last_flush.elapsed() >= Duration::from_millis(topo.commit_interval_ms) {
+            flush(&mut tasks)?;
+            last_flush = Instant::now();
+        }
+    }
+    flush(&mut tasks)?;
+    Ok((records.len() as f64 / start.elapsed().as_secs_f64(), puts, flushing))
+}
+
+/// The Kafka side alone: a bare librdkafka consumer reading the pre-filled topic with
+/// tally's consumer settings, doing nothing with the records. The ceiling the mock broker
+/// and client put on any consumer here.
+fn consume_only(cfg: &Config, topic: &str, partitions: i32, events: usize) -> anyhow::Result<f64> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let c: BaseConsumer = crate::kafka::client_config(&cfg.kafka, &[("group.id", "tally-bench-raw"), ("enable.auto.commit", "false"), ("fetch.wait.max.ms", "100")]).create()?;
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition_offset(topic, p, rdkafka::Offset::Beginning)?;
+    }
+    c.assign(&tpl)?;
+    let (mut n, mut start) = (0usize, None);
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while n < events && Instant::now() < deadline {
+        if let Some(Ok(_)) = c.poll(Duration::from_millis(100)) {
+            start.get_or_insert_with(Instant::now);
+            n += 1;
+        }
+    }
+    Ok(n as f64 / start.map_or(1.0, |s| s.elapsed().as_secs_f64()))
 }
 
 /// Runs the benchmark and prints its figures.
 pub fn run(opts: BenchOptions) -> anyhow::Result<()> {
     let mock = MockCluster::new(1).map_err(|e| anyhow::anyhow!("starting the mock cluster: {e}"))?;
     let topic = gen::topic(Scenario::S1);
-    mock.create_topic(topic, opts.partitions, 1).map_err(|e| anyhow::anyhow!("creating {topic}: {e}"))?;
     let mut cfg = Config::from_toml_str(crate::demo::S1_CONFIG)?;
+    let app = &cfg.kafka.application_id;
+    for (t, parts) in [(topic.to_string(), opts.partitions), (format!("{app}-dead-letters"), 1), (format!("{app}-late-records"), 1)] {
+        mock.create_topic(&t, parts, 1).map_err(|e| anyhow::anyhow!("creating {t}: {e}"))?;
+    }
     let state = tempfile::Builder::new().prefix("tally-bench-").tempdir()?;
     cfg.kafka.bootstrap_servers = mock.bootstrap_servers();
     cfg.state.dir = state.path().to_path_buf();
@@ -145,12 +201,17 @@ pub fn run(opts: BenchOptions) -> anyhow::Result<()> {
     if events < opts.events {
         eprintln!("capping the throughput phase at {events} events: the mock keeps ~{MOCK_RECORDS_PER_PARTITION} S1 records per partition");
     }
-    let gen_opts = GenOptions { count: events, partitions: opts.partitions, ..GenOptions::for_scenario(Scenario::S1) };
+    // Event time advances 1 ms per event (1,000 events per second of event time), denser
+    // than the tests' 100 ms: at production rates an event-time second holds far more.
+    let gen_opts = GenOptions { count: events, partitions: opts.partitions, step_ms: opts.step_ms, ..GenOptions::for_scenario(Scenario::S1) };
+    let records = gen::generate(Scenario::S1, &gen_opts);
+    let (core, core_puts, core_flushing) = core_only(&records, &cfg)?;
     let feed = Feed::new(&cfg.kafka, topic)?;
     let produce_start = Instant::now();
-    feed.send_all(gen::generate(Scenario::S1, &gen_opts), 0, || false)?;
+    feed.send_all(records, 0, || false)?;
     feed.flush()?;
     eprintln!("pre-filled {events} events in {:.1} s", produce_start.elapsed().as_secs_f64());
+    let raw = consume_only(&cfg, topic, opts.partitions, events)?;
 
     let (addr_tx, addr_rx) = mpsc::channel();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -167,6 +228,9 @@ pub fn run(opts: BenchOptions) -> anyhow::Result<()> {
     let (text, last) = wait_for(addr, "tally_records_consumed_total", events as f64, Duration::from_secs(600))?;
     // Counters are published per flush: the drain ends within one commit interval of `last`.
     let secs = last.duration_since(first).as_secs_f64().max(1e-3);
+    let flushes = buckets(&text, "tally_flush_duration_seconds");
+    let flush_count = sum(&text, "tally_flush_duration_seconds_count");
+    let flush_secs = sum(&text, "tally_flush_duration_seconds_sum");
     let invalid = sum(&text, "tally_records_invalid_total");
     let late = sum(&text, "tally_records_late_total");
     std::thread::sleep(Duration::from_millis(500));
@@ -190,8 +254,20 @@ pub fn run(opts: BenchOptions) -> anyhow::Result<()> {
     tally.join().map_err(|_| anyhow::anyhow!("tally panicked"))??;
 
     let ms = |q: Option<f64>| q.map_or("n/a".to_string(), |s| format!("{:.0} ms", s * 1000.0));
-    println!("S1, all S1 metrics on, {} partitions, one tally process, librdkafka mock cluster", opts.partitions);
+    println!("S1, all S1 metrics on, {} partitions, events {} ms apart in event time, one tally process, librdkafka mock cluster", opts.partitions, opts.step_ms);
     println!("throughput           {:.0} events/s ({events} events in {secs:.2} s; {invalid} invalid, {late} late-for-a-metric)", events as f64 / secs);
+    println!(
+        "flushes              {flush_count} taking {:.0} % of the drain; p50 {} p99 {} (side outputs acked, state written and fsynced)",
+        flush_secs / secs * 100.0,
+        ms(quantile(&BTreeMap::new(), &flushes, 0.5)),
+        ms(quantile(&BTreeMap::new(), &flushes, 0.99))
+    );
+    println!("bare consumer        {raw:.0} records/s (librdkafka reading the same topic from the mock, no processing)");
+    println!(
+        "core alone           {core:.0} events/s (same events through the tasks and sled, no Kafka; {core_puts} aggregate writes, {:.1} µs each, {:.0} % of the time in flushes)",
+        core_flushing.as_secs_f64() * 1e6 / core_puts.max(1) as f64,
+        core_flushing.as_secs_f64() * core / events as f64 * 100.0
+    );
     println!("produce->queryable   p50 {}  p99 {}  (at {} events/s for {} s)", ms(quantile(&before, &after, 0.5)), ms(quantile(&before, &after, 0.99)), opts.latency_rate, opts.latency_seconds);
     println!("peak RSS             {} MiB (whole process: mock broker and producer included)", peak_rss_kib().unwrap_or(0) / 1024);
     println!("state on disk        {:.1} MiB per million events ({} bytes after {events} events)", state_bytes as f64 / (events as f64 / 1e6) / (1 << 20) as f64, state_bytes);

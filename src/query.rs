@@ -322,10 +322,26 @@ impl QueryEngine {
     }
 
     /// The newest window's numeric values of a metric without group-by (or a ratio), as
-    /// (aggregate, value): what `tally_metric_value` exports.
+    /// (aggregate, value): what `tally_metric_value` exports. Reads only that window's slices.
     pub fn current_values(&self, name: &str) -> Result<Vec<(String, f64)>, QueryError> {
-        let answer = self.windows(name, None, Range::default(), 1, false)?;
-        let Some(Json::Object(values)) = answer["rows"].get(0).map(|r| r["values"].clone()) else {
+        let m = match self.topo.derived.iter().find(|d| d.name == name) {
+            Some(d) => &self.topo.metrics[d.numerator.0],
+            None => self.metric(name)?.1,
+        };
+        let cov = self.coverage(m.source)?;
+        let mut newest = None;
+        for &p in &cov.partitions {
+            newest = newest.max(self.store.last_slice(&m.name, p)?);
+        }
+        let Some(window) = newest.and_then(|s| m.window.windows_containing(s).into_iter().max_by_key(|w| w.end)) else {
+            return Ok(vec![]);
+        };
+        let range = if window == GLOBAL { Range::default() } else { Range { from: Some(window.end - 1), to: Some(window.end) } };
+        let answer = self.windows(name, None, range, usize::MAX, false)?;
+        let row = answer["rows"].as_array().and_then(|rows| {
+            rows.iter().find(|r| window == GLOBAL || (r["window"]["start"] == json!(window.start) && r["window"]["end"] == json!(window.end)))
+        });
+        let Some(Json::Object(values)) = row.map(|r| r["values"].clone()) else {
             return Ok(vec![]);
         };
         Ok(values

@@ -194,7 +194,7 @@ pub struct Store {
 impl Store {
     /// Opens (or creates) the store in `dir`.
     pub fn open(dir: &Path) -> Result<Store, StoreError> {
-        let db = sled::Config::new().path(dir).cache_capacity(256 << 20).open()?;
+        let db = sled::Config::new().path(dir).cache_capacity(256 << 20).mode(sled::Mode::HighThroughput).open()?;
         let tree = db.open_tree("state")?;
         Ok(Store { db, tree })
     }
@@ -251,6 +251,18 @@ impl Store {
             let (_, slice, group) = split_state_key(&k).ok_or_else(|| StoreError::Corrupt { key: String::from_utf8_lossy(&k).into(), why: "short key".into() })?;
             Ok((slice, group.to_vec(), StoredAggregate::decode(&k, &v)?))
         })
+    }
+
+    /// The newest slice of one metric-partition that holds data.
+    pub fn last_slice(&self, metric: &str, partition: i32) -> Result<Option<i64>, StoreError> {
+        let mut lo = Vec::new();
+        partition_prefix(&mut lo, metric, partition);
+        let mut hi = lo.clone();
+        hi.extend_from_slice(&[0xff; 9]);
+        match self.tree.range(lo..hi).next_back() {
+            None => Ok(None),
+            Some(kv) => Ok(split_state_key(&kv?.0).map(|(_, slice, _)| slice)),
+        }
     }
 
     /// Keys of one metric-partition with slices before `before`.

@@ -29,10 +29,12 @@ fn run(scenario: Scenario, config: &str, probe: &str, count: usize) -> Run {
     let opts = GenOptions { count, ..GenOptions::for_scenario(scenario) };
     let records = generate(scenario, &opts);
     let topic = tally::gen::topic(scenario);
-    let cluster = Cluster::new(&[(topic, opts.partitions)]);
-    cluster.produce(topic, &records);
     let state = tempfile::tempdir().unwrap();
-    let tally = Tally::start(example_config(config, &cluster.brokers, state.path()));
+    let mut cfg = example_config(config, "", state.path());
+    let cluster = Cluster::for_app(&cfg.kafka.application_id, topic, opts.partitions);
+    cfg.kafka.bootstrap_servers = cluster.brokers.clone();
+    cluster.produce(topic, &records);
+    let tally = Tally::start(cfg);
     wait_caught_up(tally.addr, probe, &ends(&records));
     Run { records, tally, cluster, _state: state }
 }

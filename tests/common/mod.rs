@@ -33,6 +33,12 @@ pub struct Cluster {
 }
 
 impl Cluster {
+    /// A one-broker cluster with a source topic and the internal topics of `app` (the mock
+    /// has no CreateTopics, so tally cannot create them itself here).
+    pub fn for_app(app: &str, topic: &str, partitions: i32) -> Cluster {
+        Cluster::new(&[(topic, partitions), (&format!("{app}-dead-letters"), 1), (&format!("{app}-late-records"), 1)])
+    }
+
     /// A one-broker cluster with `topics` (name, partitions).
     pub fn new(topics: &[(&str, i32)]) -> Cluster {
         let mock = MockCluster::new(1).expect("mock cluster");
