@@ -129,23 +129,26 @@ impl Shared {
 
     fn on_assign(&self, tpl: &mut TopicPartitionList) {
         let mut tasks = self.tasks();
+        // The store's position is where its state ends. With no state for a partition, the
+        // group's committed offset would skip records whose aggregates are gone: read from
+        // the beginning instead (until changelog restore exists, that is the only way back).
         let mut resumed = Vec::new();
         for e in tpl.elements() {
             let Some(source) = self.source_of(e.topic()) else { continue };
             match tasks.assign(source, e.partition()) {
-                Ok(Some(off)) => resumed.push((e.topic().to_string(), e.partition(), off)),
-                Ok(None) => {}
+                Ok(Some(off)) => resumed.push((e.topic().to_string(), e.partition(), Offset::Offset(off))),
+                Ok(None) => resumed.push((e.topic().to_string(), e.partition(), Offset::Beginning)),
                 Err(err) => tracing::error!(topic = e.topic(), partition = e.partition(), error = %err, "reading the partition's stored position failed; resuming from the group's"),
             }
         }
         for (topic, p, off) in &resumed {
-            let _ = tpl.set_partition_offset(topic, *p, Offset::Offset(*off));
+            let _ = tpl.set_partition_offset(topic, *p, *off);
         }
         let owned = tasks.tasks().count();
         drop(tasks);
         self.metrics.partitions_owned.set(owned as i64);
         self.metrics.rebalances.with_label_values(&["assign"]).inc();
-        tracing::info!(partitions = ?tpl.elements().iter().map(|e| (e.topic().to_string(), e.partition())).collect::<Vec<_>>(), resumed_from_store = resumed.len(), "partitions assigned");
+        tracing::info!(partitions = ?tpl.elements().iter().map(|e| (e.topic().to_string(), e.partition())).collect::<Vec<_>>(), resumed_from_store = resumed.iter().filter(|r| r.2 != Offset::Beginning).count(), "partitions assigned");
         self.ready.store(true, Ordering::Relaxed);
     }
 
