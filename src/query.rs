@@ -104,6 +104,20 @@ fn merge_into(acc: &mut Vec<AggState>, other: &[AggState]) -> Result<(), QueryEr
     Ok(())
 }
 
+/// Folds one partial into an accumulator that may still be empty.
+fn accumulate(acc: &mut Option<Vec<AggState>>, other: &[AggState]) -> Result<(), QueryError> {
+    match acc {
+        None => *acc = Some(other.to_vec()),
+        Some(a) => merge_into(a, other)?,
+    }
+    Ok(())
+}
+
+/// Whether window `w` overlaps `range`.
+fn overlaps(range: Range, w: Window) -> bool {
+    range.from.is_none_or(|f| w.end > f) && range.to.is_none_or(|t| w.start < t)
+}
+
 impl QueryEngine {
     /// An engine over `store`.
     pub fn new(topo: Arc<Topology>, store: Store) -> QueryEngine {
@@ -210,10 +224,7 @@ impl QueryEngine {
         let mut acc: Option<Vec<AggState>> = None;
         for s in m.window.slices_of(w) {
             if let Some(st) = slices.get(&s) {
-                match &mut acc {
-                    None => acc = Some(st.clone()),
-                    Some(a) => merge_into(a, st)?,
-                }
+                accumulate(&mut acc, st)?;
             }
         }
         Ok(acc)
@@ -266,10 +277,7 @@ impl QueryEngine {
         let mut rows = Vec::new();
         for (g, slices) in &partials {
             let starts: Vec<i64> = slices.keys().copied().collect();
-            for w in m.window.windows_of_slices(&starts) {
-                if range.from.is_some_and(|f| w.end <= f) || range.to.is_some_and(|t| w.start >= t) {
-                    continue;
-                }
+            for w in m.window.windows_of_slices(&starts).into_iter().filter(|w| overlaps(range, *w)) {
                 if let Some(states) = Self::window_states(m, w, slices)? {
                     if Self::passes_having(m, &states) {
                         rows.push((w, g.clone(), states));
@@ -299,10 +307,7 @@ impl QueryEngine {
         for (g, den_slices) in &dens {
             let num_slices = nums.get(g).unwrap_or(&empty);
             let starts: Vec<i64> = den_slices.keys().copied().collect();
-            for w in num_m.window.windows_of_slices(&starts) {
-                if range.from.is_some_and(|f| w.end <= f) || range.to.is_some_and(|t| w.start >= t) {
-                    continue;
-                }
+            for w in num_m.window.windows_of_slices(&starts).into_iter().filter(|w| overlaps(range, *w)) {
                 let den = Self::window_states(den_m, w, den_slices)?.and_then(|s| s[d.denominator.1].number()).unwrap_or(0.0);
                 let num = Self::window_states(num_m, w, num_slices)?.and_then(|s| s[d.numerator.1].number()).unwrap_or(0.0);
                 rows.push((w, g.clone(), num, den));
@@ -377,10 +382,7 @@ impl QueryEngine {
             for (s, st) in slices {
                 first = first.min(*s);
                 last = last.max(m.window.slice_end(*s));
-                match &mut acc {
-                    None => acc = Some(st.clone()),
-                    Some(a) => merge_into(a, st)?,
-                }
+                accumulate(&mut acc, st)?;
             }
             if let Some(states) = acc {
                 rows.push(json!({ "key": Self::key_json(m, g), "values": Self::values_json(m, &states, sketches) }));

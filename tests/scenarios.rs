@@ -138,21 +138,11 @@ fn s2a_daily_spend_with_latest_fields() {
     // (day, appkey) → (total in micro-units, latest (t, partition, offset) → fields)
     type Latest = ((i64, i32, i64), [Value; 3]);
     let mut groups: BTreeMap<(i64, String), (i128, Option<Latest>)> = BTreeMap::new();
-    let mut late = 0;
-    let mut invalid = 0;
-    for ev in &evs {
-        let Some((o, t)) = &ev.event else {
-            invalid += 1;
-            continue;
-        };
-        let day = floor(*t, DAY, SHANGHAI);
-        if day + DAY <= ev.wm_before {
-            late += 1;
-            continue;
-        }
-        let g = groups.entry((day, text(&o["appkey"]))).or_default();
+    let Split { accepted, late, invalid } = split(&evs, |t| floor(t, DAY, SHANGHAI) + DAY);
+    for (o, t, ev) in accepted {
+        let g = groups.entry((floor(t, DAY, SHANGHAI), text(&o["appkey"]))).or_default();
         g.0 += (o["consumenum"].as_f64().unwrap() * 1e6).round() as i128;
-        let order = (*t, ev.partition, ev.offset);
+        let order = (t, ev.partition, ev.offset);
         if g.1.as_ref().is_none_or(|(o2, _)| order > *o2) {
             g.1 = Some((order, [o["serverid"].clone(), o["roleid"].clone(), o["servertime"].clone()]));
         }
@@ -179,19 +169,9 @@ fn s2b_running_daily_pv_uv() {
     let evs = replay(&r.records, |o| local_ms(o.get("c_time"), 8), MIN);
     // Per minute slice: pv and ips; a cumulative window = all slices of its day up to its end.
     let mut slices: BTreeMap<i64, (u64, Distinct)> = BTreeMap::new();
-    let mut late = 0;
-    let mut invalid = 0;
-    for ev in &evs {
-        let Some((o, t)) = &ev.event else {
-            invalid += 1;
-            continue;
-        };
-        let s = floor(*t, MIN, SHANGHAI);
-        if s + MIN <= ev.wm_before {
-            late += 1;
-            continue;
-        }
-        let e = slices.entry(s).or_default();
+    let Split { accepted, late, invalid } = split(&evs, |t| floor(t, MIN, SHANGHAI) + MIN);
+    for (o, t, _) in accepted {
+        let e = slices.entry(floor(t, MIN, SHANGHAI)).or_default();
         e.0 += 1;
         e.1.insert(text(&o["client_ip"]));
     }
@@ -235,20 +215,10 @@ fn s4_behaviour_breakdowns() {
     let evs = replay(&r.records, time_of, 5 * MIN);
     let dims = ["action", "age_range", "gender", "province"];
     let mut want: Vec<BTreeMap<(i64, String), u64>> = vec![BTreeMap::new(); 4];
-    let mut late = 0;
-    let mut invalid = 0;
-    for ev in &evs {
-        let Some((o, t)) = &ev.event else {
-            invalid += 1;
-            continue;
-        };
-        let day = floor(*t, DAY, SHANGHAI);
-        if day + DAY <= ev.wm_before {
-            late += 1;
-            continue;
-        }
+    let Split { accepted, late, invalid } = split(&evs, |t| floor(t, DAY, SHANGHAI) + DAY);
+    for (o, t, _) in accepted {
         for (i, d) in dims.iter().enumerate() {
-            *want[i].entry((day, text(&o[*d]))).or_default() += 1;
+            *want[i].entry((floor(t, DAY, SHANGHAI), text(&o[*d]))).or_default() += 1;
         }
     }
     for (i, d) in dims.iter().enumerate() {

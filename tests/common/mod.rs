@@ -249,6 +249,27 @@ pub fn replay(records: &[GenRecord], time_of: impl Fn(&serde_json::Map<String, V
     out
 }
 
+/// Replayed records split as tally must: accepted (object, event time, record), and the
+/// numbers of late and invalid ones. `slice_end` gives the end of the slice holding a time.
+pub struct Split<'a> {
+    pub accepted: Vec<(&'a serde_json::Map<String, Value>, i64, &'a Ev)>,
+    pub late: u64,
+    pub invalid: u64,
+}
+
+/// Splits `evs` for a metric whose slices end at `slice_end(t)` (grace 0).
+pub fn split(evs: &[Ev], slice_end: impl Fn(i64) -> i64) -> Split<'_> {
+    let mut out = Split { accepted: Vec::new(), late: 0, invalid: 0 };
+    for ev in evs {
+        match &ev.event {
+            None => out.invalid += 1,
+            Some((_, t)) if slice_end(*t) <= ev.wm_before => out.late += 1,
+            Some((o, t)) => out.accepted.push((o, *t, ev)),
+        }
+    }
+    out
+}
+
 /// `YYYY-MM-DD HH:MM:SS` local time at a fixed UTC offset (hours) → epoch ms.
 pub fn local_ms(v: Option<&Value>, offset_h: i64) -> Option<i64> {
     let s = v?.as_str()?;
