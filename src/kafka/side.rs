@@ -80,6 +80,17 @@ impl SideOutputs {
         if self.producer.in_flight_count() == 0 {
             return Ok(());
         }
-        self.producer.flush(timeout).map_err(|e| anyhow::anyhow!("flushing dead-letter/late records: {e}"))
+        // A zero-timeout flush sends what lingers now. rdkafka's own flush then waits in
+        // 100 ms polls of a queue that the producer's background thread drains, so it never
+        // returns sooner than that; waiting on the count returns as soon as all are acked.
+        let _ = self.producer.flush(Duration::ZERO);
+        let deadline = std::time::Instant::now() + timeout;
+        while self.producer.in_flight_count() > 0 {
+            if std::time::Instant::now() >= deadline {
+                anyhow::bail!("dead-letter/late records not acknowledged within {timeout:?}");
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        Ok(())
     }
 }
