@@ -28,6 +28,9 @@ const STATE_GAUGE_INTERVAL: Duration = Duration::from_secs(10);
 pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'static, on_listening: impl FnOnce(SocketAddr)) -> anyhow::Result<()> {
     let topo = Arc::new(Topology::compile(&cfg)?);
     let store = Store::open(&cfg.state.dir).with_context(|| format!("opening the state store in {}", cfg.state.dir.display()))?;
+    for m in &topo.metrics {
+        store.check_layout(&m.name, &m.layout())?;
+    }
     let metrics = Metrics::new();
     topics::ensure(&cfg.kafka, &[(topo.dead_letter_topic(), 1), (topo.late_topic(), 1)]).await?;
     let side = SideOutputs::new(&cfg.kafka, topo.dead_letter_topic(), topo.late_topic(), metrics.clone())?;

@@ -150,7 +150,7 @@ fn core_only(records: &[crate::gen::GenRecord], cfg: &Config) -> anyhow::Result<
     };
     for r in records {
         let o = &mut offsets[r.partition as usize];
-        tasks.process(0, r.partition, *o, &r.payload)?;
+        tasks.process(0, r.partition, *o, None, &r.payload)?;
         *o += 1;
         if last_flush.elapsed() >= Duration::from_millis(topo.commit_interval_ms) {
             flush(&mut tasks)?;

@@ -152,6 +152,14 @@ pub struct SourceConfig {
     /// accepts records.
     #[serde(default = "zero_duration")]
     pub grace: String,
+    /// How far a record's event time may be ahead of its Kafka timestamp; records further
+    /// ahead are dead-lettered (`event_time_too_far_ahead`). Default `1d`.
+    #[serde(default = "default_max_ahead")]
+    pub max_ahead: String,
+}
+
+fn default_max_ahead() -> String {
+    "1d".into()
 }
 
 fn zero_duration() -> String {
@@ -321,11 +329,12 @@ pub(crate) fn check_names<'a>(
     for (i, name) in names.enumerate() {
         let key = format!("{section}[{i}].name");
         if name.is_empty()
+            || name.len() > 200
             || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
         {
             return Err(ConfigError::new(
                 key,
-                format!("`{name}` is not a valid name; use letters, digits, `_` and `-`"),
+                format!("`{name}` is not a valid name; use 1 to 200 letters, digits, `_` and `-`"),
             ));
         }
         if !taken.insert(name.to_string()) {

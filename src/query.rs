@@ -15,6 +15,7 @@ use std::sync::Arc;
 use serde_json::{json, Map, Value as Json};
 
 use crate::aggregate::{rank, AggKind, AggState};
+use crate::event::time::MAX_TIME_MS;
 use crate::event::Value;
 use crate::store::{Store, StoreError, GROUP_SEPARATOR};
 use crate::task::NO_WATERMARK;
@@ -55,13 +56,19 @@ pub struct Range {
 
 /// Parses a time parameter: epoch milliseconds or RFC 3339.
 pub fn parse_time(param: &'static str, text: &str) -> Result<i64, QueryError> {
-    if let Ok(ms) = text.parse::<i64>() {
-        return Ok(ms);
+    let ms = match text.parse::<i64>() {
+        Ok(ms) => ms,
+        Err(_) => chrono::DateTime::parse_from_rfc3339(text)
+            .map(|t| t.timestamp_millis())
+            .map_err(|_| bad(param, format!("`{text}` is neither epoch milliseconds nor an RFC 3339 time like 2021-09-06T16:00:00+08:00")))?,
+    };
+    if !(-MAX_TIME_MS..=MAX_TIME_MS).contains(&ms) {
+        return Err(bad(param, format!("`{text}` is outside ±{MAX_TIME_MS} ms, the range of event times")));
     }
-    chrono::DateTime::parse_from_rfc3339(text)
-        .map(|t| t.timestamp_millis())
-        .map_err(|_| bad(param, format!("`{text}` is neither epoch milliseconds nor an RFC 3339 time like 2021-09-06T16:00:00+08:00")))
+    Ok(ms)
 }
+
+
 
 /// Which stored partitions an answer covers and how far their event time has got.
 #[derive(Debug, Clone, PartialEq)]
@@ -71,6 +78,16 @@ struct Coverage {
     watermark: Option<i64>,
     /// Highest event time seen on any covered partition.
     latest_event: Option<i64>,
+    /// Highest watermark of the covered partitions: the one expiry may have acted on.
+    highest_watermark: Option<i64>,
+}
+
+impl Coverage {
+    /// Whether some partition may already have deleted part of `w` (it ended more than the
+    /// retention ago there): such a window is no longer answered, rather than answered short.
+    fn expired(&self, m: &Metric, w: Window) -> bool {
+        self.highest_watermark.and_then(|wm| m.window.expired_before(wm, m.retention_ms)).is_some_and(|cut| w.start < cut)
+    }
 }
 
 impl Coverage {
@@ -160,7 +177,9 @@ impl QueryEngine {
 
     fn coverage(&self, source: usize) -> Result<Coverage, QueryError> {
         let parts = self.store.partitions(&self.topo.sources[source].name)?;
-        let watermark = parts.iter().map(|(_, m)| m.watermark).filter(|w| *w != NO_WATERMARK).min();
+        // A partition without a watermark may still add to any window: no window is closed.
+        let watermark = if parts.iter().any(|(_, m)| m.watermark == NO_WATERMARK) { None } else { parts.iter().map(|(_, m)| m.watermark).min() };
+        let highest_watermark = parts.iter().map(|(_, m)| m.watermark).filter(|w| *w != NO_WATERMARK).max();
         let positions = parts
             .iter()
             .map(|(p, m)| {
@@ -169,7 +188,7 @@ impl QueryEngine {
             })
             .collect();
         let latest_event = parts.iter().map(|(_, m)| m.max_event_time).filter(|t| *t != NO_WATERMARK).max();
-        Ok(Coverage { partitions: parts.iter().map(|(p, _)| *p).collect(), positions, watermark, latest_event })
+        Ok(Coverage { partitions: parts.iter().map(|(p, _)| *p).collect(), positions, watermark, highest_watermark, latest_event })
     }
 
     fn group_bytes(&self, m: &Metric, key: &str) -> Result<Vec<u8>, QueryError> {
@@ -214,18 +233,20 @@ impl QueryEngine {
         if m.window.kind == WindowKind::Global {
             return (GLOBAL.start, GLOBAL.start + 1);
         }
+        // Windows overlapping the range reach one window length beyond it on both sides.
         let lo = range.from.map_or(i64::MIN, |f| m.window.slice_start(f.saturating_sub(m.window.span_ms())));
-        let hi = range.to.map_or(i64::MAX, |t| t);
+        let hi = range.to.map_or(i64::MAX, |t| t.saturating_add(m.window.span_ms()));
         (lo, hi)
     }
 
     /// Merged states of one window from per-slice partials.
-    fn window_states(m: &Metric, w: Window, slices: &BTreeMap<i64, Vec<AggState>>) -> Result<Option<Vec<AggState>>, QueryError> {
+    fn window_states(w: Window, slices: &BTreeMap<i64, Vec<AggState>>) -> Result<Option<Vec<AggState>>, QueryError> {
+        // Every stored slice starting inside the window, not just the starts the current
+        // alignment predicts: a zone's offset may have changed since they were written.
         let mut acc: Option<Vec<AggState>> = None;
-        for s in m.window.slices_of(w) {
-            if let Some(st) = slices.get(&s) {
-                accumulate(&mut acc, st)?;
-            }
+        let range = if w == GLOBAL { GLOBAL.start..GLOBAL.start + 1 } else { w.start..w.end };
+        for (_, st) in slices.range(range) {
+            accumulate(&mut acc, st)?;
         }
         Ok(acc)
     }
@@ -277,8 +298,8 @@ impl QueryEngine {
         let mut rows = Vec::new();
         for (g, slices) in &partials {
             let starts: Vec<i64> = slices.keys().copied().collect();
-            for w in m.window.windows_of_slices(&starts).into_iter().filter(|w| overlaps(range, *w)) {
-                if let Some(states) = Self::window_states(m, w, slices)? {
+            for w in m.window.windows_of_slices(&starts).into_iter().filter(|w| overlaps(range, *w) && !cov.expired(m, *w)) {
+                if let Some(states) = Self::window_states(w, slices)? {
                     if Self::passes_having(m, &states) {
                         rows.push((w, g.clone(), states));
                     }
@@ -307,9 +328,9 @@ impl QueryEngine {
         for (g, den_slices) in &dens {
             let num_slices = nums.get(g).unwrap_or(&empty);
             let starts: Vec<i64> = den_slices.keys().copied().collect();
-            for w in num_m.window.windows_of_slices(&starts).into_iter().filter(|w| overlaps(range, *w)) {
-                let den = Self::window_states(den_m, w, den_slices)?.and_then(|s| s[d.denominator.1].number()).unwrap_or(0.0);
-                let num = Self::window_states(num_m, w, num_slices)?.and_then(|s| s[d.numerator.1].number()).unwrap_or(0.0);
+            for w in num_m.window.windows_of_slices(&starts).into_iter().filter(|w| overlaps(range, *w) && !cov.expired(num_m, *w)) {
+                let den = Self::window_states(w, den_slices)?.and_then(|s| s[d.denominator.1].number()).unwrap_or(0.0);
+                let num = Self::window_states(w, num_slices)?.and_then(|s| s[d.numerator.1].number()).unwrap_or(0.0);
                 rows.push((w, g.clone(), num, den));
             }
         }
@@ -326,7 +347,23 @@ impl QueryEngine {
         Ok(json!({ "metric": d.name, "coverage": cov.to_json(), "truncated": truncated, "rows": rows }))
     }
 
-    /// The newest window's numeric values of a metric without group-by (or a ratio), as
+    /// The window "as of" event time `t`: of the windows holding `t`, the one that ends
+    /// first — the last hour up to `t` for a sliding hour, the running total up to `t`'s
+    /// step for a cumulative day.
+    fn current_window(m: &Metric, t: i64) -> Window {
+        m.window.windows_containing(t).into_iter().min_by_key(|w| w.end).unwrap_or(GLOBAL)
+    }
+
+    /// Start of the newest slice holding data on any covered partition.
+    fn newest_slice(&self, m: &Metric, cov: &Coverage) -> Result<Option<i64>, QueryError> {
+        let mut newest = None;
+        for &p in &cov.partitions {
+            newest = newest.max(self.store.last_slice(&m.name, p)?);
+        }
+        Ok(newest)
+    }
+
+    /// The current window's numeric values of a metric without group-by (or a ratio), as
     /// (aggregate, value): what `tally_metric_value` exports. Reads only that window's slices.
     pub fn current_values(&self, name: &str) -> Result<Vec<(String, f64)>, QueryError> {
         let m = match self.topo.derived.iter().find(|d| d.name == name) {
@@ -334,11 +371,7 @@ impl QueryEngine {
             None => self.metric(name)?.1,
         };
         let cov = self.coverage(m.source)?;
-        let mut newest = None;
-        for &p in &cov.partitions {
-            newest = newest.max(self.store.last_slice(&m.name, p)?);
-        }
-        let Some(window) = newest.and_then(|s| m.window.windows_containing(s).into_iter().max_by_key(|w| w.end)) else {
+        let Some(window) = self.newest_slice(m, &cov)?.map(|s| Self::current_window(m, s)) else {
             return Ok(vec![]);
         };
         let range = if window == GLOBAL { Range::default() } else { Range { from: Some(window.end - 1), to: Some(window.end) } };
@@ -392,8 +425,8 @@ impl QueryEngine {
         Ok(json!({ "metric": m.name, "coverage": cov.to_json(), "span": covered, "rows": rows }))
     }
 
-    /// The `n` keys with the highest value of `aggregate` in one window (the one holding
-    /// `at`, default: the latest window with data); for a `top_n` aggregate, its own list.
+    /// The `n` keys with the highest value of `aggregate` in the window as of `at` (default:
+    /// the newest slice with data; see `current_window`); for a `top_n` aggregate, its own list.
     pub fn top(&self, name: &str, n: usize, at: Option<i64>, aggregate: Option<&str>) -> Result<Json, QueryError> {
         let (_, m) = self.metric(name)?;
         let ai = match aggregate {
@@ -404,27 +437,20 @@ impl QueryEngine {
             })?,
         };
         let cov = self.coverage(m.source)?;
-        let (lo, hi) = match at {
-            Some(t) => Self::slice_bounds(m, Range { from: Some(t), to: Some(t.saturating_add(1)) }),
-            None => (i64::MIN, i64::MAX),
+        let at = match at {
+            Some(t) => Some(t),
+            None => self.newest_slice(m, &cov)?,
         };
-        let partials = self.partials(m, &cov.partitions, lo, hi, None)?;
-        // The window: the one containing `at` that ends first... or the newest with data.
-        let window = match at {
-            Some(t) => m.window.windows_containing(t).into_iter().last(),
-            None => {
-                let starts: Vec<i64> = partials.values().flat_map(|s| s.keys().copied()).collect();
-                m.window.windows_of_slices(&starts).into_iter().max_by_key(|w| (w.end, std::cmp::Reverse(w.start)))
-            }
-        };
-        let Some(w) = window else {
+        let Some(w) = at.map(|t| Self::current_window(m, t)) else {
             return Ok(json!({ "metric": m.name, "coverage": cov.to_json(), "window": Json::Null, "top": [] }));
         };
+        let (lo, hi) = if w == GLOBAL { (GLOBAL.start, GLOBAL.start + 1) } else { (w.start, w.end) };
+        let partials = self.partials(m, &cov.partitions, lo, hi, None)?;
         let spec = &m.aggregates[ai];
         let top = if let AggKind::TopN { .. } = spec.kind {
             let mut acc: Option<AggState> = None;
             for slices in partials.values() {
-                if let Some(st) = Self::window_states(m, w, slices)? {
+                if let Some(st) = Self::window_states(w, slices)? {
                     match &mut acc {
                         None => acc = Some(st[ai].clone()),
                         Some(a) => a.merge(&st[ai]).map_err(|e| bad("aggregate", e.to_string()))?,
@@ -440,7 +466,7 @@ impl QueryEngine {
             let mut totals: BTreeMap<String, i128> = BTreeMap::new();
             let mut shown: BTreeMap<String, Json> = BTreeMap::new();
             for (g, slices) in &partials {
-                if let Some(st) = Self::window_states(m, w, slices)? {
+                if let Some(st) = Self::window_states(w, slices)? {
                     if !Self::passes_having(m, &st) {
                         continue;
                     }

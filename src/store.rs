@@ -6,6 +6,7 @@
 //! |---------------------------------------------------------|-----------------------------|
 //! | `S` · len · metric · partition u32 · slice i64 · group  | [`StoredAggregate`]         |
 //! | `P` · len · source · partition u32                      | [`PartitionMeta`]           |
+//! | `L` · len · metric                                      | the metric's layout (text)  |
 //!
 //! Integers are big-endian (slices with the sign bit flipped) so sled's byte order is
 //! numeric order: one metric-partition's slices are contiguous and sorted, so a window is a
@@ -33,6 +34,7 @@ pub const META_FORMAT: u8 = 1;
 
 const STATE_TAG: u8 = b'S';
 const META_TAG: u8 = b'P';
+const LAYOUT_TAG: u8 = b'L';
 /// Separates the values of a multi-field group key (ASCII unit separator).
 pub const GROUP_SEPARATOR: u8 = 0x1f;
 
@@ -284,6 +286,25 @@ impl Store {
         self.tree.is_empty()
     }
 
+    /// Records `layout` (what a metric's stored states are, in order) on first use, and
+    /// refuses a different one later: states are positional, and reading them as another
+    /// list of aggregates would misattribute or panic.
+    pub fn check_layout(&self, metric: &str, layout: &str) -> Result<(), StoreError> {
+        let mut k = Vec::new();
+        push_name(&mut k, LAYOUT_TAG, metric);
+        match self.tree.compare_and_swap(&k, None as Option<&[u8]>, Some(layout.as_bytes()))? {
+            Ok(()) => Ok(()),
+            Err(e) if e.current.as_deref() == Some(layout.as_bytes()) => Ok(()),
+            Err(e) => Err(StoreError::Corrupt {
+                key: metric.to_string(),
+                why: format!(
+                    "metric `{metric}` was stored as `{}` and is now configured as `{layout}`; give the changed metric a new name (or delete the state directory)",
+                    String::from_utf8_lossy(e.current.as_deref().unwrap_or_default())
+                ),
+            }),
+        }
+    }
+
     /// Bytes the store takes on disk.
     pub fn size_on_disk(&self) -> Result<u64, StoreError> {
         Ok(self.db.size_on_disk()?)
@@ -324,5 +345,15 @@ mod tests {
         assert!(matches!(StoredAggregate::decode(b"k", &bumped), Err(StoreError::Corrupt { .. })));
         assert!(StoredAggregate::decode(b"k", &v[..v.len() - 1]).is_err());
         assert!(PartitionMeta::decode(b"k", &v).is_err());
+    }
+
+    #[test]
+    fn a_metric_keeps_its_layout() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        store.check_layout("m", "count,sum").unwrap();
+        store.check_layout("m", "count,sum").unwrap();
+        let err = store.check_layout("m", "sum,count").unwrap_err().to_string();
+        assert!(err.contains("new name"), "{err}");
     }
 }

@@ -120,8 +120,9 @@ impl TaskSet {
         self.tasks.iter()
     }
 
-    /// Processes one record of `source`'s `partition` at `offset`.
-    pub fn process(&mut self, source: usize, partition: i32, offset: i64, payload: &[u8]) -> Result<Outcome, StoreError> {
+    /// Processes one record of `source`'s `partition` at `offset`; `kafka_ts` is its Kafka
+    /// timestamp, which bounds how far ahead its event time may be.
+    pub fn process(&mut self, source: usize, partition: i32, offset: i64, kafka_ts: Option<i64>, payload: &[u8]) -> Result<Outcome, StoreError> {
         let topo = Arc::clone(&self.topo);
         let src = &topo.sources[source];
         let task = self.tasks.entry((source, partition)).or_insert(PartitionTask {
@@ -139,6 +140,11 @@ impl TaskSet {
             return Ok(Outcome::Invalid(e));
         }
         let t = self.record.time_ms;
+        if let Some(ts) = kafka_ts {
+            if t > ts.saturating_add(src.max_ahead_ms) {
+                return Ok(Outcome::Invalid(DecodeError::TooFarAhead { time_ms: t, limit_ms: src.max_ahead_ms }));
+            }
+        }
         // Lateness is judged against the watermark before this record, as a record cannot
         // make itself late.
         let watermark = task.watermark;
@@ -191,6 +197,8 @@ impl TaskSet {
     }
 
     /// Writes dirty aggregates, positions and expiry deletions atomically, then fsyncs.
+    /// Entries are marked clean only once the write succeeded, so a failed flush is retried
+    /// whole by the next one.
     pub fn flush(&mut self) -> Result<FlushStats, StoreError> {
         let topo = Arc::clone(&self.topo);
         let mut batch = WriteBatch::default();
@@ -211,29 +219,26 @@ impl TaskSet {
                 }
             }
         }
-        self.cache.retain(|k, e| {
-            let expired = expired_before.get(&(e.metric, e.partition)).is_some_and(|b| e.slice < *b);
-            if expired {
+        let expired = |e: &CacheEntry| expired_before.get(&(e.metric, e.partition)).is_some_and(|b| e.slice < *b);
+        for (k, e) in &self.cache {
+            if expired(e) {
                 batch.delete(k);
-            }
-            !expired
-        });
-        for (k, e) in self.cache.iter_mut() {
-            if e.dirty {
+            } else if e.dirty {
                 batch.put(k, &e.value);
-                e.dirty = false;
             }
         }
-        for (&(source, partition), task) in self.tasks.iter_mut() {
+        for (&(source, partition), task) in &self.tasks {
             if task.dirty {
                 let meta = PartitionMeta { next_offset: task.next_offset, watermark: task.watermark, max_event_time: task.max_event_time, changelog_offset: None };
                 batch.put_meta(&topo.sources[source].name, partition, &meta);
-                task.dirty = false;
             }
         }
         let stats = FlushStats { puts: batch.puts, deletes: batch.deletes };
         self.store.apply(batch)?;
         self.store.flush()?;
+        self.cache.retain(|_, e| !expired(e));
+        self.cache.values_mut().for_each(|e| e.dirty = false);
+        self.tasks.values_mut().for_each(|t| t.dirty = false);
         if self.cache.len() > CACHE_LIMIT {
             self.cache.clear();
         }
@@ -293,24 +298,28 @@ mod tests {
         let store = Store::open(dir.path()).unwrap();
         let mut tasks = TaskSet::new(topo(), store.clone());
         assert_eq!(tasks.assign(0, 0).unwrap(), None);
-        assert_eq!(tasks.process(0, 0, 0, &rec(65, "a", 1)).unwrap(), Outcome::Processed { late: vec![] });
-        assert_eq!(tasks.process(0, 0, 1, &rec(130, "a", 2)).unwrap(), Outcome::Processed { late: vec![] });
+        assert_eq!(tasks.process(0, 0, 0, None, &rec(65, "a", 1)).unwrap(), Outcome::Processed { late: vec![] });
+        assert_eq!(tasks.process(0, 0, 1, None, &rec(130, "a", 2)).unwrap(), Outcome::Processed { late: vec![] });
         // Watermark is 120: the [60,120) slice has closed.
-        assert_eq!(tasks.process(0, 0, 2, &rec(100, "a", 1)).unwrap(), Outcome::Processed { late: vec![0] });
-        assert!(matches!(tasks.process(0, 0, 3, b"{oops").unwrap(), Outcome::Invalid(_)));
-        assert_eq!(tasks.process(0, 0, 1, &rec(130, "a", 2)).unwrap(), Outcome::AlreadyApplied);
+        assert_eq!(tasks.process(0, 0, 2, None, &rec(100, "a", 1)).unwrap(), Outcome::Processed { late: vec![0] });
+        assert!(matches!(tasks.process(0, 0, 3, None, b"{oops").unwrap(), Outcome::Invalid(_)));
+        assert_eq!(tasks.process(0, 0, 1, None, &rec(130, "a", 2)).unwrap(), Outcome::AlreadyApplied);
+        // Ten days ahead of its Kafka timestamp: dead-lettered, the watermark stays put.
+        let ahead = tasks.process(0, 0, 4, Some(130_000), &rec(864_130, "a", 1)).unwrap();
+        assert!(matches!(ahead, Outcome::Invalid(DecodeError::TooFarAhead { .. })), "{ahead:?}");
         let stats = tasks.flush().unwrap();
         assert_eq!(stats.puts, 3);
         assert_eq!(stored(&store, "per_min", 60_000, "a").unwrap().states, vec![AggState::Count(1), AggState::Sum(1_000_000)]);
         assert_eq!(stored(&store, "ones", 0, "").unwrap().states, vec![AggState::Count(2)], "the late record still counts all-time");
-        assert_eq!(store.partition_meta("s", 0).unwrap().unwrap().next_offset, 4);
+        assert_eq!(store.partition_meta("s", 0).unwrap().unwrap().next_offset, 5);
+        assert_eq!(store.partition_meta("s", 0).unwrap().unwrap().watermark, 120_000);
 
         // A new TaskSet on the same store resumes, and skips what its aggregates hold.
         let mut again = TaskSet::new(topo(), store.clone());
-        assert_eq!(again.assign(0, 0).unwrap(), Some(4));
-        assert_eq!(again.process(0, 0, 2, &rec(100, "a", 1)).unwrap(), Outcome::AlreadyApplied);
+        assert_eq!(again.assign(0, 0).unwrap(), Some(5));
+        assert_eq!(again.process(0, 0, 2, None, &rec(100, "a", 1)).unwrap(), Outcome::AlreadyApplied);
         // Far ahead: slices before 400 - 10 - 120 - 60 = 210 s expire.
-        again.process(0, 0, 4, &rec(400, "b", 1)).unwrap();
+        again.process(0, 0, 5, None, &rec(400, "b", 1)).unwrap();
         let stats = again.flush().unwrap();
         assert_eq!(stats.deletes, 2);
         assert!(stored(&store, "per_min", 60_000, "a").is_none());
@@ -323,14 +332,14 @@ mod tests {
         let store = Store::open(dir.path()).unwrap();
         let mut tasks = TaskSet::new(topo(), store.clone());
         for (o, ts) in [10, 20, 30].into_iter().enumerate() {
-            tasks.process(0, 0, o as i64, &rec(ts, "a", 1)).unwrap();
+            tasks.process(0, 0, o as i64, None, &rec(ts, "a", 1)).unwrap();
         }
         tasks.flush().unwrap();
         // Lose the position but keep the aggregates: a replay from 0 must not double count.
         let mut fresh = TaskSet::new(topo(), store.clone());
         fresh.tasks.insert((0, 0), PartitionTask { next_offset: 0, max_event_time: NO_WATERMARK, watermark: NO_WATERMARK, dirty: false });
         for (o, ts) in [10, 20, 30, 40].into_iter().enumerate() {
-            fresh.process(0, 0, o as i64, &rec(ts, "a", 1)).unwrap();
+            fresh.process(0, 0, o as i64, None, &rec(ts, "a", 1)).unwrap();
         }
         fresh.flush().unwrap();
         assert_eq!(stored(&store, "per_min", 0, "a").unwrap().states[0], AggState::Count(4));

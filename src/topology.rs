@@ -45,6 +45,8 @@ pub struct Source {
     pub slot_names: Vec<String>,
     /// Watermark delay, ms.
     pub watermark_delay_ms: i64,
+    /// How far event time may lead the Kafka timestamp, ms.
+    pub max_ahead_ms: i64,
     /// Indices of the metrics reading this source.
     pub metrics: Vec<usize>,
 }
@@ -132,6 +134,25 @@ impl SlotTable<'_> {
     }
 }
 
+impl Metric {
+    /// What this metric's stored states are, in order, and its window: a change
+    /// here makes stored state unreadable as this metric.
+    pub fn layout(&self) -> String {
+        let aggs: Vec<String> = self
+            .aggregates
+            .iter()
+            .map(|a| match a.kind {
+                AggKind::Count => "count".to_string(),
+                AggKind::Sum { .. } => "sum".to_string(),
+                AggKind::Distinct { precision, .. } => format!("distinct/{precision}"),
+                AggKind::Latest { .. } => "latest".to_string(),
+                AggKind::TopN { by, .. } => format!("top_n/{}", if by.is_some() { "sum" } else { "count" }),
+            })
+            .collect();
+        format!("{} | {:?}", aggs.join(","), self.window.kind)
+    }
+}
+
 impl Topology {
     /// Compiles and validates `cfg`.
     pub fn compile(cfg: &Config) -> Result<Topology, ConfigError> {
@@ -186,6 +207,7 @@ impl Topology {
                 decoder: Decoder::new(table.paths(), time),
                 slot_names: table.names.clone(),
                 watermark_delay_ms: duration(format!("sources[{i}].watermark_delay"), &s.watermark_delay)?,
+                max_ahead_ms: duration(format!("sources[{i}].max_ahead"), &s.max_ahead)?,
                 metrics: metrics.iter().enumerate().filter(|(_, m)| m.source == i).map(|(j, _)| j).collect(),
             });
         }
@@ -393,6 +415,12 @@ fn metric(i: usize, m: &MetricConfig, src: usize, s: &SourceConfig, table: &mut 
         Some(r) => duration(key("retention"), r)?,
         None => grace_ms.saturating_add(window.span_ms().min(i64::MAX / 4)),
     };
+    if retention_ms < grace_ms {
+        return Err(ConfigError::new(
+            key("retention"),
+            format!("{retention_ms} ms is shorter than the grace ({grace_ms} ms): records still accepted would land in deleted windows"),
+        ));
+    }
     let having = match &m.having {
         None => None,
         Some(text) => {

@@ -219,9 +219,13 @@ impl WindowSpec {
     /// Slices starting before this can be deleted: every window holding them ended more
     /// than `retention_ms` before `watermark`. `None` for the global window, which never ends.
     pub fn expired_before(&self, watermark: i64, retention_ms: i64) -> Option<i64> {
+        let ended_before = watermark.saturating_sub(retention_ms);
         match self.kind {
             WindowKind::Global => None,
-            _ => Some(watermark.saturating_sub(retention_ms).saturating_sub(self.span_ms())),
+            // Every window of a span grows from its start: the span goes whole, once its
+            // longest window has ended, so no running total shrinks step by step.
+            WindowKind::Cumulate { max_ms, .. } => Some(self.align(ended_before.saturating_sub(max_ms), max_ms).saturating_add(max_ms)),
+            _ => Some(ended_before.saturating_sub(self.span_ms())),
         }
     }
 
@@ -306,6 +310,10 @@ mod tests {
         let ends: Vec<i64> = listed.iter().map(|w| w.end / MIN).collect();
         assert_eq!(ends, vec![1, 2, 3, 6, 7]);
         assert!(WindowSpec::cumulate(7 * MIN, 60 * MIN, 0).is_err());
+        // A span expires whole, once its last window has ended `retention` ago.
+        assert_eq!(w.expired_before(5 * MIN - 1, 0), Some(0));
+        assert_eq!(w.expired_before(5 * MIN, 0), Some(5 * MIN));
+        assert_eq!(w.expired_before(6 * MIN, MIN), Some(5 * MIN));
     }
 
     #[test]

@@ -41,15 +41,27 @@ fn errors_documents_and_probes() {
     expect_error("/api/v1/metrics/uv_10m/span?last=6h&from=0", 400, "last");
     expect_error("/api/v1/metrics/pv_by_product/top?n=many", 400, "n");
     expect_error("/api/v1/metrics/views/top?aggregate=nope", 400, "nope");
+    // Times and spans beyond the range of event times are refused, not overflowed.
+    expect_error("/api/v1/metrics/views/top?at=9223372036854775807", 400, "at");
+    expect_error("/api/v1/metrics/views?from=-9223372036854775808", 400, "from");
+    expect_error("/api/v1/metrics/uv_10m/span?last=9223372036854775807ms", 400, "last");
 
     // Time parameters: epoch ms and RFC 3339 name the same instant.
     let a = tally.get("/api/v1/metrics/views?from=1630915200000&to=1630916400000");
     let b = tally.get("/api/v1/metrics/views?from=2021-09-06T16:00:00%2B08:00&to=2021-09-06T16:20:00%2B08:00");
     assert_eq!(a["rows"], b["rows"]);
     assert!(!a["rows"].as_array().unwrap().is_empty());
+    // A window overlapping the range is answered whole, even where it reaches past it.
+    let whole: std::collections::HashMap<(i64, i64), Value> = tally.get("/api/v1/metrics/views")["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| ((r["window"]["start"].as_i64().unwrap(), r["window"]["end"].as_i64().unwrap()), r["values"].clone()))
+        .collect();
     for r in a["rows"].as_array().unwrap() {
         let (s, e) = (r["window"]["start"].as_i64().unwrap(), r["window"]["end"].as_i64().unwrap());
         assert!(e > 1_630_915_200_000 && s < 1_630_916_400_000, "rows overlap the range");
+        assert_eq!(r["values"], whole[&(s, e)], "window [{s}, {e}) answered whole");
     }
     // One key of a grouped metric.
     let one = tally.get("/api/v1/metrics/pv_by_product?key=101");

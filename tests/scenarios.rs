@@ -108,8 +108,10 @@ fn s1_uv_pv_conversion() {
         }
     }
 
-    // Top-N of the newest window = the recomputed ranking.
-    let newest = pv.keys().map(|(w, _)| *w).max().unwrap();
+    // Top-N of the current window (the one ending first that holds the newest data: for a
+    // 10-minute window sliding by 5, the one that started a slide before the newest) = the
+    // recomputed ranking.
+    let newest = pv.keys().map(|(w, _)| *w).max().unwrap() - 5 * MIN;
     let mut ranking: Vec<(u64, &String)> = pv.iter().filter(|((w, _), _)| *w == newest).map(|((_, p), c)| (*c, p)).collect();
     ranking.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(b.1)));
     let top = r.tally.get("/api/v1/metrics/pv_by_product/top?n=5");

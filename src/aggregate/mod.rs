@@ -222,9 +222,13 @@ pub enum AggState {
     TopN(BTreeMap<String, i128>),
 }
 
-/// Converts a number to exact sum units.
-pub fn to_units(v: f64) -> i128 {
-    (v * SUM_SCALE).round() as i128
+/// Largest magnitude a summed value may have; larger ones are skipped like nulls, so a
+/// hostile value cannot overflow a sum.
+pub const MAX_SUMMAND: f64 = 1.0e18;
+
+/// Converts a number to exact sum units; `None` for values that are not finite or too large.
+pub fn to_units(v: f64) -> Option<i128> {
+    (v.is_finite() && v.abs() <= MAX_SUMMAND).then(|| (v * SUM_SCALE).round() as i128)
 }
 
 impl AggState {
@@ -247,8 +251,8 @@ impl AggState {
         match (self, kind) {
             (AggState::Count(c), _) => *c += 1,
             (AggState::Sum(s), AggKind::Sum { slot }) => {
-                if let Some(v) = rec.values[*slot].as_f64().filter(|v| v.is_finite()) {
-                    *s += to_units(v);
+                if let Some(u) = rec.values[*slot].as_f64().and_then(to_units) {
+                    *s = s.saturating_add(u);
                 }
             }
             (AggState::Distinct(sk), AggKind::Distinct { slot, .. }) => {
@@ -276,12 +280,13 @@ impl AggState {
                 }
                 let add = match by {
                     None => 1,
-                    Some(b) => match rec.values[*b].as_f64().filter(|v| v.is_finite()) {
-                        Some(v) => to_units(v),
+                    Some(b) => match rec.values[*b].as_f64().and_then(to_units) {
+                        Some(u) => u,
                         None => return,
                     },
                 };
-                *m.entry(it.to_text()).or_insert(0) += add;
+                let total = m.entry(it.to_text()).or_insert(0);
+                *total = total.saturating_add(add);
             }
             (state, kind) => unreachable!("state {state:?} does not belong to {kind:?}"),
         }
@@ -290,8 +295,8 @@ impl AggState {
     /// Merges another partial of the same aggregate into this one.
     pub fn merge(&mut self, other: &AggState) -> Result<(), SketchError> {
         match (self, other) {
-            (AggState::Count(a), AggState::Count(b)) => *a += b,
-            (AggState::Sum(a), AggState::Sum(b)) => *a += b,
+            (AggState::Count(a), AggState::Count(b)) => *a = a.saturating_add(*b),
+            (AggState::Sum(a), AggState::Sum(b)) => *a = a.saturating_add(*b),
             (AggState::Distinct(a), AggState::Distinct(b)) => a.merge(b)?,
             (AggState::Latest(a), AggState::Latest(Some(b))) => {
                 if a.as_ref().is_none_or(|cur| b.order() > cur.order()) {
@@ -301,7 +306,8 @@ impl AggState {
             (AggState::Latest(_), AggState::Latest(None)) => {}
             (AggState::TopN(a), AggState::TopN(b)) => {
                 for (k, v) in b {
-                    *a.entry(k.clone()).or_insert(0) += v;
+                    let total = a.entry(k.clone()).or_insert(0);
+                    *total = total.saturating_add(*v);
                 }
             }
             (a, b) => unreachable!("cannot merge {b:?} into {a:?}"),
@@ -403,7 +409,14 @@ mod tests {
             merged.merge(&p).unwrap();
         }
         assert_eq!(one, merged);
-        assert_eq!(one, AggState::Sum(vals.iter().map(|v| to_units(*v)).sum()));
+        assert_eq!(one, AggState::Sum(vals.iter().map(|v| to_units(*v).unwrap()).sum()));
+        // Hostile magnitudes are skipped, and sums saturate instead of wrapping.
+        let before = one.clone();
+        one.update(&kind, &rec(0, &[Value::Float(1e300)]), 0, 0);
+        assert_eq!(one, before);
+        let mut big = AggState::Sum(i128::MAX - 1);
+        big.merge(&AggState::Sum(5)).unwrap();
+        assert_eq!(big, AggState::Sum(i128::MAX));
         // Nulls and text that is no number are skipped; numeric text counts.
         one.update(&kind, &rec(0, &[Value::Null]), 0, 0);
         one.update(&kind, &rec(0, &[Value::Str("x".into())]), 0, 0);

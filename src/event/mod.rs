@@ -113,6 +113,16 @@ pub enum DecodeError {
     /// The event-time field is missing or null.
     #[error("event time field `{0}` is missing")]
     MissingTime(String),
+    /// The event time is further ahead of the record's Kafka timestamp than the source
+    /// allows: one such record would otherwise drag the watermark into the future and make
+    /// every later record late.
+    #[error("event time {time_ms} is more than {limit_ms} ms after the record's Kafka timestamp")]
+    TooFarAhead {
+        /// The event time, epoch ms.
+        time_ms: i64,
+        /// The source's `max_ahead`, ms.
+        limit_ms: i64,
+    },
     /// The event-time field is there but does not parse.
     #[error("event time field `{field}` has `{value}`: {why}")]
     BadTime {
@@ -133,11 +143,12 @@ impl DecodeError {
             DecodeError::NotAnObject => "not_an_object",
             DecodeError::MissingTime(_) => "missing_event_time",
             DecodeError::BadTime { .. } => "bad_event_time",
+            DecodeError::TooFarAhead { .. } => "event_time_too_far_ahead",
         }
     }
 
     /// Every label [`DecodeError::reason`] can return, so metrics can be pre-registered.
-    pub const REASONS: [&'static str; 4] = ["not_json", "not_an_object", "missing_event_time", "bad_event_time"];
+    pub const REASONS: [&'static str; 5] = ["not_json", "not_an_object", "missing_event_time", "bad_event_time", "event_time_too_far_ahead"];
 }
 
 /// Decodes JSON records of one source into [`Record`]s.

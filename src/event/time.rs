@@ -45,6 +45,10 @@ pub enum EventTime {
     },
 }
 
+/// Largest magnitude of an event time, ms (about year 318,857): keeps every window
+/// computation far from `i64` overflow. Query times are held to the same bound.
+pub const MAX_TIME_MS: i64 = 10_000_000_000_000_000;
+
 /// Names of the [`EventTime::Parts`] parts, in slot order.
 pub const PART_NAMES: [&str; 6] = ["year", "month", "day", "hour", "minute", "second"];
 
@@ -75,7 +79,7 @@ impl EventTime {
                 let v = present(*slot)?;
                 let n = v.as_f64().filter(|n| n.is_finite()).ok_or_else(|| bad(*slot, v, "expected a number"))?;
                 let ms = if matches!(self, EventTime::EpochSeconds { .. }) { n * 1000.0 } else { n };
-                if ms.abs() > 1.0e16 {
+                if ms.abs() > MAX_TIME_MS as f64 {
                     return Err(bad(*slot, v, "out of range"));
                 }
                 Ok(ms.floor() as i64)

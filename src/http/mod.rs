@@ -116,7 +116,11 @@ fn span(engine: &QueryEngine, name: &str, p: &Params) -> Result<serde_json::Valu
     check_params(p, &["key", "from", "to", "last", "sketch"])?;
     let last = p
         .get("last")
-        .map(|v| parse_duration_ms(v).map_err(|why| QueryError::BadParam { param: "last", why }))
+        .map(|v| match parse_duration_ms(v) {
+            Ok(ms) if ms <= crate::event::time::MAX_TIME_MS => Ok(ms),
+            Ok(_) => Err(QueryError::BadParam { param: "last", why: format!("`{v}` is longer than event times reach") }),
+            Err(why) => Err(QueryError::BadParam { param: "last", why }),
+        })
         .transpose()?;
     if last.is_some() && (p.contains_key("from") || p.contains_key("to")) {
         return Err(QueryError::BadParam { param: "last", why: "give either `last` or `from`/`to`, not both".into() });

@@ -263,6 +263,7 @@ impl SourceConsumer {
                 last_flush = Instant::now();
             }
         }
+        self.shared.ready.store(false, Ordering::Relaxed);
         local.publish(&self.shared);
         self.shared.flush_and_commit(&self.consumer, None)?;
         self.consumer.unsubscribe();
@@ -279,13 +280,14 @@ impl SourceConsumer {
         let shared = &self.shared;
         let payload = msg.payload().unwrap_or_default();
         let (partition, offset) = (msg.partition(), msg.offset());
-        let outcome = shared.tasks().process(source, partition, offset, payload)?;
+        let kafka_ts = msg.timestamp().to_millis();
+        let outcome = shared.tasks().process(source, partition, offset, kafka_ts, payload)?;
         local.consumed[source] += 1;
         let origin = || Origin { topic: msg.topic(), partition, offset, key: msg.key(), payload };
         match outcome {
             Outcome::Processed { late } => {
                 local.processed[source] += 1;
-                if let Some(ts) = msg.timestamp().to_millis() {
+                if let Some(ts) = kafka_ts {
                     local.processing.observe((now_ms() - ts).max(0) as f64 / 1000.0);
                     local.timestamps.push(ts);
                 }

@@ -3,10 +3,12 @@
 //! where it came from. Producing never blocks processing: a full queue is counted as a
 //! failure, not waited on.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
+use rdkafka::ClientContext;
 
 use crate::config::KafkaConfig;
 use crate::metrics::Metrics;
@@ -25,9 +27,29 @@ pub struct Origin<'a> {
     pub payload: &'a [u8],
 }
 
+/// Counts records whose delivery failed, so a flush can refuse to let their source offsets
+/// be committed.
+pub struct SideContext {
+    failed: AtomicU64,
+    metrics: Metrics,
+}
+
+impl ClientContext for SideContext {}
+
+impl ProducerContext for SideContext {
+    type DeliveryOpaque = ();
+    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+        if let Err((e, _)) = result {
+            self.failed.fetch_add(1, Ordering::Relaxed);
+            self.metrics.set_aside_failures.inc();
+            tracing::warn!(error = %e, "a dead-letter/late record was not delivered");
+        }
+    }
+}
+
 /// The producer of the dead-letter and late-records topics.
 pub struct SideOutputs {
-    producer: ThreadedProducer<DefaultProducerContext>,
+    producer: ThreadedProducer<SideContext>,
     dead_letter_topic: String,
     late_topic: String,
     metrics: Metrics,
@@ -37,7 +59,7 @@ impl SideOutputs {
     /// A producer to the user's cluster.
     pub fn new(kafka: &KafkaConfig, dead_letter_topic: String, late_topic: String, metrics: Metrics) -> anyhow::Result<SideOutputs> {
         let producer = super::client_config(kafka, &[("enable.idempotence", "true"), ("linger.ms", "5"), ("queue.buffering.max.messages", "100000")])
-            .create()
+            .create_with_context(SideContext { failed: AtomicU64::new(0), metrics: metrics.clone() })
             .map_err(|e| anyhow::anyhow!("creating the dead-letter producer: {e}"))?;
         Ok(SideOutputs { producer, dead_letter_topic, late_topic, metrics })
     }
@@ -77,20 +99,22 @@ impl SideOutputs {
     /// Waits until everything sent so far is acknowledged (before offsets are committed,
     /// so a crash cannot lose a set-aside record whose source offset was committed).
     pub fn flush(&self, timeout: Duration) -> anyhow::Result<()> {
-        if self.producer.in_flight_count() == 0 {
-            return Ok(());
-        }
-        // A zero-timeout flush sends what lingers now. rdkafka's own flush then waits in
-        // 100 ms polls of a queue that the producer's background thread drains, so it never
-        // returns sooner than that; waiting on the count returns as soon as all are acked.
-        let _ = self.producer.flush(Duration::ZERO);
-        let deadline = std::time::Instant::now() + timeout;
-        while self.producer.in_flight_count() > 0 {
-            if std::time::Instant::now() >= deadline {
-                anyhow::bail!("dead-letter/late records not acknowledged within {timeout:?}");
+        if self.producer.in_flight_count() > 0 {
+            // A zero-timeout flush sends what lingers now. rdkafka's own flush then waits in
+            // 100 ms polls of a queue that the producer's background thread drains, so it
+            // never returns sooner; waiting on the count returns as soon as all are acked.
+            let _ = self.producer.flush(Duration::ZERO);
+            let deadline = std::time::Instant::now() + timeout;
+            while self.producer.in_flight_count() > 0 {
+                if std::time::Instant::now() >= deadline {
+                    anyhow::bail!("dead-letter/late records not acknowledged within {timeout:?}");
+                }
+                std::thread::sleep(Duration::from_millis(1));
             }
-            std::thread::sleep(Duration::from_millis(1));
         }
-        Ok(())
+        match self.producer.context().failed.swap(0, Ordering::Relaxed) {
+            0 => Ok(()),
+            n => anyhow::bail!("{n} dead-letter/late records were not delivered; not committing past them"),
+        }
     }
 }
