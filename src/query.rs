@@ -17,7 +17,7 @@ use serde_json::{json, Map, Value as Json};
 use crate::aggregate::{rank, AggKind, AggState};
 use crate::event::time::MAX_TIME_MS;
 use crate::event::Value;
-use crate::store::{Store, StoreError, GROUP_SEPARATOR};
+use crate::store::{encode_group, split_group, Store, StoreError};
 use crate::task::NO_WATERMARK;
 use crate::topology::{Metric, Topology};
 use crate::window::{Window, WindowKind, GLOBAL};
@@ -196,14 +196,14 @@ impl QueryEngine {
         if parts.len() != m.group_by.len() {
             return Err(bad("key", format!("metric `{}` groups by {:?}: give {} value(s) separated by `|`", m.name, m.group_by, m.group_by.len())));
         }
-        Ok(parts.join(&(GROUP_SEPARATOR as char).to_string()).into_bytes())
+        Ok(encode_group(parts.iter().map(|p| p.as_bytes())))
     }
 
     fn key_json(m: &Metric, group: &[u8]) -> Json {
         let mut obj = Map::new();
         if !m.group_by.is_empty() {
-            for (f, v) in m.group_by.iter().zip(group.split(|b| *b == GROUP_SEPARATOR)) {
-                obj.insert(f.clone(), json!(String::from_utf8_lossy(v)));
+            for (f, v) in m.group_by.iter().zip(split_group(group)) {
+                obj.insert(f.clone(), json!(String::from_utf8_lossy(&v)));
             }
         }
         Json::Object(obj)
@@ -471,7 +471,7 @@ impl QueryEngine {
                         continue;
                     }
                     if let Some(v) = st[ai].number() {
-                        let label = String::from_utf8_lossy(g).replace(GROUP_SEPARATOR as char, "|");
+                        let label = split_group(g).iter().map(|p| String::from_utf8_lossy(p).into_owned()).collect::<Vec<_>>().join("|");
                         totals.insert(label.clone(), (v * 1e6).round() as i128);
                         shown.insert(label, st[ai].to_json(&spec.kind));
                     }

@@ -37,6 +37,53 @@ const META_TAG: u8 = b'P';
 const LAYOUT_TAG: u8 = b'L';
 /// Separates the values of a multi-field group key (ASCII unit separator).
 pub const GROUP_SEPARATOR: u8 = 0x1f;
+/// Escapes a separator or escape byte inside a value, so no value can forge a split.
+const GROUP_ESCAPE: u8 = 0x1e;
+
+/// Whether a group-key part needs escaping.
+pub fn needs_escape(part: &[u8]) -> bool {
+    part.iter().any(|b| *b == GROUP_SEPARATOR || *b == GROUP_ESCAPE)
+}
+
+/// Appends one group-key part, escaped.
+pub fn push_group_part(out: &mut Vec<u8>, part: &[u8]) {
+    for &b in part {
+        if b == GROUP_SEPARATOR || b == GROUP_ESCAPE {
+            out.push(GROUP_ESCAPE);
+        }
+        out.push(b);
+    }
+}
+
+/// A group key from its parts.
+pub fn encode_group<'a>(parts: impl IntoIterator<Item = &'a [u8]>) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (i, p) in parts.into_iter().enumerate() {
+        if i > 0 {
+            out.push(GROUP_SEPARATOR);
+        }
+        push_group_part(&mut out, p);
+    }
+    out
+}
+
+/// The parts of a group key, unescaped.
+pub fn split_group(group: &[u8]) -> Vec<Vec<u8>> {
+    let mut parts = vec![Vec::new()];
+    let mut escaped = false;
+    for &b in group {
+        match b {
+            _ if escaped => {
+                parts.last_mut().expect("never empty").push(b);
+                escaped = false;
+            }
+            GROUP_ESCAPE => escaped = true,
+            GROUP_SEPARATOR => parts.push(Vec::new()),
+            _ => parts.last_mut().expect("never empty").push(b),
+        }
+    }
+    parts
+}
 
 /// A store failure.
 #[derive(Debug, thiserror::Error)]
@@ -345,6 +392,15 @@ mod tests {
         assert!(matches!(StoredAggregate::decode(b"k", &bumped), Err(StoreError::Corrupt { .. })));
         assert!(StoredAggregate::decode(b"k", &v[..v.len() - 1]).is_err());
         assert!(PartitionMeta::decode(b"k", &v).is_err());
+    }
+
+    #[test]
+    fn group_keys_cannot_be_forged() {
+        let a = encode_group([&b"a\x1fb"[..], b"c"]);
+        let b = encode_group([&b"a"[..], b"b\x1fc"]);
+        assert_ne!(a, b);
+        assert_eq!(split_group(&a), vec![b"a\x1fb".to_vec(), b"c".to_vec()]);
+        assert_eq!(split_group(&encode_group([&b"\x1e\x1e"[..]])), vec![b"\x1e\x1e".to_vec()]);
     }
 
     #[test]

@@ -172,7 +172,13 @@ impl TaskSet {
                 if i > 0 {
                     self.key.push(GROUP_SEPARATOR);
                 }
+                let start = self.key.len();
                 self.record.values[g].write_text(&mut self.key);
+                // Values almost never hold the separator: escape only when one does.
+                if store::needs_escape(&self.key[start..]) {
+                    let part = self.key.split_off(start);
+                    store::push_group_part(&mut self.key, &part);
+                }
             }
             let entry = match self.cache.get_mut(self.key.as_slice()) {
                 Some(e) => e,
