@@ -68,8 +68,10 @@ fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: T) -> 
     c
 }
 
+/// 1 ms to ~30 s in steps of 1.5×: fine enough that a p99 read off the buckets is within
+/// a third of the truth, not a factor of two.
 fn latency_buckets() -> Vec<f64> {
-    exponential_buckets(0.0005, 2.0, 18).expect("valid buckets")
+    exponential_buckets(0.001, 1.5, 26).expect("valid buckets")
 }
 
 impl Metrics {
