@@ -147,8 +147,6 @@ impl DecodeError {
         }
     }
 
-    /// Every label [`DecodeError::reason`] can return, so metrics can be pre-registered.
-    pub const REASONS: [&'static str; 5] = ["not_json", "not_an_object", "missing_event_time", "bad_event_time", "event_time_too_far_ahead"];
 }
 
 /// Decodes JSON records of one source into [`Record`]s.
@@ -169,11 +167,6 @@ impl Decoder {
             top.entry(path[0].clone()).or_default().push(slot);
         }
         Decoder { paths, top, time }
-    }
-
-    /// Number of slots a record of this decoder has.
-    pub fn slots(&self) -> usize {
-        self.paths.len()
     }
 
     /// Decodes `payload` into `out`, reusing its allocation.
