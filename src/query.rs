@@ -114,7 +114,7 @@ pub struct QueryEngine {
     store: Store,
 }
 
-fn merge_into(acc: &mut Vec<AggState>, other: &[AggState]) -> Result<(), QueryError> {
+fn merge_into(acc: &mut [AggState], other: &[AggState]) -> Result<(), QueryError> {
     for (a, b) in acc.iter_mut().zip(other) {
         a.merge(b).map_err(|e| QueryError::Store(StoreError::Corrupt { key: "sketch".into(), why: e.to_string() }))?;
     }

@@ -113,7 +113,7 @@ impl AggregateSpec {
         };
         let kind = match func {
             "count" => {
-                if !args.is_empty() && !(args.len() == 1 && args[0] == "*") {
+                if !(args.is_empty() || args.len() == 1 && args[0] == "*") {
                     return Err(format!("`{expr}`: count takes no field; {allowed}"));
                 }
                 AggKind::Count
