@@ -161,29 +161,23 @@ pub fn routes(state: ApiState) -> impl Filter<Extract = (Response,), Error = Inf
     };
     let api = warp::path!("api" / "v1" / "metrics" / ..);
     let list = api.and(warp::path::end()).and(with.clone()).map(|s: ApiState| warp::reply::json(&s.engine.list()).into_response()).map(|r| ("metrics_list", r));
-    let one = api
+    // `/api/v1/metrics/{name}`, `/{name}/span`, `/{name}/top`: one filter, dispatched on
+    // the last segment.
+    let query = api
         .and(warp::path::param::<String>())
-        .and(warp::path::end())
+        .and(warp::path::tail())
         .and(warp::query::<Params>())
         .and(with.clone())
-        .and_then(|name: String, p: Params, s: ApiState| blocking(move || query_reply(windows(&s.engine, &name, &p))))
-        .map(|r| ("metric_windows", r));
-    let span_r = api
-        .and(warp::path::param::<String>())
-        .and(warp::path("span"))
-        .and(warp::path::end())
-        .and(warp::query::<Params>())
-        .and(with.clone())
-        .and_then(|name: String, p: Params, s: ApiState| blocking(move || query_reply(span(&s.engine, &name, &p))))
-        .map(|r| ("metric_span", r));
-    let top_r = api
-        .and(warp::path::param::<String>())
-        .and(warp::path("top"))
-        .and(warp::path::end())
-        .and(warp::query::<Params>())
-        .and(with.clone())
-        .and_then(|name: String, p: Params, s: ApiState| blocking(move || query_reply(top(&s.engine, &name, &p))))
-        .map(|r| ("metric_top", r));
+        .and_then(|name: String, tail: warp::path::Tail, p: Params, s: ApiState| async move {
+            type Query = fn(&QueryEngine, &str, &Params) -> Result<serde_json::Value, QueryError>;
+            let (route, run): (&'static str, Query) = match tail.as_str() {
+                "" => ("metric_windows", windows),
+                "span" => ("metric_span", span),
+                "top" => ("metric_top", top),
+                _ => return Err(warp::reject::not_found()),
+            };
+            Ok((route, blocking(move || query_reply(run(&s.engine, &name, &p))).await.unwrap_or_else(|e| match e {})))
+        });
     let prom = warp::path!("metrics").and(with.clone()).and_then(|s: ApiState| {
         blocking(move || {
             export_values(&s);
@@ -201,7 +195,7 @@ pub fn routes(state: ApiState) -> impl Filter<Extract = (Response,), Error = Inf
     let ready = ready.map(|r| ("ready", r));
     let screen = warp::path::end().map(|| warp::reply::html(SCREEN).into_response()).map(|r| ("screen", r));
 
-    let any = list.or(one).unify().or(span_r).unify().or(top_r).unify().or(prom).unify().or(openapi).unify().or(health).unify().or(ready).unify().or(screen).unify();
+    let any = list.or(query).unify().or(prom).unify().or(openapi).unify().or(health).unify().or(ready).unify().or(screen).unify();
     let get = warp::get().and(any);
     let metrics = state.metrics.clone();
     warp::any()
