@@ -15,6 +15,7 @@ use crate::kafka::consumer::SourceConsumer;
 use crate::kafka::side::SideOutputs;
 use crate::kafka::topics;
 use crate::metrics::Metrics;
+use crate::ownership::Ownership;
 use crate::query::QueryEngine;
 use crate::store::Store;
 use crate::task::TaskSet;
@@ -32,10 +33,10 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'stati
         store.check_layout(&m.name, &m.layout())?;
     }
     let metrics = Metrics::new();
-    topics::ensure(&cfg.kafka, &[(topo.dead_letter_topic(), 1), (topo.late_topic(), 1)]).await?;
+    topics::ensure(&cfg.kafka, &topo).await?;
     let side = SideOutputs::new(&cfg.kafka, topo.dead_letter_topic(), topo.late_topic(), metrics.clone())?;
-    let ready = Arc::new(AtomicBool::new(false));
-    let consumer = SourceConsumer::new(&cfg.kafka, TaskSet::new(Arc::clone(&topo), store.clone()), side, metrics.clone(), Arc::clone(&ready))?;
+    let owned = Arc::new(Ownership::default());
+    let consumer = SourceConsumer::new(&cfg.kafka, TaskSet::new(Arc::clone(&topo), store.clone()), side, metrics.clone(), Arc::clone(&owned))?;
 
     let stop = Arc::new(AtomicBool::new(false));
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();
@@ -50,7 +51,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'stati
 
     let addr: SocketAddr = cfg.http.listen.parse().with_context(|| format!("http.listen `{}` is not an address like 127.0.0.1:8080", cfg.http.listen))?;
     let (http_stop_tx, http_stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let api = ApiState { engine: QueryEngine::new(Arc::clone(&topo), store.clone()), metrics: metrics.clone(), ready };
+    let api = ApiState { engine: QueryEngine::new(Arc::clone(&topo), store.clone(), Arc::clone(&owned)), metrics: metrics.clone(), owned };
     let (bound, server) = http::serve(api, addr, async {
         let _ = http_stop_rx.await;
     })

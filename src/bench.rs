@@ -144,7 +144,7 @@ fn core_only(records: &[crate::gen::GenRecord], cfg: &Config) -> anyhow::Result<
     let (mut puts, mut flushing) = (0, Duration::ZERO);
     let mut flush = |tasks: &mut crate::task::TaskSet| -> anyhow::Result<()> {
         let t = Instant::now();
-        puts += tasks.flush()?.puts;
+        puts += tasks.flush(None)?.puts;
         flushing += t.elapsed();
         Ok(())
     };

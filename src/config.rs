@@ -93,6 +93,11 @@ pub struct StateConfig {
     /// How often the write-back cache is flushed to disk and offsets are committed.
     #[serde(default = "StateConfig::default_commit_interval")]
     pub commit_interval: String,
+    /// Whether every flush is also written to the compacted changelog topics, so that any
+    /// replica can restore a partition it takes over (default `true`). Without it, a
+    /// partition with no local state is recomputed from the source topic's beginning.
+    #[serde(default = "StateConfig::default_changelog")]
+    pub changelog: bool,
 }
 
 impl StateConfig {
@@ -102,11 +107,14 @@ impl StateConfig {
     fn default_commit_interval() -> String {
         "200ms".into()
     }
+    fn default_changelog() -> bool {
+        true
+    }
 }
 
 impl Default for StateConfig {
     fn default() -> Self {
-        StateConfig { dir: Self::default_dir(), commit_interval: Self::default_commit_interval() }
+        StateConfig { dir: Self::default_dir(), commit_interval: Self::default_commit_interval(), changelog: Self::default_changelog() }
     }
 }
 

@@ -32,8 +32,10 @@ pub fn run(opts: DemoOptions) -> anyhow::Result<()> {
     let mock = MockCluster::new(1).map_err(|e| anyhow::anyhow!("starting the mock Kafka cluster: {e}"))?;
     let mut cfg = Config::from_toml_str(S1_CONFIG)?;
     let topo = crate::topology::Topology::compile(&cfg)?;
-    for topic in [gen::topic(Scenario::S1).to_string(), topo.dead_letter_topic(), topo.late_topic()] {
-        let parts = if topic == gen::topic(Scenario::S1) { opts.partitions } else { 1 };
+    // The mock cluster has no admin API: create what tally would.
+    let mut topics = vec![(gen::topic(Scenario::S1).to_string(), opts.partitions)];
+    topics.extend(topo.internal_topics().into_iter().map(|t| (t.name, if t.like_source.is_some() { opts.partitions } else { 1 })));
+    for (topic, parts) in topics {
         mock.create_topic(&topic, parts, 1).map_err(|e| anyhow::anyhow!("creating topic {topic}: {e}"))?;
     }
     let state = tempfile::Builder::new().prefix("tally-demo-").tempdir()?;

@@ -19,6 +19,7 @@
 pub mod aggregate;
 pub mod app;
 pub mod bench;
+pub mod changelog;
 pub mod config;
 pub mod demo;
 pub mod event;
@@ -27,6 +28,7 @@ pub mod gen;
 pub mod http;
 pub mod kafka;
 pub mod metrics;
+pub mod ownership;
 pub mod query;
 pub mod store;
 pub mod task;

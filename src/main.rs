@@ -119,7 +119,7 @@ fn main() -> anyhow::Result<()> {
             let topic = topic.unwrap_or_else(|| gen::topic(scenario).to_string());
             let kafka = KafkaConfig { bootstrap_servers: brokers, application_id: "tally-gen".into(), properties: Default::default() };
             let rt = tokio::runtime::Runtime::new()?;
-            rt.block_on(tally::kafka::topics::ensure(&kafka, &[(topic.clone(), partitions)]))?;
+            rt.block_on(tally::kafka::topics::ensure_source(&kafka, &topic, partitions))?;
             let feed = tally::kafka::feed::Feed::new(&kafka, &topic)?;
             let sent = feed.send_all(gen::generate(scenario, &opts), rate, || false).context("producing events")?;
             feed.flush()?;

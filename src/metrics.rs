@@ -45,6 +45,20 @@ pub struct Metrics {
     pub flush_duration: Histogram,
     /// Duration of an offset commit, seconds.
     pub commit_duration: Histogram,
+    /// Records written to changelog topics (changes and positions), by source.
+    pub changelog_records: IntCounterVec,
+    /// Changelog records read back into the store by restores, by source.
+    pub restore_records: IntCounterVec,
+    /// Bytes of those records, by source.
+    pub restore_bytes: IntCounterVec,
+    /// Changelog records a restore skipped as not this partition's or unreadable, by source.
+    pub restore_rejected: IntCounterVec,
+    /// Owned partitions still being restored.
+    pub partitions_restoring: IntGauge,
+    /// Changelog records left to restore on this replica.
+    pub restore_remaining: IntGauge,
+    /// Duration of a whole restore (all partitions of one assignment), seconds.
+    pub restore_duration: Histogram,
     /// Aggregates written by flushes.
     pub state_writes: IntCounter,
     /// Expired aggregates deleted.
@@ -98,6 +112,13 @@ impl Metrics {
             queryable_latency: hist("tally_queryable_latency_seconds", "From the record's Kafka timestamp to queryable (flushed to the store)."),
             flush_duration: hist("tally_flush_duration_seconds", "State flush: write batch and fsync."),
             commit_duration: hist("tally_commit_duration_seconds", "Offset commit to Kafka."),
+            changelog_records: counter("tally_changelog_records_total", "Records written to changelog topics (changes and positions).", &["source"]),
+            restore_records: counter("tally_restore_records_total", "Changelog records restored into the state store.", &["source"]),
+            restore_bytes: counter("tally_restore_bytes_total", "Bytes of changelog records restored into the state store.", &["source"]),
+            restore_rejected: counter("tally_restore_rejected_total", "Changelog records skipped by a restore (foreign or unreadable).", &["source"]),
+            partitions_restoring: reg(&r, IntGauge::new("tally_partitions_restoring", "Owned partitions still being restored from the changelog.").expect("valid metric")),
+            restore_remaining: reg(&r, IntGauge::new("tally_restore_remaining_records", "Changelog records left to restore.").expect("valid metric")),
+            restore_duration: hist("tally_restore_duration_seconds", "A restore of the partitions of one assignment, from first to last record."),
             state_writes: reg(&r, IntCounter::new("tally_state_writes_total", "Aggregates written by flushes.").expect("valid metric")),
             state_deletes: reg(&r, IntCounter::new("tally_state_deletes_total", "Expired aggregates deleted.").expect("valid metric")),
             state_keys: reg(&r, IntGauge::new("tally_state_keys", "Keys in the state store.").expect("valid metric")),

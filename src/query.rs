@@ -17,7 +17,8 @@ use serde_json::{json, Map, Value as Json};
 use crate::aggregate::{rank, AggKind, AggState};
 use crate::event::time::MAX_TIME_MS;
 use crate::event::Value;
-use crate::store::{encode_group, split_group, Store, StoreError};
+use crate::ownership::{Ownership, PartitionState};
+use crate::store::{encode_group, split_group, PartitionMeta, Store, StoreError};
 use crate::task::NO_WATERMARK;
 use crate::topology::{Metric, Topology};
 use crate::window::{Window, WindowKind, GLOBAL};
@@ -35,6 +36,19 @@ pub enum QueryError {
         param: &'static str,
         /// What is wrong and what is allowed.
         why: String,
+    },
+    /// Some partitions the answer needs are still being restored on this replica; an answer
+    /// now would be short.
+    #[error("partitions {partitions:?} of source `{source_name}` are being restored from the changelog ({restored} of {total} records); ask again shortly")]
+    Restoring {
+        /// The source.
+        source_name: String,
+        /// The restoring partitions.
+        partitions: Vec<i32>,
+        /// Changelog records restored so far, over those partitions.
+        restored: u64,
+        /// Changelog records to restore, over those partitions.
+        total: u64,
     },
     /// The store failed.
     #[error(transparent)]
@@ -107,11 +121,12 @@ fn number_json(x: f64) -> Json {
 
 type Partials = BTreeMap<Vec<u8>, BTreeMap<i64, Vec<AggState>>>;
 
-/// Answers queries from a store.
+/// Answers queries from a store, over the partitions this replica owns.
 #[derive(Clone)]
 pub struct QueryEngine {
     topo: Arc<Topology>,
     store: Store,
+    owned: Arc<Ownership>,
 }
 
 fn merge_into(acc: &mut [AggState], other: &[AggState]) -> Result<(), QueryError> {
@@ -137,8 +152,8 @@ fn overlaps(range: Range, w: Window) -> bool {
 
 impl QueryEngine {
     /// An engine over `store`.
-    pub fn new(topo: Arc<Topology>, store: Store) -> QueryEngine {
-        QueryEngine { topo, store }
+    pub fn new(topo: Arc<Topology>, store: Store, owned: Arc<Ownership>) -> QueryEngine {
+        QueryEngine { topo, store, owned }
     }
 
     /// Names exported as `tally_metric_value`.
@@ -175,8 +190,31 @@ impl QueryEngine {
         self.topo.metric(name).ok_or_else(|| QueryError::UnknownMetric(name.to_string()))
     }
 
+    /// The owned partitions of `source` and their stored positions. State left on disk by
+    /// partitions handed to another replica is not read: that replica answers for them.
     fn coverage(&self, source: usize) -> Result<Coverage, QueryError> {
-        let parts = self.store.partitions(&self.topo.sources[source].name)?;
+        let name = &self.topo.sources[source].name;
+        let owned = self.owned.of_source(source);
+        let restoring: Vec<(i32, u64, u64)> = owned
+            .iter()
+            .filter_map(|(p, st)| match st {
+                PartitionState::Restoring { restored, total } => Some((*p, *restored, *total)),
+                PartitionState::Active => None,
+            })
+            .collect();
+        if !restoring.is_empty() {
+            return Err(QueryError::Restoring {
+                source_name: name.clone(),
+                partitions: restoring.iter().map(|r| r.0).collect(),
+                restored: restoring.iter().map(|r| r.1).sum(),
+                total: restoring.iter().map(|r| r.2).sum(),
+            });
+        }
+        let mut parts = Vec::with_capacity(owned.len());
+        for (p, _) in owned {
+            let meta = self.store.partition_meta(name, p)?;
+            parts.push((p, meta.unwrap_or(PartitionMeta { next_offset: 0, watermark: NO_WATERMARK, max_event_time: NO_WATERMARK, changelog_offset: None })));
+        }
         // A partition without a watermark may still add to any window: no window is closed.
         let watermark = if parts.iter().any(|(_, m)| m.watermark == NO_WATERMARK) { None } else { parts.iter().map(|(_, m)| m.watermark).min() };
         let highest_watermark = parts.iter().map(|(_, m)| m.watermark).filter(|w| *w != NO_WATERMARK).max();

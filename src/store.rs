@@ -119,7 +119,9 @@ pub struct PartitionMeta {
     pub watermark: i64,
     /// Highest event time seen.
     pub max_event_time: i64,
-    /// Changelog offset of the last flush (reserved for changelog restore).
+    /// Offset of this position's record in the changelog: the local store holds everything
+    /// of the changelog up to it, so a restore need read only what follows. `None` in the
+    /// changelog's own copy, and locally when there is no changelog.
     pub changelog_offset: Option<i64>,
 }
 
@@ -199,7 +201,8 @@ pub fn split_state_key(key: &[u8]) -> Option<(i32, i64, &[u8])> {
     Some((partition, slice, &rest[12..]))
 }
 
-fn meta_key(source: &str, partition: i32) -> Vec<u8> {
+/// Key of a source partition's position.
+pub fn meta_key(source: &str, partition: i32) -> Vec<u8> {
     let mut k = Vec::with_capacity(source.len() + 6);
     push_name(&mut k, META_TAG, source);
     k.extend_from_slice(&(partition as u32).to_be_bytes());
@@ -226,6 +229,12 @@ impl WriteBatch {
     pub fn delete(&mut self, key: &[u8]) {
         self.batch.remove(key);
         self.deletes += 1;
+    }
+    /// Writes bytes already encoded (by [`StoredAggregate::encode`], or read from the
+    /// changelog).
+    pub fn put_encoded(&mut self, key: &[u8], value: &[u8]) {
+        self.batch.insert(key, value);
+        self.puts += 1;
     }
     /// Records a partition's position.
     pub fn put_meta(&mut self, source: &str, partition: i32, meta: &PartitionMeta) {
@@ -321,6 +330,23 @@ impl Store {
         let mut hi = Vec::new();
         state_key_prefix(&mut hi, metric, partition, before);
         self.tree.range(lo..hi).keys().map(|k| k.map_err(StoreError::from)).collect()
+    }
+
+    /// Every key of one source partition: the aggregates of `metrics` and the position.
+    pub fn partition_keys<'a>(&self, metrics: impl IntoIterator<Item = &'a str>, source: &str, partition: i32) -> Result<Vec<sled::IVec>, StoreError> {
+        let mut keys = Vec::new();
+        for m in metrics {
+            let mut prefix = Vec::new();
+            partition_prefix(&mut prefix, m, partition);
+            for k in self.tree.scan_prefix(&prefix).keys() {
+                keys.push(k?);
+            }
+        }
+        let meta = meta_key(source, partition);
+        if self.tree.contains_key(&meta)? {
+            keys.push(meta.into());
+        }
+        Ok(keys)
     }
 
     /// Number of stored keys (aggregates and positions).

@@ -14,12 +14,13 @@
 //! it is skipped: replaying a partition from an older position (after a crash, or on a
 //! replica restoring someone else's state) never counts a record twice.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use xxhash_rust::xxh3::Xxh3Builder;
 
 use crate::aggregate::AggState;
+use crate::changelog::{Change, ChangeSink, ChangelogError};
 use crate::event::{DecodeError, Record};
 use crate::store::{self, PartitionMeta, Store, StoreError, StoredAggregate, WriteBatch, GROUP_SEPARATOR};
 use crate::topology::Topology;
@@ -36,8 +37,17 @@ pub struct PartitionTask {
     pub max_event_time: i64,
     /// `max_event_time - watermark delay`.
     pub watermark: i64,
+    /// Watermark at the last flush, which expiry acts on (see [`TaskSet::flush`]).
+    flushed_watermark: i64,
     /// Whether the position moved since the last flush.
     dirty: bool,
+}
+
+impl PartitionTask {
+    /// A partition that has seen nothing.
+    fn new() -> PartitionTask {
+        PartitionTask { next_offset: 0, max_event_time: NO_WATERMARK, watermark: NO_WATERMARK, flushed_watermark: NO_WATERMARK, dirty: false }
+    }
 }
 
 /// What became of a record.
@@ -56,12 +66,25 @@ pub enum Outcome {
 }
 
 /// What a flush wrote.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct FlushStats {
     /// Aggregates written.
     pub puts: usize,
     /// Expired aggregates deleted.
     pub deletes: usize,
+    /// Records written to the changelog (changes and positions), by source.
+    pub changelog_records: Vec<usize>,
+}
+
+/// A flush that did not complete; nothing of it counts as done.
+#[derive(Debug, thiserror::Error)]
+pub enum FlushError {
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The changelog did not take the changes.
+    #[error(transparent)]
+    Changelog(#[from] ChangelogError),
 }
 
 struct CacheEntry {
@@ -96,13 +119,18 @@ impl TaskSet {
         &self.topo
     }
 
+    /// The store written to.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
     /// Takes ownership of a source partition, resuming from its stored position. Returns
     /// the offset to resume consuming at, or `None` when the store has never seen it.
     pub fn assign(&mut self, source: usize, partition: i32) -> Result<Option<i64>, StoreError> {
         let meta = self.store.partition_meta(&self.topo.sources[source].name, partition)?;
         let task = match meta {
-            Some(m) => PartitionTask { next_offset: m.next_offset, max_event_time: m.max_event_time, watermark: m.watermark, dirty: false },
-            None => PartitionTask { next_offset: 0, max_event_time: NO_WATERMARK, watermark: NO_WATERMARK, dirty: false },
+            Some(m) => PartitionTask { next_offset: m.next_offset, max_event_time: m.max_event_time, watermark: m.watermark, flushed_watermark: m.watermark, dirty: false },
+            None => PartitionTask::new(),
         };
         self.tasks.insert((source, partition), task);
         Ok(meta.map(|m| m.next_offset))
@@ -125,12 +153,7 @@ impl TaskSet {
     pub fn process(&mut self, source: usize, partition: i32, offset: i64, kafka_ts: Option<i64>, payload: &[u8]) -> Result<Outcome, StoreError> {
         let topo = Arc::clone(&self.topo);
         let src = &topo.sources[source];
-        let task = self.tasks.entry((source, partition)).or_insert(PartitionTask {
-            next_offset: 0,
-            max_event_time: NO_WATERMARK,
-            watermark: NO_WATERMARK,
-            dirty: false,
-        });
+        let task = self.tasks.entry((source, partition)).or_insert_with(PartitionTask::new);
         if offset < task.next_offset {
             return Ok(Outcome::AlreadyApplied);
         }
@@ -202,24 +225,35 @@ impl TaskSet {
         Ok(Outcome::Processed { late })
     }
 
-    /// Writes dirty aggregates, positions and expiry deletions atomically, then fsyncs.
-    /// Entries are marked clean only once the write succeeded, so a failed flush is retried
-    /// whole by the next one.
-    pub fn flush(&mut self) -> Result<FlushStats, StoreError> {
+    /// Writes dirty aggregates, positions and expiry deletions — first to `changelog` when
+    /// there is one, then to the store in one atomic batch, fsynced. Entries are marked
+    /// clean only once both succeeded, so a failed flush is retried whole by the next one.
+    ///
+    /// Expiry acts on the watermark of the previous flush, not the current one: a crash
+    /// after this flush's changelog records but before its position record resumes from
+    /// the previous position, and every record replayed from there is late for any slice
+    /// expired at that position's watermark — so no replayed record can revive a slice
+    /// whose deletion is already in the changelog.
+    pub fn flush(&mut self, changelog: Option<&mut dyn ChangeSink>) -> Result<FlushStats, FlushError> {
         let topo = Arc::clone(&self.topo);
         let mut batch = WriteBatch::default();
-        // Expiry: per owned partition and metric, slices every window of which ended more
-        // than the retention ago.
+        let mut changes = Vec::new();
+        let logged = changelog.is_some();
+        let mut touched: HashSet<(usize, i32)> = HashSet::new();
         let mut expired_before: HashMap<(usize, i32), i64> = HashMap::new();
         for (&(source, partition), task) in &self.tasks {
-            if task.watermark == NO_WATERMARK {
+            if task.flushed_watermark == NO_WATERMARK {
                 continue;
             }
             for &mi in &topo.sources[source].metrics {
                 let m = &topo.metrics[mi];
-                if let Some(before) = m.window.expired_before(task.watermark, m.retention_ms) {
+                if let Some(before) = m.window.expired_before(task.flushed_watermark, m.retention_ms) {
                     for k in self.store.keys_before(&m.name, partition, before)? {
                         batch.delete(&k);
+                        if logged {
+                            changes.push(Change { source, partition, key: k.to_vec(), value: None });
+                            touched.insert((source, partition));
+                        }
                     }
                     expired_before.insert((mi, partition), before);
                 }
@@ -228,23 +262,53 @@ impl TaskSet {
         let expired = |e: &CacheEntry| expired_before.get(&(e.metric, e.partition)).is_some_and(|b| e.slice < *b);
         for (k, e) in &self.cache {
             if expired(e) {
+                // Stored copies are deleted above (and logged there); an entry that never
+                // reached the store needs no tombstone.
                 batch.delete(k);
             } else if e.dirty {
-                batch.put(k, &e.value);
+                let bytes = e.value.encode();
+                batch.put_encoded(k, &bytes);
+                if logged {
+                    let source = topo.metrics[e.metric].source;
+                    changes.push(Change { source, partition: e.partition, key: k.clone(), value: Some(bytes) });
+                }
             }
         }
+        let mut metas = Vec::new();
         for (&(source, partition), task) in &self.tasks {
-            if task.dirty {
+            if task.dirty || touched.contains(&(source, partition)) {
                 let meta = PartitionMeta { next_offset: task.next_offset, watermark: task.watermark, max_event_time: task.max_event_time, changelog_offset: None };
-                batch.put_meta(&topo.sources[source].name, partition, &meta);
+                metas.push((source, partition, meta));
             }
         }
-        let stats = FlushStats { puts: batch.puts, deletes: batch.deletes };
+        if let Some(sink) = changelog {
+            let positions: Vec<Change> = metas
+                .iter()
+                .map(|(s, p, meta)| Change { source: *s, partition: *p, key: store::meta_key(&topo.sources[*s].name, *p), value: Some(meta.encode()) })
+                .collect();
+            let offsets = sink.write(&changes, &positions)?;
+            for ((_, _, meta), off) in metas.iter_mut().zip(offsets) {
+                meta.changelog_offset = Some(off);
+            }
+        }
+        for (source, partition, meta) in &metas {
+            batch.put_meta(&topo.sources[*source].name, *partition, meta);
+        }
+        let mut changelog_records = vec![0; topo.sources.len()];
+        if logged {
+            for source in changes.iter().map(|c| c.source).chain(metas.iter().map(|m| m.0)) {
+                changelog_records[source] += 1;
+            }
+        }
+        let stats = FlushStats { puts: batch.puts, deletes: batch.deletes, changelog_records };
         self.store.apply(batch)?;
         self.store.flush()?;
         self.cache.retain(|_, e| !expired(e));
         self.cache.values_mut().for_each(|e| e.dirty = false);
-        self.tasks.values_mut().for_each(|t| t.dirty = false);
+        for t in self.tasks.values_mut() {
+            t.dirty = false;
+            t.flushed_watermark = t.watermark;
+        }
         if self.cache.len() > CACHE_LIMIT {
             self.cache.clear();
         }
@@ -313,7 +377,7 @@ mod tests {
         // Ten days ahead of its Kafka timestamp: dead-lettered, the watermark stays put.
         let ahead = tasks.process(0, 0, 4, Some(130_000), &rec(864_130, "a", 1)).unwrap();
         assert!(matches!(ahead, Outcome::Invalid(DecodeError::TooFarAhead { .. })), "{ahead:?}");
-        let stats = tasks.flush().unwrap();
+        let stats = tasks.flush(None).unwrap();
         assert_eq!(stats.puts, 3);
         assert_eq!(stored(&store, "per_min", 60_000, "a").unwrap().states, vec![AggState::Count(1), AggState::Sum(1_000_000)]);
         assert_eq!(stored(&store, "ones", 0, "").unwrap().states, vec![AggState::Count(2)], "the late record still counts all-time");
@@ -324,9 +388,12 @@ mod tests {
         let mut again = TaskSet::new(topo(), store.clone());
         assert_eq!(again.assign(0, 0).unwrap(), Some(5));
         assert_eq!(again.process(0, 0, 2, None, &rec(100, "a", 1)).unwrap(), Outcome::AlreadyApplied);
-        // Far ahead: slices before 400 - 10 - 120 - 60 = 210 s expire.
+        // Far ahead: slices before 400 - 10 - 120 - 60 = 210 s expire — at the next flush,
+        // which acts on the watermark this one made durable.
         again.process(0, 0, 5, None, &rec(400, "b", 1)).unwrap();
-        let stats = again.flush().unwrap();
+        assert_eq!(again.flush(None).unwrap().deletes, 0);
+        assert!(stored(&store, "per_min", 60_000, "a").is_some());
+        let stats = again.flush(None).unwrap();
         assert_eq!(stats.deletes, 2);
         assert!(stored(&store, "per_min", 60_000, "a").is_none());
         assert_eq!(stored(&store, "ones", 0, "").unwrap().states, vec![AggState::Count(3)]);
@@ -340,14 +407,14 @@ mod tests {
         for (o, ts) in [10, 20, 30].into_iter().enumerate() {
             tasks.process(0, 0, o as i64, None, &rec(ts, "a", 1)).unwrap();
         }
-        tasks.flush().unwrap();
+        tasks.flush(None).unwrap();
         // Lose the position but keep the aggregates: a replay from 0 must not double count.
         let mut fresh = TaskSet::new(topo(), store.clone());
-        fresh.tasks.insert((0, 0), PartitionTask { next_offset: 0, max_event_time: NO_WATERMARK, watermark: NO_WATERMARK, dirty: false });
+        fresh.tasks.insert((0, 0), PartitionTask::new());
         for (o, ts) in [10, 20, 30, 40].into_iter().enumerate() {
             fresh.process(0, 0, o as i64, None, &rec(ts, "a", 1)).unwrap();
         }
-        fresh.flush().unwrap();
+        fresh.flush(None).unwrap();
         assert_eq!(stored(&store, "per_min", 0, "a").unwrap().states[0], AggState::Count(4));
     }
 }

@@ -30,6 +30,19 @@ pub struct Topology {
     pub commit_interval_ms: u64,
     /// Names of the metrics and derived metrics exported as `tally_metric_value`.
     pub exported: Vec<String>,
+    /// Whether flushes are written to changelog topics.
+    pub changelog: bool,
+}
+
+/// A topic tally writes to and creates itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InternalTopic {
+    /// Topic name.
+    pub name: String,
+    /// `Some(source)`: partition for partition with that source's topic; `None`: one partition.
+    pub like_source: Option<usize>,
+    /// Whether the topic is compacted (a changelog) rather than deleted by age.
+    pub compacted: bool,
 }
 
 /// A compiled source.
@@ -272,6 +285,7 @@ impl Topology {
             derived,
             commit_interval_ms: commit_interval_ms as u64,
             exported,
+            changelog: cfg.state.changelog,
         })
     }
 
@@ -288,6 +302,25 @@ impl Topology {
     /// The topic late records go to.
     pub fn late_topic(&self) -> String {
         format!("{}-late-records", self.application_id)
+    }
+
+    /// The changelog of a source's state: every flushed aggregate and position of the
+    /// source's partitions, partition for partition. One store per source, because a source
+    /// partition is the unit that is flushed atomically, restored and moved between replicas.
+    pub fn changelog_topic(&self, source: usize) -> String {
+        format!("{}-{}-changelog", self.application_id, self.sources[source].name)
+    }
+
+    /// Every topic tally writes: side outputs, and changelogs unless turned off.
+    pub fn internal_topics(&self) -> Vec<InternalTopic> {
+        let mut out = vec![
+            InternalTopic { name: self.dead_letter_topic(), like_source: None, compacted: false },
+            InternalTopic { name: self.late_topic(), like_source: None, compacted: false },
+        ];
+        if self.changelog {
+            out.extend((0..self.sources.len()).map(|s| InternalTopic { name: self.changelog_topic(s), like_source: Some(s), compacted: true }));
+        }
+        out
     }
 
     /// A human-readable account of what the config does (`tally check`).

@@ -16,7 +16,7 @@ fn errors_documents_and_probes() {
     let opts = GenOptions { count: 1_000, ..GenOptions::for_scenario(Scenario::S1) };
     let records = generate(Scenario::S1, &opts);
     let state = tempfile::tempdir().unwrap();
-    let cluster = Cluster::for_app("tally-s1", "uvpv-demo", opts.partitions);
+    let cluster = Cluster::for_example("s1-uvpv.toml", opts.partitions);
     cluster.produce("uvpv-demo", &records);
     let tally = Tally::start(example_config("s1-uvpv.toml", &cluster.brokers, state.path()));
     wait_caught_up(tally.addr, "/api/v1/metrics/views", &ends(&records));

@@ -63,7 +63,7 @@ fn sigkill_loses_nothing_and_counts_nothing_twice() {
     let opts = GenOptions { count: 30_000, ..GenOptions::for_scenario(Scenario::S1) };
     let records = generate(Scenario::S1, &opts);
     let topic = tally::gen::topic(Scenario::S1);
-    let cluster = Cluster::for_app("tally-s1", topic, opts.partitions);
+    let cluster = Cluster::for_example("s1-uvpv.toml", opts.partitions);
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let mut cfg = example_config("s1-uvpv.toml", &cluster.brokers, &dir.path().join("state"));

@@ -409,7 +409,7 @@ fn every_dashboard_panel_returns_data() {
     let ds = dashboards();
 
     let topic = tally::gen::topic(Scenario::S1);
-    let cluster = Cluster::for_app("tally-s1", topic, 3);
+    let cluster = Cluster::for_example("s1-uvpv.toml", 3);
     let state = tempfile::tempdir().unwrap();
     let tally = Tally::start(example_config("s1-uvpv.toml", &cluster.brokers, state.path()));
     assert!(tally.addr.ip().is_loopback(), "tally must listen on loopback: {}", tally.addr);

@@ -31,7 +31,7 @@ fn run(scenario: Scenario, config: &str, probe: &str, count: usize) -> Run {
     let topic = tally::gen::topic(scenario);
     let state = tempfile::tempdir().unwrap();
     let mut cfg = example_config(config, "", state.path());
-    let cluster = Cluster::for_app(&cfg.kafka.application_id, topic, opts.partitions);
+    let cluster = Cluster::for_config(&cfg, opts.partitions);
     cfg.kafka.bootstrap_servers = cluster.brokers.clone();
     cluster.produce(topic, &records);
     let tally = Tally::start(cfg);

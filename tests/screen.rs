@@ -174,7 +174,7 @@ fn live_screen_shows_the_api_numbers() {
     let opts = GenOptions { count: 3000, ..GenOptions::for_scenario(Scenario::S1) };
     let records = generate(Scenario::S1, &opts);
     let topic = tally::gen::topic(Scenario::S1);
-    let cluster = Cluster::for_app("tally-s1", topic, opts.partitions);
+    let cluster = Cluster::for_example("s1-uvpv.toml", opts.partitions);
     cluster.produce(topic, &records);
     let state = tempfile::tempdir().unwrap();
     let tally = Tally::start(example_config("s1-uvpv.toml", &cluster.brokers, state.path()));

@@ -18,7 +18,6 @@
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -29,6 +28,7 @@ use warp::{Filter, Reply};
 
 use crate::config::parse_duration_ms;
 use crate::metrics::Metrics;
+use crate::ownership::Ownership;
 use crate::query::{parse_time, QueryEngine, QueryError, Range};
 
 /// The OpenAPI 3 description of this API, served at `/openapi.json`.
@@ -46,8 +46,8 @@ pub struct ApiState {
     pub engine: QueryEngine,
     /// Exported metrics.
     pub metrics: Metrics,
-    /// Whether this replica has its partitions and is processing.
-    pub ready: Arc<AtomicBool>,
+    /// The partitions this replica owns; readiness.
+    pub owned: Arc<Ownership>,
 }
 
 fn error(status: StatusCode, msg: impl Into<String>) -> Response {
@@ -60,6 +60,10 @@ fn query_reply(r: Result<serde_json::Value, QueryError>) -> Response {
         Ok(v) => warp::reply::json(&v).into_response(),
         Err(e @ QueryError::UnknownMetric(_)) => error(StatusCode::NOT_FOUND, e.to_string()),
         Err(e @ QueryError::BadParam { .. }) => error(StatusCode::BAD_REQUEST, e.to_string()),
+        Err(ref e @ QueryError::Restoring { ref partitions, restored, total, .. }) => {
+            let body = json!({ "error": e.to_string(), "status": 503, "restoring": { "partitions": partitions, "restored": restored, "total": total } });
+            warp::reply::with_header(warp::reply::with_status(warp::reply::json(&body), StatusCode::SERVICE_UNAVAILABLE), "retry-after", "1").into_response()
+        }
         Err(e @ QueryError::Store(_)) => {
             tracing::error!(error = %e, "query failed");
             error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
@@ -188,9 +192,10 @@ pub fn routes(state: ApiState) -> impl Filter<Extract = (Response,), Error = Inf
     let openapi = warp::path!("openapi.json").map(|| warp::reply::with_header(OPENAPI, "content-type", "application/json").into_response()).map(|r| ("openapi", r));
     let health = warp::path!("health").map(|| warp::reply::json(&json!({ "status": "ok" })).into_response()).map(|r| ("health", r));
     let ready = warp::path!("ready").and(with.clone()).map(|s: ApiState| {
-        let ready = s.ready.load(Ordering::Relaxed);
+        let ready = s.owned.ready();
+        let (owned, restoring) = s.owned.counts();
         let code = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-        warp::reply::with_status(warp::reply::json(&json!({ "ready": ready })), code).into_response()
+        warp::reply::with_status(warp::reply::json(&json!({ "ready": ready, "partitions": owned, "restoring": restoring })), code).into_response()
     });
     let ready = ready.map(|r| ("ready", r));
     let screen = warp::path::end().map(|| warp::reply::html(SCREEN).into_response()).map(|r| ("screen", r));

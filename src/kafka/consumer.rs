@@ -1,21 +1,23 @@
 //! The source consumer: one consumer-group member per replica, polling on its own thread
 //! and feeding the [`TaskSet`].
 //!
-//! The order of durable steps is what makes a crash safe at any point:
+//! The order of durable steps is what makes a crash safe at any point (the README's
+//! "Durability" section gives the whole argument):
 //!
 //! 1. records are folded into the write-back cache (memory only);
-//! 2. every commit interval: dead-letter/late records are flushed to Kafka, then the dirty
-//!    aggregates **and** the partition positions they correspond to are written to sled in
-//!    one atomic batch and fsynced;
-//! 3. only then are the positions committed to the consumer group.
+//! 2. every commit interval: the positions of the previous flush are committed to the group
+//!    synchronously — which also proves this replica is still a member of the current
+//!    generation; if it is not (a zombie), nothing is written;
+//! 3. dead-letter and late records are acknowledged;
+//! 4. the changed aggregates go to the changelog and are acknowledged, then one position
+//!    record per partition, acknowledged;
+//! 5. aggregates and positions (with the changelog checkpoint) are written to sled in one
+//!    atomic batch and fsynced.
 //!
-//! A crash before 2 loses only memory: the store still holds the previous consistent cut,
-//! and consumption resumes from the store's position (preferred over the group's, which can
-//! only be older). A crash between 2 and 3 leaves the group's offset behind the store: the
-//! store's position wins again. So no record is skipped, and none is counted twice while
-//! the store survives.
-//!
-//! On revocation the partition is flushed and committed before it is released.
+//! Processing always resumes from the position stored with the state (restored from the
+//! changelog on a new replica), never from the group's offset, which only trails it. On
+//! assignment a partition is restored before it is processed; on revocation it is flushed
+//! and committed before it is released.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -23,16 +25,19 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol};
-use rdkafka::error::KafkaResult;
+use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::statistics::Statistics;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::ClientContext;
 
+use super::changelog::{self, ChangelogProducer};
 use super::side::{Origin, SideOutputs};
+use crate::changelog::ChangeSink;
 use crate::config::KafkaConfig;
 use crate::metrics::Metrics;
+use crate::ownership::{Ownership, PartitionState};
 use crate::task::{Outcome, TaskSet, NO_WATERMARK};
 use crate::topology::Topology;
 
@@ -41,9 +46,16 @@ use crate::topology::Topology;
 pub struct Shared {
     tasks: Mutex<TaskSet>,
     topo: Arc<Topology>,
+    kafka: KafkaConfig,
     side: SideOutputs,
+    changelog: Option<Mutex<ChangelogProducer>>,
     metrics: Metrics,
-    ready: Arc<AtomicBool>,
+    owned: Arc<Ownership>,
+    /// Positions made durable by a flush and not yet committed to the group.
+    flushed: Mutex<HashMap<(usize, i32), i64>>,
+    /// A failure inside a rebalance callback, which cannot return one: the poll loop stops
+    /// with it.
+    fatal: Mutex<Option<anyhow::Error>>,
     /// Kafka timestamps of records processed since the last flush, for the
     /// produce-to-queryable histogram.
     pending: Mutex<Vec<i64>>,
@@ -81,16 +93,60 @@ impl Shared {
         self.topo.sources.iter().position(|s| s.topic == topic)
     }
 
-    /// Flushes side outputs and state, then commits the owned positions (or `only` those).
+    /// Commits the flushed positions (of `only`, when given) synchronously. `Err` means this
+    /// replica is no longer a member of the group's current generation: another may own its
+    /// partitions now, so it must not write their changelogs.
+    fn commit_flushed(&self, consumer: &BaseConsumer<SourceContext>, only: Option<&TopicPartitionList>) -> Result<(), KafkaError> {
+        let mut flushed = self.flushed.lock().unwrap_or_else(|p| p.into_inner());
+        let mut tpl = TopicPartitionList::new();
+        for (&(source, partition), &offset) in flushed.iter() {
+            let topic = &self.topo.sources[source].topic;
+            if only.is_none_or(|o| o.find_partition(topic, partition).is_some()) {
+                tpl.add_partition_offset(topic, partition, Offset::Offset(offset))?;
+            }
+        }
+        if tpl.count() == 0 {
+            return Ok(());
+        }
+        let started = Instant::now();
+        match consumer.commit(&tpl, CommitMode::Sync) {
+            Ok(()) => {
+                flushed.retain(|(s, p), _| tpl.find_partition(&self.topo.sources[*s].topic, *p).is_none());
+                self.metrics.commit_duration.observe(started.elapsed().as_secs_f64());
+                Ok(())
+            }
+            Err(e @ KafkaError::ConsumerCommit(code)) if fenced(code) => Err(e),
+            Err(e) => {
+                tracing::warn!(error = %e, "offset commit failed; the stored positions still hold, so nothing is lost");
+                Ok(())
+            }
+        }
+    }
+
+    /// One durable step (see the module docs): commit what the last flush made durable,
+    /// then flush side outputs, changelog and store. With `only`, just those partitions'
+    /// positions are committed afterwards too (a revocation: the next owner should find
+    /// them). A fenced replica skips the flush and keeps its cache.
     fn flush_and_commit(&self, consumer: &BaseConsumer<SourceContext>, only: Option<&TopicPartitionList>) -> anyhow::Result<()> {
+        if let Err(e) = self.commit_flushed(consumer, None) {
+            tracing::warn!(error = %e, "not a member of the current group generation; not flushing until the rebalance settles");
+            return Ok(());
+        }
         let started = Instant::now();
         self.side.flush(Duration::from_secs(30))?;
         let mut tasks = self.tasks();
-        let stats = tasks.flush()?;
+        let mut producer = self.changelog.as_ref().map(|c| c.lock().unwrap_or_else(|p| p.into_inner()));
+        let stats = tasks.flush(producer.as_deref_mut().map(|p| p as &mut dyn ChangeSink))?;
+        drop(producer);
         let flushed_at = now_ms();
         self.metrics.flush_duration.observe(started.elapsed().as_secs_f64());
         self.metrics.state_writes.inc_by(stats.puts as u64);
         self.metrics.state_deletes.inc_by(stats.deletes as u64);
+        for (source, n) in stats.changelog_records.iter().enumerate() {
+            if *n > 0 {
+                self.metrics.changelog_records.with_label_values(&[&self.topo.sources[source].name]).inc_by(*n as u64);
+            }
+        }
         {
             let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
             let local = self.metrics.queryable_latency.local();
@@ -99,14 +155,10 @@ impl Shared {
             }
             local.flush();
         }
-        let mut tpl = TopicPartitionList::new();
+        let mut flushed = self.flushed.lock().unwrap_or_else(|p| p.into_inner());
         for (&(source, partition), task) in tasks.tasks() {
-            let topic = &self.topo.sources[source].topic;
-            if only.is_some_and(|o| o.find_partition(topic, partition).is_none()) {
-                continue;
-            }
             if task.next_offset > 0 {
-                tpl.add_partition_offset(topic, partition, Offset::Offset(task.next_offset))?;
+                flushed.insert((source, partition), task.next_offset);
             }
             if task.watermark != NO_WATERMARK {
                 let (name, p) = (&self.topo.sources[source].name, partition.to_string());
@@ -114,62 +166,81 @@ impl Shared {
                 self.metrics.watermark_lag.with_label_values(&[name, &p]).set((flushed_at - task.watermark).div_euclid(1000));
             }
         }
+        drop(flushed);
         drop(tasks);
-        if tpl.count() > 0 {
-            let started = Instant::now();
-            // Synchronous on revocation: the next owner must see the position.
-            let mode = if only.is_some() { CommitMode::Sync } else { CommitMode::Async };
-            if let Err(e) = consumer.commit(&tpl, mode) {
-                tracing::warn!(error = %e, "offset commit failed; the store's positions still hold, so nothing is lost");
-            }
-            self.metrics.commit_duration.observe(started.elapsed().as_secs_f64());
+        if only.is_some() {
+            let _ = self.commit_flushed(consumer, only);
         }
         Ok(())
     }
 
     fn on_assign(&self, tpl: &mut TopicPartitionList) {
-        let mut tasks = self.tasks();
-        // The store's position is where its state ends. With no state for a partition, the
-        // group's committed offset would skip records whose aggregates are gone: read from
-        // the beginning instead (until changelog restore exists, that is the only way back).
-        let mut resumed = Vec::new();
-        for e in tpl.elements() {
-            let Some(source) = self.source_of(e.topic()) else { continue };
-            match tasks.assign(source, e.partition()) {
-                Ok(Some(off)) => resumed.push((e.topic().to_string(), e.partition(), Offset::Offset(off))),
-                Ok(None) => resumed.push((e.topic().to_string(), e.partition(), Offset::Beginning)),
-                Err(err) => tracing::error!(topic = e.topic(), partition = e.partition(), error = %err, "reading the partition's stored position failed; resuming from the group's"),
+        let parts: Vec<(usize, i32)> = tpl.elements().iter().filter_map(|e| Some((self.source_of(e.topic())?, e.partition()))).collect();
+        for &(s, p) in &parts {
+            self.owned.set(s, p, PartitionState::Restoring { restored: 0, total: 0 });
+        }
+        self.metrics.partitions_owned.set(self.owned.counts().0 as i64);
+        self.metrics.rebalances.with_label_values(&["assign"]).inc();
+        self.owned.mark_joined();
+        if self.changelog.is_some() {
+            let store = self.tasks().store().clone();
+            if let Err(e) = changelog::restore(&self.kafka, &self.topo, &store, &parts, &self.owned, &self.metrics) {
+                // Processing a partition whose restore failed would answer short; stop, and
+                // let the group hand the partitions to a healthy replica.
+                *self.fatal.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.context("restoring assigned partitions from the changelog"));
+                return;
             }
         }
-        for (topic, p, off) in &resumed {
-            let _ = tpl.set_partition_offset(topic, *p, *off);
+        // Resume at the stored position: where the (restored) state ends. With none, the
+        // state has nothing of the partition and it is read from the beginning — the
+        // group's offset would skip records whose aggregates do not exist here.
+        let mut tasks = self.tasks();
+        let mut resumed = 0;
+        for &(source, partition) in &parts {
+            let topic = &self.topo.sources[source].topic;
+            let offset = match tasks.assign(source, partition) {
+                Ok(Some(off)) => {
+                    resumed += 1;
+                    Offset::Offset(off)
+                }
+                Ok(None) => Offset::Beginning,
+                Err(err) => {
+                    *self.fatal.lock().unwrap_or_else(|p| p.into_inner()) = Some(anyhow::Error::new(err).context(format!("reading the stored position of {topic} partition {partition}")));
+                    return;
+                }
+            };
+            let _ = tpl.set_partition_offset(topic, partition, offset);
+            self.owned.set(source, partition, PartitionState::Active);
         }
-        let owned = tasks.tasks().count();
         drop(tasks);
-        self.metrics.partitions_owned.set(owned as i64);
-        self.metrics.rebalances.with_label_values(&["assign"]).inc();
-        tracing::info!(partitions = ?tpl.elements().iter().map(|e| (e.topic().to_string(), e.partition())).collect::<Vec<_>>(), resumed_from_store = resumed.iter().filter(|r| r.2 != Offset::Beginning).count(), "partitions assigned");
-        self.ready.store(true, Ordering::Relaxed);
+        tracing::info!(partitions = ?parts, resumed_from_store = resumed, "partitions assigned");
     }
 
     fn on_revoke(&self, consumer: &BaseConsumer<SourceContext>, tpl: &TopicPartitionList) {
         if consumer.assignment_lost() {
             tracing::warn!("partitions lost (session timed out): dropping them without committing");
         } else if let Err(e) = self.flush_and_commit(consumer, Some(tpl)) {
-            tracing::error!(error = %e, "flush before revocation failed; the next owner replays from the last commit");
+            tracing::error!(error = %e, "flush before revocation failed; the next owner resumes from the last flush");
         }
         let mut tasks = self.tasks();
+        let mut flushed = self.flushed.lock().unwrap_or_else(|p| p.into_inner());
         for e in tpl.elements() {
             if let Some(source) = self.source_of(e.topic()) {
                 tasks.revoke(source, e.partition());
+                flushed.remove(&(source, e.partition()));
+                self.owned.remove(source, e.partition());
             }
         }
-        let owned = tasks.tasks().count();
-        drop(tasks);
-        self.metrics.partitions_owned.set(owned as i64);
+        drop((tasks, flushed));
+        self.metrics.partitions_owned.set(self.owned.counts().0 as i64);
         self.metrics.rebalances.with_label_values(&["revoke"]).inc();
         tracing::info!(partitions = ?tpl.elements().iter().map(|e| (e.topic().to_string(), e.partition())).collect::<Vec<_>>(), "partitions revoked");
     }
+}
+
+/// Commit errors that mean the group has moved on without this member.
+fn fenced(code: RDKafkaErrorCode) -> bool {
+    matches!(code, RDKafkaErrorCode::IllegalGeneration | RDKafkaErrorCode::UnknownMemberId | RDKafkaErrorCode::RebalanceInProgress | RDKafkaErrorCode::FencedInstanceId | RDKafkaErrorCode::AssignmentLost)
 }
 
 impl ConsumerContext for SourceContext {
@@ -211,9 +282,21 @@ pub struct SourceConsumer {
 
 impl SourceConsumer {
     /// Joins the consumer group and subscribes to every source topic.
-    pub fn new(kafka: &KafkaConfig, tasks: TaskSet, side: SideOutputs, metrics: Metrics, ready: Arc<AtomicBool>) -> anyhow::Result<SourceConsumer> {
+    pub fn new(kafka: &KafkaConfig, tasks: TaskSet, side: SideOutputs, metrics: Metrics, owned: Arc<Ownership>) -> anyhow::Result<SourceConsumer> {
         let topo = Arc::clone(tasks.topology());
-        let shared = Arc::new(Shared { tasks: Mutex::new(tasks), topo: Arc::clone(&topo), side, metrics, ready, pending: Mutex::new(Vec::new()) });
+        let changelog = if topo.changelog { Some(Mutex::new(ChangelogProducer::new(kafka, &topo)?)) } else { None };
+        let shared = Arc::new(Shared {
+            tasks: Mutex::new(tasks),
+            topo: Arc::clone(&topo),
+            kafka: kafka.clone(),
+            side,
+            changelog,
+            metrics,
+            owned,
+            flushed: Mutex::new(HashMap::new()),
+            fatal: Mutex::new(None),
+            pending: Mutex::new(Vec::new()),
+        });
         let consumer: BaseConsumer<SourceContext> = super::client_config(
             kafka,
             &[
@@ -232,6 +315,11 @@ impl SourceConsumer {
                 // its default 1 s; records produced then waited it out (p99 to queryable
                 // 0.94–1.41 s before, 0.82–0.96 s after, at 20k events/s).
                 ("fetch.queue.backoff.ms", "20"),
+                // A killed replica's partitions move after the session timeout; librdkafka's
+                // 45 s would leave them unanswered that long. 10 s with 1 s heartbeats (which
+                // also make a clean leave propagate within about a second).
+                ("session.timeout.ms", "10000"),
+                ("heartbeat.interval.ms", "1000"),
             ],
         )
         .create_with_context(SourceContext { shared: Arc::clone(&shared) })
@@ -249,6 +337,9 @@ impl SourceConsumer {
         let sources: HashMap<String, usize> = self.shared.topo.sources.iter().enumerate().map(|(i, s)| (s.topic.clone(), i)).collect();
         let mut local = Batch::new(&self.shared);
         while !stop.load(Ordering::Relaxed) {
+            if let Some(e) = self.shared.fatal.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                return Err(e);
+            }
             match self.consumer.poll(Duration::from_millis(20)) {
                 None => {}
                 Some(Err(e)) => {
@@ -267,9 +358,12 @@ impl SourceConsumer {
                 last_flush = Instant::now();
             }
         }
-        self.shared.ready.store(false, Ordering::Relaxed);
+        self.shared.owned.mark_stopping();
         local.publish(&self.shared);
         self.shared.flush_and_commit(&self.consumer, None)?;
+        if let Err(e) = self.shared.commit_flushed(&self.consumer, None) {
+            tracing::warn!(error = %e, "final offset commit refused; the stored positions still hold");
+        }
         self.consumer.unsubscribe();
         // Serve the revocation callback so the group rebalances now, not at session timeout.
         let deadline = Instant::now() + Duration::from_secs(5);

@@ -2,6 +2,7 @@
 //! dead-letter and late-record outputs ([`side`]), internal topics ([`topics`]) and the
 //! producer of generated events ([`feed`]).
 
+pub mod changelog;
 pub mod consumer;
 pub mod feed;
 pub mod side;

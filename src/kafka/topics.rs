@@ -1,5 +1,6 @@
-//! Internal topics: created through the admin API when missing.
+//! Internal topics: checked against the sources, created through the admin API when missing.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
@@ -7,37 +8,107 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::types::RDKafkaErrorCode;
 
 use crate::config::KafkaConfig;
+use crate::topology::{InternalTopic, Topology};
 
-/// Creates `topics` (name, partitions) that do not exist yet. A broker that cannot create
-/// topics (librdkafka's mock cluster has no CreateTopics) is logged, not fatal: the topics
-/// are then auto-created on first produce.
-pub async fn ensure(kafka: &KafkaConfig, topics: &[(String, i32)]) -> anyhow::Result<()> {
+/// Side outputs keep a week, Kafka's own default, stated so a broker default cannot shorten it.
+const SIDE_OUTPUT_RETENTION_MS: &str = "604800000";
+
+/// Makes sure every internal topic of `topo` exists with the right shape.
+///
+/// A changelog must have exactly its source topic's partition count — partition `p` of the
+/// changelog holds the state of source partition `p` — so an existing one that differs is a
+/// start-up error, as is a source topic that does not exist yet (its partition count is
+/// unknown). Missing topics are created: changelogs compacted and kept forever (compaction
+/// bounds them; expired windows are tombstoned), side outputs deleted after a week. A broker
+/// without the admin API (librdkafka's mock cluster) cannot create them: side outputs are
+/// then auto-created on first use, a missing changelog is an error.
+pub async fn ensure(kafka: &KafkaConfig, topo: &Topology) -> anyhow::Result<()> {
     let admin: AdminClient<DefaultClientContext> =
         super::client_config(kafka, &[("allow.auto.create.topics", "false")]).create().map_err(|e| anyhow::anyhow!("creating the admin client: {e}"))?;
-    // Look first: creating what exists costs a broker round trip per topic, and brokers
-    // without the admin API would make every start wait for a timeout.
     let meta = admin.inner().fetch_metadata(None, Duration::from_secs(10)).map_err(|e| anyhow::anyhow!("reading cluster metadata from {}: {e}", kafka.bootstrap_servers))?;
-    let existing: std::collections::HashSet<&str> = meta.topics().iter().filter(|t| t.error().is_none()).map(|t| t.name()).collect();
-    let new: Vec<NewTopic> = topics
-        .iter()
-        .filter(|(name, _)| !existing.contains(name.as_str()))
-        .map(|(name, parts)| NewTopic::new(name, *parts, TopicReplication::Fixed(-1)))
-        .collect();
-    if new.is_empty() {
+    let existing: HashMap<&str, i32> = meta.topics().iter().filter(|t| t.error().is_none()).map(|t| (t.name(), t.partitions().len() as i32)).collect();
+
+    let mut wanted: Vec<(&InternalTopic, i32)> = Vec::new();
+    let internal = topo.internal_topics();
+    for t in &internal {
+        let partitions = match t.like_source {
+            None => 1,
+            Some(s) => {
+                let src = &topo.sources[s];
+                *existing.get(src.topic.as_str()).ok_or_else(|| {
+                    anyhow::anyhow!("source topic `{}` (source `{}`) does not exist; create it first: its partition count fixes the changelog `{}`", src.topic, src.name, t.name)
+                })?
+            }
+        };
+        match existing.get(t.name.as_str()) {
+            Some(&have) if t.like_source.is_some() && have != partitions => anyhow::bail!(
+                "changelog topic `{}` has {have} partitions but its source topic `{}` has {partitions}: partition p of the changelog must hold the state of source partition p. \
+                 Delete the changelog (its state is then recomputed from the source) or give the application a new id",
+                t.name,
+                topo.sources[t.like_source.unwrap_or_default()].topic
+            ),
+            Some(_) => {}
+            None => wanted.push((t, partitions)),
+        }
+    }
+    let specs: Vec<Spec> = wanted.iter().map(|(t, parts)| Spec { name: t.name.clone(), partitions: *parts, compacted: Some(t.compacted) }).collect();
+    create(&admin, &specs).await
+}
+
+/// A topic to create: name, partitions, and `Some(compacted)` for an internal topic's
+/// cleanup policy (`None`: the broker's defaults).
+struct Spec {
+    name: String,
+    partitions: i32,
+    compacted: Option<bool>,
+}
+
+/// Creates a source topic with `partitions` unless it exists (`tally gen`).
+pub async fn ensure_source(kafka: &KafkaConfig, topic: &str, partitions: i32) -> anyhow::Result<()> {
+    let admin: AdminClient<DefaultClientContext> =
+        super::client_config(kafka, &[("allow.auto.create.topics", "false")]).create().map_err(|e| anyhow::anyhow!("creating the admin client: {e}"))?;
+    let meta = admin.inner().fetch_metadata(None, Duration::from_secs(10)).map_err(|e| anyhow::anyhow!("reading cluster metadata from {}: {e}", kafka.bootstrap_servers))?;
+    if meta.topics().iter().any(|t| t.error().is_none() && t.name() == topic) {
         return Ok(());
     }
-    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))).request_timeout(Some(Duration::from_secs(10)));
-    match admin.create_topics(&new, &opts).await {
-        Ok(results) => {
-            for r in results {
-                match r {
-                    Ok(name) => tracing::info!(topic = %name, "created internal topic"),
-                    Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-                    Err((name, code)) => tracing::warn!(topic = %name, error = %code, "could not create internal topic; it will be auto-created on first use"),
-                }
+    create(&admin, &[Spec { name: topic.to_string(), partitions, compacted: None }]).await
+}
+
+/// Creates `specs`. A changelog that cannot be created is an error; other topics are then
+/// left to auto-creation on first use (brokers without the admin API).
+async fn create(admin: &AdminClient<DefaultClientContext>, specs: &[Spec]) -> anyhow::Result<()> {
+    let new: Vec<NewTopic> = specs
+        .iter()
+        .map(|t| {
+            let topic = NewTopic::new(&t.name, t.partitions, TopicReplication::Fixed(-1));
+            match t.compacted {
+                Some(true) => topic.set("cleanup.policy", "compact").set("retention.ms", "-1"),
+                Some(false) => topic.set("cleanup.policy", "delete").set("retention.ms", SIDE_OUTPUT_RETENTION_MS),
+                None => topic,
             }
+        })
+        .collect();
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))).request_timeout(Some(Duration::from_secs(10)));
+    let failed: Vec<(String, String)> = match admin.create_topics(&new, &opts).await {
+        Ok(results) => results
+            .into_iter()
+            .filter_map(|r| match r {
+                Ok(name) => {
+                    tracing::info!(topic = %name, "created topic");
+                    None
+                }
+                Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => None,
+                Err((name, code)) => Some((name, code.to_string())),
+            })
+            .collect(),
+        Err(e) => specs.iter().map(|t| (t.name.clone(), e.to_string())).collect(),
+    };
+    for (name, why) in failed {
+        let t = specs.iter().find(|t| t.name == name).expect("a result names a requested topic");
+        if t.compacted == Some(true) {
+            anyhow::bail!("could not create changelog topic `{name}` ({why}); create it with {} partitions and cleanup.policy=compact", t.partitions);
         }
-        Err(e) => tracing::warn!(error = %e, "could not create internal topics; they will be auto-created on first use"),
+        tracing::warn!(topic = %name, error = %why, "could not create topic; it will be auto-created on first use");
     }
     Ok(())
 }

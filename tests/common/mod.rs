@@ -33,10 +33,23 @@ pub struct Cluster {
 }
 
 impl Cluster {
-    /// A one-broker cluster with a source topic and the internal topics of `app` (the mock
-    /// has no CreateTopics, so tally cannot create them itself here).
-    pub fn for_app(app: &str, topic: &str, partitions: i32) -> Cluster {
-        Cluster::new(&[(topic, partitions), (&format!("{app}-dead-letters"), 1), (&format!("{app}-late-records"), 1)])
+    /// A one-broker cluster with the source topic of `cfg` and its internal topics (the
+    /// mock has no CreateTopics, so tally cannot create them itself here).
+    pub fn for_config(cfg: &Config, partitions: i32) -> Cluster {
+        Cluster::with_topics_of(cfg, partitions)
+    }
+
+    /// [`Cluster::for_config`] of a shipped example config.
+    pub fn for_example(file: &str, partitions: i32) -> Cluster {
+        Cluster::with_topics_of(&example_config(file, "", Path::new("unused")), partitions)
+    }
+
+    fn with_topics_of(cfg: &Config, partitions: i32) -> Cluster {
+        let topo = tally::topology::Topology::compile(cfg).expect("config compiles");
+        let mut topics: Vec<(String, i32)> = topo.sources.iter().map(|s| (s.topic.clone(), partitions)).collect();
+        topics.extend(topo.internal_topics().into_iter().map(|t| (t.name, if t.like_source.is_some() { partitions } else { 1 })));
+        let refs: Vec<(&str, i32)> = topics.iter().map(|(t, p)| (t.as_str(), *p)).collect();
+        Cluster::new(&refs)
     }
 
     /// A one-broker cluster with `topics` (name, partitions).

@@ -1,0 +1,210 @@
+//! The changelog: what a flush writes ahead of the local store, and how a partition's store
+//! is rebuilt from it. The Kafka side (producing, reading topics) is in
+//! [`crate::kafka::changelog`]; this module is plain Rust over the store.
+//!
+//! # What the changelog holds
+//!
+//! One compacted topic per source (`<app>-<source>-changelog`), partition for partition
+//! with the source topic. Its records are the store's own: the key is the store key, the
+//! value the versioned encoding the store keeps (sketches in their canonical form), and a
+//! deleted key (an expired slice) is a tombstone. A flush writes, per touched partition, the
+//! changed aggregates and *then* — once those are acknowledged — one position record (the
+//! partition's [`PartitionMeta`]: next offset, watermark). Compaction keeps each key's
+//! latest value, and every aggregate carries the highest source offset it absorbed, so a
+//! compacted changelog still restores a state that replays idempotently.
+//!
+//! # Restoring
+//!
+//! [`plan`] decides where to read from: only the tail after the local checkpoint when the
+//! local store is valid, else everything (after wiping the partition's local keys). A
+//! [`Restoration`] applies records in order and ends by recording the last position read
+//! together with the new checkpoint.
+
+use crate::store::{self, PartitionMeta, Store, StoreError, WriteBatch, STATE_FORMAT};
+use crate::topology::Topology;
+
+/// One record of the changelog: a store key and its new value (`None`: deleted).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Change {
+    /// Source index (which changelog topic).
+    pub source: usize,
+    /// Partition (of the source topic and of its changelog).
+    pub partition: i32,
+    /// Store key.
+    pub key: Vec<u8>,
+    /// Encoded value, `None` for a tombstone.
+    pub value: Option<Vec<u8>>,
+}
+
+/// A changelog failure.
+#[derive(Debug, thiserror::Error)]
+#[error("changelog: {0}")]
+pub struct ChangelogError(pub String);
+
+/// Where a flush writes its changes before the local store.
+pub trait ChangeSink {
+    /// Makes `changes` durable, then `positions` (one per partition, each after that
+    /// partition's changes), and returns the offset each position record got, in order.
+    fn write(&mut self, changes: &[Change], positions: &[Change]) -> Result<Vec<i64>, ChangelogError>;
+}
+
+/// Where a partition's restore starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Plan {
+    /// The local store is up to date with the changelog: nothing to read.
+    UpToDate,
+    /// Read from this offset on; the local store is valid up to just before it.
+    Tail(i64),
+    /// Wipe the partition's local state and read the whole changelog (from its start).
+    Scratch,
+}
+
+/// Decides how to restore one partition: `local` is its stored position, `low..high` the
+/// changelog partition's offsets.
+///
+/// The local store is valid when its checkpoint lies inside the changelog. A checkpoint at
+/// or beyond `high` means the changelog is not the one the store was written against
+/// (recreated, or another cluster); one before `low - 1` means records after it are gone.
+/// Either way, and with no checkpoint at all, the partition is rebuilt from scratch.
+pub fn plan(local: Option<PartitionMeta>, low: i64, high: i64) -> Plan {
+    match local.and_then(|m| m.changelog_offset) {
+        Some(c) if c >= low - 1 && c < high => {
+            if c + 1 == high {
+                Plan::UpToDate
+            } else {
+                Plan::Tail(c + 1)
+            }
+        }
+        _ => Plan::Scratch,
+    }
+}
+
+/// Records applied per store batch while restoring.
+const RESTORE_BATCH: usize = 20_000;
+
+/// What a restore read.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RestoreStats {
+    /// Changelog records applied.
+    pub records: u64,
+    /// Their key and value bytes.
+    pub bytes: u64,
+    /// Records that were not this partition's or were unreadable, and were skipped.
+    pub rejected: u64,
+}
+
+/// A restore of one source partition in progress.
+pub struct Restoration {
+    store: Store,
+    /// Key prefixes (tag, metric name) of the source's metrics.
+    metric_prefixes: Vec<Vec<u8>>,
+    meta_key: Vec<u8>,
+    batch: WriteBatch,
+    pending: usize,
+    position: Option<PartitionMeta>,
+    /// What was read so far.
+    pub stats: RestoreStats,
+}
+
+impl Restoration {
+    /// Starts restoring `source`'s `partition` into `store`; with `scratch`, first deletes
+    /// everything stored for it.
+    pub fn begin(store: &Store, topo: &Topology, source: usize, partition: i32, scratch: bool) -> Result<Restoration, StoreError> {
+        let src = &topo.sources[source];
+        let names = src.metrics.iter().map(|&m| topo.metrics[m].name.as_str());
+        let mut position = store.partition_meta(&src.name, partition)?;
+        if scratch {
+            let mut wipe = WriteBatch::default();
+            for k in store.partition_keys(names.clone(), &src.name, partition)? {
+                wipe.delete(&k);
+            }
+            store.apply(wipe)?;
+            position = None;
+        }
+        let metric_prefixes = names
+            .map(|n| {
+                let mut p = Vec::new();
+                store::partition_prefix(&mut p, n, partition);
+                p
+            })
+            .collect();
+        Ok(Restoration {
+            store: store.clone(),
+            metric_prefixes,
+            meta_key: store::meta_key(&src.name, partition),
+            batch: WriteBatch::default(),
+            pending: 0,
+            position,
+            stats: RestoreStats::default(),
+        })
+    }
+
+    /// Applies one changelog record. Records of other partitions or metrics, and values
+    /// that are not in a known format, are skipped and counted: a foreign record must not
+    /// stop a restore, nor land in the state.
+    pub fn apply(&mut self, key: &[u8], value: Option<&[u8]>) -> Result<(), StoreError> {
+        if key == self.meta_key.as_slice() {
+            match value.map(|v| PartitionMeta::decode(key, v)) {
+                Some(Ok(meta)) => self.position = Some(meta),
+                _ => {
+                    self.stats.rejected += 1;
+                    return Ok(());
+                }
+            }
+        } else if self.metric_prefixes.iter().any(|p| key.len() >= p.len() + 8 && key.starts_with(p)) {
+            match value {
+                None => self.batch.delete(key),
+                Some(v) if v.first() == Some(&STATE_FORMAT) => self.batch.put_encoded(key, v),
+                Some(_) => {
+                    self.stats.rejected += 1;
+                    return Ok(());
+                }
+            }
+        } else {
+            self.stats.rejected += 1;
+            return Ok(());
+        }
+        self.stats.records += 1;
+        self.stats.bytes += (key.len() + value.map_or(0, <[u8]>::len)) as u64;
+        self.pending += 1;
+        if self.pending >= RESTORE_BATCH {
+            self.store.apply(std::mem::take(&mut self.batch))?;
+            self.pending = 0;
+        }
+        Ok(())
+    }
+
+    /// Ends the restore at changelog offset `last` (the last record read, or the checkpoint
+    /// if nothing was): stores the last position read with `last` as its checkpoint, and
+    /// fsyncs. Returns the position to resume processing from (`None`: the changelog held
+    /// no position, so the partition is processed from the source's beginning).
+    pub fn finish(mut self, last: i64) -> Result<(Option<PartitionMeta>, RestoreStats), StoreError> {
+        if let Some(p) = &mut self.position {
+            p.changelog_offset = Some(last);
+            self.batch.put_encoded(&self.meta_key, &p.encode());
+        }
+        self.store.apply(self.batch)?;
+        self.store.flush()?;
+        Ok((self.position, self.stats))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meta(c: Option<i64>) -> Option<PartitionMeta> {
+        Some(PartitionMeta { next_offset: 10, watermark: 0, max_event_time: 0, changelog_offset: c })
+    }
+
+    #[test]
+    fn restores_only_the_tail_of_a_valid_checkpoint() {
+        assert_eq!(plan(meta(Some(41)), 0, 100), Plan::Tail(42));
+        assert_eq!(plan(meta(Some(99)), 0, 100), Plan::UpToDate);
+        assert_eq!(plan(meta(Some(100)), 0, 100), Plan::Scratch, "checkpoint beyond the log: another changelog");
+        assert_eq!(plan(meta(Some(5)), 10, 100), Plan::Scratch, "records after the checkpoint were deleted");
+        assert_eq!(plan(meta(Some(9)), 10, 100), Plan::Tail(10));
+        assert_eq!(plan(meta(None), 0, 100), Plan::Scratch, "state written without a changelog");
+        assert_eq!(plan(None, 0, 0), Plan::Scratch);
+    }
+}

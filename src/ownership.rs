@@ -1,0 +1,85 @@
+//! Which source partitions this replica owns right now, and whether each is still being
+//! restored from its changelog.
+//!
+//! The consumer thread writes it (on rebalances and as restores progress); the query API
+//! reads it, so that an answer covers exactly the partitions this replica owns and is up
+//! to date on — never local state it has handed over, never a half-restored partition.
+//!
+//! ```
+//! use tally::ownership::{Ownership, PartitionState};
+//! let owned = Ownership::default();
+//! owned.set(0, 3, PartitionState::Restoring { restored: 0, total: 1000 });
+//! assert!(!owned.ready());
+//! owned.set(0, 3, PartitionState::Active);
+//! owned.mark_joined();
+//! assert!(owned.ready());
+//! assert_eq!(owned.of_source(0), vec![(3, PartitionState::Active)]);
+//! ```
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+
+/// Where an owned partition stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PartitionState {
+    /// Its state is being read back from the changelog; it answers no query yet.
+    Restoring {
+        /// Changelog records read so far.
+        restored: u64,
+        /// Changelog records to read in all.
+        total: u64,
+    },
+    /// Restored and processing.
+    Active,
+}
+
+/// The owned partitions of one replica, by (source index, partition).
+#[derive(Debug, Default)]
+pub struct Ownership {
+    parts: Mutex<BTreeMap<(usize, i32), PartitionState>>,
+    joined: AtomicBool,
+    stopping: AtomicBool,
+}
+
+impl Ownership {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<(usize, i32), PartitionState>> {
+        self.parts.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records a partition's state (taking ownership of it if new).
+    pub fn set(&self, source: usize, partition: i32, state: PartitionState) {
+        self.lock().insert((source, partition), state);
+    }
+
+    /// Gives a partition up.
+    pub fn remove(&self, source: usize, partition: i32) {
+        self.lock().remove(&(source, partition));
+    }
+
+    /// The owned partitions of `source`, in partition order.
+    pub fn of_source(&self, source: usize) -> Vec<(i32, PartitionState)> {
+        self.lock().range((source, i32::MIN)..=(source, i32::MAX)).map(|(&(_, p), &s)| (p, s)).collect()
+    }
+
+    /// Number of partitions owned, and of those still restoring.
+    pub fn counts(&self) -> (usize, usize) {
+        let parts = self.lock();
+        (parts.len(), parts.values().filter(|s| matches!(s, PartitionState::Restoring { .. })).count())
+    }
+
+    /// Notes that the replica has received its first assignment from the group.
+    pub fn mark_joined(&self) {
+        self.joined.store(true, Ordering::Relaxed);
+    }
+
+    /// Notes that the replica is shutting down (it stops being ready).
+    pub fn mark_stopping(&self) {
+        self.stopping.store(true, Ordering::Relaxed);
+    }
+
+    /// Ready: joined the group, not stopping, and no owned partition still restoring.
+    pub fn ready(&self) -> bool {
+        self.joined.load(Ordering::Relaxed) && !self.stopping.load(Ordering::Relaxed) && self.counts().1 == 0
+    }
+}
