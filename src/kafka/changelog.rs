@@ -159,7 +159,9 @@ pub fn restore(kafka: &KafkaConfig, topo: &Topology, store: &Store, parts: &[(us
     let started = Instant::now();
     let consumer: BaseConsumer = super::client_config(
         kafka,
-        &[("enable.auto.commit", "false"), ("enable.partition.eof", "true"), ("fetch.max.bytes", "52428800"), ("max.partition.fetch.bytes", "10485760"), ("fetch.wait.max.ms", "50")],
+        // librdkafka wants a group id even for manually assigned partitions; this consumer
+        // never joins it nor commits.
+        &[("group.id", &format!("{}-restore", topo.application_id)), ("enable.auto.commit", "false"), ("enable.partition.eof", "true"), ("fetch.max.bytes", "52428800"), ("max.partition.fetch.bytes", "10485760"), ("fetch.wait.max.ms", "50")],
     )
     .create()
     .map_err(|e| anyhow::anyhow!("creating the restore consumer: {e}"))?;

@@ -4,6 +4,7 @@
 
 #![allow(dead_code)]
 
+pub mod replica;
 pub mod s1;
 
 use std::collections::{BTreeSet, HashMap};
@@ -26,10 +27,40 @@ use tally::config::{Config, KafkaConfig};
 use tally::gen::GenRecord;
 use tally::kafka::feed::Feed;
 
-/// A mock Kafka cluster hosted by the test process; its brokers listen on loopback.
+/// A Kafka protocol broker on loopback: librdkafka's mock cluster hosted by the test
+/// process, or an external nisshi broker process.
 pub struct Cluster {
-    pub mock: MockCluster<'static, DefaultProducerContext>,
+    pub mock: Option<MockCluster<'static, DefaultProducerContext>>,
+    broker: Option<BrokerProcess>,
     pub brokers: String,
+}
+
+/// An external broker process, killed when dropped.
+struct BrokerProcess {
+    child: std::process::Child,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for BrokerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A free loopback port.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Where the nisshi broker binary is: `TALLY_NISSHI`, else where `.ci/install-test-tools`
+/// builds it.
+fn nisshi_binary() -> std::path::PathBuf {
+    let path = std::env::var_os("TALLY_NISSHI")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| Path::new(&std::env::var("HOME").expect("HOME")).join(".cache/tally/tools/nisshi/bin/nisshi"));
+    assert!(path.exists(), "the nisshi broker is not at {}: run `bash .ci/install-test-tools` (builds it once per machine) or set TALLY_NISSHI", path.display());
+    path
 }
 
 impl Cluster {
@@ -60,10 +91,39 @@ impl Cluster {
         }
         let brokers = mock.bootstrap_servers();
         assert!(brokers.starts_with("127.0.0.1:") || brokers.starts_with("localhost:"), "mock brokers must be on loopback: {brokers}");
-        Cluster { mock, brokers }
+        Cluster { mock: Some(mock), broker: None, brokers }
     }
 
-    fn kafka(&self) -> KafkaConfig {
+    /// A nisshi broker process on a loopback port, in-memory storage, with the source
+    /// topics of `cfg` (`partitions` each); tally creates its internal topics itself here.
+    pub fn nisshi(cfg: &Config, partitions: i32) -> Cluster {
+        let port = free_port();
+        let url = format!("tcp://127.0.0.1:{port}");
+        let dir = tempfile::tempdir().unwrap();
+        let log = std::fs::File::create(dir.path().join("nisshi.log")).unwrap();
+        let child = std::process::Command::new(nisshi_binary())
+            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url, "--storage-engine", "memory://nisshi/", "--group-initial-rebalance-delay", "0s"])
+            .current_dir(dir.path())
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("starting nisshi");
+        let brokers = format!("127.0.0.1:{port}");
+        let cluster = Cluster { mock: None, broker: Some(BrokerProcess { child, _dir: dir }), brokers };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "nisshi did not listen on {port}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let topo = tally::topology::Topology::compile(cfg).expect("config compiles");
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        for s in &topo.sources {
+            rt.block_on(tally::kafka::topics::ensure_source(&cluster.kafka(), &s.topic, partitions)).expect("creating the source topic");
+        }
+        cluster
+    }
+
+    pub fn kafka(&self) -> KafkaConfig {
         KafkaConfig { bootstrap_servers: self.brokers.clone(), application_id: "test".into(), properties: [("enable.idempotence".to_string(), "true".to_string())].into() }
     }
 

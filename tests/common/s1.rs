@@ -68,3 +68,44 @@ pub fn truth(records: &[GenRecord]) -> S1 {
     }
     t1
 }
+
+/// Rows of a windowed count answer as (window start, key text) → count of `agg`.
+pub fn counts_of(answer: &serde_json::Value, agg: &str) -> BTreeMap<(i64, String), u64> {
+    answer["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            let key = r["key"].as_object().unwrap().values().map(text).collect::<Vec<_>>().join("|");
+            ((r["window"]["start"].as_i64().unwrap(), key), r["values"][agg].as_u64().unwrap())
+        })
+        .collect()
+}
+
+/// Asserts that tally at `addr` answers S1 over `records` exactly: every count equal, every
+/// sketch byte-identical to a clean pass. `label` says after what (printed with the totals).
+pub fn assert_exact(addr: std::net::SocketAddr, records: &[GenRecord], label: &str) {
+    let want = truth(records);
+    let pv = counts_of(&super::get(addr, "/api/v1/metrics/pv_by_product"), "pv");
+    let views = counts_of(&super::get(addr, "/api/v1/metrics/views"), "views");
+    let total = |m: &BTreeMap<(i64, String), u64>| m.values().sum::<u64>() as i64;
+    println!(
+        "{label}: pv overcount {} of {} (views {} of {})",
+        total(&pv) - total(&want.pv),
+        total(&want.pv),
+        total(&views) - total(&want.views),
+        total(&want.views)
+    );
+    assert_eq!(pv, want.pv, "pv_by_product {label}");
+    assert_eq!(views, want.views, "views {label}");
+    assert_eq!(counts_of(&super::get(addr, "/api/v1/metrics/purchases"), "purchases"), want.purchases, "purchases {label}");
+    let all = super::get(addr, "/api/v1/metrics/uv_all_time?sketch=canonical");
+    assert!(all["rows"][0]["values"]["uv"]["sketch"].as_str().unwrap() == super::sketch_hex(&want.uv_all, 14), "uv_all_time sketch {label} equals a clean pass");
+    let uv = super::get(addr, "/api/v1/metrics/uv_10m?sketch=canonical");
+    for r in uv["rows"].as_array().unwrap() {
+        let w = r["window"]["start"].as_i64().unwrap();
+        let users = &want.uv_10m[&(w, String::new())];
+        assert!(r["values"]["uv"]["sketch"].as_str().unwrap() == super::sketch_hex(users, 14), "uv_10m sketch of window {w} {label}");
+    }
+    assert_eq!(uv["rows"].as_array().unwrap().len(), want.uv_10m.len(), "uv_10m windows {label}");
+}
