@@ -134,6 +134,13 @@ impl Cluster {
         feed.flush().expect("flush");
     }
 
+    /// The high watermark (next offset) of every partition of `topic`.
+    pub fn high_watermarks(&self, topic: &str) -> Vec<i64> {
+        let c: BaseConsumer = ClientConfig::new().set("bootstrap.servers", &self.brokers).set("group.id", "test-offsets").create().expect("consumer");
+        let meta = c.fetch_metadata(Some(topic), Duration::from_secs(10)).expect("metadata");
+        meta.topics()[0].partitions().iter().map(|p| c.fetch_watermarks(topic, p.id(), Duration::from_secs(10)).expect("watermarks").1).collect()
+    }
+
     /// Reads `expect` records of every partition of `topic`: (headers as a map, payload).
     pub fn read_all(&self, topic: &str, expect: usize) -> Vec<(HashMap<String, String>, Vec<u8>)> {
         let c: BaseConsumer = ClientConfig::new()
