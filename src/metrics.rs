@@ -133,6 +133,16 @@ impl Metrics {
         m
     }
 
+    /// Creates the per-source series at zero, so that dashboards and alerts see a 0 rather
+    /// than no data before the first event of each kind (a restore may never happen).
+    pub fn init_sources<'a>(&self, sources: impl IntoIterator<Item = &'a str>) {
+        for s in sources {
+            for c in [&self.records_consumed, &self.records_processed, &self.records_replayed, &self.changelog_records, &self.restore_records, &self.restore_bytes, &self.restore_rejected] {
+                c.with_label_values(&[s]);
+            }
+        }
+    }
+
     /// The text exposition of every metric.
     pub fn render(&self) -> String {
         let mut buf = Vec::new();
