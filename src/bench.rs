@@ -1,13 +1,18 @@
-//! `tally bench`: S1 events through librdkafka's mock cluster into one tally, reporting
-//! throughput, produce-to-queryable latency, peak RSS and state size.
+//! `tally bench`: S1 events through librdkafka's mock cluster into tally, reporting
+//! throughput (with and without the changelog), produce-to-queryable latency, restore
+//! speed, failover time, peak RSS and state size.
 //!
-//! Two phases:
-//! 1. **Throughput**: the topic is pre-filled, then tally starts and drains it; events/s is
-//!    counted from the first consumed record to the last. The mock keeps at most ~5 MiB per
-//!    partition and silently drops older data, so the event count is capped per partition.
+//! Phases:
+//! 1. **Throughput**: the topic is pre-filled, then tally drains it, once without and once
+//!    with the changelog (separate consumer groups); events/s is counted from the first
+//!    consumed record to the last. The mock keeps at most ~5 MiB per partition and silently
+//!    drops older data, so the event count is capped per partition.
 //! 2. **Latency**: events are produced at a fixed rate, stamped with the wall clock, while
 //!    tally consumes; p50/p99 come from tally's own `tally_queryable_latency_seconds`
 //!    histogram (the observations of this phase only).
+//! 3. **Restore**: a changelog of synthetic count aggregates is read into an empty store.
+//! 4. **Failover**: two replica processes; one is SIGKILLed (then, again, SIGTERMed) and
+//!    the time until the other answers for every partition is measured.
 //!
 //! Every figure is read from tally's `/metrics` over HTTP, as an operator would.
 
@@ -45,6 +50,9 @@ pub struct BenchOptions {
     /// Event-time milliseconds between consecutive events of the throughput phase.
     #[arg(long, default_value_t = 1)]
     pub step_ms: i64,
+    /// Changelog records in the restore phase.
+    #[arg(long, default_value_t = 1_000_000)]
+    pub restore_records: usize,
 }
 
 fn scrape(addr: SocketAddr) -> anyhow::Result<String> {
@@ -183,19 +191,214 @@ fn consume_only(cfg: &Config, topic: &str, partitions: i32, events: usize) -> an
     Ok(n as f64 / start.map_or(1.0, |s| s.elapsed().as_secs_f64()))
 }
 
+/// tally running in this process on its own runtime.
+struct InProcess {
+    addr: SocketAddr,
+    stop: tokio::sync::oneshot::Sender<()>,
+    thread: std::thread::JoinHandle<anyhow::Result<()>>,
+}
+
+impl InProcess {
+    fn start(cfg: Config) -> anyhow::Result<InProcess> {
+        let (addr_tx, addr_rx) = mpsc::channel();
+        let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::spawn(move || -> anyhow::Result<()> {
+            let rt = tokio::runtime::Runtime::new()?;
+            rt.block_on(crate::app::run(cfg, async { let _ = stop_rx.await; }, move |a| {
+                let _ = addr_tx.send(a);
+            }))
+        });
+        let addr = addr_rx.recv_timeout(Duration::from_secs(30))?;
+        Ok(InProcess { addr, stop, thread })
+    }
+
+    fn stop(self) -> anyhow::Result<()> {
+        let _ = self.stop.send(());
+        self.thread.join().map_err(|_| anyhow::anyhow!("tally panicked"))?
+    }
+}
+
+/// What draining the pre-filled topic measured.
+struct Drain {
+    events_per_s: f64,
+    secs: f64,
+    text: String,
+}
+
+/// Waits until tally at `addr` has consumed `events`, timing from its first record.
+fn drain(addr: SocketAddr, events: usize) -> anyhow::Result<Drain> {
+    let (_, first) = wait_for(addr, "tally_records_consumed_total", 1.0, Duration::from_secs(60))?;
+    let (text, last) = wait_for(addr, "tally_records_consumed_total", events as f64, Duration::from_secs(600))?;
+    // Counters are published per flush: the drain ends within one commit interval of `last`.
+    let secs = last.duration_since(first).as_secs_f64().max(1e-3);
+    Ok(Drain { events_per_s: events as f64 / secs, secs, text })
+}
+
+/// Creates the internal topics of `cfg` on the mock (its source topic exists already).
+fn create_internal(mock: &MockCluster<'_, rdkafka::producer::DefaultProducerContext>, cfg: &Config, partitions: i32) -> anyhow::Result<()> {
+    for t in crate::topology::Topology::compile(cfg)?.internal_topics() {
+        let parts = if t.like_source.is_some() { partitions } else { 1 };
+        mock.create_topic(&t.name, parts, 1).map_err(|e| anyhow::anyhow!("creating {}: {e}", t.name))?;
+    }
+    Ok(())
+}
+
+/// A config of the bench's S1 app on `brokers`, as application `app`.
+fn bench_config(brokers: &str, app: &str, state: &Path) -> anyhow::Result<Config> {
+    let mut cfg = Config::from_toml_str(crate::demo::S1_CONFIG)?;
+    cfg.kafka.bootstrap_servers = brokers.to_string();
+    cfg.kafka.application_id = app.to_string();
+    cfg.state.dir = state.to_path_buf();
+    cfg.http.listen = "127.0.0.1:0".into();
+    Ok(cfg)
+}
+
+/// Restore speed: `n` changelog records (count aggregates of distinct slices, spread over
+/// the partitions) produced to a changelog topic, then read back into an empty store by
+/// the restore path replicas use. Returns (records/s, MB/s, records restored).
+fn restore_speed(mock: &MockCluster<'_, rdkafka::producer::DefaultProducerContext>, n: usize, partitions: i32) -> anyhow::Result<(f64, f64, u64)> {
+    use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
+    let dir = tempfile::Builder::new().prefix("tally-bench-restore-").tempdir()?;
+    let cfg = bench_config(&mock.bootstrap_servers(), "tally-bench-restore", dir.path())?;
+    let topo = crate::topology::Topology::compile(&cfg)?;
+    let topic = topo.changelog_topic(0);
+    create_internal(mock, &cfg, partitions)?;
+    let producer: ThreadedProducer<rdkafka::producer::DefaultProducerContext> =
+        crate::kafka::client_config(&cfg.kafka, &[("linger.ms", "20"), ("queue.buffering.max.messages", "2000000"), ("compression.type", "lz4")]).create()?;
+    let metric = &topo.metrics[topo.sources[0].metrics[0]].name;
+    for i in 0..n {
+        let p = (i % partitions as usize) as i32;
+        let mut key = Vec::new();
+        crate::store::state_key_prefix(&mut key, metric, p, (i / partitions as usize) as i64 * 60_000);
+        key.extend_from_slice(format!("product-{}", i % 1000).as_bytes());
+        let states = topo.metrics[topo.sources[0].metrics[0]].aggregates.iter().map(|a| crate::aggregate::AggState::new(&a.kind)).collect();
+        let value = crate::store::StoredAggregate { max_offset: i as i64, states }.encode();
+        loop {
+            match producer.send(BaseRecord::to(&topic).partition(p).key(&key).payload(&value)) {
+                Ok(()) => break,
+                Err((_, _)) => std::thread::sleep(Duration::from_millis(5)),
+            }
+        }
+    }
+    producer.flush(Duration::from_secs(120))?;
+    let store = crate::store::Store::open(&dir.path().join("state"))?;
+    let owned = crate::ownership::Ownership::default();
+    let metrics = crate::metrics::Metrics::new();
+    let parts: Vec<(usize, i32)> = (0..partitions).map(|p| (0, p)).collect();
+    let started = Instant::now();
+    crate::kafka::changelog::restore(&cfg.kafka, &topo, &store, &parts, &owned, &metrics)?;
+    let secs = started.elapsed().as_secs_f64();
+    let text = metrics.render();
+    let (records, bytes) = (sum(&text, "tally_restore_records_total"), sum(&text, "tally_restore_bytes_total"));
+    Ok((records / secs, bytes / secs / 1e6, records as u64))
+}
+
+/// A `tally run` child process of this binary.
+struct Child {
+    process: std::process::Child,
+    addr: SocketAddr,
+}
+
+impl Child {
+    fn start(cfg: &Config, dir: &Path, name: &str) -> anyhow::Result<Child> {
+        let mut cfg = cfg.clone();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        cfg.http.listen = format!("127.0.0.1:{port}");
+        cfg.state.dir = dir.join(name);
+        let file = dir.join(format!("{name}.toml"));
+        std::fs::write(&file, toml::to_string(&cfg)?)?;
+        let log = std::fs::File::create(dir.join(format!("{name}.log")))?;
+        let process = std::process::Command::new(std::env::current_exe()?)
+            .args(["run", "--config"])
+            .arg(&file)
+            .env("RUST_LOG", "info")
+            .stdout(std::process::Stdio::null())
+            .stderr(log)
+            .spawn()?;
+        Ok(Child { process, addr: cfg.http.listen.parse()? })
+    }
+
+    /// Partitions this replica answers for right now (`None`: no answer, or 503).
+    fn answering(&self) -> Option<usize> {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(self.addr).ok()?;
+        write!(s, "GET /api/v1/metrics/views?limit=1 HTTP/1.0\r\nHost: {}\r\n\r\n", self.addr).ok()?;
+        let mut resp = String::new();
+        s.read_to_string(&mut resp).ok()?;
+        let (head, body) = resp.split_once("\r\n\r\n")?;
+        if !head.starts_with("HTTP/1.1 200") && !head.starts_with("HTTP/1.0 200") {
+            return None;
+        }
+        let v: serde_json::Value = serde_json::from_str(body).ok()?;
+        Some(v["coverage"]["partitions"].as_array()?.len())
+    }
+
+    fn signal(&mut self, sig: &str) -> anyhow::Result<()> {
+        std::process::Command::new("kill").args([sig, &self.process.id().to_string()]).status()?;
+        self.process.wait()?;
+        Ok(())
+    }
+}
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.process.kill();
+        let _ = self.process.wait();
+    }
+}
+
+/// Waits until `replica` answers for all `partitions`; returns when it did.
+fn wait_answering(replica: &Child, partitions: usize, limit: Duration) -> anyhow::Result<Instant> {
+    let start = Instant::now();
+    loop {
+        if replica.answering() == Some(partitions) {
+            return Ok(Instant::now());
+        }
+        if start.elapsed() > limit {
+            anyhow::bail!("the surviving replica did not answer for all {partitions} partitions within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Failover: two replicas as processes of this binary on the mock cluster (tally's default
+/// session timeout and heartbeats); one is stopped, and the time until the other answers
+/// queries for every partition is measured. Returns (after SIGKILL, after SIGTERM).
+fn failover(mock: &MockCluster<'_, rdkafka::producer::DefaultProducerContext>, partitions: i32) -> anyhow::Result<(Duration, Duration)> {
+    let dir = tempfile::Builder::new().prefix("tally-bench-failover-").tempdir()?;
+    let cfg = bench_config(&mock.bootstrap_servers(), "tally-bench-failover", dir.path())?;
+    create_internal(mock, &cfg, partitions)?;
+    let a = Child::start(&cfg, dir.path(), "a")?;
+    wait_answering(&a, partitions as usize, Duration::from_secs(300))?;
+    let mut times = Vec::new();
+    for sig in ["-KILL", "-TERM"] {
+        let mut b = Child::start(&cfg, dir.path(), "b")?;
+        // Until the rebalance has given b its share.
+        let start = Instant::now();
+        while !(b.answering().is_some_and(|n| n > 0) && a.answering().is_some_and(|n| n < partitions as usize)) {
+            anyhow::ensure!(start.elapsed() < Duration::from_secs(120), "the second replica never got partitions");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        std::thread::sleep(Duration::from_secs(2));
+        let stopped = Instant::now();
+        b.signal(sig)?;
+        let answering = wait_answering(&a, partitions as usize, Duration::from_secs(120))?;
+        times.push(answering.duration_since(stopped));
+    }
+    Ok((times[0], times[1]))
+}
+
 /// Runs the benchmark and prints its figures.
 pub fn run(opts: BenchOptions) -> anyhow::Result<()> {
     let mock = MockCluster::new(1).map_err(|e| anyhow::anyhow!("starting the mock cluster: {e}"))?;
     let topic = gen::topic(Scenario::S1);
-    let mut cfg = Config::from_toml_str(crate::demo::S1_CONFIG)?;
-    let app = &cfg.kafka.application_id;
-    for (t, parts) in [(topic.to_string(), opts.partitions), (format!("{app}-dead-letters"), 1), (format!("{app}-late-records"), 1)] {
-        mock.create_topic(&t, parts, 1).map_err(|e| anyhow::anyhow!("creating {t}: {e}"))?;
-    }
+    let brokers = mock.bootstrap_servers();
     let state = tempfile::Builder::new().prefix("tally-bench-").tempdir()?;
-    cfg.kafka.bootstrap_servers = mock.bootstrap_servers();
-    cfg.state.dir = state.path().to_path_buf();
-    cfg.http.listen = "127.0.0.1:0".into();
+    let cfg = bench_config(&brokers, "tally-bench", &state.path().join("on"))?;
+    let mut cfg_off = bench_config(&brokers, "tally-bench-nolog", &state.path().join("off"))?;
+    cfg_off.state.changelog = false;
+    crate::kafka::topics::create_on_mock(&mock, &crate::topology::Topology::compile(&cfg)?, opts.partitions)?;
+    create_internal(&mock, &cfg_off, opts.partitions)?;
 
     let events = opts.events.min(MOCK_RECORDS_PER_PARTITION * opts.partitions.max(1) as usize);
     if events < opts.events {
@@ -213,52 +416,52 @@ pub fn run(opts: BenchOptions) -> anyhow::Result<()> {
     eprintln!("pre-filled {events} events in {:.1} s", produce_start.elapsed().as_secs_f64());
     let raw = consume_only(&cfg, topic, opts.partitions, events)?;
 
-    let (addr_tx, addr_rx) = mpsc::channel();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let tally = std::thread::spawn(move || -> anyhow::Result<()> {
-        let rt = tokio::runtime::Runtime::new()?;
-        rt.block_on(crate::app::run(cfg, async { let _ = stop_rx.await; }, move |a| {
-            let _ = addr_tx.send(a);
-        }))
-    });
-    let addr = addr_rx.recv_timeout(Duration::from_secs(30))?;
-
-    // Phase 1: throughput.
-    let (_, first) = wait_for(addr, "tally_records_consumed_total", 1.0, Duration::from_secs(60))?;
-    let (text, last) = wait_for(addr, "tally_records_consumed_total", events as f64, Duration::from_secs(600))?;
-    // Counters are published per flush: the drain ends within one commit interval of `last`.
-    let secs = last.duration_since(first).as_secs_f64().max(1e-3);
-    let flushes = buckets(&text, "tally_flush_duration_seconds");
-    let flush_count = sum(&text, "tally_flush_duration_seconds_count");
-    let flush_secs = sum(&text, "tally_flush_duration_seconds_sum");
-    let invalid = sum(&text, "tally_records_invalid_total");
-    let late = sum(&text, "tally_records_late_total");
+    // Phase 1: throughput without, then with the changelog (each its own consumer group).
+    let off = InProcess::start(cfg_off)?;
+    let without = drain(off.addr, events)?;
+    off.stop()?;
+    let tally = InProcess::start(cfg)?;
+    let with = drain(tally.addr, events)?;
+    let text = &with.text;
+    let flushes = buckets(text, "tally_flush_duration_seconds");
+    let flush_count = sum(text, "tally_flush_duration_seconds_count");
+    let flush_secs = sum(text, "tally_flush_duration_seconds_sum");
+    let invalid = sum(text, "tally_records_invalid_total");
+    let late = sum(text, "tally_records_late_total");
+    let changelog_records = sum(text, "tally_changelog_records_total");
     std::thread::sleep(Duration::from_millis(500));
-    let state_bytes = dir_bytes(state.path());
+    let state_bytes = dir_bytes(&state.path().join("on"));
 
     // Phase 2: latency at a fixed rate, wall-clock event times.
-    let before = buckets(&scrape(addr)?, "tally_queryable_latency_seconds");
-    let consumed_before = sum(&scrape(addr)?, "tally_records_consumed_total");
+    let before = buckets(&scrape(tally.addr)?, "tally_queryable_latency_seconds");
+    let consumed_before = sum(&scrape(tally.addr)?, "tally_records_consumed_total");
     let stop = Arc::new(AtomicBool::new(false));
     let now = SystemTime::now().duration_since(UNIX_EPOCH)?.as_millis() as i64;
     let live_opts = GenOptions { start_ms: now, step_ms: 1, partitions: opts.partitions, ..GenOptions::for_scenario(Scenario::S1) };
     let n = opts.latency_rate * opts.latency_seconds;
     let sent = feed.send_all(gen::live(Scenario::S1, &live_opts).take(n as usize), opts.latency_rate, || stop.load(Ordering::Relaxed))?;
     feed.flush()?;
-    let (text, _) = wait_for(addr, "tally_records_consumed_total", consumed_before + sent as f64, Duration::from_secs(120))?;
+    wait_for(tally.addr, "tally_records_consumed_total", consumed_before + sent as f64, Duration::from_secs(120))?;
     std::thread::sleep(Duration::from_millis(500));
-    let after = buckets(&scrape(addr)?, "tally_queryable_latency_seconds");
-    let _ = text;
+    let after = buckets(&scrape(tally.addr)?, "tally_queryable_latency_seconds");
     stop.store(true, Ordering::Relaxed);
-    let _ = stop_tx.send(());
-    tally.join().map_err(|_| anyhow::anyhow!("tally panicked"))??;
+    tally.stop()?;
+    let rss = peak_rss_kib().unwrap_or(0) / 1024;
+
+    // Phase 3: restore speed; phase 4: failover between two replica processes.
+    let (restore_rate, restore_mb, restored) = restore_speed(&mock, opts.restore_records, opts.partitions)?;
+    let (after_kill, after_term) = failover(&mock, opts.partitions)?;
 
     let ms = |q: Option<f64>| q.map_or("n/a".to_string(), |s| format!("{:.0} ms", s * 1000.0));
     println!("S1, all S1 metrics on, {} partitions, events {} ms apart in event time, one tally process, librdkafka mock cluster", opts.partitions, opts.step_ms);
-    println!("throughput           {:.0} events/s ({events} events in {secs:.2} s; {invalid} invalid, {late} late-for-a-metric)", events as f64 / secs);
     println!(
-        "flushes              {flush_count} taking {:.0} % of the drain; p50 {} p99 {} (side outputs acked, state written and fsynced)",
-        flush_secs / secs * 100.0,
+        "throughput           {:.0} events/s with the changelog ({events} events in {:.2} s; {invalid} invalid, {late} late-for-a-metric; {changelog_records} changelog records)",
+        with.events_per_s, with.secs
+    );
+    println!("  without changelog  {:.0} events/s ({:.2} s); the changelog costs {:.0} %", without.events_per_s, without.secs, (1.0 - with.events_per_s / without.events_per_s) * 100.0);
+    println!(
+        "flushes              {flush_count} taking {:.0} % of the drain; p50 {} p99 {} (commit, side outputs, changelog acked, state written and fsynced)",
+        flush_secs / with.secs * 100.0,
         ms(quantile(&BTreeMap::new(), &flushes, 0.5)),
         ms(quantile(&BTreeMap::new(), &flushes, 0.99))
     );
@@ -269,8 +472,14 @@ pub fn run(opts: BenchOptions) -> anyhow::Result<()> {
         core_flushing.as_secs_f64() * core / events as f64 * 100.0
     );
     println!("produce->queryable   p50 {}  p99 {}  (at {} events/s for {} s)", ms(quantile(&before, &after, 0.5)), ms(quantile(&before, &after, 0.99)), opts.latency_rate, opts.latency_seconds);
-    println!("peak RSS             {} MiB (whole process: mock broker and producer included)", peak_rss_kib().unwrap_or(0) / 1024);
+    println!("peak RSS             {rss} MiB (whole process: mock broker and producer included)");
     println!("state on disk        {:.1} MiB per million events ({} bytes after {events} events)", state_bytes as f64 / (events as f64 / 1e6) / (1 << 20) as f64, state_bytes);
+    println!("restore              {restore_rate:.0} changelog records/s, {restore_mb:.1} MB/s into sled ({restored} records over {} partitions, empty disk)", opts.partitions);
+    println!(
+        "failover             {:.1} s after SIGKILL, {:.1} s after SIGTERM (until the other replica answers for every partition; default session timeout)",
+        after_kill.as_secs_f64(),
+        after_term.as_secs_f64()
+    );
     drop(mock);
     Ok(())
 }

@@ -79,9 +79,6 @@ pub fn plan(local: Option<PartitionMeta>, low: i64, high: i64) -> Plan {
     }
 }
 
-/// Records applied per store batch while restoring.
-const RESTORE_BATCH: usize = 20_000;
-
 /// What a restore read.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct RestoreStats {
@@ -94,13 +91,17 @@ pub struct RestoreStats {
 }
 
 /// A restore of one source partition in progress.
+///
+/// Records are written as they are read, not in one atomic batch (sled batches of many
+/// keys are several times slower). That is safe because the position is written last, by
+/// [`Restoration::finish`]: a crash before it leaves the old checkpoint (from scratch: none,
+/// as the wipe removed it), so the next restore reads the same records again and writes
+/// the same values.
 pub struct Restoration {
     store: Store,
     /// Key prefixes (tag, metric name) of the source's metrics.
     metric_prefixes: Vec<Vec<u8>>,
     meta_key: Vec<u8>,
-    batch: WriteBatch,
-    pending: usize,
     position: Option<PartitionMeta>,
     /// What was read so far.
     pub stats: RestoreStats,
@@ -132,8 +133,6 @@ impl Restoration {
             store: store.clone(),
             metric_prefixes,
             meta_key: store::meta_key(&src.name, partition),
-            batch: WriteBatch::default(),
-            pending: 0,
             position,
             stats: RestoreStats::default(),
         })
@@ -152,39 +151,29 @@ impl Restoration {
                 }
             }
         } else if self.metric_prefixes.iter().any(|p| key.len() >= p.len() + 8 && key.starts_with(p)) {
-            match value {
-                None => self.batch.delete(key),
-                Some(v) if v.first() == Some(&STATE_FORMAT) => self.batch.put_encoded(key, v),
-                Some(_) => {
-                    self.stats.rejected += 1;
-                    return Ok(());
-                }
+            if value.is_some_and(|v| v.first() != Some(&STATE_FORMAT)) {
+                self.stats.rejected += 1;
+                return Ok(());
             }
+            self.store.put_encoded(key, value)?;
         } else {
             self.stats.rejected += 1;
             return Ok(());
         }
         self.stats.records += 1;
         self.stats.bytes += (key.len() + value.map_or(0, <[u8]>::len)) as u64;
-        self.pending += 1;
-        if self.pending >= RESTORE_BATCH {
-            self.store.apply(std::mem::take(&mut self.batch))?;
-            self.pending = 0;
-        }
         Ok(())
     }
 
     /// Ends the restore at changelog offset `last` (the last record read, or the checkpoint
-    /// if nothing was): stores the last position read with `last` as its checkpoint, and
-    /// fsyncs. Returns the position to resume processing from (`None`: the changelog held
+    /// if nothing was): stores the last position read with `last` as its checkpoint. The
+    /// caller fsyncs ([`Store::flush`]) before processing the partition. Returns the position to resume processing from (`None`: the changelog held
     /// no position, so the partition is processed from the source's beginning).
     pub fn finish(mut self, last: i64) -> Result<(Option<PartitionMeta>, RestoreStats), StoreError> {
         if let Some(p) = &mut self.position {
             p.changelog_offset = Some(last);
-            self.batch.put_encoded(&self.meta_key, &p.encode());
+            self.store.put_encoded(&self.meta_key, Some(&p.encode()))?;
         }
-        self.store.apply(self.batch)?;
-        self.store.flush()?;
         Ok((self.position, self.stats))
     }
 }

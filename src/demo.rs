@@ -32,12 +32,7 @@ pub fn run(opts: DemoOptions) -> anyhow::Result<()> {
     let mock = MockCluster::new(1).map_err(|e| anyhow::anyhow!("starting the mock Kafka cluster: {e}"))?;
     let mut cfg = Config::from_toml_str(S1_CONFIG)?;
     let topo = crate::topology::Topology::compile(&cfg)?;
-    // The mock cluster has no admin API: create what tally would.
-    let mut topics = vec![(gen::topic(Scenario::S1).to_string(), opts.partitions)];
-    topics.extend(topo.internal_topics().into_iter().map(|t| (t.name, if t.like_source.is_some() { opts.partitions } else { 1 })));
-    for (topic, parts) in topics {
-        mock.create_topic(&topic, parts, 1).map_err(|e| anyhow::anyhow!("creating topic {topic}: {e}"))?;
-    }
+    crate::kafka::topics::create_on_mock(&mock, &topo, opts.partitions)?;
     let state = tempfile::Builder::new().prefix("tally-demo-").tempdir()?;
     cfg.kafka.bootstrap_servers = mock.bootstrap_servers();
     cfg.state.dir = state.path().to_path_buf();

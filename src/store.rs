@@ -265,6 +265,17 @@ impl Store {
         }
     }
 
+    /// Writes one encoded value (`None`: removes the key), outside any batch: for restores,
+    /// which need no atomicity (see [`crate::changelog::Restoration`]) and are several times
+    /// faster this way than in sled batches.
+    pub fn put_encoded(&self, key: &[u8], value: Option<&[u8]>) -> Result<(), StoreError> {
+        match value {
+            Some(v) => self.tree.insert(key, v)?,
+            None => self.tree.remove(key)?,
+        };
+        Ok(())
+    }
+
     /// Applies a batch atomically.
     pub fn apply(&self, batch: WriteBatch) -> Result<(), StoreError> {
         Ok(self.tree.apply_batch(batch.batch)?)

@@ -10,6 +10,17 @@ use rdkafka::types::RDKafkaErrorCode;
 use crate::config::KafkaConfig;
 use crate::topology::{InternalTopic, Topology};
 
+/// Creates the source topics of `topo` (`partitions` each) and its internal topics on
+/// librdkafka's mock cluster, which has no admin API (`tally demo`, `tally bench`, tests).
+pub fn create_on_mock<C: rdkafka::ClientContext>(mock: &rdkafka::mocking::MockCluster<'_, C>, topo: &Topology, partitions: i32) -> anyhow::Result<()> {
+    let mut topics: Vec<(String, i32)> = topo.sources.iter().map(|s| (s.topic.clone(), partitions)).collect();
+    topics.extend(topo.internal_topics().into_iter().map(|t| (t.name, if t.like_source.is_some() { partitions } else { 1 })));
+    for (topic, parts) in topics {
+        mock.create_topic(&topic, parts, 1).map_err(|e| anyhow::anyhow!("creating topic {topic} on the mock cluster: {e}"))?;
+    }
+    Ok(())
+}
+
 /// Side outputs keep a week, Kafka's own default, stated so a broker default cannot shorten it.
 const SIDE_OUTPUT_RETENTION_MS: &str = "604800000";
 

@@ -77,10 +77,9 @@ impl Cluster {
 
     fn with_topics_of(cfg: &Config, partitions: i32) -> Cluster {
         let topo = tally::topology::Topology::compile(cfg).expect("config compiles");
-        let mut topics: Vec<(String, i32)> = topo.sources.iter().map(|s| (s.topic.clone(), partitions)).collect();
-        topics.extend(topo.internal_topics().into_iter().map(|t| (t.name, if t.like_source.is_some() { partitions } else { 1 })));
-        let refs: Vec<(&str, i32)> = topics.iter().map(|(t, p)| (t.as_str(), *p)).collect();
-        Cluster::new(&refs)
+        let cluster = Cluster::new(&[]);
+        tally::kafka::topics::create_on_mock(cluster.mock.as_ref().unwrap(), &topo, partitions).expect("creating topics");
+        cluster
     }
 
     /// A one-broker cluster with `topics` (name, partitions).
