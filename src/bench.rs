@@ -53,6 +53,10 @@ pub struct BenchOptions {
     /// Changelog records in the restore phase.
     #[arg(long, default_value_t = 1_000_000)]
     pub restore_records: usize,
+    /// Run the failover phase against this broker (loopback) instead of the mock cluster,
+    /// whose group coordinator waits session timeout − 1 s before every rebalance.
+    #[arg(long)]
+    pub failover_brokers: Option<String>,
 }
 
 fn scrape(addr: SocketAddr) -> anyhow::Result<String> {
@@ -253,44 +257,66 @@ fn bench_config(brokers: &str, app: &str, state: &Path) -> anyhow::Result<Config
     Ok(cfg)
 }
 
-/// Restore speed: `n` changelog records (count aggregates of distinct slices, spread over
-/// the partitions) produced to a changelog topic, then read back into an empty store by
-/// the restore path replicas use. Returns (records/s, MB/s, records restored).
-fn restore_speed(mock: &MockCluster<'_, rdkafka::producer::DefaultProducerContext>, n: usize, partitions: i32) -> anyhow::Result<(f64, f64, u64)> {
-    use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
+/// Reads the whole changelog of `cfg`'s application into an empty store through the restore
+/// path replicas use, and times it.
+fn time_restore(cfg: &Config, partitions: i32) -> anyhow::Result<Restored> {
     let dir = tempfile::Builder::new().prefix("tally-bench-restore-").tempdir()?;
-    let cfg = bench_config(&mock.bootstrap_servers(), "tally-bench-restore", dir.path())?;
+    let topo = crate::topology::Topology::compile(cfg)?;
+    let store = crate::store::Store::open(dir.path())?;
+    let parts: Vec<(usize, i32)> = (0..partitions).map(|p| (0, p)).collect();
+    let started = Instant::now();
+    let stats = crate::kafka::changelog::restore(&cfg.kafka, &topo, &store, &parts, &crate::ownership::Ownership::default(), &crate::metrics::Metrics::new())?;
+    Ok(Restored { secs: started.elapsed().as_secs_f64(), stats })
+}
+
+/// What a timed restore read.
+struct Restored {
+    secs: f64,
+    stats: crate::changelog::RestoreStats,
+}
+
+impl std::fmt::Display for Restored {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let s = &self.stats;
+        write!(
+            f,
+            "{:.0} changelog records/s, {:.1} MB/s ({} records, {} distinct keys, {:.1} MB in {:.2} s)",
+            s.records as f64 / self.secs,
+            s.bytes as f64 / self.secs / 1e6,
+            s.records,
+            s.keys_written,
+            s.bytes as f64 / 1e6,
+            self.secs
+        )
+    }
+}
+
+/// A synthetic changelog for the restore phase: `n` records of count aggregates, five
+/// versions of each key as five flushes would write them, spread over the partitions.
+fn synthetic_changelog(mock: &MockCluster<'_, rdkafka::producer::DefaultProducerContext>, n: usize, partitions: i32) -> anyhow::Result<Config> {
+    use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
+    let cfg = bench_config(&mock.bootstrap_servers(), "tally-bench-restore", Path::new("unused"))?;
     let topo = crate::topology::Topology::compile(&cfg)?;
     let topic = topo.changelog_topic(0);
     create_internal(mock, &cfg, partitions)?;
     let producer: ThreadedProducer<rdkafka::producer::DefaultProducerContext> =
         crate::kafka::client_config(&cfg.kafka, &[("linger.ms", "20"), ("queue.buffering.max.messages", "2000000"), ("compression.type", "lz4")]).create()?;
-    let metric = &topo.metrics[topo.sources[0].metrics[0]].name;
+    let metric = &topo.metrics[topo.sources[0].metrics[0]];
+    let keys = (n / 5).max(1);
     for i in 0..n {
-        let p = (i % partitions as usize) as i32;
+        let k = i % keys;
+        let p = (k % partitions as usize) as i32;
         let mut key = Vec::new();
-        crate::store::state_key_prefix(&mut key, metric, p, (i / partitions as usize) as i64 * 60_000);
-        key.extend_from_slice(format!("product-{}", i % 1000).as_bytes());
-        let states = topo.metrics[topo.sources[0].metrics[0]].aggregates.iter().map(|a| crate::aggregate::AggState::new(&a.kind)).collect();
+        crate::store::state_key_prefix(&mut key, &metric.name, p, (k / partitions as usize) as i64 * 60_000);
+        key.extend_from_slice(format!("product-{}", k % 1000).as_bytes());
+        let states = metric.aggregates.iter().map(|a| crate::aggregate::AggState::new(&a.kind)).collect();
         let value = crate::store::StoredAggregate { max_offset: i as i64, states }.encode();
-        loop {
-            match producer.send(BaseRecord::to(&topic).partition(p).key(&key).payload(&value)) {
-                Ok(()) => break,
-                Err((_, _)) => std::thread::sleep(Duration::from_millis(5)),
-            }
+        while producer.send(BaseRecord::to(&topic).partition(p).key(&key).payload(&value)).is_err() {
+            std::thread::sleep(Duration::from_millis(5));
         }
     }
     producer.flush(Duration::from_secs(120))?;
-    let store = crate::store::Store::open(&dir.path().join("state"))?;
-    let owned = crate::ownership::Ownership::default();
-    let metrics = crate::metrics::Metrics::new();
-    let parts: Vec<(usize, i32)> = (0..partitions).map(|p| (0, p)).collect();
-    let started = Instant::now();
-    crate::kafka::changelog::restore(&cfg.kafka, &topo, &store, &parts, &owned, &metrics)?;
-    let secs = started.elapsed().as_secs_f64();
-    let text = metrics.render();
-    let (records, bytes) = (sum(&text, "tally_restore_records_total"), sum(&text, "tally_restore_bytes_total"));
-    Ok((records / secs, bytes / secs / 1e6, records as u64))
+    Ok(cfg)
 }
 
 /// A `tally run` child process of this binary.
@@ -364,15 +390,28 @@ fn wait_answering(replica: &Child, partitions: usize, limit: Duration) -> anyhow
 /// Failover: two replicas as processes of this binary on the mock cluster (tally's default
 /// session timeout and heartbeats); one is stopped, and the time until the other answers
 /// queries for every partition is measured. Returns (after SIGKILL, after SIGTERM).
-fn failover(mock: &MockCluster<'_, rdkafka::producer::DefaultProducerContext>, partitions: i32) -> anyhow::Result<(Duration, Duration)> {
+fn failover(mock: &MockCluster<'_, rdkafka::producer::DefaultProducerContext>, external: Option<&str>, partitions: i32) -> anyhow::Result<(Duration, Duration)> {
     let dir = tempfile::Builder::new().prefix("tally-bench-failover-").tempdir()?;
-    let cfg = bench_config(&mock.bootstrap_servers(), "tally-bench-failover", dir.path())?;
-    create_internal(mock, &cfg, partitions)?;
-    let a = Child::start(&cfg, dir.path(), "a")?;
+    let dir = dir.path();
+    let cfg = match external {
+        None => {
+            let cfg = bench_config(&mock.bootstrap_servers(), "tally-bench-failover", dir)?;
+            create_internal(mock, &cfg, partitions)?;
+            cfg
+        }
+        Some(brokers) => {
+            // A real broker: tally creates its internal topics; the source topic is ours.
+            let cfg = bench_config(brokers, "tally-bench-failover", dir)?;
+            let rt = tokio::runtime::Runtime::new()?;
+            rt.block_on(crate::kafka::topics::ensure_source(&cfg.kafka, gen::topic(Scenario::S1), partitions))?;
+            cfg
+        }
+    };
+    let a = Child::start(&cfg, dir, "a")?;
     wait_answering(&a, partitions as usize, Duration::from_secs(300))?;
     let mut times = Vec::new();
     for sig in ["-KILL", "-TERM"] {
-        let mut b = Child::start(&cfg, dir.path(), "b")?;
+        let mut b = Child::start(&cfg, dir, "b")?;
         // Until the rebalance has given b its share.
         let start = Instant::now();
         while !(b.answering().is_some_and(|n| n > 0) && a.answering().is_some_and(|n| n < partitions as usize)) {
@@ -449,8 +488,9 @@ pub fn run(opts: BenchOptions) -> anyhow::Result<()> {
     let rss = peak_rss_kib().unwrap_or(0) / 1024;
 
     // Phase 3: restore speed; phase 4: failover between two replica processes.
-    let (restore_rate, restore_mb, restored) = restore_speed(&mock, opts.restore_records, opts.partitions)?;
-    let (after_kill, after_term) = failover(&mock, opts.partitions)?;
+    let real = time_restore(&bench_config(&brokers, "tally-bench", Path::new("unused"))?, opts.partitions)?;
+    let synthetic = time_restore(&synthetic_changelog(&mock, opts.restore_records, opts.partitions)?, opts.partitions)?;
+    let (after_kill, after_term) = failover(&mock, opts.failover_brokers.as_deref(), opts.partitions)?;
 
     let ms = |q: Option<f64>| q.map_or("n/a".to_string(), |s| format!("{:.0} ms", s * 1000.0));
     println!("S1, all S1 metrics on, {} partitions, events {} ms apart in event time, one tally process, librdkafka mock cluster", opts.partitions, opts.step_ms);
@@ -474,11 +514,13 @@ pub fn run(opts: BenchOptions) -> anyhow::Result<()> {
     println!("produce->queryable   p50 {}  p99 {}  (at {} events/s for {} s)", ms(quantile(&before, &after, 0.5)), ms(quantile(&before, &after, 0.99)), opts.latency_rate, opts.latency_seconds);
     println!("peak RSS             {rss} MiB (whole process: mock broker and producer included)");
     println!("state on disk        {:.1} MiB per million events ({} bytes after {events} events)", state_bytes as f64 / (events as f64 / 1e6) / (1 << 20) as f64, state_bytes);
-    println!("restore              {restore_rate:.0} changelog records/s, {restore_mb:.1} MB/s into sled ({restored} records over {} partitions, empty disk)", opts.partitions);
+    println!("restore              {real} into an empty store: the changelog of the run above");
+    println!("  synthetic          {synthetic}: count aggregates, 5 versions per key");
     println!(
-        "failover             {:.1} s after SIGKILL, {:.1} s after SIGTERM (until the other replica answers for every partition; default session timeout)",
+        "failover             {:.1} s after SIGKILL, {:.1} s after SIGTERM (until the other replica answers for every partition; default session timeout; {})",
         after_kill.as_secs_f64(),
-        after_term.as_secs_f64()
+        after_term.as_secs_f64(),
+        opts.failover_brokers.as_deref().map_or("mock cluster, which delays every rebalance by session timeout − 1 s".to_string(), |b| format!("broker at {b}"))
     );
     drop(mock);
     Ok(())

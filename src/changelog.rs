@@ -20,6 +20,8 @@
 //! [`Restoration`] applies records in order and ends by recording the last position read
 //! together with the new checkpoint.
 
+use std::collections::HashMap;
+
 use crate::store::{self, PartitionMeta, Store, StoreError, WriteBatch, STATE_FORMAT};
 use crate::topology::Topology;
 
@@ -88,12 +90,22 @@ pub struct RestoreStats {
     pub bytes: u64,
     /// Records that were not this partition's or were unreadable, and were skipped.
     pub rejected: u64,
+    /// Distinct keys written to the store (the records' latest versions).
+    pub keys_written: u64,
 }
+
+/// Bytes of changelog values a restore holds per partition before writing them to the store.
+const RESTORE_BUFFER_BYTES: usize = 4 << 20;
 
 /// A restore of one source partition in progress.
 ///
-/// Records are written as they are read, not in one atomic batch (sled batches of many
-/// keys are several times slower). That is safe because the position is written last, by
+/// An uncompacted changelog holds many versions of a key (one per flush that touched it);
+/// only the last matters, so records are gathered in memory by key (up to
+/// `RESTORE_BUFFER_BYTES`) and each surviving key is written once, in key order — restore
+/// cost follows distinct keys, not records.
+///
+/// They are written outside any atomic batch (sled batches of many keys are several times
+/// slower). That is safe because the position is written last, by
 /// [`Restoration::finish`]: a crash before it leaves the old checkpoint (from scratch: none,
 /// as the wipe removed it), so the next restore reads the same records again and writes
 /// the same values.
@@ -102,6 +114,9 @@ pub struct Restoration {
     /// Key prefixes (tag, metric name) of the source's metrics.
     metric_prefixes: Vec<Vec<u8>>,
     meta_key: Vec<u8>,
+    /// The latest value read of each key not yet written (`None`: deleted).
+    buffer: HashMap<Vec<u8>, Option<Vec<u8>>>,
+    buffered_bytes: usize,
     position: Option<PartitionMeta>,
     /// What was read so far.
     pub stats: RestoreStats,
@@ -133,6 +148,8 @@ impl Restoration {
             store: store.clone(),
             metric_prefixes,
             meta_key: store::meta_key(&src.name, partition),
+            buffer: HashMap::new(),
+            buffered_bytes: 0,
             position,
             stats: RestoreStats::default(),
         })
@@ -155,7 +172,11 @@ impl Restoration {
                 self.stats.rejected += 1;
                 return Ok(());
             }
-            self.store.put_encoded(key, value)?;
+            self.buffered_bytes += key.len() + value.map_or(0, <[u8]>::len);
+            self.buffer.insert(key.to_vec(), value.map(<[u8]>::to_vec));
+            if self.buffered_bytes >= RESTORE_BUFFER_BYTES {
+                self.write_buffer()?;
+            }
         } else {
             self.stats.rejected += 1;
             return Ok(());
@@ -165,11 +186,24 @@ impl Restoration {
         Ok(())
     }
 
+    /// Writes the buffered keys, in key order (sled's fastest).
+    fn write_buffer(&mut self) -> Result<(), StoreError> {
+        let mut entries: Vec<(Vec<u8>, Option<Vec<u8>>)> = self.buffer.drain().collect();
+        entries.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        for (k, v) in &entries {
+            self.store.put_encoded(k, v.as_deref())?;
+        }
+        self.stats.keys_written += entries.len() as u64;
+        self.buffered_bytes = 0;
+        Ok(())
+    }
+
     /// Ends the restore at changelog offset `last` (the last record read, or the checkpoint
     /// if nothing was): stores the last position read with `last` as its checkpoint. The
     /// caller fsyncs ([`Store::flush`]) before processing the partition. Returns the position to resume processing from (`None`: the changelog held
     /// no position, so the partition is processed from the source's beginning).
     pub fn finish(mut self, last: i64) -> Result<(Option<PartitionMeta>, RestoreStats), StoreError> {
+        self.write_buffer()?;
         if let Some(p) = &mut self.position {
             p.changelog_offset = Some(last);
             self.store.put_encoded(&self.meta_key, Some(&p.encode()))?;

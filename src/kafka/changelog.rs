@@ -161,10 +161,12 @@ impl Pending {
 
 /// Brings the local store of each `(source, partition)` up to date with its changelog,
 /// reading only the tail after a valid local checkpoint. Progress is published to `owned`
-/// (each partition is `Restoring` until done), to the metrics and to the log.
-pub fn restore(kafka: &KafkaConfig, topo: &Topology, store: &Store, parts: &[(usize, i32)], owned: &Ownership, metrics: &Metrics) -> anyhow::Result<()> {
+/// (each partition is `Restoring` until done), to the metrics and to the log. Returns what
+/// was read, summed over the partitions.
+pub fn restore(kafka: &KafkaConfig, topo: &Topology, store: &Store, parts: &[(usize, i32)], owned: &Ownership, metrics: &Metrics) -> anyhow::Result<RestoreStats> {
+    let mut total = RestoreStats::default();
     if parts.is_empty() {
-        return Ok(());
+        return Ok(total);
     }
     let started = Instant::now();
     let consumer: BaseConsumer = super::client_config(
@@ -208,7 +210,7 @@ pub fn restore(kafka: &KafkaConfig, topo: &Topology, store: &Store, parts: &[(us
     metrics.partitions_restoring.set(pending.len() as i64);
     metrics.restore_remaining.set(remaining(&pending) as i64);
     if pending.is_empty() {
-        return Ok(());
+        return Ok(total);
     }
     consumer.assign(&tpl).map_err(|e| anyhow::anyhow!("assigning the changelog partitions: {e}"))?;
     let (mut last_read, mut last_log) = (Instant::now(), Instant::now());
@@ -243,7 +245,11 @@ pub fn restore(kafka: &KafkaConfig, topo: &Topology, store: &Store, parts: &[(us
             let Some(mut p) = pending.remove(&key) else { continue };
             p.publish(metrics, topo);
             let (position, stats) = p.restoration.finish(p.last)?;
-            tracing::info!(topic = key.0, partition = p.partition, records = stats.records, bytes = stats.bytes, rejected = stats.rejected, resume_at = position.map(|m| m.next_offset), "restored");
+            total.records += stats.records;
+            total.bytes += stats.bytes;
+            total.rejected += stats.rejected;
+            total.keys_written += stats.keys_written;
+            tracing::info!(topic = key.0, partition = p.partition, records = stats.records, keys = stats.keys_written, bytes = stats.bytes, rejected = stats.rejected, resume_at = position.map(|m| m.next_offset), "restored");
             finished.push((p.source, p.partition));
             let _ = consumer.incremental_unassign(&{
                 let mut t = TopicPartitionList::new();
@@ -273,5 +279,5 @@ pub fn restore(kafka: &KafkaConfig, topo: &Topology, store: &Store, parts: &[(us
     metrics.partitions_restoring.set(0);
     metrics.restore_remaining.set(0);
     metrics.restore_duration.observe(started.elapsed().as_secs_f64());
-    Ok(())
+    Ok(total)
 }

@@ -6,8 +6,8 @@
 //!
 //! 1. records are folded into the write-back cache (memory only);
 //! 2. every commit interval: the positions of the previous flush are committed to the group
-//!    synchronously — which also proves this replica is still a member of the current
-//!    generation; if it is not (a zombie), nothing is written;
+//!    synchronously — which also proves the group has not expelled this replica; if it has
+//!    (a zombie whose session expired), nothing is written;
 //! 3. dead-letter and late records are acknowledged;
 //! 4. the changed aggregates go to the changelog and are acknowledged, then one position
 //!    record per partition, acknowledged;
@@ -124,13 +124,17 @@ impl Shared {
     }
 
     /// One durable step (see the module docs): commit what the last flush made durable,
-    /// then flush side outputs, changelog and store. With `only`, just those partitions'
-    /// positions are committed afterwards too (a revocation: the next owner should find
-    /// them). A fenced replica skips the flush and keeps its cache.
+    /// then flush side outputs, changelog and store. With `only` (a revocation), the
+    /// membership check is skipped — inside the revocation callback the partitions are still
+    /// this replica's: the cooperative protocol hands them to another member only after this
+    /// one has given them up — and their positions are committed afterwards. A replica the
+    /// group has expelled skips the flush and keeps its cache until it is told what it lost.
     fn flush_and_commit(&self, consumer: &BaseConsumer<SourceContext>, only: Option<&TopicPartitionList>) -> anyhow::Result<()> {
-        if let Err(e) = self.commit_flushed(consumer, None) {
-            tracing::warn!(error = %e, "not a member of the current group generation; not flushing until the rebalance settles");
-            return Ok(());
+        if only.is_none() {
+            if let Err(e) = self.commit_flushed(consumer, None) {
+                tracing::warn!(error = %e, "expelled from the consumer group; not flushing until the group says what this replica still owns");
+                return Ok(());
+            }
         }
         let started = Instant::now();
         self.side.flush(Duration::from_secs(30))?;
@@ -184,7 +188,7 @@ impl Shared {
         self.owned.mark_joined();
         if self.changelog.is_some() {
             let store = self.tasks().store().clone();
-            if let Err(e) = changelog::restore(&self.kafka, &self.topo, &store, &parts, &self.owned, &self.metrics) {
+            if let Err(e) = changelog::restore(&self.kafka, &self.topo, &store, &parts, &self.owned, &self.metrics).map(drop) {
                 // Processing a partition whose restore failed would answer short; stop, and
                 // let the group hand the partitions to a healthy replica.
                 *self.fatal.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.context("restoring assigned partitions from the changelog"));
@@ -238,9 +242,12 @@ impl Shared {
     }
 }
 
-/// Commit errors that mean the group has moved on without this member.
+/// Commit errors that mean the group has expelled this member (its session expired), so
+/// its partitions may belong to another member already. A rebalance in progress or a newer
+/// generation do not: under the cooperative protocol a partition moves only after its owner
+/// has revoked it, so until then the owner may and should keep flushing it.
 fn fenced(code: RDKafkaErrorCode) -> bool {
-    matches!(code, RDKafkaErrorCode::IllegalGeneration | RDKafkaErrorCode::UnknownMemberId | RDKafkaErrorCode::RebalanceInProgress | RDKafkaErrorCode::FencedInstanceId | RDKafkaErrorCode::AssignmentLost)
+    matches!(code, RDKafkaErrorCode::UnknownMemberId | RDKafkaErrorCode::FencedInstanceId | RDKafkaErrorCode::AssignmentLost)
 }
 
 impl ConsumerContext for SourceContext {
