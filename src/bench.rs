@@ -150,6 +150,9 @@ fn core_only(records: &[crate::gen::GenRecord], cfg: &Config) -> anyhow::Result<
     let dir = tempfile::Builder::new().prefix("tally-bench-core-").tempdir()?;
     let topo = std::sync::Arc::new(crate::topology::Topology::compile(cfg)?);
     let mut tasks = crate::task::TaskSet::new(topo.clone(), crate::store::Store::open(dir.path())?);
+    for p in 0..records.iter().map(|r| r.partition + 1).max().unwrap_or(0) {
+        tasks.assign(0, p)?;
+    }
     let mut offsets = vec![0i64; 1024];
     let start = Instant::now();
     let mut last_flush = Instant::now();
@@ -472,7 +475,9 @@ pub fn run(opts: BenchOptions) -> anyhow::Result<()> {
     let state_bytes = dir_bytes(&state.path().join("on"));
 
     // Phase 2: latency at a fixed rate, wall-clock event times.
-    let before = buckets(&scrape(tally.addr)?, "tally_queryable_latency_seconds");
+    let before_text = scrape(tally.addr)?;
+    let before = buckets(&before_text, "tally_queryable_latency_seconds");
+    let (commits_before, flushes_before) = (buckets(&before_text, "tally_commit_duration_seconds"), buckets(&before_text, "tally_flush_duration_seconds"));
     let consumed_before = sum(&scrape(tally.addr)?, "tally_records_consumed_total");
     let stop = Arc::new(AtomicBool::new(false));
     let now = SystemTime::now().duration_since(UNIX_EPOCH)?.as_millis() as i64;
@@ -482,7 +487,9 @@ pub fn run(opts: BenchOptions) -> anyhow::Result<()> {
     feed.flush()?;
     wait_for(tally.addr, "tally_records_consumed_total", consumed_before + sent as f64, Duration::from_secs(120))?;
     std::thread::sleep(Duration::from_millis(500));
-    let after = buckets(&scrape(tally.addr)?, "tally_queryable_latency_seconds");
+    let after_text = scrape(tally.addr)?;
+    let after = buckets(&after_text, "tally_queryable_latency_seconds");
+    let (commits_after, flushes_after) = (buckets(&after_text, "tally_commit_duration_seconds"), buckets(&after_text, "tally_flush_duration_seconds"));
     stop.store(true, Ordering::Relaxed);
     tally.stop()?;
     let rss = peak_rss_kib().unwrap_or(0) / 1024;
@@ -512,6 +519,13 @@ pub fn run(opts: BenchOptions) -> anyhow::Result<()> {
         core_flushing.as_secs_f64() * core / events as f64 * 100.0
     );
     println!("produce->queryable   p50 {}  p99 {}  (at {} events/s for {} s)", ms(quantile(&before, &after, 0.5)), ms(quantile(&before, &after, 0.99)), opts.latency_rate, opts.latency_seconds);
+    println!(
+        "  meanwhile          flushes p50 {} p99 {}; commits p50 {} p99 {}",
+        ms(quantile(&flushes_before, &flushes_after, 0.5)),
+        ms(quantile(&flushes_before, &flushes_after, 0.99)),
+        ms(quantile(&commits_before, &commits_after, 0.5)),
+        ms(quantile(&commits_before, &commits_after, 0.99))
+    );
     println!("peak RSS             {rss} MiB (whole process: mock broker and producer included)");
     println!("state on disk        {:.1} MiB per million events ({} bytes after {events} events)", state_bytes as f64 / (events as f64 / 1e6) / (1 << 20) as f64, state_bytes);
     println!("restore              {real} into an empty store: the changelog of the run above");

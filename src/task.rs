@@ -63,6 +63,9 @@ pub enum Outcome {
     Invalid(DecodeError),
     /// Its offset is already in the state (a replay).
     AlreadyApplied,
+    /// Its partition is not assigned to this task set (a record fetched before a
+    /// revocation); it is left for the partition's owner.
+    NotOwned,
 }
 
 /// What a flush wrote.
@@ -153,7 +156,9 @@ impl TaskSet {
     pub fn process(&mut self, source: usize, partition: i32, offset: i64, kafka_ts: Option<i64>, payload: &[u8]) -> Result<Outcome, StoreError> {
         let topo = Arc::clone(&self.topo);
         let src = &topo.sources[source];
-        let task = self.tasks.entry((source, partition)).or_insert_with(PartitionTask::new);
+        let Some(task) = self.tasks.get_mut(&(source, partition)) else {
+            return Ok(Outcome::NotOwned);
+        };
         if offset < task.next_offset {
             return Ok(Outcome::AlreadyApplied);
         }
@@ -404,6 +409,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
         let mut tasks = TaskSet::new(topo(), store.clone());
+        assert_eq!(tasks.process(0, 0, 0, None, &rec(10, "a", 1)).unwrap(), Outcome::NotOwned);
+        tasks.assign(0, 0).unwrap();
         for (o, ts) in [10, 20, 30].into_iter().enumerate() {
             tasks.process(0, 0, o as i64, None, &rec(ts, "a", 1)).unwrap();
         }

@@ -344,10 +344,13 @@ impl SourceConsumer {
         let sources: HashMap<String, usize> = self.shared.topo.sources.iter().enumerate().map(|(i, s)| (s.topic.clone(), i)).collect();
         let mut local = Batch::new(&self.shared);
         while !stop.load(Ordering::Relaxed) {
+            let polled = self.consumer.poll(Duration::from_millis(20));
+            // Checked after the poll, whose rebalance callbacks may have failed: a record of
+            // a partition that could not be restored must not be processed.
             if let Some(e) = self.shared.fatal.lock().unwrap_or_else(|p| p.into_inner()).take() {
                 return Err(e);
             }
-            match self.consumer.poll(Duration::from_millis(20)) {
+            match polled {
                 None => {}
                 Some(Err(e)) => {
                     tracing::warn!(error = %e, "consumer error");
@@ -409,6 +412,7 @@ impl SourceConsumer {
                 shared.side.dead_letter(&origin(), e.reason(), &e.to_string());
             }
             Outcome::AlreadyApplied => local.replayed[source] += 1,
+            Outcome::NotOwned => {}
         }
         Ok(())
     }
