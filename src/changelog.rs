@@ -22,6 +22,8 @@
 
 use std::collections::HashMap;
 
+use xxhash_rust::xxh3::Xxh3Builder;
+
 use crate::store::{self, PartitionMeta, Store, StoreError, WriteBatch, STATE_FORMAT};
 use crate::topology::Topology;
 
@@ -115,7 +117,7 @@ pub struct Restoration {
     metric_prefixes: Vec<Vec<u8>>,
     meta_key: Vec<u8>,
     /// The latest value read of each key not yet written (`None`: deleted).
-    buffer: HashMap<Vec<u8>, Option<Vec<u8>>>,
+    buffer: HashMap<Vec<u8>, Option<Vec<u8>>, Xxh3Builder>,
     buffered_bytes: usize,
     position: Option<PartitionMeta>,
     /// What was read so far.
@@ -148,7 +150,7 @@ impl Restoration {
             store: store.clone(),
             metric_prefixes,
             meta_key: store::meta_key(&src.name, partition),
-            buffer: HashMap::new(),
+            buffer: HashMap::with_hasher(Xxh3Builder::new()),
             buffered_bytes: 0,
             position,
             stats: RestoreStats::default(),
@@ -173,7 +175,14 @@ impl Restoration {
                 return Ok(());
             }
             self.buffered_bytes += key.len() + value.map_or(0, <[u8]>::len);
-            self.buffer.insert(key.to_vec(), value.map(<[u8]>::to_vec));
+            // Most records are newer versions of a buffered key: replace in place, without
+            // allocating the key again.
+            match self.buffer.get_mut(key) {
+                Some(v) => *v = value.map(<[u8]>::to_vec),
+                None => {
+                    self.buffer.insert(key.to_vec(), value.map(<[u8]>::to_vec));
+                }
+            }
             if self.buffered_bytes >= RESTORE_BUFFER_BYTES {
                 self.write_buffer()?;
             }
