@@ -59,13 +59,20 @@ pub struct BenchOptions {
     pub failover_brokers: Option<String>,
 }
 
-fn scrape(addr: SocketAddr) -> anyhow::Result<String> {
+/// GET over loopback: (status, body).
+fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(addr)?;
-    write!(s, "GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
-    let mut body = String::new();
-    s.read_to_string(&mut body)?;
-    Ok(body)
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n")?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp)?;
+    let (head, body) = resp.split_once("\r\n\r\n").ok_or_else(|| anyhow::anyhow!("GET {path}: no HTTP response"))?;
+    let status = head.split(' ').nth(1).and_then(|c| c.parse().ok()).ok_or_else(|| anyhow::anyhow!("GET {path}: bad status line"))?;
+    Ok((status, body.to_string()))
+}
+
+fn scrape(addr: SocketAddr) -> anyhow::Result<String> {
+    Ok(http_get(addr, "/metrics")?.1)
 }
 
 /// Sum of a metric's samples whose line starts with `prefix` (name plus optional labels).
@@ -349,17 +356,10 @@ impl Child {
 
     /// Partitions this replica answers for right now (`None`: no answer, or 503).
     fn answering(&self) -> Option<usize> {
-        use std::io::{Read, Write};
-        let mut s = std::net::TcpStream::connect(self.addr).ok()?;
-        write!(s, "GET /api/v1/metrics/views?limit=1 HTTP/1.0\r\nHost: {}\r\n\r\n", self.addr).ok()?;
-        let mut resp = String::new();
-        s.read_to_string(&mut resp).ok()?;
-        let (head, body) = resp.split_once("\r\n\r\n")?;
-        if !head.starts_with("HTTP/1.1 200") && !head.starts_with("HTTP/1.0 200") {
-            return None;
+        match http_get(self.addr, "/api/v1/metrics/views?limit=1").ok()? {
+            (200, body) => serde_json::from_str::<serde_json::Value>(&body).ok()?["coverage"]["partitions"].as_array().map(Vec::len),
+            _ => None,
         }
-        let v: serde_json::Value = serde_json::from_str(body).ok()?;
-        Some(v["coverage"]["partitions"].as_array()?.len())
     }
 
     fn signal(&mut self, sig: &str) -> anyhow::Result<()> {

@@ -96,7 +96,8 @@ pub struct RestoreStats {
     pub keys_written: u64,
 }
 
-/// Bytes of changelog values a restore holds per partition before writing them to the store.
+/// Bytes of changelog records a restore reads per partition before writing what it buffered
+/// to the store (a bound on the buffer: replaced versions count too).
 const RESTORE_BUFFER_BYTES: usize = 4 << 20;
 
 /// A restore of one source partition in progress.
@@ -122,6 +123,15 @@ pub struct Restoration {
     position: Option<PartitionMeta>,
     /// What was read so far.
     pub stats: RestoreStats,
+}
+
+impl std::ops::AddAssign for RestoreStats {
+    fn add_assign(&mut self, o: RestoreStats) {
+        self.records += o.records;
+        self.bytes += o.bytes;
+        self.rejected += o.rejected;
+        self.keys_written += o.keys_written;
+    }
 }
 
 impl Restoration {
@@ -174,7 +184,6 @@ impl Restoration {
                 self.stats.rejected += 1;
                 return Ok(());
             }
-            self.buffered_bytes += key.len() + value.map_or(0, <[u8]>::len);
             // Most records are newer versions of a buffered key: replace in place, without
             // allocating the key again.
             match self.buffer.get_mut(key) {
@@ -183,15 +192,17 @@ impl Restoration {
                     self.buffer.insert(key.to_vec(), value.map(<[u8]>::to_vec));
                 }
             }
-            if self.buffered_bytes >= RESTORE_BUFFER_BYTES {
-                self.write_buffer()?;
-            }
         } else {
             self.stats.rejected += 1;
             return Ok(());
         }
+        let size = key.len() + value.map_or(0, <[u8]>::len);
         self.stats.records += 1;
-        self.stats.bytes += (key.len() + value.map_or(0, <[u8]>::len)) as u64;
+        self.stats.bytes += size as u64;
+        self.buffered_bytes += size;
+        if self.buffered_bytes >= RESTORE_BUFFER_BYTES {
+            self.write_buffer()?;
+        }
         Ok(())
     }
 
@@ -209,8 +220,9 @@ impl Restoration {
 
     /// Ends the restore at changelog offset `last` (the last record read, or the checkpoint
     /// if nothing was): stores the last position read with `last` as its checkpoint. The
-    /// caller fsyncs ([`Store::flush`]) before processing the partition. Returns the position to resume processing from (`None`: the changelog held
-    /// no position, so the partition is processed from the source's beginning).
+    /// caller fsyncs ([`Store::flush`]) before processing the partition. Returns the
+    /// position to resume processing from (`None`: the changelog held no position, so the
+    /// partition is processed from the source's beginning).
     pub fn finish(mut self, last: i64) -> Result<(Option<PartitionMeta>, RestoreStats), StoreError> {
         self.write_buffer()?;
         if let Some(p) = &mut self.position {

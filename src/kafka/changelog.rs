@@ -177,11 +177,13 @@ pub fn restore(kafka: &KafkaConfig, topo: &Topology, store: &Store, parts: &[(us
     )
     .create()
     .map_err(|e| anyhow::anyhow!("creating the restore consumer: {e}"))?;
-    let mut pending: HashMap<(String, i32), Pending> = HashMap::new();
+    let topics: Vec<String> = (0..topo.sources.len()).map(|s| topo.changelog_topic(s)).collect();
+    let mut pending: HashMap<(usize, i32), Pending> = HashMap::new();
+    let mut finished = Vec::new();
     let mut tpl = TopicPartitionList::new();
     for &(source, partition) in parts {
-        let topic = topo.changelog_topic(source);
-        let (low, high) = consumer.fetch_watermarks(&topic, partition, Duration::from_secs(30)).map_err(|e| anyhow::anyhow!("reading the offsets of {topic} partition {partition}: {e}"))?;
+        let topic = &topics[source];
+        let (low, high) = consumer.fetch_watermarks(topic, partition, Duration::from_secs(30)).map_err(|e| anyhow::anyhow!("reading the offsets of {topic} partition {partition}: {e}"))?;
         let local = store.partition_meta(&topo.sources[source].name, partition)?;
         let (from, scratch) = match changelog::plan(local, low, high) {
             Plan::UpToDate => {
@@ -196,33 +198,33 @@ pub fn restore(kafka: &KafkaConfig, topo: &Topology, store: &Store, parts: &[(us
         if from >= high {
             // An empty changelog: nothing to read, but the wipe above stands.
             restoration.finish(high - 1)?;
-            store.flush()?;
-            owned.set(source, partition, PartitionState::Active);
+            finished.push((source, partition));
             continue;
         }
         let total = (high - from) as u64;
         tracing::info!(topic, partition, from, to = high, records = total, from_checkpoint = from != low, "restoring");
         owned.set(source, partition, PartitionState::Restoring { restored: 0, total });
-        tpl.add_partition_offset(&topic, partition, Offset::Offset(from))?;
-        pending.insert((topic, partition), Pending { source, partition, last: high - 1, total, restoration, reported: RestoreStats::default() });
+        tpl.add_partition_offset(topic, partition, Offset::Offset(from))?;
+        pending.insert((source, partition), Pending { source, partition, last: high - 1, total, restoration, reported: RestoreStats::default() });
     }
-    let remaining = |pending: &HashMap<(String, i32), Pending>| pending.values().map(|p| p.total.saturating_sub(p.restoration.stats.records + p.restoration.stats.rejected)).sum::<u64>();
+    let remaining = |pending: &HashMap<(usize, i32), Pending>| pending.values().map(|p| p.total.saturating_sub(p.restoration.stats.records + p.restoration.stats.rejected)).sum::<u64>();
     metrics.partitions_restoring.set(pending.len() as i64);
     metrics.restore_remaining.set(remaining(&pending) as i64);
-    if pending.is_empty() {
-        return Ok(total);
+    if !pending.is_empty() {
+        consumer.assign(&tpl).map_err(|e| anyhow::anyhow!("assigning the changelog partitions: {e}"))?;
     }
-    consumer.assign(&tpl).map_err(|e| anyhow::anyhow!("assigning the changelog partitions: {e}"))?;
     let (mut last_read, mut last_log) = (Instant::now(), Instant::now());
-    let (mut done, mut finished) = (Vec::new(), Vec::new());
+    let mut done = Vec::new();
     while !pending.is_empty() {
         match consumer.poll(Duration::from_millis(100)) {
             None => {}
             Some(Err(KafkaError::PartitionEOF(p))) => {
-                // EOF is where the log ended when fetched, which is at or past `last`.
-                if let Some(key) = pending.keys().find(|(_, q)| *q == p).cloned() {
-                    let position = consumer.position().ok().and_then(|tp| tp.find_partition(&key.0, p).and_then(|e| e.offset().to_raw()));
-                    if position.is_some_and(|o| o > pending[&key].last) {
+                // EOF is where the log ended when fetched, which is at or past `last`. It
+                // does not name the topic: check every source's partition `p`.
+                let positions = consumer.position().ok();
+                for (&key, pend) in pending.iter().filter(|((_, q), _)| *q == p) {
+                    let position = positions.as_ref().and_then(|tp| tp.find_partition(&topics[key.0], p)).and_then(|e| e.offset().to_raw());
+                    if position.is_some_and(|o| o > pend.last) {
                         done.push(key);
                     }
                 }
@@ -230,7 +232,7 @@ pub fn restore(kafka: &KafkaConfig, topo: &Topology, store: &Store, parts: &[(us
             Some(Err(e)) => tracing::warn!(error = %e, "changelog read error; retrying"),
             Some(Ok(m)) => {
                 last_read = Instant::now();
-                let key = (m.topic().to_string(), m.partition());
+                let key = (topics.iter().position(|t| t == m.topic()).unwrap_or(usize::MAX), m.partition());
                 if let Some(p) = pending.get_mut(&key) {
                     if m.offset() <= p.last {
                         p.restoration.apply(m.key().unwrap_or_default(), m.payload())?;
@@ -245,15 +247,12 @@ pub fn restore(kafka: &KafkaConfig, topo: &Topology, store: &Store, parts: &[(us
             let Some(mut p) = pending.remove(&key) else { continue };
             p.publish(metrics, topo);
             let (position, stats) = p.restoration.finish(p.last)?;
-            total.records += stats.records;
-            total.bytes += stats.bytes;
-            total.rejected += stats.rejected;
-            total.keys_written += stats.keys_written;
-            tracing::info!(topic = key.0, partition = p.partition, records = stats.records, keys = stats.keys_written, bytes = stats.bytes, rejected = stats.rejected, resume_at = position.map(|m| m.next_offset), "restored");
+            total += stats;
+            tracing::info!(topic = topics[key.0], partition = p.partition, records = stats.records, keys = stats.keys_written, bytes = stats.bytes, rejected = stats.rejected, resume_at = position.map(|m| m.next_offset), "restored");
             finished.push((p.source, p.partition));
             let _ = consumer.incremental_unassign(&{
                 let mut t = TopicPartitionList::new();
-                t.add_partition(&key.0, key.1);
+                t.add_partition(&topics[key.0], key.1);
                 t
             });
         }
@@ -270,6 +269,9 @@ pub fn restore(kafka: &KafkaConfig, topo: &Topology, store: &Store, parts: &[(us
         if !pending.is_empty() && last_read.elapsed() > RESTORE_STALL {
             anyhow::bail!("restore stalled: nothing read from the changelog for {RESTORE_STALL:?}, {} records still missing", remaining(&pending));
         }
+    }
+    if finished.is_empty() {
+        return Ok(total);
     }
     // One fsync for all: the partitions are processed only after this returns.
     store.flush()?;

@@ -93,9 +93,9 @@ impl Shared {
         self.topo.sources.iter().position(|s| s.topic == topic)
     }
 
-    /// Commits the flushed positions (of `only`, when given) synchronously. `Err` means this
-    /// replica is no longer a member of the group's current generation: another may own its
-    /// partitions now, so it must not write their changelogs.
+    /// Commits the flushed positions (of `only`, when given) synchronously. `Err` means the
+    /// group has expelled this replica (see [`fenced`]): another may own its partitions now,
+    /// so it must not write their changelogs.
     fn commit_flushed(&self, consumer: &BaseConsumer<SourceContext>, only: Option<&TopicPartitionList>) -> Result<(), KafkaError> {
         let mut flushed = self.flushed.lock().unwrap_or_else(|p| p.into_inner());
         let mut tpl = TopicPartitionList::new();
@@ -188,7 +188,7 @@ impl Shared {
         self.owned.mark_joined();
         if self.changelog.is_some() {
             let store = self.tasks().store().clone();
-            if let Err(e) = changelog::restore(&self.kafka, &self.topo, &store, &parts, &self.owned, &self.metrics).map(drop) {
+            if let Err(e) = changelog::restore(&self.kafka, &self.topo, &store, &parts, &self.owned, &self.metrics) {
                 // Processing a partition whose restore failed would answer short; stop, and
                 // let the group hand the partitions to a healthy replica.
                 *self.fatal.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.context("restoring assigned partitions from the changelog"));

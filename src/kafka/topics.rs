@@ -34,10 +34,7 @@ const SIDE_OUTPUT_RETENTION_MS: &str = "604800000";
 /// without the admin API (librdkafka's mock cluster) cannot create them: side outputs are
 /// then auto-created on first use, a missing changelog is an error.
 pub async fn ensure(kafka: &KafkaConfig, topo: &Topology) -> anyhow::Result<()> {
-    let admin: AdminClient<DefaultClientContext> =
-        super::client_config(kafka, &[("allow.auto.create.topics", "false")]).create().map_err(|e| anyhow::anyhow!("creating the admin client: {e}"))?;
-    let meta = admin.inner().fetch_metadata(None, Duration::from_secs(10)).map_err(|e| anyhow::anyhow!("reading cluster metadata from {}: {e}", kafka.bootstrap_servers))?;
-    let existing: HashMap<&str, i32> = meta.topics().iter().filter(|t| t.error().is_none()).map(|t| (t.name(), t.partitions().len() as i32)).collect();
+    let (admin, existing) = admin_and_topics(kafka)?;
 
     let mut wanted: Vec<(&InternalTopic, i32)> = Vec::new();
     let internal = topo.internal_topics();
@@ -66,6 +63,17 @@ pub async fn ensure(kafka: &KafkaConfig, topo: &Topology) -> anyhow::Result<()> 
     create(&admin, &specs).await
 }
 
+/// An admin client, and the existing topics with their partition counts. Looking first
+/// matters: creating what exists costs a round trip per topic, and a timeout on brokers
+/// without the admin API.
+fn admin_and_topics(kafka: &KafkaConfig) -> anyhow::Result<(AdminClient<DefaultClientContext>, HashMap<String, i32>)> {
+    let admin: AdminClient<DefaultClientContext> =
+        super::client_config(kafka, &[("allow.auto.create.topics", "false")]).create().map_err(|e| anyhow::anyhow!("creating the admin client: {e}"))?;
+    let meta = admin.inner().fetch_metadata(None, Duration::from_secs(10)).map_err(|e| anyhow::anyhow!("reading cluster metadata from {}: {e}", kafka.bootstrap_servers))?;
+    let existing = meta.topics().iter().filter(|t| t.error().is_none()).map(|t| (t.name().to_string(), t.partitions().len() as i32)).collect();
+    Ok((admin, existing))
+}
+
 /// A topic to create: name, partitions, and `Some(compacted)` for an internal topic's
 /// cleanup policy (`None`: the broker's defaults).
 struct Spec {
@@ -76,10 +84,8 @@ struct Spec {
 
 /// Creates a source topic with `partitions` unless it exists (`tally gen`).
 pub async fn ensure_source(kafka: &KafkaConfig, topic: &str, partitions: i32) -> anyhow::Result<()> {
-    let admin: AdminClient<DefaultClientContext> =
-        super::client_config(kafka, &[("allow.auto.create.topics", "false")]).create().map_err(|e| anyhow::anyhow!("creating the admin client: {e}"))?;
-    let meta = admin.inner().fetch_metadata(None, Duration::from_secs(10)).map_err(|e| anyhow::anyhow!("reading cluster metadata from {}: {e}", kafka.bootstrap_servers))?;
-    if meta.topics().iter().any(|t| t.error().is_none() && t.name() == topic) {
+    let (admin, existing) = admin_and_topics(kafka)?;
+    if existing.contains_key(topic) {
         return Ok(());
     }
     create(&admin, &[Spec { name: topic.to_string(), partitions, compacted: None }]).await
