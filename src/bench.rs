@@ -251,7 +251,7 @@ fn drain(addr: SocketAddr, events: usize) -> anyhow::Result<Drain> {
 /// Creates the internal topics of `cfg` on the mock (its source topic exists already).
 fn create_internal(mock: &MockCluster<'_, rdkafka::producer::DefaultProducerContext>, cfg: &Config, partitions: i32) -> anyhow::Result<()> {
     for t in crate::topology::Topology::compile(cfg)?.internal_topics() {
-        let parts = if t.like_source.is_some() { partitions } else { 1 };
+        let parts = if t.kind.partitions_like().is_some() { partitions } else { 1 };
         mock.create_topic(&t.name, parts, 1).map_err(|e| anyhow::anyhow!("creating {}: {e}", t.name))?;
     }
     Ok(())

@@ -68,6 +68,19 @@ pub struct Config {
     /// Metrics computed at query time from other metrics (e.g. conversion rates).
     #[serde(default)]
     pub derived: Vec<DerivedConfig>,
+    /// Where window results are sent.
+    #[serde(default)]
+    pub results: ResultsConfig,
+}
+
+/// The result topic: window results as JSON, keyed by (metric, key, window), for a
+/// downstream sink to upsert.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResultsConfig {
+    /// Topic name (default `<application_id>-results`).
+    #[serde(default)]
+    pub topic: Option<String>,
 }
 
 /// Kafka connection settings.
@@ -230,6 +243,23 @@ pub struct MetricConfig {
     /// dashboards. Only for metrics without `group_by`: keys never become labels.
     #[serde(default)]
     pub export: bool,
+    /// What goes to the result topic (default: `final` for windowed metrics, `none` for a
+    /// global window, which never closes).
+    #[serde(default)]
+    pub emit: Option<Emit>,
+}
+
+/// Which rows of a metric go to the result topic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Emit {
+    /// One row per key and window, once the window has closed (end + grace passed on every
+    /// partition): its final value.
+    Final,
+    /// A row per key and window every time a flush changes it (windows still open too).
+    Updates,
+    /// Nothing.
+    None,
 }
 
 /// A window definition as written in the config.
@@ -268,6 +298,9 @@ pub struct DerivedConfig {
     /// (only when the metrics divided have no `group_by`).
     #[serde(default)]
     pub export: bool,
+    /// What goes to the result topic, as for a metric.
+    #[serde(default)]
+    pub emit: Option<Emit>,
 }
 
 /// The two sides of a ratio.

@@ -12,6 +12,7 @@
 //! * [`task`] — the processing core: per-partition tasks and the write-back cache;
 //! * [`store`] — the sled layout of partial aggregates and partition positions;
 //! * [`query`] — answers: merging partials over partitions and slices;
+//! * [`results`] — window rows over every partition, from the changelogs, for the result topic;
 //! * [`kafka`] — the edges to Kafka: consumer loop, dead-letter/late producer, topics;
 //! * [`http`] — the query API and `/metrics`; [`metrics`] — the Prometheus registry;
 //! * [`app`] — wiring for `tally run`; [`gen`], [`demo`], [`bench`] — tools around it.
@@ -30,6 +31,7 @@ pub mod kafka;
 pub mod metrics;
 pub mod ownership;
 pub mod query;
+pub mod results;
 pub mod store;
 pub mod task;
 pub mod topology;

@@ -94,13 +94,15 @@ struct Coverage {
     latest_event: Option<i64>,
     /// Highest watermark of the covered partitions: the one expiry may have acted on.
     highest_watermark: Option<i64>,
+    /// Whether expiry applies (see [`QueryEngine::keeping_expired`]).
+    expiry: bool,
 }
 
 impl Coverage {
     /// Whether some partition may already have deleted part of `w` (it ended more than the
     /// retention ago there): such a window is no longer answered, rather than answered short.
     fn expired(&self, m: &Metric, w: Window) -> bool {
-        self.highest_watermark.and_then(|wm| m.window.expired_before(wm, m.retention_ms)).is_some_and(|cut| w.start < cut)
+        self.expiry && self.highest_watermark.and_then(|wm| m.window.expired_before(wm, m.retention_ms)).is_some_and(|cut| w.start < cut)
     }
 }
 
@@ -127,6 +129,8 @@ pub struct QueryEngine {
     topo: Arc<Topology>,
     store: Store,
     owned: Arc<Ownership>,
+    /// Whether windows some partition may have expired are left out (see `Coverage::expired`).
+    expiry: bool,
 }
 
 fn merge_into(acc: &mut [AggState], other: &[AggState]) -> Result<(), QueryError> {
@@ -153,7 +157,13 @@ fn overlaps(range: Range, w: Window) -> bool {
 impl QueryEngine {
     /// An engine over `store`.
     pub fn new(topo: Arc<Topology>, store: Store, owned: Arc<Ownership>) -> QueryEngine {
-        QueryEngine { topo, store, owned }
+        QueryEngine { topo, store, owned, expiry: true }
+    }
+
+    /// The same engine over a store that keeps expired windows until it drops them itself
+    /// (the result view): every stored window is answered.
+    pub fn keeping_expired(self) -> QueryEngine {
+        QueryEngine { expiry: false, ..self }
     }
 
     /// Names exported as `tally_metric_value`.
@@ -226,7 +236,7 @@ impl QueryEngine {
             })
             .collect();
         let latest_event = parts.iter().map(|(_, m)| m.max_event_time).filter(|t| *t != NO_WATERMARK).max();
-        Ok(Coverage { partitions: parts.iter().map(|(p, _)| *p).collect(), positions, watermark, highest_watermark, latest_event })
+        Ok(Coverage { partitions: parts.iter().map(|(p, _)| *p).collect(), positions, watermark, highest_watermark, latest_event, expiry: self.expiry })
     }
 
     fn group_bytes(&self, m: &Metric, key: &str) -> Result<Vec<u8>, QueryError> {
@@ -237,7 +247,8 @@ impl QueryEngine {
         Ok(encode_group(parts.iter().map(|p| p.as_bytes())))
     }
 
-    fn key_json(m: &Metric, group: &[u8]) -> Json {
+    /// A stored group key as the JSON object rows carry: group-by field → value.
+    pub fn key_json(m: &Metric, group: &[u8]) -> Json {
         let mut obj = Map::new();
         if !m.group_by.is_empty() {
             for (f, v) in m.group_by.iter().zip(split_group(group)) {

@@ -201,6 +201,43 @@ pub fn split_state_key(key: &[u8]) -> Option<(i32, i64, &[u8])> {
     Some((partition, slice, &rest[12..]))
 }
 
+/// A store key, taken apart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyRef<'a> {
+    /// An aggregate: metric, partition, slice start, group key.
+    State {
+        /// Metric name.
+        metric: &'a str,
+        /// Source partition.
+        partition: i32,
+        /// Slice start.
+        slice: i64,
+        /// Group key.
+        group: &'a [u8],
+    },
+    /// A source partition's position.
+    Meta {
+        /// Source name.
+        source: &'a str,
+        /// Partition.
+        partition: i32,
+    },
+}
+
+/// Takes a state or position key apart (`None`: neither, or malformed).
+pub fn parse_key(key: &[u8]) -> Option<KeyRef<'_>> {
+    let name_len = *key.get(1)? as usize;
+    let name = std::str::from_utf8(key.get(2..2 + name_len)?).ok()?;
+    match key[0] {
+        STATE_TAG => split_state_key(key).map(|(partition, slice, group)| KeyRef::State { metric: name, partition, slice, group }),
+        META_TAG => {
+            let p: [u8; 4] = key.get(2 + name_len..)?.try_into().ok()?;
+            Some(KeyRef::Meta { source: name, partition: u32::from_be_bytes(p) as i32 })
+        }
+        _ => None,
+    }
+}
+
 /// Key of a source partition's position.
 pub fn meta_key(source: &str, partition: i32) -> Vec<u8> {
     let mut k = Vec::with_capacity(source.len() + 6);
@@ -358,6 +395,11 @@ impl Store {
             keys.push(meta.into());
         }
         Ok(keys)
+    }
+
+    /// Whether `key` is stored.
+    pub fn contains(&self, key: &[u8]) -> Result<bool, StoreError> {
+        Ok(self.tree.contains_key(key)?)
     }
 
     /// Number of stored keys (aggregates and positions).

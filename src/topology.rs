@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, HashSet};
 use serde::Serialize;
 
 use crate::aggregate::{AggKind, AggregateSpec};
-use crate::config::{check_names, parse_duration_ms, Config, ConfigError, MetricConfig, SourceConfig, WindowConfig};
+use crate::config::{check_names, parse_duration_ms, Config, ConfigError, Emit, MetricConfig, SourceConfig, WindowConfig};
 use crate::event::time::{parse_tz, EventTime, PART_NAMES};
 use crate::event::Decoder;
 use crate::filter::Filter;
@@ -32,6 +32,8 @@ pub struct Topology {
     pub exported: Vec<String>,
     /// Whether flushes are written to changelog topics.
     pub changelog: bool,
+    /// The topic window results go to.
+    pub results_topic: String,
 }
 
 /// A topic tally writes to and creates itself.
@@ -39,10 +41,34 @@ pub struct Topology {
 pub struct InternalTopic {
     /// Topic name.
     pub name: String,
-    /// `Some(source)`: partition for partition with that source's topic; `None`: one partition.
-    pub like_source: Option<usize>,
-    /// Whether the topic is compacted (a changelog) rather than deleted by age.
-    pub compacted: bool,
+    /// What it holds, which fixes its shape.
+    pub kind: TopicKind,
+}
+
+/// What an internal topic holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TopicKind {
+    /// Dead letters or late records: one partition, deleted after a week.
+    SideOutput,
+    /// A source's changelog: exactly the source's partitions, compacted, kept forever.
+    Changelog {
+        /// The source.
+        source: usize,
+    },
+    /// Window results: as many partitions as the first source, compacted (a sink wants each
+    /// key's latest row) and deleted after a week.
+    Results,
+}
+
+impl TopicKind {
+    /// The source whose topic's partition count this topic takes (`None`: one partition).
+    pub fn partitions_like(self) -> Option<usize> {
+        match self {
+            TopicKind::SideOutput => None,
+            TopicKind::Changelog { source } => Some(source),
+            TopicKind::Results => Some(0),
+        }
+    }
 }
 
 /// A compiled source.
@@ -96,6 +122,8 @@ pub struct Metric {
     /// `having` over aggregate positions.
     #[serde(skip)]
     pub having: Option<Filter>,
+    /// What goes to the result topic.
+    pub emit: Emit,
 }
 
 fn aggregate_names<S: serde::Serializer>(a: &[AggregateSpec], s: S) -> Result<S::Ok, S::Error> {
@@ -111,6 +139,8 @@ pub struct Derived {
     pub numerator: (usize, usize),
     /// Metric index and aggregate index below.
     pub denominator: (usize, usize),
+    /// What goes to the result topic.
+    pub emit: Emit,
 }
 
 fn duration(key: String, text: &str) -> Result<i64, ConfigError> {
@@ -208,7 +238,9 @@ impl Topology {
                 let names: Vec<&str> = cfg.sources.iter().map(|s| s.name.as_str()).collect();
                 ConfigError::new(format!("metrics[{i}].source"), format!("`{}` is not a source; sources are {names:?}", m.source))
             })?;
-            metrics.push(metric(i, m, src, &cfg.sources[src], &mut tables[src])?);
+            let mut compiled = metric(i, m, src, &cfg.sources[src], &mut tables[src])?;
+            compiled.emit = emit(format!("metrics[{i}].emit"), m.emit, &compiled, cfg.state.changelog)?;
+            metrics.push(compiled);
         }
 
         let mut sources = Vec::new();
@@ -258,7 +290,8 @@ impl Topology {
                     format!("`{}` and `{}` must read the same source with the same window and group_by to be divided per key and window", a.name, b.name),
                 ));
             }
-            derived.push(Derived { name: d.name.clone(), numerator: num, denominator: den });
+            let emit = emit(format!("derived[{i}].emit"), d.emit, a, cfg.state.changelog)?;
+            derived.push(Derived { name: d.name.clone(), numerator: num, denominator: den, emit });
         }
 
         let mut exported = Vec::new();
@@ -286,7 +319,13 @@ impl Topology {
             commit_interval_ms: commit_interval_ms as u64,
             exported,
             changelog: cfg.state.changelog,
+            results_topic: cfg.results.topic.clone().unwrap_or_else(|| format!("{}-results", cfg.kafka.application_id)),
         })
+    }
+
+    /// Whether any metric or derived metric sends rows to the result topic.
+    pub fn emits_results(&self) -> bool {
+        self.metrics.iter().map(|m| m.emit).chain(self.derived.iter().map(|d| d.emit)).any(|e| e != Emit::None)
     }
 
     /// The metric called `name`.
@@ -311,14 +350,18 @@ impl Topology {
         format!("{}-{}-changelog", self.application_id, self.sources[source].name)
     }
 
-    /// Every topic tally writes: side outputs, and changelogs unless turned off.
+    /// Every topic tally writes: side outputs, changelogs unless turned off, and the result
+    /// topic when anything is emitted.
     pub fn internal_topics(&self) -> Vec<InternalTopic> {
         let mut out = vec![
-            InternalTopic { name: self.dead_letter_topic(), like_source: None, compacted: false },
-            InternalTopic { name: self.late_topic(), like_source: None, compacted: false },
+            InternalTopic { name: self.dead_letter_topic(), kind: TopicKind::SideOutput },
+            InternalTopic { name: self.late_topic(), kind: TopicKind::SideOutput },
         ];
         if self.changelog {
-            out.extend((0..self.sources.len()).map(|s| InternalTopic { name: self.changelog_topic(s), like_source: Some(s), compacted: true }));
+            out.extend((0..self.sources.len()).map(|s| InternalTopic { name: self.changelog_topic(s), kind: TopicKind::Changelog { source: s } }));
+        }
+        if self.emits_results() {
+            out.push(InternalTopic { name: self.results_topic.clone(), kind: TopicKind::Results });
         }
         out
     }
@@ -477,7 +520,24 @@ fn metric(i: usize, m: &MetricConfig, src: usize, s: &SourceConfig, table: &mut 
         retention_ms,
         having_text: m.having.clone(),
         having,
+        emit: Emit::None,
     })
+}
+
+/// A metric's (or ratio's, over metric `m`) result rows: `final` by default for windows
+/// that close, nothing for a global window. Results are built from the changelog, so asking
+/// for them without one is an error.
+fn emit(key: String, asked: Option<Emit>, m: &Metric, changelog: bool) -> Result<Emit, ConfigError> {
+    let global = m.window.kind == crate::window::WindowKind::Global;
+    match asked {
+        None if changelog && !global => Ok(Emit::Final),
+        None => Ok(Emit::None),
+        Some(Emit::Final) if global => Err(ConfigError::new(key, "a global window never closes, so it has no final row; use `updates` or `none`")),
+        Some(e) if e != Emit::None && !changelog => {
+            Err(ConfigError::new(key, "results are built from the changelog topics; set `state.changelog = true` or `emit = \"none\"`"))
+        }
+        Some(e) => Ok(e),
+    }
 }
 
 #[cfg(test)]

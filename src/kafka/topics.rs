@@ -8,21 +8,22 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::types::RDKafkaErrorCode;
 
 use crate::config::KafkaConfig;
-use crate::topology::{InternalTopic, Topology};
+use crate::topology::{InternalTopic, TopicKind, Topology};
 
 /// Creates the source topics of `topo` (`partitions` each) and its internal topics on
 /// librdkafka's mock cluster, which has no admin API (`tally demo`, `tally bench`, tests).
 pub fn create_on_mock<C: rdkafka::ClientContext>(mock: &rdkafka::mocking::MockCluster<'_, C>, topo: &Topology, partitions: i32) -> anyhow::Result<()> {
     let mut topics: Vec<(String, i32)> = topo.sources.iter().map(|s| (s.topic.clone(), partitions)).collect();
-    topics.extend(topo.internal_topics().into_iter().map(|t| (t.name, if t.like_source.is_some() { partitions } else { 1 })));
+    topics.extend(topo.internal_topics().into_iter().map(|t| (t.name, if t.kind.partitions_like().is_some() { partitions } else { 1 })));
     for (topic, parts) in topics {
         mock.create_topic(&topic, parts, 1).map_err(|e| anyhow::anyhow!("creating topic {topic} on the mock cluster: {e}"))?;
     }
     Ok(())
 }
 
-/// Side outputs keep a week, Kafka's own default, stated so a broker default cannot shorten it.
-const SIDE_OUTPUT_RETENTION_MS: &str = "604800000";
+/// Side outputs and results keep a week, Kafka's own default, stated so a broker default
+/// cannot shorten it.
+const WEEK_MS: &str = "604800000";
 
 /// Makes sure every internal topic of `topo` exists with the right shape.
 ///
@@ -30,7 +31,8 @@ const SIDE_OUTPUT_RETENTION_MS: &str = "604800000";
 /// changelog holds the state of source partition `p` — so an existing one that differs is a
 /// start-up error, as is a source topic that does not exist yet (its partition count is
 /// unknown). Missing topics are created: changelogs compacted and kept forever (compaction
-/// bounds them; expired windows are tombstoned), side outputs deleted after a week. A broker
+/// bounds them; expired windows are tombstoned), side outputs deleted after a week, the
+/// result topic compacted and deleted after a week. A broker
 /// without the admin API (librdkafka's mock cluster) cannot create them: side outputs are
 /// then auto-created on first use, a missing changelog is an error.
 pub async fn ensure(kafka: &KafkaConfig, topo: &Topology) -> anyhow::Result<()> {
@@ -39,7 +41,7 @@ pub async fn ensure(kafka: &KafkaConfig, topo: &Topology) -> anyhow::Result<()> 
     let mut wanted: Vec<(&InternalTopic, i32)> = Vec::new();
     let internal = topo.internal_topics();
     for t in &internal {
-        let partitions = match t.like_source {
+        let partitions = match t.kind.partitions_like() {
             None => 1,
             Some(s) => {
                 let src = &topo.sources[s];
@@ -49,17 +51,17 @@ pub async fn ensure(kafka: &KafkaConfig, topo: &Topology) -> anyhow::Result<()> 
             }
         };
         match existing.get(t.name.as_str()) {
-            Some(&have) if t.like_source.is_some() && have != partitions => anyhow::bail!(
+            Some(&have) if matches!(t.kind, TopicKind::Changelog { .. }) && have != partitions => anyhow::bail!(
                 "changelog topic `{}` has {have} partitions but its source topic `{}` has {partitions}: partition p of the changelog must hold the state of source partition p. \
                  Delete the changelog (its state is then recomputed from the source) or give the application a new id",
                 t.name,
-                topo.sources[t.like_source.unwrap_or_default()].topic
+                topo.sources[t.kind.partitions_like().unwrap_or_default()].topic
             ),
             Some(_) => {}
             None => wanted.push((t, partitions)),
         }
     }
-    let specs: Vec<Spec> = wanted.iter().map(|(t, parts)| Spec { name: t.name.clone(), partitions: *parts, compacted: Some(t.compacted) }).collect();
+    let specs: Vec<Spec> = wanted.iter().map(|(t, parts)| Spec { name: t.name.clone(), partitions: *parts, kind: Some(t.kind) }).collect();
     create(&admin, &specs).await
 }
 
@@ -74,12 +76,12 @@ fn admin_and_topics(kafka: &KafkaConfig) -> anyhow::Result<(AdminClient<DefaultC
     Ok((admin, existing))
 }
 
-/// A topic to create: name, partitions, and `Some(compacted)` for an internal topic's
-/// cleanup policy (`None`: the broker's defaults).
+/// A topic to create: name, partitions, and `Some(kind)` for an internal topic, whose kind
+/// fixes its cleanup policy (`None`: the broker's defaults).
 struct Spec {
     name: String,
     partitions: i32,
-    compacted: Option<bool>,
+    kind: Option<TopicKind>,
 }
 
 /// Creates a source topic with `partitions` unless it exists (`tally gen`).
@@ -88,7 +90,7 @@ pub async fn ensure_source(kafka: &KafkaConfig, topic: &str, partitions: i32) ->
     if existing.contains_key(topic) {
         return Ok(());
     }
-    create(&admin, &[Spec { name: topic.to_string(), partitions, compacted: None }]).await
+    create(&admin, &[Spec { name: topic.to_string(), partitions, kind: None }]).await
 }
 
 /// Creates `specs`. A changelog that cannot be created is an error; other topics are then
@@ -102,9 +104,10 @@ async fn create(admin: &AdminClient<DefaultClientContext>, specs: &[Spec]) -> an
         .iter()
         .map(|t| {
             let topic = NewTopic::new(&t.name, t.partitions, TopicReplication::Fixed(-1));
-            match t.compacted {
-                Some(true) => topic.set("cleanup.policy", "compact").set("retention.ms", "-1"),
-                Some(false) => topic.set("cleanup.policy", "delete").set("retention.ms", SIDE_OUTPUT_RETENTION_MS),
+            match t.kind {
+                Some(TopicKind::Changelog { .. }) => topic.set("cleanup.policy", "compact").set("retention.ms", "-1"),
+                Some(TopicKind::SideOutput) => topic.set("cleanup.policy", "delete").set("retention.ms", WEEK_MS),
+                Some(TopicKind::Results) => topic.set("cleanup.policy", "compact,delete").set("retention.ms", WEEK_MS),
                 None => topic,
             }
         })
@@ -126,7 +129,7 @@ async fn create(admin: &AdminClient<DefaultClientContext>, specs: &[Spec]) -> an
     };
     for (name, why) in failed {
         let t = specs.iter().find(|t| t.name == name).expect("a result names a requested topic");
-        if t.compacted == Some(true) {
+        if matches!(t.kind, Some(TopicKind::Changelog { .. })) {
             anyhow::bail!("could not create changelog topic `{name}` ({why}); create it with {} partitions and cleanup.policy=compact", t.partitions);
         }
         tracing::warn!(topic = %name, error = %why, "could not create topic; it will be auto-created on first use");
