@@ -37,7 +37,14 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'stati
     topics::ensure(&cfg.kafka, &topo).await?;
     let side = SideOutputs::new(&cfg.kafka, topo.dead_letter_topic(), topo.late_topic(), metrics.clone())?;
     let owned = Arc::new(Ownership::default());
-    let consumer = SourceConsumer::new(&cfg.kafka, TaskSet::new(Arc::clone(&topo), store.clone()), side, metrics.clone(), Arc::clone(&owned))?;
+    // The result view sits beside the state store (it is rebuilt whenever this replica
+    // takes the role, so losing it loses nothing).
+    let results_dir = topo.emits_results().then(|| {
+        let mut dir = cfg.state.dir.clone().into_os_string();
+        dir.push(".results");
+        std::path::PathBuf::from(dir)
+    });
+    let consumer = SourceConsumer::new(&cfg.kafka, TaskSet::new(Arc::clone(&topo), store.clone()), side, metrics.clone(), Arc::clone(&owned), results_dir)?;
 
     let stop = Arc::new(AtomicBool::new(false));
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();

@@ -59,6 +59,14 @@ pub struct Metrics {
     pub restore_remaining: IntGauge,
     /// Duration of a whole restore (all partitions of one assignment), seconds.
     pub restore_duration: Histogram,
+    /// Rows sent to the result topic, by metric.
+    pub results_sent: IntCounterVec,
+    /// Windows left out of the result topic as possibly incomplete, by metric.
+    pub results_skipped: IntCounterVec,
+    /// Event time up to which final rows of a source have been sent (epoch seconds).
+    pub results_frontier: IntGaugeVec,
+    /// Changelog records the result view has read.
+    pub results_view_records: IntCounter,
     /// Aggregates written by flushes.
     pub state_writes: IntCounter,
     /// Expired aggregates deleted.
@@ -119,6 +127,10 @@ impl Metrics {
             partitions_restoring: reg(&r, IntGauge::new("tally_partitions_restoring", "Owned partitions still being restored from the changelog.").expect("valid metric")),
             restore_remaining: reg(&r, IntGauge::new("tally_restore_remaining_records", "Changelog records left to restore.").expect("valid metric")),
             restore_duration: hist("tally_restore_duration_seconds", "A restore of the partitions of one assignment, from first to last record."),
+            results_sent: counter("tally_results_sent_total", "Rows sent to the result topic.", &["metric"]),
+            results_skipped: counter("tally_results_skipped_total", "Window rows left out of the result topic as possibly incomplete.", &["metric"]),
+            results_frontier: gauge("tally_results_frontier_seconds", "Event time up to which final window rows have been sent (epoch seconds).", &["source"]),
+            results_view_records: reg(&r, IntCounter::new("tally_results_view_records_total", "Changelog records read into the result view.").expect("valid metric")),
             state_writes: reg(&r, IntCounter::new("tally_state_writes_total", "Aggregates written by flushes.").expect("valid metric")),
             state_deletes: reg(&r, IntCounter::new("tally_state_deletes_total", "Expired aggregates deleted.").expect("valid metric")),
             state_keys: reg(&r, IntGauge::new("tally_state_keys", "Keys in the state store.").expect("valid metric")),

@@ -429,9 +429,14 @@ mod tests {
     use crate::config::Config;
     use crate::task::TaskSet;
 
+    /// A changelog record: store key, value (`None`: tombstone).
+    type Record = (Vec<u8>, Option<Vec<u8>>);
+    /// Per (window start s, key): count, sum, ones.
+    type Rows = BTreeMap<(i64, String), (i64, i64, i64)>;
+
     /// Two partitions' changelogs as lists, as the broker would keep them (no compaction).
     #[derive(Default)]
-    struct Log(Vec<Vec<(Vec<u8>, Option<Vec<u8>>)>>);
+    struct Log(Vec<Vec<Record>>);
 
     impl ChangeSink for Log {
         fn write(&mut self, changes: &[Change], positions: &[Change]) -> Result<Vec<i64>, ChangelogError> {
@@ -497,8 +502,8 @@ mod tests {
     /// Exact answers: per (window start s, key) → (count, sum, ones), over records not late
     /// (slice end <= the partition's watermark before them), and all ones (a global window
     /// is never late).
-    fn truth(per_partition: i64) -> (BTreeMap<(i64, String), (i64, i64, i64)>, i64) {
-        let mut rows: BTreeMap<(i64, String), (i64, i64, i64)> = BTreeMap::new();
+    fn truth(per_partition: i64) -> (Rows, i64) {
+        let mut rows = Rows::new();
         let mut ones = 0;
         for _ in 0..2 {
             let mut wm = i64::MIN;

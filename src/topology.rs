@@ -395,6 +395,13 @@ impl Topology {
             let (n, d2) = (&self.metrics[d.numerator.0], &self.metrics[d.denominator.0]);
             let _ = writeln!(out, "derived `{}` = {}.{} / {}.{} per key and window", d.name, n.name, n.aggregates[d.numerator.1].name, d2.name, d2.aggregates[d.denominator.1].name);
         }
+        if self.emits_results() {
+            let rows = |emit: Emit| -> Vec<&str> {
+                let metrics = self.metrics.iter().filter(|m| m.emit == emit).map(|m| m.name.as_str());
+                metrics.chain(self.derived.iter().filter(|d| d.emit == emit).map(|d| d.name.as_str())).collect()
+            };
+            let _ = writeln!(out, "results to topic `{}`: final rows of {:?}, every update of {:?}", self.results_topic, rows(Emit::Final), rows(Emit::Updates));
+        }
         out
     }
 }

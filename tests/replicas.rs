@@ -88,6 +88,7 @@ fn scale_kill_and_restore(cluster: Cluster, broker: &str) {
     let last = &replicas[0];
     wait_caught_up(last.addr, "/api/v1/metrics/views", &ends(&records));
     s1::assert_exact(last.addr, &records, &format!("[{broker}] after scaling 1→3→1 and 10 SIGKILLs"));
+    assert_results(&cluster, last.addr, &records, &cfg, broker);
     // The run must have exercised what it claims: partitions restored from the changelog
     // (from scratch after the lost disk, and tails after moves).
     let (mut restores, mut records) = (0, 0u64);
@@ -99,6 +100,21 @@ fn scale_kill_and_restore(cluster: Cluster, broker: &str) {
     }
     println!("[{broker}] {restores} partition restores read {records} changelog records in all");
     assert!(records > 0, "no partition was ever restored from the changelog");
+}
+
+/// Waits (up to a minute) for the result topic to hold a final row for every window the
+/// partitions' watermarks have closed, then checks every row against the recomputation.
+fn assert_results(cluster: &Cluster, addr: std::net::SocketAddr, records: &[tally::gen::GenRecord], cfg: &tally::config::Config, broker: &str) {
+    let frontier = get(addr, "/api/v1/metrics/views")["coverage"]["watermark"].as_i64().expect("every partition has a watermark");
+    let topic = cfg.results.topic.clone().expect("the S1 example names its result topic");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match s1::check_results(&cluster.read_to_end(&topic), records, frontier) {
+            Ok(summary) => return println!("[{broker}] {summary}"),
+            Err(e) if Instant::now() > deadline => panic!("[{broker}] result topic: {e}"),
+            Err(_) => std::thread::sleep(Duration::from_secs(1)),
+        }
+    }
 }
 
 /// The number after `name=` in a log line (ANSI colours stripped).

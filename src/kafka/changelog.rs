@@ -3,15 +3,15 @@
 //! format and the restore plan are in [`crate::changelog`].
 
 use std::collections::HashMap;
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{DeliveryResult, Message};
-use rdkafka::producer::{BaseProducer, BaseRecord, Producer, ProducerContext};
+use rdkafka::error::KafkaError;
+use rdkafka::message::Message;
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
-use rdkafka::ClientContext;
+
+use super::delivery::{self, DeliveryContext};
 
 use crate::changelog::{self, Change, ChangeSink, ChangelogError, Plan, RestoreStats, Restoration};
 use crate::config::KafkaConfig;
@@ -20,97 +20,33 @@ use crate::ownership::{Ownership, PartitionState};
 use crate::store::Store;
 use crate::topology::Topology;
 
-/// How long a flush waits for the changelog's acknowledgements before failing (and being
-/// retried whole by the next one).
-const ACK_TIMEOUT: Duration = Duration::from_secs(30);
 /// A restore that reads nothing for this long fails instead of hanging.
 const RESTORE_STALL: Duration = Duration::from_secs(60);
-
-/// Collects delivery results: the offsets of position records, and the first failure.
-pub struct ChangelogContext {
-    offsets: Mutex<Vec<i64>>,
-    failure: Mutex<Option<String>>,
-}
-
-impl ClientContext for ChangelogContext {}
-
-impl ProducerContext for ChangelogContext {
-    /// 0 for a change; `i + 1` for the position record at index `i`.
-    type DeliveryOpaque = usize;
-    fn delivery(&self, result: &DeliveryResult<'_>, slot: usize) {
-        match result {
-            Ok(m) if slot > 0 => {
-                if let Some(o) = self.offsets.lock().unwrap_or_else(|p| p.into_inner()).get_mut(slot - 1) {
-                    *o = m.offset();
-                }
-            }
-            Ok(_) => {}
-            Err((e, _)) => {
-                self.failure.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert_with(|| e.to_string());
-            }
-        }
-    }
-}
 
 /// Writes flushes to the changelog topics (one per source, see
 /// [`Topology::changelog_topic`]). Idempotent, so a retried batch is not duplicated and
 /// records of a partition land in the order sent.
 pub struct ChangelogProducer {
-    producer: BaseProducer<ChangelogContext>,
+    producer: BaseProducer<DeliveryContext>,
     topics: Vec<String>,
 }
 
 impl ChangelogProducer {
     /// A producer to the changelog topics of `topo`.
     pub fn new(kafka: &KafkaConfig, topo: &Topology) -> anyhow::Result<ChangelogProducer> {
-        let producer = super::client_config(
-            kafka,
-            &[
-                ("enable.idempotence", "true"),
-                ("acks", "all"),
-                ("linger.ms", "2"),
-                ("batch.size", "1000000"),
-                ("queue.buffering.max.messages", "1000000"),
-                ("compression.type", "lz4"),
-            ],
-        )
-        .create_with_context(ChangelogContext { offsets: Mutex::new(Vec::new()), failure: Mutex::new(None) })
-        .map_err(|e| anyhow::anyhow!("creating the changelog producer: {e}"))?;
-        Ok(ChangelogProducer { producer, topics: (0..topo.sources.len()).map(|s| topo.changelog_topic(s)).collect() })
+        Ok(ChangelogProducer { producer: delivery::producer(kafka, "changelog")?, topics: (0..topo.sources.len()).map(|s| topo.changelog_topic(s)).collect() })
     }
 
     fn send(&self, c: &Change, slot: usize) -> Result<(), ChangelogError> {
-        loop {
-            let mut rec = BaseRecord::with_opaque_to(&self.topics[c.source], slot).partition(c.partition).key(&c.key[..]);
-            if let Some(v) = &c.value {
-                rec = rec.payload(&v[..]);
-            }
-            match self.producer.send(rec) {
-                Ok(()) => return Ok(()),
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
-                    self.producer.poll(Duration::from_millis(5));
-                }
-                Err((e, _)) => return Err(ChangelogError(format!("producing to {}: {e}", self.topics[c.source]))),
-            }
+        let mut rec = BaseRecord::with_opaque_to(&self.topics[c.source], slot).partition(c.partition).key(&c.key[..]);
+        if let Some(v) = &c.value {
+            rec = rec.payload(&v[..]);
         }
+        delivery::send(&self.producer, rec).map_err(|e| ChangelogError(format!("producing to {}: {e}", self.topics[c.source])))
     }
 
     fn await_acks(&self) -> Result<(), ChangelogError> {
-        // rdkafka's flush() polls in 100 ms steps that do not end when the last
-        // acknowledgement arrives: two of them per flush cost 200 ms (measured). Polling in
-        // 1 ms steps until nothing is in flight returns as soon as everything is acked.
-        let _ = self.producer.flush(Duration::ZERO);
-        let deadline = Instant::now() + ACK_TIMEOUT;
-        while self.producer.in_flight_count() > 0 {
-            if Instant::now() >= deadline {
-                return Err(ChangelogError(format!("records not acknowledged within {ACK_TIMEOUT:?}")));
-            }
-            self.producer.poll(Duration::from_millis(1));
-        }
-        match self.producer.context().failure.lock().unwrap_or_else(|p| p.into_inner()).take() {
-            None => Ok(()),
-            Some(e) => Err(ChangelogError(format!("a record was not delivered: {e}"))),
-        }
+        delivery::await_acks(&self.producer).map_err(ChangelogError)
     }
 }
 

@@ -20,6 +20,7 @@
 //! and committed before it is released.
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -33,6 +34,7 @@ use rdkafka::types::RDKafkaRespErr;
 use rdkafka::ClientContext;
 
 use super::changelog::{self, ChangelogProducer};
+use super::results::ResultEmitter;
 use super::side::{Origin, SideOutputs};
 use crate::changelog::ChangeSink;
 use crate::config::KafkaConfig;
@@ -59,6 +61,10 @@ pub struct Shared {
     /// Kafka timestamps of records processed since the last flush, for the
     /// produce-to-queryable histogram.
     pending: Mutex<Vec<i64>>,
+    /// Where the result view is kept, when results are sent.
+    results_dir: Option<PathBuf>,
+    /// The result emitter, while this replica owns the first source's partition 0.
+    emitter: Mutex<Option<ResultEmitter>>,
 }
 
 /// The consumer's context: rebalance handling and statistics.
@@ -218,9 +224,26 @@ impl Shared {
         }
         drop(tasks);
         tracing::info!(partitions = ?parts, resumed_from_store = resumed, "partitions assigned");
+        if let (Some(dir), true) = (&self.results_dir, parts.contains(&(0, 0))) {
+            let mut emitter = self.emitter.lock().unwrap_or_else(|p| p.into_inner());
+            if emitter.is_none() {
+                *emitter = Some(ResultEmitter::start(&self.kafka, Arc::clone(&self.topo), dir.clone(), self.metrics.clone()));
+            }
+        }
+    }
+
+    /// Stops the result emitter, if this replica runs it.
+    fn stop_emitter(&self) {
+        if let Some(e) = self.emitter.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            e.stop();
+        }
     }
 
     fn on_revoke(&self, consumer: &BaseConsumer<SourceContext>, tpl: &TopicPartitionList) {
+        // The role goes with partition 0, and stops before it can go to another replica.
+        if tpl.find_partition(&self.topo.sources[0].topic, 0).is_some() {
+            self.stop_emitter();
+        }
         if consumer.assignment_lost() {
             tracing::warn!("partitions lost (session timed out): dropping them without committing");
         } else if let Err(e) = self.flush_and_commit(consumer, Some(tpl)) {
@@ -289,7 +312,9 @@ pub struct SourceConsumer {
 
 impl SourceConsumer {
     /// Joins the consumer group and subscribes to every source topic.
-    pub fn new(kafka: &KafkaConfig, tasks: TaskSet, side: SideOutputs, metrics: Metrics, owned: Arc<Ownership>) -> anyhow::Result<SourceConsumer> {
+    /// With `results_dir`, the replica that owns the first source's partition 0 sends
+    /// window results, keeping its view there.
+    pub fn new(kafka: &KafkaConfig, tasks: TaskSet, side: SideOutputs, metrics: Metrics, owned: Arc<Ownership>, results_dir: Option<PathBuf>) -> anyhow::Result<SourceConsumer> {
         let topo = Arc::clone(tasks.topology());
         let changelog = if topo.changelog { Some(Mutex::new(ChangelogProducer::new(kafka, &topo)?)) } else { None };
         let shared = Arc::new(Shared {
@@ -303,6 +328,8 @@ impl SourceConsumer {
             flushed: Mutex::new(HashMap::new()),
             fatal: Mutex::new(None),
             pending: Mutex::new(Vec::new()),
+            results_dir,
+            emitter: Mutex::new(None),
         });
         let consumer: BaseConsumer<SourceContext> = super::client_config(
             kafka,
@@ -369,6 +396,7 @@ impl SourceConsumer {
             }
         }
         self.shared.owned.mark_stopping();
+        self.shared.stop_emitter();
         local.publish(&self.shared);
         self.shared.flush_and_commit(&self.consumer, None)?;
         if let Err(e) = self.shared.commit_flushed(&self.consumer, None) {

@@ -140,6 +140,38 @@ impl Cluster {
         meta.topics()[0].partitions().iter().map(|p| c.fetch_watermarks(topic, p.id(), Duration::from_secs(10)).expect("watermarks").1).collect()
     }
 
+    /// Every record of `topic` now, as (key, payload), partition by partition in order.
+    pub fn read_to_end(&self, topic: &str) -> Vec<(Vec<u8>, Vec<u8>)> {
+        let c: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &self.brokers)
+            .set("group.id", "test-reader")
+            .set("enable.auto.commit", "false")
+            .set("enable.partition.eof", "true")
+            .create()
+            .expect("consumer");
+        let meta = c.fetch_metadata(Some(topic), Duration::from_secs(10)).expect("metadata");
+        let mut tpl = TopicPartitionList::new();
+        let mut open = std::collections::HashSet::new();
+        for p in meta.topics()[0].partitions() {
+            tpl.add_partition_offset(topic, p.id(), Offset::Beginning).unwrap();
+            open.insert(p.id());
+        }
+        c.assign(&tpl).unwrap();
+        let mut out = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !open.is_empty() && Instant::now() < deadline {
+            match c.poll(Duration::from_millis(100)) {
+                Some(Ok(m)) => out.push((m.key().unwrap_or_default().to_vec(), m.payload().unwrap_or_default().to_vec())),
+                Some(Err(rdkafka::error::KafkaError::PartitionEOF(p))) => {
+                    open.remove(&p);
+                }
+                _ => {}
+            }
+        }
+        assert!(open.is_empty(), "{topic}: partitions {open:?} not read to their end within 60 s");
+        out
+    }
+
     /// Reads `expect` records of every partition of `topic`: (headers as a map, payload).
     pub fn read_all(&self, topic: &str, expect: usize) -> Vec<(HashMap<String, String>, Vec<u8>)> {
         let c: BaseConsumer = ClientConfig::new()
@@ -380,6 +412,15 @@ pub fn sketch_hex<'a>(values: impl IntoIterator<Item = &'a String>, precision: u
         s.insert(v.as_bytes());
     }
     s.to_canonical().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The estimate tally reports for a sketch of exactly these values (single clean pass).
+pub fn sketch_estimate<'a>(values: impl IntoIterator<Item = &'a String>, precision: u8) -> f64 {
+    let mut s = Sketch::new(precision).unwrap();
+    for v in values {
+        s.insert(v.as_bytes());
+    }
+    s.estimate().round()
 }
 
 /// Asserts an HLL estimate is within 3 standard errors of the exact count.

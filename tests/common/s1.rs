@@ -8,6 +8,9 @@ use super::{floor, local_ms, replay, text, Distinct};
 
 const MIN: i64 = 60_000;
 
+/// Counts per (window start, key text).
+pub type Counts = BTreeMap<(i64, String), u64>;
+
 /// S1's answers: per (window start, key) maps, as the API's rows are keyed.
 #[derive(Debug, Default)]
 pub struct S1 {
@@ -108,4 +111,83 @@ pub fn assert_exact(addr: std::net::SocketAddr, records: &[GenRecord], label: &s
         assert!(r["values"]["uv"]["sketch"].as_str().unwrap() == super::sketch_hex(users, 14), "uv_10m sketch of window {w} {label}");
     }
     assert_eq!(uv["rows"].as_array().unwrap().len(), want.uv_10m.len(), "uv_10m windows {label}");
+}
+
+/// Checks S1's result-topic rows (`(key, value)` as read) against the recomputation over
+/// `records`, with `frontier` the lowest partition watermark at the end:
+/// - every final row, every copy of it (rows are sent again after crashes and moves), holds
+///   the exact value — counts and ratios equal, UV the estimate of a clean-pass sketch;
+/// - every window closed by `frontier` has its final row, and no open window has one;
+/// - the last update of `uv_all_time` is the clean pass's estimate.
+///
+/// `Err` says what is wrong or missing; `Ok` sums up what was checked.
+pub fn check_results(rows: &[(Vec<u8>, Vec<u8>)], records: &[GenRecord], frontier: i64) -> Result<String, String> {
+    use serde_json::{json, Value};
+    let want = truth(records);
+    let counts: [(&str, &str, &Counts); 4] =
+        [("pv_by_product", "pv", &want.pv), ("views", "views", &want.views), ("purchases", "purchases", &want.purchases), ("purchases_by_product", "purchases", &want.purchases_by_product)];
+    let mut finals: BTreeMap<(String, i64, String), u64> = BTreeMap::new();
+    let mut last_uv_all: Option<Value> = None;
+    for (k, v) in rows {
+        let key: Value = serde_json::from_slice(k).map_err(|e| format!("result key is not JSON: {e}"))?;
+        let row: Value = serde_json::from_slice(v).map_err(|e| format!("result value is not JSON: {e}"))?;
+        if key != json!({ "metric": row["metric"], "key": row["key"], "window": row["window"] }) {
+            return Err(format!("key {key} does not name the row's metric, key and window: {row}"));
+        }
+        let metric = row["metric"].as_str().unwrap_or_default().to_string();
+        if metric == "uv_all_time" {
+            last_uv_all = Some(row);
+            continue;
+        }
+        if row["final"] != json!(true) {
+            return Err(format!("{metric} sends final rows only: {row}"));
+        }
+        let start = row["window"]["start"].as_i64().ok_or_else(|| format!("no window start: {row}"))?;
+        if row["window"]["end"].as_i64() != Some(start + 10 * MIN) || start + 10 * MIN > frontier {
+            return Err(format!("final row of a window not closed by the frontier {frontier}: {row}"));
+        }
+        let key_text = row["key"].as_object().map(|o| o.values().map(text).collect::<Vec<_>>().join("|")).unwrap_or_default();
+        let at = (start, key_text.clone());
+        let values = &row["values"];
+        let ok = match metric.as_str() {
+            "uv_10m" => want.uv_10m.get(&at).map(|users| super::sketch_estimate(users, 14)) == values["uv"]["estimate"].as_f64(),
+            // serde_json parses floats to within an ulp (no `float_roundtrip`): the counts
+            // behind a ratio are compared exactly, the ratio to 1e-12.
+            "conversion_rate" | "conversion_rate_by_product" => {
+                let (num, den) = if metric == "conversion_rate" { (&want.purchases, &want.views) } else { (&want.purchases_by_product, &want.pv) };
+                let (n, d) = (num.get(&at).copied().unwrap_or(0), den.get(&at).copied().unwrap_or(0));
+                d > 0 && values["numerator"].as_u64() == Some(n) && values["denominator"].as_u64() == Some(d) && values["ratio"].as_f64().is_some_and(|r| (r - n as f64 / d as f64).abs() < 1e-12)
+            }
+            _ => match counts.iter().find(|c| c.0 == metric) {
+                Some((_, agg, map)) => map.get(&at).is_some_and(|n| values[*agg].as_u64() == Some(*n)),
+                None => return Err(format!("a row of an unknown metric: {row}")),
+            },
+        };
+        if !ok {
+            return Err(format!("wrong final value for {metric} window {start} key `{key_text}`: {row}"));
+        }
+        *finals.entry((metric, start, key_text)).or_default() += 1;
+    }
+    let mut expected = 0;
+    let ratio_keys: [(&str, &Counts); 2] = [("conversion_rate", &want.views), ("conversion_rate_by_product", &want.pv)];
+    let uv_keys: Vec<(i64, String)> = want.uv_10m.keys().cloned().collect();
+    for (metric, keys) in counts
+        .iter()
+        .map(|(m, _, map)| (*m, map.keys().collect::<Vec<_>>()))
+        .chain(ratio_keys.iter().map(|(m, map)| (*m, map.keys().collect())))
+        .chain([("uv_10m", uv_keys.iter().collect())])
+    {
+        for (start, key) in keys.into_iter().filter(|k| k.0 + 10 * MIN <= frontier) {
+            expected += 1;
+            if !finals.contains_key(&(metric.to_string(), *start, key.clone())) {
+                return Err(format!("no final row for {metric} window {start} key `{key}` (closed by the frontier {frontier})"));
+            }
+        }
+    }
+    let uv_all = last_uv_all.ok_or("no update of uv_all_time")?;
+    if uv_all["values"]["uv"]["estimate"].as_f64() != Some(super::sketch_estimate(&want.uv_all, 14)) {
+        return Err(format!("last uv_all_time update {uv_all} is not the clean pass's estimate {}", super::sketch_estimate(&want.uv_all, 14)));
+    }
+    let copies: u64 = finals.values().sum();
+    Ok(format!("{} result rows: {expected} final rows exact ({} sent again), uv_all_time's last update exact", rows.len(), copies - expected))
 }
