@@ -264,7 +264,16 @@ fn bench_config(brokers: &str, app: &str, state: &Path) -> anyhow::Result<Config
     cfg.kafka.application_id = app.to_string();
     cfg.state.dir = state.to_path_buf();
     cfg.http.listen = "127.0.0.1:0".into();
+    cfg.results.topic = None;
     Ok(cfg)
+}
+
+/// `cfg` with nothing sent to the result topic.
+fn without_results(mut cfg: Config) -> Config {
+    let none = Some(crate::config::Emit::None);
+    cfg.metrics.iter_mut().for_each(|m| m.emit = none);
+    cfg.derived.iter_mut().for_each(|d| d.emit = none);
+    cfg
 }
 
 /// Reads the whole changelog of `cfg`'s application into an empty store through the restore
@@ -437,10 +446,12 @@ pub fn run(opts: BenchOptions) -> anyhow::Result<()> {
     let brokers = mock.bootstrap_servers();
     let state = tempfile::Builder::new().prefix("tally-bench-").tempdir()?;
     let cfg = bench_config(&brokers, "tally-bench", &state.path().join("on"))?;
-    let mut cfg_off = bench_config(&brokers, "tally-bench-nolog", &state.path().join("off"))?;
+    let cfg_no_results = without_results(bench_config(&brokers, "tally-bench-noresults", &state.path().join("noresults"))?);
+    let mut cfg_off = without_results(bench_config(&brokers, "tally-bench-nolog", &state.path().join("off"))?);
     cfg_off.state.changelog = false;
     crate::kafka::topics::create_on_mock(&mock, &crate::topology::Topology::compile(&cfg)?, opts.partitions)?;
     create_internal(&mock, &cfg_off, opts.partitions)?;
+    create_internal(&mock, &cfg_no_results, opts.partitions)?;
 
     let events = opts.events.min(MOCK_RECORDS_PER_PARTITION * opts.partitions.max(1) as usize);
     if events < opts.events {
@@ -458,10 +469,14 @@ pub fn run(opts: BenchOptions) -> anyhow::Result<()> {
     eprintln!("pre-filled {events} events in {:.1} s", produce_start.elapsed().as_secs_f64());
     let raw = consume_only(&cfg, topic, opts.partitions, events)?;
 
-    // Phase 1: throughput without, then with the changelog (each its own consumer group).
+    // Phase 1: throughput without the changelog, with it but no results, with both (each
+    // its own consumer group).
     let off = InProcess::start(cfg_off)?;
     let without = drain(off.addr, events)?;
     off.stop()?;
+    let no_results = InProcess::start(cfg_no_results)?;
+    let without_rows = drain(no_results.addr, events)?;
+    no_results.stop()?;
     let tally = InProcess::start(cfg)?;
     let with = drain(tally.addr, events)?;
     let text = &with.text;
@@ -471,6 +486,7 @@ pub fn run(opts: BenchOptions) -> anyhow::Result<()> {
     let invalid = sum(text, "tally_records_invalid_total");
     let late = sum(text, "tally_records_late_total");
     let changelog_records = sum(text, "tally_changelog_records_total");
+    let rows_sent = sum(text, "tally_results_sent_total");
     std::thread::sleep(Duration::from_millis(500));
     let state_bytes = dir_bytes(&state.path().join("on"));
 
@@ -502,10 +518,11 @@ pub fn run(opts: BenchOptions) -> anyhow::Result<()> {
     let ms = |q: Option<f64>| q.map_or("n/a".to_string(), |s| format!("{:.0} ms", s * 1000.0));
     println!("S1, all S1 metrics on, {} partitions, events {} ms apart in event time, one tally process, librdkafka mock cluster", opts.partitions, opts.step_ms);
     println!(
-        "throughput           {:.0} events/s with the changelog ({events} events in {:.2} s; {invalid} invalid, {late} late-for-a-metric; {changelog_records} changelog records)",
+        "throughput           {:.0} events/s with the changelog ({events} events in {:.2} s; {invalid} invalid, {late} late-for-a-metric; {changelog_records} changelog records; {rows_sent} result rows sent by the end of the drain)",
         with.events_per_s, with.secs
     );
-    println!("  without changelog  {:.0} events/s ({:.2} s); the changelog costs {:.0} %", without.events_per_s, without.secs, (1.0 - with.events_per_s / without.events_per_s) * 100.0);
+    println!("  without results    {:.0} events/s ({:.2} s); the result topic costs {:.0} %", without_rows.events_per_s, without_rows.secs, (1.0 - with.events_per_s / without_rows.events_per_s) * 100.0);
+    println!("  without changelog  {:.0} events/s ({:.2} s); changelog and results cost {:.0} %", without.events_per_s, without.secs, (1.0 - with.events_per_s / without.events_per_s) * 100.0);
     println!(
         "flushes              {flush_count} taking {:.0} % of the drain; p50 {} p99 {} (commit, side outputs, changelog acked, state written and fsynced)",
         flush_secs / with.secs * 100.0,

@@ -155,6 +155,15 @@ impl Metrics {
         }
     }
 
+    /// Creates the result-topic series of each emitting metric at zero (see
+    /// [`Metrics::init_sources`]).
+    pub fn init_results<'a>(&self, metrics: impl IntoIterator<Item = &'a str>) {
+        for m in metrics {
+            self.results_sent.with_label_values(&[m]);
+            self.results_skipped.with_label_values(&[m]);
+        }
+    }
+
     /// The text exposition of every metric.
     pub fn render(&self) -> String {
         let mut buf = Vec::new();

@@ -323,9 +323,15 @@ impl Topology {
         })
     }
 
+    /// Names of the metrics and derived metrics that send rows to the result topic.
+    pub fn emitting(&self) -> Vec<&str> {
+        let metrics = self.metrics.iter().map(|m| (m.name.as_str(), m.emit));
+        metrics.chain(self.derived.iter().map(|d| (d.name.as_str(), d.emit))).filter(|(_, e)| *e != Emit::None).map(|(n, _)| n).collect()
+    }
+
     /// Whether any metric or derived metric sends rows to the result topic.
     pub fn emits_results(&self) -> bool {
-        self.metrics.iter().map(|m| m.emit).chain(self.derived.iter().map(|d| d.emit)).any(|e| e != Emit::None)
+        !self.emitting().is_empty()
     }
 
     /// The metric called `name`.
