@@ -1,10 +1,11 @@
 //! `tally bench`: S1 events through librdkafka's mock cluster into tally, reporting
-//! throughput (with and without the changelog), produce-to-queryable latency, restore
+//! throughput (with and without the changelog and the result topic), produce-to-queryable latency, restore
 //! speed, failover time, peak RSS and state size.
 //!
 //! Phases:
-//! 1. **Throughput**: the topic is pre-filled, then tally drains it, once without and once
-//!    with the changelog (separate consumer groups); events/s is counted from the first
+//! 1. **Throughput**: the topic is pre-filled, then tally drains it three times: without the
+//!    changelog, with it but no result topic, with both (separate consumer groups); events/s
+//!    is counted from the first
 //!    consumed record to the last. The mock keeps at most ~5 MiB per partition and silently
 //!    drops older data, so the event count is capped per partition.
 //! 2. **Latency**: events are produced at a fixed rate, stamped with the wall clock, while

@@ -41,7 +41,7 @@ impl ResultEmitter {
     pub fn start(kafka: &KafkaConfig, topo: Arc<Topology>, dir: PathBuf, metrics: Metrics) -> ResultEmitter {
         let stop = Arc::new(AtomicBool::new(false));
         let (kafka, flag) = (kafka.clone(), Arc::clone(&stop));
-        let thread = std::thread::Builder::new()
+        let spawned = std::thread::Builder::new()
             .name("tally-results".into())
             .spawn(move || {
                 while !flag.load(Ordering::Relaxed) {
@@ -53,9 +53,17 @@ impl ResultEmitter {
                         }
                     }
                 }
-            })
-            .ok();
-        tracing::info!("result emitter started");
+            });
+        let thread = match spawned {
+            Ok(t) => {
+                tracing::info!("result emitter started");
+                Some(t)
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "could not start the result emitter; no rows are sent");
+                None
+            }
+        };
         ResultEmitter { stop, thread }
     }
 
