@@ -140,23 +140,30 @@ impl Cluster {
         meta.topics()[0].partitions().iter().map(|p| c.fetch_watermarks(topic, p.id(), Duration::from_secs(10)).expect("watermarks").1).collect()
     }
 
-    /// Every record of `topic` now, as (key, payload), partition by partition in order.
-    pub fn read_to_end(&self, topic: &str) -> Vec<(Vec<u8>, Vec<u8>)> {
+    /// A consumer assigned every partition of `topic` from the beginning (reporting each
+    /// partition's end with `eof`), and the partitions.
+    fn reader(&self, topic: &str, eof: bool) -> (BaseConsumer, Vec<i32>) {
         let c: BaseConsumer = ClientConfig::new()
             .set("bootstrap.servers", &self.brokers)
             .set("group.id", "test-reader")
             .set("enable.auto.commit", "false")
-            .set("enable.partition.eof", "true")
+            .set("enable.partition.eof", if eof { "true" } else { "false" })
             .create()
             .expect("consumer");
         let meta = c.fetch_metadata(Some(topic), Duration::from_secs(10)).expect("metadata");
+        let partitions: Vec<i32> = meta.topics()[0].partitions().iter().map(|p| p.id()).collect();
         let mut tpl = TopicPartitionList::new();
-        let mut open = std::collections::HashSet::new();
-        for p in meta.topics()[0].partitions() {
-            tpl.add_partition_offset(topic, p.id(), Offset::Beginning).unwrap();
-            open.insert(p.id());
+        for &p in &partitions {
+            tpl.add_partition_offset(topic, p, Offset::Beginning).unwrap();
         }
         c.assign(&tpl).unwrap();
+        (c, partitions)
+    }
+
+    /// Every record of `topic` now, as (key, payload), partition by partition in order.
+    pub fn read_to_end(&self, topic: &str) -> Vec<(Vec<u8>, Vec<u8>)> {
+        let (c, partitions) = self.reader(topic, true);
+        let mut open: std::collections::HashSet<i32> = partitions.into_iter().collect();
         let mut out = Vec::new();
         let deadline = Instant::now() + Duration::from_secs(60);
         while !open.is_empty() && Instant::now() < deadline {
@@ -174,18 +181,7 @@ impl Cluster {
 
     /// Reads `expect` records of every partition of `topic`: (headers as a map, payload).
     pub fn read_all(&self, topic: &str, expect: usize) -> Vec<(HashMap<String, String>, Vec<u8>)> {
-        let c: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", &self.brokers)
-            .set("group.id", "test-reader")
-            .set("enable.auto.commit", "false")
-            .create()
-            .expect("consumer");
-        let meta = c.fetch_metadata(Some(topic), Duration::from_secs(10)).expect("metadata");
-        let mut tpl = TopicPartitionList::new();
-        for p in meta.topics()[0].partitions() {
-            tpl.add_partition_offset(topic, p.id(), Offset::Beginning).unwrap();
-        }
-        c.assign(&tpl).unwrap();
+        let (c, _) = self.reader(topic, false);
         let mut out = Vec::new();
         let deadline = Instant::now() + Duration::from_secs(60);
         while out.len() < expect && Instant::now() < deadline {
