@@ -79,8 +79,8 @@ pub enum ResultsError {
 /// One record for the result topic.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ResultRecord {
-    /// Which metric (or ratio) it is a row of: the topic key is per metric, so counters can
-    /// say what was sent.
+    /// The output it is a row of: a metric index, or the number of metrics plus a ratio
+    /// index (see [`ResultView::output_name`]).
     pub metric: usize,
     /// JSON `{"metric", "key", "window"}`: what a sink upserts on.
     pub key: Vec<u8>,
@@ -278,12 +278,15 @@ impl ResultView {
     /// Records that the last take's rows were sent: its windows are done, and their slices
     /// leave the view.
     pub fn commit(&mut self) -> Result<(), ResultsError> {
-        for s in 0..self.topo.sources.len() {
-            if let Some(f) = self.taken[s].take() {
-                self.sent[s] = Some(f);
+        let mut moved = vec![false; self.topo.sources.len()];
+        for ((taken, sent), moved) in self.taken.iter_mut().zip(&mut self.sent).zip(&mut moved) {
+            if let Some(f) = taken.take() {
+                *sent = Some(f);
+                *moved = true;
             }
         }
-        for m in 0..self.topo.metrics.len() {
+        // Only a source whose frontier moved has windows to drop.
+        for m in (0..self.topo.metrics.len()).filter(|&m| moved[self.topo.metrics[m].source]) {
             let Some(cut) = self.prune_cut(m) else { continue };
             for p in 0..self.partitions[self.topo.metrics[m].source] {
                 for k in self.store.keys_before(&self.topo.metrics[m].name, p, cut)? {
@@ -426,7 +429,6 @@ mod tests {
 
     use super::*;
     use crate::changelog::{Change, ChangeSink, ChangelogError};
-    use crate::config::Config;
     use crate::task::TaskSet;
 
     /// A changelog record: store key, value (`None`: tombstone).
@@ -453,16 +455,8 @@ mod tests {
     }
 
     fn topo() -> Arc<Topology> {
-        let cfg = Config::from_toml_str(
+        crate::topology::test_topology(
             r#"
-            [kafka]
-            bootstrap_servers = "127.0.0.1:1"
-            application_id = "t"
-            [[sources]]
-            name = "s"
-            topic = "t"
-            event_time = { field = "ts", kind = "epoch_seconds" }
-            watermark_delay = "10s"
             [[metrics]]
             name = "per_min"
             source = "s"
@@ -489,8 +483,6 @@ mod tests {
             ratio = { numerator = "ones_per_min", denominator = "per_min" }
         "#,
         )
-        .unwrap();
-        Arc::new(Topology::compile(&cfg).unwrap())
     }
 
     /// Event `i` of a partition: seconds 0..600, every 7th 15 s out of order (some late).

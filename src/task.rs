@@ -324,19 +324,10 @@ impl TaskSet {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Config;
 
     fn topo() -> Arc<Topology> {
-        let cfg = Config::from_toml_str(
+        crate::topology::test_topology(
             r#"
-            [kafka]
-            bootstrap_servers = "127.0.0.1:1"
-            application_id = "t"
-            [[sources]]
-            name = "s"
-            topic = "t"
-            event_time = { field = "ts", kind = "epoch_seconds" }
-            watermark_delay = "10s"
             [[metrics]]
             name = "per_min"
             source = "s"
@@ -352,8 +343,6 @@ mod tests {
             window = { type = "global" }
         "#,
         )
-        .unwrap();
-        Arc::new(Topology::compile(&cfg).unwrap())
     }
 
     fn rec(ts: i64, k: &str, v: i64) -> Vec<u8> {

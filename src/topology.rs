@@ -553,6 +553,18 @@ fn emit(key: String, asked: Option<Emit>, m: &Metric, changelog: bool) -> Result
     }
 }
 
+/// A topology for unit tests: one source `s` (topic `t`, event time `ts` in epoch seconds,
+/// watermark delay 10 s) and the `metrics` (TOML `[[metrics]]`/`[[derived]]` tables) given.
+#[cfg(test)]
+pub(crate) fn test_topology(metrics: &str) -> std::sync::Arc<Topology> {
+    let cfg = Config::from_toml_str(&format!(
+        "[kafka]\nbootstrap_servers = \"127.0.0.1:1\"\napplication_id = \"t\"\n\
+         [[sources]]\nname = \"s\"\ntopic = \"t\"\nevent_time = {{ field = \"ts\", kind = \"epoch_seconds\" }}\nwatermark_delay = \"10s\"\n{metrics}"
+    ))
+    .expect("a valid test config");
+    std::sync::Arc::new(Topology::compile(&cfg).expect("a valid test topology"))
+}
+
 #[cfg(test)]
 mod tests {
     use crate::config::Config;

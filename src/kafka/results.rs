@@ -149,7 +149,7 @@ fn emit(kafka: &KafkaConfig, topo: &Arc<Topology>, dir: &std::path::Path, metric
         let read = view.stats.applied + view.stats.ignored;
         metrics.results_view_records.inc_by(read - reported.0);
         reported.0 = read;
-        for (i, n) in view.skipped.clone().into_iter().enumerate() {
+        for (i, &n) in view.skipped.iter().enumerate() {
             if n > reported.1[i] {
                 metrics.results_skipped.with_label_values(&[view.output_name(i)]).inc_by(n - reported.1[i]);
                 tracing::warn!(metric = view.output_name(i), windows = n - reported.1[i], "windows left out of the result topic: a partition may have expired them before the view read them");
