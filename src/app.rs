@@ -34,6 +34,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'stati
     }
     let metrics = Metrics::new();
     metrics.init_sources(topo.sources.iter().map(|s| s.name.as_str()));
+    metrics.init_metrics(topo.metrics.iter().map(|m| m.name.as_str()));
     metrics.init_results(topo.emitting());
     topics::ensure(&cfg.kafka, &topo).await?;
     let side = SideOutputs::new(&cfg.kafka, topo.dead_letter_topic(), topo.late_topic(), metrics.clone())?;

@@ -327,7 +327,7 @@ fn synthetic_changelog(mock: &MockCluster<'_, rdkafka::producer::DefaultProducer
         let k = i % keys;
         let p = (k % partitions as usize) as i32;
         let mut key = Vec::new();
-        crate::store::state_key_prefix(&mut key, &metric.name, p, (k / partitions as usize) as i64 * 60_000);
+        crate::store::state_key_prefix(&mut key, &metric.name, p, (k / partitions as usize) as i64 * 60_000, crate::store::EVERY_WINDOW);
         key.extend_from_slice(format!("product-{}", k % 1000).as_bytes());
         let states = metric.aggregates.iter().map(|a| crate::aggregate::AggState::new(&a.kind)).collect();
         let value = crate::store::StoredAggregate { max_offset: i as i64, states }.encode();

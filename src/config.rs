@@ -177,6 +177,17 @@ pub struct SourceConfig {
     /// ahead are dead-lettered (`event_time_too_far_ahead`). Default `1d`.
     #[serde(default = "default_max_ahead")]
     pub max_ahead: String,
+    /// Declared field types: `field = "int"` (`float`, `string`, `bool`, or an SQL name such
+    /// as `BIGINT`, `VARCHAR`), optionally `"int not null"`. A record whose declared field
+    /// holds another type, or lacks a `not null` one, is dead-lettered (`wrong_type`,
+    /// `missing_field`) and never moves the watermark.
+    #[serde(default)]
+    pub types: BTreeMap<String, String>,
+    /// A partition that has received nothing for this long (wall clock) while caught up
+    /// stops holding windows open: its watermark follows the wall clock minus the watermark
+    /// delay (Flink's `source.idle-timeout`). Default: never.
+    #[serde(default)]
+    pub idle_timeout: Option<String>,
 }
 
 fn default_max_ahead() -> String {
@@ -206,7 +217,8 @@ pub struct EventTimeConfig {
     /// For `parts`: date/time part → field, keys among year, month, day, hour, minute, second.
     #[serde(default)]
     pub parts: BTreeMap<String, String>,
-    /// For `parts` without a year field: the year to use (default: the current year).
+    /// For `parts` without a year field: the year to use (default: the year that puts the
+    /// time closest to the record's Kafka timestamp).
     #[serde(default)]
     pub year: Option<i32>,
 }

@@ -339,7 +339,7 @@ fn compare(value: &Value, literal: &Value) -> Option<Ordering> {
         _ => match (value, literal) {
             (Value::Null, Value::Null) => Some(Ordering::Equal),
             (Value::Bool(a), Value::Bool(b)) => Some(a.cmp(b)),
-            (Value::Str(a), Value::Str(b)) => Some(a.cmp(b)),
+            (Value::Str(a) | Value::Json(a), Value::Str(b)) => Some(a.cmp(b)),
             _ => None,
         },
     }

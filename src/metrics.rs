@@ -19,6 +19,10 @@ pub struct Metrics {
     pub records_processed: IntCounterVec,
     /// Records late for a metric (its slice had closed), by metric.
     pub records_late: IntCounterVec,
+    /// Records dropped from some windows of a metric (closed) but counted in its others.
+    pub records_partly_late: IntCounterVec,
+    /// Owned partitions counted idle (see `idle_timeout`).
+    pub partitions_idle: IntGauge,
     /// Records that could not be decoded, by source and reason.
     pub records_invalid: IntCounterVec,
     /// Records skipped because the state already held them (replays), by source.
@@ -106,7 +110,8 @@ impl Metrics {
         let m = Metrics {
             records_consumed: counter("tally_records_consumed_total", "Records read from Kafka.", &["source"]),
             records_processed: counter("tally_records_processed_total", "Records decoded and folded into state.", &["source"]),
-            records_late: counter("tally_records_late_total", "Records that arrived after their slice closed, per metric.", &["metric"]),
+            records_late: counter("tally_records_late_total", "Records that arrived after every window holding them had closed, per metric.", &["metric"]),
+            records_partly_late: counter("tally_records_partly_late_total", "Records counted in some windows of a metric but too late for others (already closed), per metric.", &["metric"]),
             records_invalid: counter("tally_records_invalid_total", "Records that could not be decoded.", &["source", "reason"]),
             records_replayed: counter("tally_records_replayed_total", "Records skipped because the state already held them.", &["source"]),
             records_set_aside: counter("tally_records_set_aside_total", "Records written to the dead-letter or late-records topic.", &["topic"]),
@@ -115,6 +120,7 @@ impl Metrics {
             watermark_lag: gauge("tally_watermark_lag_seconds", "Wall clock minus watermark of a source partition.", &["source", "partition"]),
             consumer_lag: gauge("tally_consumer_lag_records", "Records behind the partition's high watermark.", &["source", "partition"]),
             partitions_owned: reg(&r, IntGauge::new("tally_partitions_owned", "Source partitions owned by this replica.").expect("valid metric")),
+            partitions_idle: reg(&r, IntGauge::new("tally_partitions_idle", "Owned partitions idle past their source's idle_timeout: their watermark follows the wall clock.").expect("valid metric")),
             rebalances: counter("tally_rebalances_total", "Partition assignment changes.", &["kind"]),
             processing_latency: hist("tally_processing_latency_seconds", "From the record's Kafka timestamp to processed."),
             queryable_latency: hist("tally_queryable_latency_seconds", "From the record's Kafka timestamp to queryable (flushed to the store)."),
@@ -152,6 +158,15 @@ impl Metrics {
             for c in [&self.records_consumed, &self.records_processed, &self.records_replayed, &self.changelog_records, &self.restore_records, &self.restore_bytes, &self.restore_rejected] {
                 c.with_label_values(&[s]);
             }
+        }
+    }
+
+    /// Creates the late and partly-late series of each metric at zero (see
+    /// [`Metrics::init_sources`]).
+    pub fn init_metrics<'a>(&self, metrics: impl IntoIterator<Item = &'a str>) {
+        for m in metrics {
+            self.records_late.with_label_values(&[m]);
+            self.records_partly_late.with_label_values(&[m]);
         }
     }
 

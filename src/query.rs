@@ -50,6 +50,17 @@ pub enum QueryError {
         /// Changelog records to restore, over those partitions.
         total: u64,
     },
+    /// The answer would reach into windows some covered partition may already have deleted
+    /// (past the metric's retention), so it would be short.
+    #[error("metric `{metric}` keeps windows for {retention_ms} ms after they end (its `retention`); the state before {earliest} ms may be gone on some partition, so this is not answered; ask from {earliest} on, or raise `retention`")]
+    Expired {
+        /// The metric.
+        metric: String,
+        /// Its retention, ms.
+        retention_ms: i64,
+        /// The earliest time still answered in full.
+        earliest: i64,
+    },
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -99,10 +110,28 @@ struct Coverage {
 }
 
 impl Coverage {
-    /// Whether some partition may already have deleted part of `w` (it ended more than the
-    /// retention ago there): such a window is no longer answered, rather than answered short.
+    /// Whether some partition may already have deleted part of `w` (it is past the
+    /// retention there): such a window is no longer answered, rather than answered short.
     fn expired(&self, m: &Metric, w: Window) -> bool {
-        self.expiry && self.highest_watermark.and_then(|wm| m.window.expired_before(wm, m.retention_ms)).is_some_and(|cut| w.start < cut)
+        self.expiry && self.highest_watermark.is_some_and(|wm| m.window.expired(w, wm, m.retention_ms))
+    }
+
+    /// Windows ending by this have closed, with `grace_ms`, on every covered partition.
+    fn closed_by(&self, grace_ms: i64) -> i64 {
+        self.watermark.map_or(i64::MIN, |wm| wm.saturating_sub(grace_ms))
+    }
+
+    /// The first slice start not deleted on any partition (`None`: nothing deleted).
+    fn retained_from(&self, m: &Metric) -> Option<i64> {
+        self.highest_watermark.filter(|_| self.expiry).and_then(|wm| m.window.expired_before(wm, m.retention_ms))
+    }
+
+    /// Refuses an answer over slices starting at `lo` or later if some may be deleted.
+    fn check_retained(&self, m: &Metric, lo: i64) -> Result<(), QueryError> {
+        match self.retained_from(m) {
+            Some(cut) if lo < cut => Err(QueryError::Expired { metric: m.name.clone(), retention_ms: m.retention_ms, earliest: cut }),
+            _ => Ok(()),
+        }
     }
 }
 
@@ -121,7 +150,9 @@ fn number_json(x: f64) -> Json {
     }
 }
 
-type Partials = BTreeMap<Vec<u8>, BTreeMap<i64, Vec<AggState>>>;
+/// Per group key, per (slice start, first window end it counts for), merged partials.
+type Slices = BTreeMap<(i64, i64), Vec<AggState>>;
+type Partials = BTreeMap<Vec<u8>, Slices>;
 
 /// Answers queries from a store, over the partitions this replica owns.
 #[derive(Clone)]
@@ -263,15 +294,15 @@ impl QueryEngine {
         let mut out: Partials = BTreeMap::new();
         for &p in partitions {
             for item in self.store.scan(&m.name, p, lo, hi) {
-                let (slice, g, stored) = item?;
-                if group.is_some_and(|want| want != g.as_slice()) {
+                let e = item?;
+                if group.is_some_and(|want| want != e.group.as_slice()) {
                     continue;
                 }
-                match out.entry(g).or_default().entry(slice) {
+                match out.entry(e.group).or_default().entry((e.slice, e.from_end)) {
                     std::collections::btree_map::Entry::Vacant(v) => {
-                        v.insert(stored.states);
+                        v.insert(e.value.states);
                     }
-                    std::collections::btree_map::Entry::Occupied(mut o) => merge_into(o.get_mut(), &stored.states)?,
+                    std::collections::btree_map::Entry::Occupied(mut o) => merge_into(o.get_mut(), &e.value.states)?,
                 }
             }
         }
@@ -283,21 +314,29 @@ impl QueryEngine {
             return (GLOBAL.start, GLOBAL.start + 1);
         }
         // Windows overlapping the range reach one window length beyond it on both sides.
-        let lo = range.from.map_or(i64::MIN, |f| m.window.slice_start(f.saturating_sub(m.window.span_ms())));
-        let hi = range.to.map_or(i64::MAX, |t| t.saturating_add(m.window.span_ms()));
+        let lo = range.from.map_or(i64::MIN, |f| m.window.slice_start(f.saturating_sub(m.window.reach_ms())));
+        let hi = range.to.map_or(i64::MAX, |t| t.saturating_add(m.window.reach_ms()));
         (lo, hi)
     }
 
-    /// Merged states of one window from per-slice partials.
-    fn window_states(w: Window, slices: &BTreeMap<i64, Vec<AggState>>) -> Result<Option<Vec<AggState>>, QueryError> {
-        // Every stored slice starting inside the window, not just the starts the current
-        // alignment predicts: a zone's offset may have changed since they were written.
+    /// Merged states of one window: its slices' partials that count for it (those for every
+    /// window of their slice, and those for windows ending at or after a time it ends by).
+    fn window_states(w: Window, slices: &Slices) -> Result<Option<Vec<AggState>>, QueryError> {
         let mut acc: Option<Vec<AggState>> = None;
-        let range = if w == GLOBAL { GLOBAL.start..GLOBAL.start + 1 } else { w.start..w.end };
-        for (_, st) in slices.range(range) {
-            accumulate(&mut acc, st)?;
+        let (lo, hi) = if w == GLOBAL { (GLOBAL.start, GLOBAL.start + 1) } else { (w.start, w.end) };
+        for (&(_, from_end), st) in slices.range((lo, i64::MIN)..(hi, i64::MIN)) {
+            if from_end <= w.end {
+                accumulate(&mut acc, st)?;
+            }
         }
         Ok(acc)
+    }
+
+    /// The distinct slice starts of some partials.
+    fn starts(slices: &Slices) -> Vec<i64> {
+        let mut starts: Vec<i64> = slices.keys().map(|k| k.0).collect();
+        starts.dedup();
+        starts
     }
 
     /// The values of one row; with `sketches`, distinct aggregates also carry their
@@ -324,8 +363,8 @@ impl QueryEngine {
         }
     }
 
-    fn window_json(m: &Metric, w: Window, watermark: Option<i64>) -> Json {
-        let closed = watermark.is_some_and(|wm| w.end.saturating_add(m.grace_ms) <= wm);
+    fn window_json(grace_ms: i64, w: Window, watermark: Option<i64>) -> Json {
+        let closed = watermark.is_some_and(|wm| w.end.saturating_add(grace_ms) <= wm);
         if w == GLOBAL {
             return json!({ "global": true, "closed": false });
         }
@@ -346,8 +385,7 @@ impl QueryEngine {
         let partials = self.partials(m, &cov.partitions, lo, hi, group.as_deref())?;
         let mut rows = Vec::new();
         for (g, slices) in &partials {
-            let starts: Vec<i64> = slices.keys().copied().collect();
-            for w in m.window.windows_of_slices(&starts).into_iter().filter(|w| overlaps(range, *w) && !cov.expired(m, *w)) {
+            for w in m.window.windows_of_slices(&Self::starts(slices), cov.latest_event.unwrap_or(i64::MAX), cov.closed_by(m.grace_ms)).into_iter().filter(|w| overlaps(range, *w) && !cov.expired(m, *w)) {
                 if let Some(states) = Self::window_states(w, slices)? {
                     if Self::passes_having(m, &states) {
                         rows.push((w, g.clone(), states));
@@ -360,7 +398,7 @@ impl QueryEngine {
         rows.truncate(limit);
         let rows: Vec<Json> = rows
             .iter()
-            .map(|(w, g, st)| json!({ "window": Self::window_json(m, *w, cov.watermark), "key": Self::key_json(m, g), "values": Self::values_json(m, st, sketches) }))
+            .map(|(w, g, st)| json!({ "window": Self::window_json(m.grace_ms, *w, cov.watermark), "key": Self::key_json(m, g), "values": Self::values_json(m, st, sketches) }))
             .collect();
         Ok(json!({ "metric": m.name, "coverage": cov.to_json(), "truncated": truncated, "rows": rows }))
     }
@@ -376,9 +414,12 @@ impl QueryEngine {
         let mut rows = Vec::new();
         for (g, den_slices) in &dens {
             let num_slices = nums.get(g).unwrap_or(&empty);
-            let starts: Vec<i64> = den_slices.keys().copied().collect();
-            for w in num_m.window.windows_of_slices(&starts).into_iter().filter(|w| overlaps(range, *w) && !cov.expired(num_m, *w)) {
-                let den = Self::window_states(w, den_slices)?.and_then(|s| s[d.denominator.1].number()).unwrap_or(0.0);
+            let expired = |w: &Window| cov.expired(num_m, *w) || cov.expired(den_m, *w);
+            for w in num_m.window.windows_of_slices(&Self::starts(den_slices), cov.latest_event.unwrap_or(i64::MAX), cov.closed_by(d.grace_ms)).into_iter().filter(|w| overlaps(range, *w) && !expired(w)) {
+                // A row where the denominator has one: a window it has no records in is
+                // not a window of the ratio.
+                let Some(den) = Self::window_states(w, den_slices)? else { continue };
+                let den = den[d.denominator.1].number().unwrap_or(0.0);
                 let num = Self::window_states(w, num_slices)?.and_then(|s| s[d.numerator.1].number()).unwrap_or(0.0);
                 rows.push((w, g.clone(), num, den));
             }
@@ -390,7 +431,7 @@ impl QueryEngine {
             .iter()
             .map(|(w, g, num, den)| {
                 let ratio = if *den == 0.0 { Json::Null } else { json!(num / den) };
-                json!({ "window": Self::window_json(num_m, *w, cov.watermark), "key": Self::key_json(num_m, g), "values": { "ratio": ratio, "numerator": number_json(*num), "denominator": number_json(*den) } })
+                json!({ "window": Self::window_json(d.grace_ms, *w, cov.watermark), "key": Self::key_json(num_m, g), "values": { "ratio": ratio, "numerator": number_json(*num), "denominator": number_json(*den) } })
             })
             .collect();
         Ok(json!({ "metric": d.name, "coverage": cov.to_json(), "truncated": truncated, "rows": rows }))
@@ -403,13 +444,14 @@ impl QueryEngine {
         m.window.windows_containing(t).into_iter().min_by_key(|w| w.end).unwrap_or(GLOBAL)
     }
 
-    /// Start of the newest slice holding data on any covered partition.
+    /// Start of the newest slice holding data on any covered partition, unless it is past
+    /// the retention (then some partition may have deleted it, and nothing is kept).
     fn newest_slice(&self, m: &Metric, cov: &Coverage) -> Result<Option<i64>, QueryError> {
         let mut newest = None;
         for &p in &cov.partitions {
             newest = newest.max(self.store.last_slice(&m.name, p)?);
         }
-        Ok(newest)
+        Ok(newest.filter(|s| cov.retained_from(m).is_none_or(|cut| *s >= cut)))
     }
 
     /// The current window's numeric values of a metric without group-by (or a ratio), as
@@ -452,18 +494,21 @@ impl QueryEngine {
             }
         };
         let group = key.map(|k| self.group_bytes(m, k)).transpose()?;
-        let (lo, hi) = match m.window.kind {
-            WindowKind::Global => (GLOBAL.start, GLOBAL.start + 1),
-            _ => (range.from.map_or(i64::MIN, |f| m.window.slice_start(f)), range.to.unwrap_or(i64::MAX)),
+        let (lo, hi) = match (m.window.kind, range.from) {
+            (WindowKind::Global, _) => (GLOBAL.start, GLOBAL.start + 1),
+            // Unbounded below: every slice still kept on all partitions.
+            (_, None) => (cov.retained_from(m).unwrap_or(i64::MIN), range.to.unwrap_or(i64::MAX)),
+            (_, Some(f)) => (m.window.slice_start(f), range.to.unwrap_or(i64::MAX)),
         };
+        cov.check_retained(m, lo)?;
         let partials = self.partials(m, &cov.partitions, lo, hi, group.as_deref())?;
         let (mut first, mut last) = (i64::MAX, i64::MIN);
         let mut rows = Vec::new();
         for (g, slices) in &partials {
             let mut acc: Option<Vec<AggState>> = None;
-            for (s, st) in slices {
-                first = first.min(*s);
-                last = last.max(m.window.slice_end(*s));
+            for (&(s, _), st) in slices {
+                first = first.min(s);
+                last = last.max(m.window.slice_end(s));
                 accumulate(&mut acc, st)?;
             }
             if let Some(states) = acc {
@@ -493,6 +538,7 @@ impl QueryEngine {
         let Some(w) = at.map(|t| Self::current_window(m, t)) else {
             return Ok(json!({ "metric": m.name, "coverage": cov.to_json(), "window": Json::Null, "top": [] }));
         };
+        cov.check_retained(m, w.start)?;
         let (lo, hi) = if w == GLOBAL { (GLOBAL.start, GLOBAL.start + 1) } else { (w.start, w.end) };
         let partials = self.partials(m, &cov.partitions, lo, hi, None)?;
         let spec = &m.aggregates[ai];
@@ -529,6 +575,6 @@ impl QueryEngine {
             let ranked: Vec<Json> = rank(&totals, n).into_iter().map(|(k, _)| json!({ "item": k, "value": shown[k] })).collect();
             Json::Array(ranked)
         };
-        Ok(json!({ "metric": m.name, "aggregate": spec.name, "coverage": cov.to_json(), "window": Self::window_json(m, w, cov.watermark), "top": top }))
+        Ok(json!({ "metric": m.name, "aggregate": spec.name, "coverage": cov.to_json(), "window": Self::window_json(m.grace_ms, w, cov.watermark), "top": top }))
     }
 }

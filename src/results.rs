@@ -114,21 +114,25 @@ pub struct ResultView {
     partitions: Vec<i32>,
     metric_index: HashMap<String, usize>,
     source_index: HashMap<String, usize>,
-    /// Per metric: the grace that closes its windows for every row it feeds (a ratio
-    /// closes when both of its metrics have).
-    close_grace: Vec<i64>,
+    /// Per metric: the grace after which every output reading it (itself, the ratios of
+    /// it) has closed a window, so its slices may leave the view.
+    prune_grace: Vec<i64>,
     /// Per metric: whether some output sends its updates.
     wants_updates: Vec<bool>,
     /// Per source: the frontier up to which final rows have been sent.
     sent: Vec<Option<i64>>,
     /// Per source: the frontier of the last [`ResultView::take`], sent once committed.
     taken: Vec<Option<i64>>,
-    /// Per source, from the first take on: the highest watermark read by then. Windows that
-    /// ended a retention before it may have lost values to compaction before this view
-    /// read them.
+    /// Per source, once the view has read the changelogs as they were when it started (see
+    /// [`ResultView::caught_up`]): the highest watermark read by then. Windows past their
+    /// retention at it may have lost values to compaction before this view read them.
     built_at: Option<Vec<Option<i64>>>,
-    /// Per metric: (slice, group) changed since the last take.
-    touched: Vec<BTreeSet<(i64, Vec<u8>)>>,
+    /// Per output: windows ending up to here were answered at the last take. A cumulative
+    /// span's later steps are answered once the latest event time reaches them or they
+    /// close, with no record added: their `updates` rows are owed then.
+    listed_until: Vec<Option<i64>>,
+    /// Per metric: (slice, first window end, group) changed since the last take.
+    touched: Vec<BTreeSet<(i64, i64, Vec<u8>)>>,
     /// Per metric: slices whose data this view is missing (tombstone without a value).
     incomplete: Vec<BTreeSet<i64>>,
     /// Per output (metrics, then ratios): windows left out as possibly incomplete.
@@ -151,16 +155,12 @@ impl ResultView {
         }
         let engine = QueryEngine::new(Arc::clone(&topo), store.clone(), owned).keeping_expired();
         let n = topo.metrics.len();
-        let mut close_grace: Vec<i64> = topo.metrics.iter().map(|m| m.grace_ms).collect();
+        let mut prune_grace: Vec<i64> = topo.metrics.iter().map(|m| m.grace_ms).collect();
         let mut wants_updates: Vec<bool> = topo.metrics.iter().map(|m| m.emit == Emit::Updates).collect();
         for d in &topo.derived {
-            let (a, b) = (d.numerator.0, d.denominator.0);
-            let g = close_grace[a].max(close_grace[b]);
-            close_grace[a] = g;
-            close_grace[b] = g;
-            if d.emit == Emit::Updates {
-                wants_updates[a] = true;
-                wants_updates[b] = true;
+            for side in [d.numerator.0, d.denominator.0] {
+                prune_grace[side] = prune_grace[side].max(d.grace_ms);
+                wants_updates[side] |= d.emit == Emit::Updates;
             }
         }
         Ok(ResultView {
@@ -169,11 +169,12 @@ impl ResultView {
             sent: vec![None; topo.sources.len()],
             taken: vec![None; topo.sources.len()],
             built_at: None,
+            listed_until: vec![None; n + topo.derived.len()],
             touched: vec![BTreeSet::new(); n],
             incomplete: vec![BTreeSet::new(); n],
             skipped: vec![0; n + topo.derived.len()],
             partitions: partitions.to_vec(),
-            close_grace,
+            prune_grace,
             wants_updates,
             topo,
             store,
@@ -200,18 +201,18 @@ impl ResultView {
                 }
                 _ => false,
             },
-            Some(KeyRef::State { metric, slice, group, .. }) => match (self.metric_index.get(metric).copied(), value) {
-                (Some(m), _) if self.prune_cut(m).is_some_and(|cut| slice < cut) => false,
+            Some(KeyRef::State { metric, at }) => match (self.metric_index.get(metric).copied(), value) {
+                (Some(m), _) if self.prune_cut(m).is_some_and(|cut| at.slice < cut) => false,
                 (Some(m), None) => {
                     if !self.store.contains(key)? {
-                        self.incomplete[m].insert(slice);
+                        self.incomplete[m].insert(at.slice);
                     }
                     false
                 }
                 (Some(m), Some(v)) if v.first() == Some(&STATE_FORMAT) => {
                     self.store.put_encoded(key, Some(v))?;
                     if self.wants_updates[m] {
-                        self.touched[m].insert((slice, group.to_vec()));
+                        self.touched[m].insert((at.slice, at.from_end, at.group.to_vec()));
                     }
                     true
                 }
@@ -227,6 +228,16 @@ impl ResultView {
         Ok(())
     }
 
+    /// Records that the view has read every changelog to where it ended when the view was
+    /// opened: what it lacks of windows already past their retention then, compaction may
+    /// have taken, so those are left out; everything read from here on is complete. (The
+    /// first [`ResultView::take`] calls it if nobody has.)
+    pub fn caught_up(&mut self) -> Result<(), ResultsError> {
+        let highest = (0..self.topo.sources.len()).map(|s| Ok(self.watermarks(s)?.1)).collect::<Result<_, ResultsError>>()?;
+        self.built_at = Some(highest);
+        Ok(())
+    }
+
     /// The lowest and the highest watermark over `source`'s partitions (the lowest is
     /// `None` while any partition has none).
     fn watermarks(&self, source: usize) -> Result<(Option<i64>, Option<i64>), ResultsError> {
@@ -239,15 +250,14 @@ impl ResultView {
     /// Slices of metric `m` before this belong only to windows already sent closed.
     fn prune_cut(&self, m: usize) -> Option<i64> {
         let metric = &self.topo.metrics[m];
-        self.sent[metric.source].and_then(|f| metric.window.expired_before(f, self.close_grace[m]))
+        self.sent[metric.source].and_then(|f| metric.window.expired_before(f, self.prune_grace[m]))
     }
 
     /// The rows owed since the last take: final rows of windows closed since, and updated
     /// rows of everything changed since. Send them, then [`ResultView::commit`].
     pub fn take(&mut self) -> Result<Vec<ResultRecord>, ResultsError> {
         if self.built_at.is_none() {
-            let highest = (0..self.topo.sources.len()).map(|s| Ok(self.watermarks(s)?.1)).collect::<Result<_, ResultsError>>()?;
-            self.built_at = Some(highest);
+            self.caught_up()?;
         }
         let mut out = Vec::new();
         let outputs: Vec<(Output, Emit)> = (0..self.topo.metrics.len())
@@ -318,6 +328,14 @@ impl ResultView {
         }
     }
 
+    /// The grace after which output `o`'s windows are closed.
+    fn grace(&self, o: Output) -> i64 {
+        match o {
+            Output::Metric(m) => self.topo.metrics[m].grace_ms,
+            Output::Ratio(d) => self.topo.derived[d].grace_ms,
+        }
+    }
+
     /// The metrics output `o` reads.
     fn sides(&self, o: Output) -> Vec<usize> {
         match o {
@@ -332,14 +350,15 @@ impl ResultView {
     fn incomplete(&self, o: Output, start: i64, end: i64) -> bool {
         self.sides(o).into_iter().any(|m| {
             let metric = &self.topo.metrics[m];
-            let before_view = self.built_at.as_ref().and_then(|b| b[metric.source]).is_some_and(|h| end.saturating_add(metric.retention_ms) <= h);
+            let w = crate::window::Window { start, end };
+            let before_view = self.built_at.as_ref().and_then(|b| b[metric.source]).is_some_and(|h| metric.window.expired(w, h, metric.retention_ms));
             before_view || self.incomplete[m].range(start..end).next().is_some()
         })
     }
 
     /// Rows of windows of `o` closing in `(since, f]`.
     fn final_rows(&mut self, o: Output, since: Option<i64>, f: i64, out: &mut Vec<ResultRecord>) -> Result<(), ResultsError> {
-        let grace = self.close_grace[self.base(o)];
+        let grace = self.grace(o);
         let range = Range { from: since.map(|e| e.saturating_sub(grace)), to: Some(f.saturating_sub(grace)) };
         for row in self.rows(o, range)? {
             let Some((start, end)) = bounds(&row) else { continue };
@@ -357,33 +376,60 @@ impl ResultView {
         Ok(())
     }
 
-    /// Rows of `o` in the windows holding the slices changed since the last take.
+    /// Where `o`'s answered windows end now: for a cumulative window, up to the step of the
+    /// latest event time, or the last closed one if later (see
+    /// [`crate::window::WindowSpec::windows_of_slices`]); `None` for other windows.
+    fn listed_to(&self, o: Output) -> Result<Option<i64>, ResultsError> {
+        let m = &self.topo.metrics[self.base(o)];
+        if !matches!(m.window.kind, WindowKind::Cumulate { .. }) {
+            return Ok(None);
+        }
+        let metas = self.store.partitions(&self.topo.sources[m.source].name)?;
+        let Some(latest) = metas.iter().map(|(_, p)| p.max_event_time).filter(|t| *t != NO_WATERMARK).max() else { return Ok(None) };
+        let reached = m.window.slice_end(m.window.slice_start(latest));
+        let closed = self.watermarks(m.source)?.0.map_or(i64::MIN, |wm| wm.saturating_sub(self.grace(o)));
+        Ok(Some(reached.max(closed)))
+    }
+
+    /// Rows of `o` in the windows holding the slices changed since the last take, and of
+    /// cumulative windows answered since.
     fn updated_rows(&mut self, o: Output, out: &mut Vec<ResultRecord>) -> Result<(), ResultsError> {
         let sides = self.sides(o);
         let m = &self.topo.metrics[self.base(o)];
         let mut wanted: HashSet<(Option<i64>, String)> = HashSet::new();
         let (mut lo, mut hi) = (i64::MAX, i64::MIN);
+        let listed = self.listed_to(o)?;
+        let newly = match (self.listed_until[self.index(o)], listed) {
+            (Some(before), Some(now)) if now > before => Some((before, now)),
+            _ => None,
+        };
+        if let Some((before, now)) = newly {
+            lo = before.saturating_sub(m.window.reach_ms());
+            hi = now;
+        }
         for &side in &sides {
-            for (slice, group) in &self.touched[side] {
+            for (slice, from_end, group) in &self.touched[side] {
                 let key = QueryEngine::key_json(m, group).to_string();
-                for w in m.window.windows_containing(*slice) {
+                for w in m.window.windows_containing(*slice).into_iter().filter(|w| w.end >= *from_end) {
                     lo = lo.min(w.start);
                     hi = hi.max(w.end);
                     wanted.insert(((m.window.kind != WindowKind::Global).then_some(w.start), key.clone()));
                 }
             }
         }
-        if wanted.is_empty() {
+        let i = self.index(o);
+        self.listed_until[i] = listed;
+        if wanted.is_empty() && newly.is_none() {
             return Ok(());
         }
         let range = if m.window.kind == WindowKind::Global { Range::default() } else { Range { from: Some(lo), to: Some(hi) } };
         for row in self.rows(o, range)? {
             let window = bounds(&row);
-            if !wanted.contains(&(window.map(|b| b.0), row["key"].to_string())) {
+            let new = window.zip(newly).is_some_and(|((_, end), (before, now))| end > before && end <= now);
+            if !new && !wanted.contains(&(window.map(|b| b.0), row["key"].to_string())) {
                 continue;
             }
             if window.is_some_and(|(start, end)| self.incomplete(o, start, end)) {
-                let i = self.index(o);
                 self.skipped[i] += 1;
                 continue;
             }
@@ -513,6 +559,67 @@ mod tests {
             }
         }
         (rows, ones)
+    }
+
+    /// A view built after partition 0 has run ahead sends every window that closes later:
+    /// nothing of them was past retention (a cumulative span expires whole), so nothing of
+    /// them can have been compacted away.
+    #[test]
+    fn a_rebuilt_view_sends_the_windows_it_owes() {
+        let topo = crate::topology::test_topology(
+            r#"
+            [[metrics]]
+            name = "run"
+            source = "s"
+            aggregates = ["count"]
+            window = { type = "cumulate", step = "1m", max = "10m" }
+            retention = "1m"
+        "#,
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let mut tasks = TaskSet::new(Arc::clone(&topo), Store::open(&dir.path().join("state")).unwrap());
+        tasks.assign(0, 0).unwrap();
+        tasks.assign(0, 1).unwrap();
+        let mut log = Log(vec![Vec::new(), Vec::new()]);
+        let mut offsets = [0i64; 2];
+        let mut send = |tasks: &mut TaskSet, p: i32, ts: i64| {
+            tasks.process(0, p, offsets[p as usize], None, format!(r#"{{"ts":{ts}}}"#).as_bytes()).unwrap();
+            offsets[p as usize] += 1;
+        };
+        for m in 0..9 {
+            send(&mut tasks, 0, m * 60 + 1);
+        }
+        send(&mut tasks, 1, 1);
+        send(&mut tasks, 1, 180);
+        tasks.flush(Some(&mut log)).unwrap();
+        tasks.flush(Some(&mut log)).unwrap();
+        // Built now, with partition 0's watermark at 471 s and partition 1's at 170 s.
+        let mut view = ResultView::open(Arc::clone(&topo), &dir.path().join("view"), &[2]).unwrap();
+        let mut read = [0usize; 2];
+        let mut sent: Vec<Json> = Vec::new();
+        let mut pump = |view: &mut ResultView, log: &Log, sent: &mut Vec<Json>| {
+            for (part, read) in log.0.iter().zip(read.iter_mut()) {
+                for (k, v) in &part[*read..] {
+                    view.apply(k, v.as_deref()).unwrap();
+                }
+                *read = part.len();
+            }
+            sent.extend(view.take().unwrap().iter().map(|r| serde_json::from_slice::<Json>(&r.value).unwrap()));
+            view.commit().unwrap();
+        };
+        pump(&mut view, &log, &mut sent);
+        // Both partitions move on to 540 s and beyond: the steps ending at 4 to 8 minutes
+        // close now.
+        send(&mut tasks, 0, 550);
+        send(&mut tasks, 1, 540);
+        tasks.flush(Some(&mut log)).unwrap();
+        pump(&mut view, &log, &mut sent);
+        sent.sort_by_key(|v| v["window"]["end"].as_i64());
+        let ends: Vec<i64> = sent.iter().map(|v| v["window"]["end"].as_i64().unwrap() / 60_000).collect();
+        assert_eq!(ends, (1..=8).collect::<Vec<_>>(), "a final row for each closed step; left out: {:?}", view.skipped);
+        // Step k holds partition 0's k records, partition 1's at 1 s, and from step 4 on its one at 180 s.
+        let counts: Vec<i64> = sent.iter().map(|v| v["values"]["count"].as_i64().unwrap()).collect();
+        assert_eq!(counts, (1..=8).map(|k| k + 1 + i64::from(k >= 4)).collect::<Vec<_>>());
     }
 
     /// Partition 0 runs four times ahead of partition 1, far enough to expire (tombstone)

@@ -4,14 +4,20 @@
 //!
 //! | key                                                     | value                       |
 //! |---------------------------------------------------------|-----------------------------|
-//! | `S` · len · metric · partition u32 · slice i64 · group  | [`StoredAggregate`]         |
+//! | `S` · len · metric · partition u32 · slice i64 · from_end i64 · group | [`StoredAggregate`] |
 //! | `P` · len · source · partition u32                      | [`PartitionMeta`]           |
 //! | `L` · len · metric                                      | the metric's layout (text)  |
 //!
-//! Integers are big-endian (slices with the sign bit flipped) so sled's byte order is
+//! Integers are big-endian (signed ones with the sign bit flipped) so sled's byte order is
 //! numeric order: one metric-partition's slices are contiguous and sorted, so a window is a
 //! range scan, expiry is a range delete, and a partition can be handed over or dropped on
 //! its own.
+//!
+//! `from_end` says which windows holding the slice an aggregate belongs to: those ending at
+//! or after it. Records that count for every window of their slice go to
+//! [`EVERY_WINDOW`]; a record late for the slice's first windows but not for the later ones
+//! goes to an aggregate of its own, tagged with the end of the first window it counts for,
+//! so windows that have closed never change (see [`crate::window::WindowSpec::admit`]).
 //!
 //! Every value starts with a format version byte. bincode decodes a mismatched layout into
 //! garbage without complaint; the version byte turns that into an error (and is where
@@ -27,6 +33,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::aggregate::AggState;
 
+/// Version of the state key layout above; part of every metric's recorded layout, so a
+/// store written with another layout is refused, not misread.
+pub const KEY_FORMAT: u8 = 2;
+/// `from_end` of an aggregate that every window holding its slice takes.
+pub const EVERY_WINDOW: i64 = i64::MIN;
 /// Version of [`StoredAggregate`]'s encoding.
 pub const STATE_FORMAT: u8 = 1;
 /// Version of [`PartitionMeta`]'s encoding.
@@ -172,8 +183,12 @@ fn push_name(out: &mut Vec<u8>, tag: u8, name: &str) {
     out.extend_from_slice(name.as_bytes());
 }
 
-fn slice_bytes(slice: i64) -> [u8; 8] {
-    ((slice as u64) ^ (1 << 63)).to_be_bytes()
+fn signed_bytes(v: i64) -> [u8; 8] {
+    ((v as u64) ^ (1 << 63)).to_be_bytes()
+}
+
+fn signed_from(b: &[u8]) -> Option<i64> {
+    Some((u64::from_be_bytes(b.try_into().ok()?) ^ (1 << 63)) as i64)
 }
 
 /// Key prefix of one metric-partition: all its slices follow.
@@ -182,38 +197,56 @@ pub fn partition_prefix(out: &mut Vec<u8>, metric: &str, partition: i32) {
     out.extend_from_slice(&(partition as u32).to_be_bytes());
 }
 
-/// Writes the state key of (metric, partition, slice) into `out`; the caller appends the
-/// group key.
-pub fn state_key_prefix(out: &mut Vec<u8>, metric: &str, partition: i32, slice: i64) {
+/// Key prefix of one slice of a metric-partition: its aggregates follow.
+pub fn slice_prefix(out: &mut Vec<u8>, metric: &str, partition: i32, slice: i64) {
     partition_prefix(out, metric, partition);
-    out.extend_from_slice(&slice_bytes(slice));
+    out.extend_from_slice(&signed_bytes(slice));
 }
 
-/// Splits a state key into (partition, slice, group key).
-pub fn split_state_key(key: &[u8]) -> Option<(i32, i64, &[u8])> {
+/// Writes the state key of (metric, partition, slice, from_end) into `out`; the caller
+/// appends the group key.
+pub fn state_key_prefix(out: &mut Vec<u8>, metric: &str, partition: i32, slice: i64, from_end: i64) {
+    slice_prefix(out, metric, partition, slice);
+    out.extend_from_slice(&signed_bytes(from_end));
+}
+
+/// A state key's parts after the metric name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StateKey<'a> {
+    /// Source partition.
+    pub partition: i32,
+    /// Slice start.
+    pub slice: i64,
+    /// The first window end the aggregate counts for ([`EVERY_WINDOW`]: all).
+    pub from_end: i64,
+    /// Group key.
+    pub group: &'a [u8],
+}
+
+/// Takes a state key apart after its metric name.
+pub fn split_state_key(key: &[u8]) -> Option<StateKey<'_>> {
     let name_len = *key.get(1)? as usize;
     let rest = key.get(2 + name_len..)?;
-    if rest.len() < 12 {
+    if rest.len() < 20 {
         return None;
     }
-    let partition = u32::from_be_bytes(rest[0..4].try_into().ok()?) as i32;
-    let slice = (u64::from_be_bytes(rest[4..12].try_into().ok()?) ^ (1 << 63)) as i64;
-    Some((partition, slice, &rest[12..]))
+    Some(StateKey {
+        partition: u32::from_be_bytes(rest[0..4].try_into().ok()?) as i32,
+        slice: signed_from(&rest[4..12])?,
+        from_end: signed_from(&rest[12..20])?,
+        group: &rest[20..],
+    })
 }
 
 /// A store key, taken apart.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum KeyRef<'a> {
-    /// An aggregate: metric, partition, slice start, group key.
+    /// An aggregate of a metric.
     State {
         /// Metric name.
         metric: &'a str,
-        /// Source partition.
-        partition: i32,
-        /// Slice start.
-        slice: i64,
-        /// Group key.
-        group: &'a [u8],
+        /// Where in the metric.
+        at: StateKey<'a>,
     },
     /// A source partition's position.
     Meta {
@@ -229,7 +262,7 @@ pub fn parse_key(key: &[u8]) -> Option<KeyRef<'_>> {
     let name_len = *key.get(1)? as usize;
     let name = std::str::from_utf8(key.get(2..2 + name_len)?).ok()?;
     match key[0] {
-        STATE_TAG => split_state_key(key).map(|(partition, slice, group)| KeyRef::State { metric: name, partition, slice, group }),
+        STATE_TAG => split_state_key(key).map(|at| KeyRef::State { metric: name, at }),
         META_TAG => {
             let p: [u8; 4] = key.get(2 + name_len..)?.try_into().ok()?;
             Some(KeyRef::Meta { source: name, partition: u32::from_be_bytes(p) as i32 })
@@ -244,6 +277,19 @@ pub fn meta_key(source: &str, partition: i32) -> Vec<u8> {
     push_name(&mut k, META_TAG, source);
     k.extend_from_slice(&(partition as u32).to_be_bytes());
     k
+}
+
+/// One aggregate read by [`Store::scan`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct ScanEntry {
+    /// Slice start.
+    pub slice: i64,
+    /// The first window end it counts for ([`EVERY_WINDOW`]: all).
+    pub from_end: i64,
+    /// Group key.
+    pub group: Vec<u8>,
+    /// The partial aggregate.
+    pub value: StoredAggregate,
 }
 
 /// A set of writes applied atomically by [`Store::apply`].
@@ -346,16 +392,16 @@ impl Store {
         Ok(out)
     }
 
-    /// Aggregates of one metric-partition with slices in `[from, to)`: (slice, group, value).
-    pub fn scan(&self, metric: &str, partition: i32, from: i64, to: i64) -> impl Iterator<Item = Result<(i64, Vec<u8>, StoredAggregate), StoreError>> + '_ {
+    /// Aggregates of one metric-partition with slices in `[from, to)`.
+    pub fn scan(&self, metric: &str, partition: i32, from: i64, to: i64) -> impl Iterator<Item = Result<ScanEntry, StoreError>> + '_ {
         let mut lo = Vec::new();
-        state_key_prefix(&mut lo, metric, partition, from);
+        slice_prefix(&mut lo, metric, partition, from);
         let mut hi = Vec::new();
-        state_key_prefix(&mut hi, metric, partition, to);
+        slice_prefix(&mut hi, metric, partition, to);
         self.tree.range(lo..hi).map(|kv| {
             let (k, v) = kv?;
-            let (_, slice, group) = split_state_key(&k).ok_or_else(|| StoreError::Corrupt { key: String::from_utf8_lossy(&k).into(), why: "short key".into() })?;
-            Ok((slice, group.to_vec(), StoredAggregate::decode(&k, &v)?))
+            let at = split_state_key(&k).ok_or_else(|| StoreError::Corrupt { key: String::from_utf8_lossy(&k).into(), why: "short key".into() })?;
+            Ok(ScanEntry { slice: at.slice, from_end: at.from_end, group: at.group.to_vec(), value: StoredAggregate::decode(&k, &v)? })
         })
     }
 
@@ -367,7 +413,7 @@ impl Store {
         hi.extend_from_slice(&[0xff; 9]);
         match self.tree.range(lo..hi).next_back() {
             None => Ok(None),
-            Some(kv) => Ok(split_state_key(&kv?.0).map(|(_, slice, _)| slice)),
+            Some(kv) => Ok(split_state_key(&kv?.0).map(|at| at.slice)),
         }
     }
 
@@ -376,7 +422,7 @@ impl Store {
         let mut lo = Vec::new();
         partition_prefix(&mut lo, metric, partition);
         let mut hi = Vec::new();
-        state_key_prefix(&mut hi, metric, partition, before);
+        slice_prefix(&mut hi, metric, partition, before);
         self.tree.range(lo..hi).keys().map(|k| k.map_err(StoreError::from)).collect()
     }
 
@@ -449,13 +495,13 @@ mod tests {
         let mut batch = WriteBatch::default();
         for slice in [-120_000i64, -60_000, 0, 60_000, 1_630_915_200_000] {
             let mut k = Vec::new();
-            state_key_prefix(&mut k, "pv", 3, slice);
+            state_key_prefix(&mut k, "pv", 3, slice, EVERY_WINDOW);
             k.extend_from_slice(b"101");
             batch.put(&k, &StoredAggregate { max_offset: slice, states: vec![AggState::Count(1)] });
         }
         batch.put_meta("src", 3, &PartitionMeta { next_offset: 9, watermark: 5, max_event_time: 6, changelog_offset: None });
         store.apply(batch).unwrap();
-        let slices: Vec<i64> = store.scan("pv", 3, -60_000, 60_001).map(|r| r.unwrap().0).collect();
+        let slices: Vec<i64> = store.scan("pv", 3, -60_000, 60_001).map(|r| r.unwrap().slice).collect();
         assert_eq!(slices, vec![-60_000, 0, 60_000]);
         assert_eq!(store.keys_before("pv", 3, 0).unwrap().len(), 2);
         assert!(store.scan("pv", 4, i64::MIN, i64::MAX).next().is_none(), "partitions are separate");

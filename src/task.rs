@@ -3,8 +3,10 @@
 //!
 //! For each record: decode it, advance the partition's watermark, and for each metric of
 //! its source whose filter passes, fold it into the partial aggregate of (metric,
-//! partition, slice, group key) — unless that slice has closed, in which case the record
-//! is *late* for that metric and is reported instead.
+//! partition, slice, group key) for the windows of the slice that are still open (see
+//! [`crate::window::WindowSpec::admit`]). A record for which every window has closed is
+//! *late* for that metric and is reported instead; one that some windows still take is
+//! counted there and reported as *partly late*.
 //!
 //! Updates land in a write-back cache; [`TaskSet::flush`] writes the dirty entries, the
 //! partitions' positions and the deletions of expired slices to the store in one atomic
@@ -24,6 +26,7 @@ use crate::changelog::{Change, ChangeSink, ChangelogError};
 use crate::event::{DecodeError, Record};
 use crate::store::{self, PartitionMeta, Store, StoreError, StoredAggregate, WriteBatch, GROUP_SEPARATOR};
 use crate::topology::Topology;
+use crate::window::Admit;
 
 /// Watermark of a partition that has seen nothing yet.
 pub const NO_WATERMARK: i64 = i64::MIN;
@@ -53,11 +56,12 @@ impl PartitionTask {
 /// What became of a record.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
-    /// Folded into every metric it matched, except those listed, for which its slice had
-    /// already closed.
+    /// Folded into the open windows of every metric it matched.
     Processed {
-        /// Indices of the metrics the record was late for.
+        /// Indices of the metrics for which every window holding it had closed.
         late: Vec<usize>,
+        /// Indices of the metrics for which some, not all, windows holding it had closed.
+        partly_late: Vec<usize>,
     },
     /// It could not be decoded.
     Invalid(DecodeError),
@@ -164,7 +168,7 @@ impl TaskSet {
         }
         task.next_offset = offset + 1;
         task.dirty = true;
-        if let Err(e) = src.decoder.decode(payload, &mut self.record) {
+        if let Err(e) = src.decoder.decode(payload, kafka_ts, &mut self.record) {
             return Ok(Outcome::Invalid(e));
         }
         let t = self.record.time_ms;
@@ -178,10 +182,10 @@ impl TaskSet {
         let watermark = task.watermark;
         if t > task.max_event_time {
             task.max_event_time = t;
-            task.watermark = t.saturating_sub(src.watermark_delay_ms);
+            task.watermark = task.watermark.max(t.saturating_sub(src.watermark_delay_ms));
         }
 
-        let mut late = Vec::new();
+        let (mut late, mut partly_late) = (Vec::new(), Vec::new());
         for &mi in &src.metrics {
             let m = &topo.metrics[mi];
             if let Some(f) = &m.filter {
@@ -189,45 +193,75 @@ impl TaskSet {
                     continue;
                 }
             }
-            let slice = m.window.slice_start(t);
-            if m.window.slice_end(slice).saturating_add(m.grace_ms) <= watermark {
-                late.push(mi);
-                continue;
-            }
-            self.key.clear();
-            store::state_key_prefix(&mut self.key, &m.name, partition, slice);
-            for (i, &g) in m.group_slots.iter().enumerate() {
-                if i > 0 {
-                    self.key.push(GROUP_SEPARATOR);
+            let from_end = match m.window.admit(t, watermark, m.grace_ms) {
+                Admit::All => store::EVERY_WINDOW,
+                Admit::From(end) => {
+                    partly_late.push(mi);
+                    end
                 }
-                let start = self.key.len();
-                self.record.values[g].write_text(&mut self.key);
-                // Values almost never hold the separator: escape only when one does.
-                if store::needs_escape(&self.key[start..]) {
-                    let part = self.key.split_off(start);
-                    store::push_group_part(&mut self.key, &part);
-                }
-            }
-            let entry = match self.cache.get_mut(self.key.as_slice()) {
-                Some(e) => e,
-                None => {
-                    let value = match self.store.get(&self.key)? {
-                        Some(v) => v,
-                        None => StoredAggregate { max_offset: -1, states: m.aggregates.iter().map(|a| AggState::new(&a.kind)).collect() },
-                    };
-                    self.cache.entry(self.key.clone()).or_insert(CacheEntry { metric: mi, partition, slice, value, dirty: false })
+                Admit::Late => {
+                    late.push(mi);
+                    continue;
                 }
             };
-            if entry.value.max_offset >= offset {
-                continue;
-            }
-            for (state, spec) in entry.value.states.iter_mut().zip(&m.aggregates) {
-                state.update(&spec.kind, &self.record, partition, offset);
-            }
-            entry.value.max_offset = offset;
-            entry.dirty = true;
+            let slice = m.window.slice_start(t);
+            self.fold(mi, partition, slice, from_end, offset)?;
         }
-        Ok(Outcome::Processed { late })
+        Ok(Outcome::Processed { late, partly_late })
+    }
+
+    /// Folds the current record into metric `mi`'s aggregate of (partition, slice,
+    /// from_end, its group key), unless that aggregate holds it already (a replay).
+    fn fold(&mut self, mi: usize, partition: i32, slice: i64, from_end: i64, offset: i64) -> Result<(), StoreError> {
+        let m = &self.topo.metrics[mi];
+        self.key.clear();
+        store::state_key_prefix(&mut self.key, &m.name, partition, slice, from_end);
+        for (i, &g) in m.group_slots.iter().enumerate() {
+            if i > 0 {
+                self.key.push(GROUP_SEPARATOR);
+            }
+            let start = self.key.len();
+            self.record.values[g].write_text(&mut self.key);
+            // Values almost never hold the separator: escape only when one does.
+            if store::needs_escape(&self.key[start..]) {
+                let part = self.key.split_off(start);
+                store::push_group_part(&mut self.key, &part);
+            }
+        }
+        let entry = match self.cache.get_mut(self.key.as_slice()) {
+            Some(e) => e,
+            None => {
+                let value = match self.store.get(&self.key)? {
+                    Some(v) => v,
+                    None => StoredAggregate { max_offset: -1, states: m.aggregates.iter().map(|a| AggState::new(&a.kind)).collect() },
+                };
+                self.cache.entry(self.key.clone()).or_insert(CacheEntry { metric: mi, partition, slice, value, dirty: false })
+            }
+        };
+        if entry.value.max_offset >= offset {
+            return Ok(());
+        }
+        for (state, spec) in entry.value.states.iter_mut().zip(&m.aggregates) {
+            state.update(&spec.kind, &self.record, partition, offset);
+        }
+        entry.value.max_offset = offset;
+        entry.dirty = true;
+        Ok(())
+    }
+
+    /// Advances an idle partition's watermark to `watermark` (if that is later): a
+    /// partition that has received nothing for its source's `idle_timeout` stops holding
+    /// windows open. The move is part of the partition's position, flushed and changelogged
+    /// like one made by a record, so a replay from the next position judges the same.
+    pub fn advance_idle(&mut self, source: usize, partition: i32, watermark: i64) -> bool {
+        match self.tasks.get_mut(&(source, partition)) {
+            Some(task) if watermark > task.watermark => {
+                task.watermark = watermark;
+                task.dirty = true;
+                true
+            }
+            _ => false,
+        }
     }
 
     /// Writes dirty aggregates, positions and expiry deletions — first to `changelog` when
@@ -351,7 +385,7 @@ mod tests {
 
     fn stored(store: &Store, metric: &str, slice: i64, group: &str) -> Option<StoredAggregate> {
         let mut k = Vec::new();
-        store::state_key_prefix(&mut k, metric, 0, slice);
+        store::state_key_prefix(&mut k, metric, 0, slice, store::EVERY_WINDOW);
         k.extend_from_slice(group.as_bytes());
         store.get(&k).unwrap()
     }
@@ -362,10 +396,10 @@ mod tests {
         let store = Store::open(dir.path()).unwrap();
         let mut tasks = TaskSet::new(topo(), store.clone());
         assert_eq!(tasks.assign(0, 0).unwrap(), None);
-        assert_eq!(tasks.process(0, 0, 0, None, &rec(65, "a", 1)).unwrap(), Outcome::Processed { late: vec![] });
-        assert_eq!(tasks.process(0, 0, 1, None, &rec(130, "a", 2)).unwrap(), Outcome::Processed { late: vec![] });
+        assert_eq!(tasks.process(0, 0, 0, None, &rec(65, "a", 1)).unwrap(), Outcome::Processed { late: vec![], partly_late: vec![] });
+        assert_eq!(tasks.process(0, 0, 1, None, &rec(130, "a", 2)).unwrap(), Outcome::Processed { late: vec![], partly_late: vec![] });
         // Watermark is 120: the [60,120) slice has closed.
-        assert_eq!(tasks.process(0, 0, 2, None, &rec(100, "a", 1)).unwrap(), Outcome::Processed { late: vec![0] });
+        assert_eq!(tasks.process(0, 0, 2, None, &rec(100, "a", 1)).unwrap(), Outcome::Processed { late: vec![0], partly_late: vec![] });
         assert!(matches!(tasks.process(0, 0, 3, None, b"{oops").unwrap(), Outcome::Invalid(_)));
         assert_eq!(tasks.process(0, 0, 1, None, &rec(130, "a", 2)).unwrap(), Outcome::AlreadyApplied);
         // Ten days ahead of its Kafka timestamp: dead-lettered, the watermark stays put.

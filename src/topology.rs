@@ -11,9 +11,9 @@ use serde::Serialize;
 use crate::aggregate::{AggKind, AggregateSpec};
 use crate::config::{check_names, parse_duration_ms, Config, ConfigError, Emit, MetricConfig, SourceConfig, WindowConfig};
 use crate::event::time::{parse_tz, EventTime, PART_NAMES};
-use crate::event::Decoder;
+use crate::event::{Decoder, FieldType, TypedField};
 use crate::filter::Filter;
-use crate::window::WindowSpec;
+use crate::window::{WindowSpec, Zone};
 
 /// The compiled config.
 #[derive(Debug, Clone)]
@@ -86,6 +86,8 @@ pub struct Source {
     pub watermark_delay_ms: i64,
     /// How far event time may lead the Kafka timestamp, ms.
     pub max_ahead_ms: i64,
+    /// After how long without records (wall clock) a caught-up partition counts as idle, ms.
+    pub idle_timeout_ms: Option<i64>,
     /// Indices of the metrics reading this source.
     pub metrics: Vec<usize>,
 }
@@ -113,7 +115,7 @@ pub struct Metric {
     pub aggregates: Vec<AggregateSpec>,
     /// The window.
     pub window: WindowSpec,
-    /// Grace after a slice's end during which it still accepts records, ms.
+    /// Grace after a window's end during which it still accepts records, ms.
     pub grace_ms: i64,
     /// How long windows stay stored after they end, ms.
     pub retention_ms: i64,
@@ -139,6 +141,8 @@ pub struct Derived {
     pub numerator: (usize, usize),
     /// Metric index and aggregate index below.
     pub denominator: (usize, usize),
+    /// The later of its metrics' graces: a ratio's window is closed once both are.
+    pub grace_ms: i64,
     /// What goes to the result topic.
     pub emit: Emit,
 }
@@ -178,8 +182,8 @@ impl SlotTable<'_> {
 }
 
 impl Metric {
-    /// What this metric's stored states are, in order, and its window: a change
-    /// here makes stored state unreadable as this metric.
+    /// What this metric's stored states are, in order, its window and the key layout: a
+    /// change here makes stored state unreadable as this metric.
     pub fn layout(&self) -> String {
         let aggs: Vec<String> = self
             .aggregates
@@ -192,7 +196,8 @@ impl Metric {
                 AggKind::TopN { by, .. } => format!("top_n/{}", if by.is_some() { "sum" } else { "count" }),
             })
             .collect();
-        format!("{} | {:?}", aggs.join(","), self.window.kind)
+        let zone = serde_json::to_value(self.window.zone).unwrap_or_default();
+        format!("{} | {:?} {} | keys/{}", aggs.join(","), self.window.kind, zone.as_str().unwrap_or_default(), crate::store::KEY_FORMAT)
     }
 }
 
@@ -228,8 +233,10 @@ impl Topology {
 
         let mut tables: Vec<SlotTable> = cfg.sources.iter().map(|s| SlotTable { source: s, names: vec![] }).collect();
         let mut times = Vec::new();
+        let mut types = Vec::new();
         for (i, s) in cfg.sources.iter().enumerate() {
             times.push(event_time(i, s, &mut tables[i])?);
+            types.push(field_types(i, s, &mut tables[i])?);
         }
 
         let mut metrics = Vec::new();
@@ -244,15 +251,20 @@ impl Topology {
         }
 
         let mut sources = Vec::new();
-        for (i, (s, time)) in cfg.sources.iter().zip(times).enumerate() {
+        for (i, ((s, time), types)) in cfg.sources.iter().zip(times).zip(types).enumerate() {
             let table = &tables[i];
+            let idle_timeout_ms = s.idle_timeout.as_deref().map(|t| duration(format!("sources[{i}].idle_timeout"), t)).transpose()?;
+            if idle_timeout_ms == Some(0) {
+                return Err(ConfigError::new(format!("sources[{i}].idle_timeout"), "must be positive, e.g. `1m` (leave it out to never count a partition idle)"));
+            }
             sources.push(Source {
                 name: s.name.clone(),
                 topic: s.topic.clone(),
-                decoder: Decoder::new(table.paths(), time),
+                decoder: Decoder::new(table.paths(), time, types),
                 slot_names: table.names.clone(),
                 watermark_delay_ms: duration(format!("sources[{i}].watermark_delay"), &s.watermark_delay)?,
                 max_ahead_ms: duration(format!("sources[{i}].max_ahead"), &s.max_ahead)?,
+                idle_timeout_ms,
                 metrics: metrics.iter().enumerate().filter(|(_, m)| m.source == i).map(|(j, _)| j).collect(),
             });
         }
@@ -291,7 +303,7 @@ impl Topology {
                 ));
             }
             let emit = emit(format!("derived[{i}].emit"), d.emit, a, cfg.state.changelog)?;
-            derived.push(Derived { name: d.name.clone(), numerator: num, denominator: den, emit });
+            derived.push(Derived { name: d.name.clone(), numerator: num, denominator: den, grace_ms: a.grace_ms.max(b.grace_ms), emit });
         }
 
         let mut exported = Vec::new();
@@ -445,11 +457,29 @@ fn event_time(i: usize, s: &SourceConfig, table: &mut SlotTable) -> Result<Event
                 })?;
                 slots[pos] = Some(table.slot(f));
             }
-            let year = t.year.unwrap_or_else(|| chrono::Datelike::year(&chrono::Utc::now()));
-            Ok(EventTime::Parts { slots, year, tz })
+            Ok(EventTime::Parts { slots, year: t.year, tz })
         }
         other => Err(ConfigError::new(key("kind"), format!("`{other}` is not a kind; allowed: string, epoch_seconds, epoch_millis, parts"))),
     }
+}
+
+/// The declared field types of a source, each field given a slot (checked even if no
+/// metric reads it: a record is typed as a whole, as a row of Flink's is).
+fn field_types(i: usize, s: &SourceConfig, table: &mut SlotTable) -> Result<Vec<TypedField>, ConfigError> {
+    let mut out = Vec::new();
+    for (field, decl) in &s.types {
+        let key = format!("sources[{i}].types.{field}");
+        let lower = decl.trim().to_ascii_lowercase();
+        let (name, required) = match lower.strip_suffix("not null") {
+            Some(rest) => (rest.trim_end(), true),
+            None => (lower.as_str(), false),
+        };
+        let ty = FieldType::parse(name).ok_or_else(|| {
+            ConfigError::new(&key, format!("`{decl}` is not a type; allowed: int, float, string, bool (or BIGINT, DOUBLE, VARCHAR, BOOLEAN, …), optionally followed by `not null`"))
+        })?;
+        out.push(TypedField { slot: table.slot(field), ty, required });
+    }
+    Ok(out)
 }
 
 fn window(key: String, w: &WindowConfig) -> Result<WindowSpec, ConfigError> {
@@ -457,20 +487,17 @@ fn window(key: String, w: &WindowConfig) -> Result<WindowSpec, ConfigError> {
         let text = v.as_ref().ok_or_else(|| ConfigError::new(format!("{key}.{k}"), format!("a `{}` window needs `{k}`", w.kind)))?;
         duration(format!("{key}.{k}"), text)
     };
-    let offset_ms = match &w.timezone {
-        None => 0,
-        Some(name) => {
-            let tz = parse_tz(name).map_err(|e| ConfigError::new(format!("{key}.timezone"), e))?;
-            use chrono::{Offset, TimeZone};
-            // Windows align to the zone's current offset: exact for zones without daylight
-            // saving (Asia/Shanghai), an hour off across a DST change otherwise.
-            tz.offset_from_utc_datetime(&chrono::Utc::now().naive_utc()).fix().local_minus_utc() as i64 * 1000
-        }
+    let zone = match &w.timezone {
+        None => Zone::Utc,
+        Some(name) => match parse_tz(name).map_err(|e| ConfigError::new(format!("{key}.timezone"), e))? {
+            chrono_tz::UTC => Zone::Utc,
+            tz => Zone::Named(tz),
+        },
     };
     let spec = match w.kind.as_str() {
-        "tumbling" => WindowSpec::tumbling(need("size", &w.size)?, offset_ms),
-        "hopping" => WindowSpec::hopping(need("size", &w.size)?, need("slide", &w.slide)?, offset_ms),
-        "cumulate" => WindowSpec::cumulate(need("step", &w.step)?, need("max", &w.max)?, offset_ms),
+        "tumbling" => WindowSpec::tumbling(need("size", &w.size)?, zone),
+        "hopping" => WindowSpec::hopping(need("size", &w.size)?, need("slide", &w.slide)?, zone),
+        "cumulate" => WindowSpec::cumulate(need("step", &w.step)?, need("max", &w.max)?, zone),
         "global" => Ok(WindowSpec::global()),
         other => return Err(ConfigError::new(format!("{key}.type"), format!("`{other}` is not a window type; allowed: tumbling, hopping, cumulate, global"))),
     };

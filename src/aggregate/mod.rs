@@ -259,7 +259,7 @@ impl AggState {
                 let v = &rec.values[*slot];
                 match v {
                     Value::Null => {}
-                    Value::Str(s) => sk.insert(s.as_bytes()),
+                    Value::Str(s) | Value::Json(s) => sk.insert(s.as_bytes()),
                     _ => sk.insert(v.to_text().as_bytes()),
                 }
             }

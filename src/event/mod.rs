@@ -4,12 +4,16 @@
 //! Only the fields some metric reads are kept; the rest of the object is skipped without
 //! being built, which is most of the decoding cost on wide records.
 //!
+//! Fields a source declares (`types`) are checked as they are read, by the rules of Flink's
+//! JSON format (see [`FieldType`]): a record whose declared field holds another type, or
+//! lacks a field declared `not null`, is invalid and never reaches the watermark.
+//!
 //! ```
 //! use tally::event::{Decoder, Record, Value};
 //! use tally::event::time::EventTime;
-//! let dec = Decoder::new(vec![vec!["user".into()], vec!["ts".into()]], EventTime::EpochMillis { slot: 1 });
+//! let dec = Decoder::new(vec![vec!["user".into()], vec!["ts".into()]], EventTime::EpochMillis { slot: 1 }, vec![]);
 //! let mut rec = Record::default();
-//! dec.decode(br#"{"user":"u1","ts":1672131000000,"other":[1,2]}"#, &mut rec).unwrap();
+//! dec.decode(br#"{"user":"u1","ts":1672131000000,"other":[1,2]}"#, None, &mut rec).unwrap();
 //! assert_eq!(rec.time_ms, 1_672_131_000_000);
 //! assert_eq!(rec.values[0], Value::Str("u1".into()));
 //! ```
@@ -37,8 +41,10 @@ pub enum Value {
     Int(i64),
     /// Any other JSON number.
     Float(f64),
-    /// A JSON string (or the JSON text of an object or array).
+    /// A JSON string.
     Str(Box<str>),
+    /// The JSON text of an object or array.
+    Json(Box<str>),
 }
 
 impl Value {
@@ -68,7 +74,7 @@ impl Value {
             Value::Float(f) => {
                 let _ = write!(out, "{f}");
             }
-            Value::Str(s) => out.extend_from_slice(s.as_bytes()),
+            Value::Str(s) | Value::Json(s) => out.extend_from_slice(s.as_bytes()),
         }
     }
 
@@ -86,7 +92,7 @@ impl Value {
             Value::Bool(b) => (*b).into(),
             Value::Int(i) => (*i).into(),
             Value::Float(f) => serde_json::Number::from_f64(*f).map_or(serde_json::Value::Null, Into::into),
-            Value::Str(s) => serde_json::Value::String(s.to_string()),
+            Value::Str(s) | Value::Json(s) => serde_json::Value::String(s.to_string()),
         }
     }
 }
@@ -123,6 +129,19 @@ pub enum DecodeError {
         /// The source's `max_ahead`, ms.
         limit_ms: i64,
     },
+    /// A declared field holds a value of another type.
+    #[error("field `{field}` is declared {expected} but holds `{found}`")]
+    WrongType {
+        /// The field name.
+        field: String,
+        /// The declared type.
+        expected: FieldType,
+        /// What it held (cut short).
+        found: String,
+    },
+    /// A field declared `not null` is missing or null.
+    #[error("field `{0}` is declared not null but is missing")]
+    MissingField(String),
     /// The event-time field is there but does not parse.
     #[error("event time field `{field}` has `{value}`: {why}")]
     BadTime {
@@ -144,9 +163,78 @@ impl DecodeError {
             DecodeError::MissingTime(_) => "missing_event_time",
             DecodeError::BadTime { .. } => "bad_event_time",
             DecodeError::TooFarAhead { .. } => "event_time_too_far_ahead",
+            DecodeError::WrongType { .. } => "wrong_type",
+            DecodeError::MissingField(_) => "missing_field",
         }
     }
 
+}
+
+/// A declared field type, read by the rules of Flink's JSON format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FieldType {
+    /// A JSON integer within 64 bits, or text holding one (`"42"`, `" -7 "`); not `1.5`,
+    /// `1e3` or `true`.
+    Int,
+    /// A JSON number, or text holding a finite one.
+    Float,
+    /// A JSON string; numbers and booleans are read as their text. Not an object or array.
+    String,
+    /// `true` / `false`, or that text in any case.
+    Bool,
+}
+
+impl FieldType {
+    /// Parses a declaration: `int`, `float`, `string`, `bool`, or an SQL name for one of
+    /// them (`BIGINT`, `DOUBLE`, `VARCHAR`, `BOOLEAN`, …), in any case.
+    pub fn parse(name: &str) -> Option<FieldType> {
+        Some(match name.to_ascii_lowercase().as_str() {
+            "int" | "integer" | "bigint" | "smallint" | "tinyint" => FieldType::Int,
+            "float" | "double" | "decimal" | "real" => FieldType::Float,
+            "string" | "varchar" | "text" | "char" => FieldType::String,
+            "bool" | "boolean" => FieldType::Bool,
+            _ => return None,
+        })
+    }
+
+    /// `value` as this type, or `None` when it is of another.
+    fn coerce(self, value: &Value) -> Option<Value> {
+        match (self, value) {
+            (FieldType::Int, Value::Int(_)) | (FieldType::Float, Value::Int(_) | Value::Float(_)) | (FieldType::Bool, Value::Bool(_)) | (FieldType::String, Value::Str(_)) => Some(value.clone()),
+            (FieldType::Int, Value::Str(s)) => s.trim().parse::<i64>().ok().map(Value::Int),
+            (FieldType::Float, Value::Str(s)) => s.trim().parse::<f64>().ok().filter(|f| f.is_finite()).map(Value::Float),
+            (FieldType::Bool, Value::Str(s)) => match s.trim().to_ascii_lowercase().as_str() {
+                "true" => Some(Value::Bool(true)),
+                "false" => Some(Value::Bool(false)),
+                _ => None,
+            },
+            (FieldType::String, Value::Int(_) | Value::Float(_) | Value::Bool(_)) => Some(Value::Str(value.to_text().into())),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for FieldType {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str(match self {
+            FieldType::Int => "int",
+            FieldType::Float => "float",
+            FieldType::String => "string",
+            FieldType::Bool => "bool",
+        })
+    }
+}
+
+/// A field a source declares: its slot, its type, and whether it must be present.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TypedField {
+    /// The slot holding it.
+    pub slot: usize,
+    /// Its type.
+    pub ty: FieldType,
+    /// `not null`: a record without it is invalid.
+    pub required: bool,
 }
 
 /// Decodes JSON records of one source into [`Record`]s.
@@ -157,20 +245,23 @@ pub struct Decoder {
     /// Top-level key → the slots whose path starts there.
     top: HashMap<String, Vec<usize>>,
     time: EventTime,
+    types: Vec<TypedField>,
 }
 
 impl Decoder {
-    /// A decoder filling one slot per path, reading the event time as `time` says.
-    pub fn new(paths: Vec<Vec<String>>, time: EventTime) -> Decoder {
+    /// A decoder filling one slot per path, checking the declared `types`, reading the
+    /// event time as `time` says.
+    pub fn new(paths: Vec<Vec<String>>, time: EventTime, types: Vec<TypedField>) -> Decoder {
         let mut top: HashMap<String, Vec<usize>> = HashMap::new();
         for (slot, path) in paths.iter().enumerate() {
             top.entry(path[0].clone()).or_default().push(slot);
         }
-        Decoder { paths, top, time }
+        Decoder { paths, top, time, types }
     }
 
-    /// Decodes `payload` into `out`, reusing its allocation.
-    pub fn decode(&self, payload: &[u8], out: &mut Record) -> Result<(), DecodeError> {
+    /// Decodes `payload` into `out`, reusing its allocation. `kafka_ts` is the record's
+    /// Kafka timestamp (the year of date parts that have none).
+    pub fn decode(&self, payload: &[u8], kafka_ts: Option<i64>, out: &mut Record) -> Result<(), DecodeError> {
         out.values.clear();
         out.values.resize(self.paths.len(), Value::Null);
         let mut de = serde_json::Deserializer::from_slice(payload);
@@ -180,7 +271,23 @@ impl Decoder {
             Err(e) => return Err(DecodeError::NotJson(e.to_string())),
         }
         de.end().map_err(|e| DecodeError::NotJson(e.to_string()))?;
-        out.time_ms = self.time.extract(&out.values, &self.paths)?;
+        for t in &self.types {
+            let v = &mut out.values[t.slot];
+            if *v == Value::Null {
+                if t.required {
+                    return Err(DecodeError::MissingField(self.paths[t.slot].join(".")));
+                }
+                continue;
+            }
+            match t.ty.coerce(v) {
+                Some(typed) => *v = typed,
+                None => {
+                    let found = v.to_text().chars().take(64).collect();
+                    return Err(DecodeError::WrongType { field: self.paths[t.slot].join("."), expected: t.ty, found });
+                }
+            }
+        }
+        out.time_ms = self.time.extract(&out.values, &self.paths, kafka_ts)?;
         Ok(())
     }
 }
@@ -305,11 +412,11 @@ impl<'de> Visitor<'de> for ValueSeed {
     }
     fn visit_seq<A: de::SeqAccess<'de>>(self, seq: A) -> Result<Value, A::Error> {
         let v = serde_json::Value::deserialize(de::value::SeqAccessDeserializer::new(seq))?;
-        Ok(Value::Str(v.to_string().into()))
+        Ok(Value::Json(v.to_string().into()))
     }
     fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Value, A::Error> {
         let v = serde_json::Value::deserialize(de::value::MapAccessDeserializer::new(map))?;
-        Ok(Value::Str(v.to_string().into()))
+        Ok(Value::Json(v.to_string().into()))
     }
 }
 
@@ -319,7 +426,7 @@ fn from_json(v: &serde_json::Value) -> Value {
         serde_json::Value::Bool(b) => Value::Bool(*b),
         serde_json::Value::Number(n) => n.as_i64().map_or_else(|| Value::Float(n.as_f64().unwrap_or(f64::NAN)), Value::Int),
         serde_json::Value::String(s) => Value::Str(s.as_str().into()),
-        other => Value::Str(other.to_string().into()),
+        other => Value::Json(other.to_string().into()),
     }
 }
 
@@ -331,6 +438,7 @@ mod tests {
         Decoder::new(
             vec![vec!["a".into()], vec!["n".into(), "x".into()], vec!["t".into()], vec!["n".into(), "y".into()]],
             EventTime::EpochSeconds { slot: 2 },
+            vec![],
         )
     }
 
@@ -338,17 +446,17 @@ mod tests {
     fn keeps_wanted_fields_including_nested_ones() {
         let mut r = Record::default();
         decoder()
-            .decode(br#"{"z":{"deep":[1,{"q":2}]},"a":"hi","n":{"x":1.5,"y":[1]},"t":100}"#, &mut r)
+            .decode(br#"{"z":{"deep":[1,{"q":2}]},"a":"hi","n":{"x":1.5,"y":[1]},"t":100}"#, None, &mut r)
             .unwrap();
         assert_eq!(r.time_ms, 100_000);
-        assert_eq!(r.values, vec![Value::Str("hi".into()), Value::Float(1.5), Value::Int(100), Value::Str("[1]".into())]);
+        assert_eq!(r.values, vec![Value::Str("hi".into()), Value::Float(1.5), Value::Int(100), Value::Json("[1]".into())]);
     }
 
     #[test]
     fn bad_records_get_a_reason() {
         let d = decoder();
         let mut r = Record::default();
-        let reason = |p: &[u8]| d.decode(p, &mut Record::default()).unwrap_err().reason();
+        let reason = |p: &[u8]| d.decode(p, None, &mut Record::default()).unwrap_err().reason();
         assert_eq!(reason(br#"{"a":"#), "not_json");
         assert_eq!(reason(br#"{"a":1} trailing"#), "not_json");
         assert_eq!(reason(b"\xff\xfe"), "not_json");
@@ -356,8 +464,38 @@ mod tests {
         assert_eq!(reason(br#""text""#), "not_an_object");
         assert_eq!(reason(br#"{"a":1}"#), "missing_event_time");
         assert_eq!(reason(br#"{"t":"abc"}"#), "bad_event_time");
-        d.decode(br#"{"t":"12"}"#, &mut r).unwrap();
+        d.decode(br#"{"t":"12"}"#, None, &mut r).unwrap();
         assert_eq!(r.time_ms, 12_000, "numeric text is a number");
+    }
+
+    #[test]
+    fn declared_types_follow_flinks_json_rules() {
+        let typed = |ty: &str, required: bool| {
+            let field = TypedField { slot: 0, ty: FieldType::parse(ty).unwrap(), required };
+            Decoder::new(vec![vec!["f".into()], vec!["t".into()]], EventTime::EpochSeconds { slot: 1 }, vec![field])
+        };
+        let read = |d: &Decoder, f: &str| {
+            let mut r = Record::default();
+            d.decode(format!(r#"{{"t":1{}}}"#, if f.is_empty() { String::new() } else { format!(",\"f\":{f}") }).as_bytes(), None, &mut r).map(|_| r.values[0].clone()).map_err(|e| e.reason())
+        };
+        let int = typed("BIGINT", false);
+        assert_eq!(read(&int, "42"), Ok(Value::Int(42)));
+        assert_eq!(read(&int, r#"" -7 ""#), Ok(Value::Int(-7)), "text holding an integer");
+        for bad in ["1.5", "1e3", "6.0", r#""zero""#, "true", "[1]", r#"{"a":1}"#, "18446744073709551615", r#""1.5""#] {
+            assert_eq!(read(&int, bad), Err("wrong_type"), "{bad}");
+        }
+        assert_eq!(read(&int, ""), Ok(Value::Null), "absent and nullable");
+        assert_eq!(read(&typed("int", true), "null"), Err("missing_field"));
+        let float = typed("double", false);
+        assert_eq!(read(&float, r#""2.5""#), Ok(Value::Float(2.5)));
+        assert_eq!(read(&float, r#""NaN""#), Err("wrong_type"));
+        let string = typed("VARCHAR", false);
+        assert_eq!(read(&string, "6"), Ok(Value::Str("6".into())), "a number read as its text");
+        assert_eq!(read(&string, "[6]"), Err("wrong_type"));
+        let boolean = typed("boolean", false);
+        assert_eq!(read(&boolean, r#"" TRUE""#), Ok(Value::Bool(true)));
+        assert_eq!(read(&boolean, "1"), Err("wrong_type"));
+        assert_eq!(FieldType::parse("date"), None);
     }
 
     #[test]

@@ -3,11 +3,11 @@
 //! ```
 //! use tally::event::{time::EventTime, Value};
 //! let t = EventTime::text(0, "%Y-%m-%d %H:%M:%S", "Asia/Shanghai").unwrap();
-//! let ms = t.extract(&[Value::Str("2021-09-06 16:00:00".into())], &[vec!["create_time".into()]]).unwrap();
+//! let ms = t.extract(&[Value::Str("2021-09-06 16:00:00".into())], &[vec!["create_time".into()]], None).unwrap();
 //! assert_eq!(ms, 1_630_915_200_000); // 08:00 UTC
 //! ```
 
-use chrono::{LocalResult, NaiveDate, NaiveDateTime, TimeZone};
+use chrono::{Datelike, LocalResult, NaiveDate, NaiveDateTime, TimeZone};
 use chrono_tz::Tz;
 
 use super::{DecodeError, Value};
@@ -38,8 +38,9 @@ pub enum EventTime {
     Parts {
         /// Slots of year, month, day, hour, minute, second; `None` where absent.
         slots: [Option<usize>; 6],
-        /// The year when no slot gives one.
-        year: i32,
+        /// The year when no slot gives one; `None`: the year that puts the time closest to
+        /// the record's Kafka timestamp (its own year in `tz`, but around New Year).
+        year: Option<i32>,
         /// Zone of the local time.
         tz: Tz,
     },
@@ -62,8 +63,10 @@ impl EventTime {
         Ok(EventTime::Text { slot, format: format.to_string(), tz: parse_tz(tz)? })
     }
 
-    /// Reads the event time out of decoded `values`; `paths` name the fields in errors.
-    pub fn extract(&self, values: &[Value], paths: &[Vec<String>]) -> Result<i64, DecodeError> {
+    /// Reads the event time out of decoded `values`; `paths` name the fields in errors,
+    /// `kafka_ts` (the record's Kafka timestamp) gives date parts their year if nothing else
+    /// does.
+    pub fn extract(&self, values: &[Value], paths: &[Vec<String>], kafka_ts: Option<i64>) -> Result<i64, DecodeError> {
         let field = |slot: usize| paths[slot].join(".");
         let present = |slot: usize| match &values[slot] {
             Value::Null => Err(DecodeError::MissingTime(field(slot))),
@@ -94,7 +97,7 @@ impl EventTime {
                 to_utc_ms(tz, local).ok_or_else(|| bad(*slot, v, "does not exist in that time zone"))
             }
             EventTime::Parts { slots, year, tz } => {
-                let mut parts = [*year as i64, 1, 1, 0, 0, 0];
+                let mut parts = [0, 1, 1, 0, 0, 0];
                 for (i, s) in slots.iter().enumerate() {
                     if let Some(s) = *s {
                         let v = present(s)?;
@@ -105,10 +108,20 @@ impl EventTime {
                     }
                 }
                 let first = slots.iter().flatten().next().copied().unwrap_or(0);
-                let local = NaiveDate::from_ymd_opt(parts[0] as i32, parts[1] as u32, parts[2] as u32)
-                    .and_then(|d| d.and_hms_opt(parts[3] as u32, parts[4] as u32, parts[5] as u32))
-                    .ok_or_else(|| bad(first, &values[first], "not a valid date"))?;
-                to_utc_ms(tz, local).ok_or_else(|| bad(first, &values[first], "does not exist in that time zone"))
+                let at = |y: i64| {
+                    let local = NaiveDate::from_ymd_opt(y as i32, parts[1] as u32, parts[2] as u32)?.and_hms_opt(parts[3] as u32, parts[4] as u32, parts[5] as u32)?;
+                    to_utc_ms(tz, local)
+                };
+                let t = match (slots[0], year, kafka_ts) {
+                    (Some(_), _, _) => at(parts[0]),
+                    (None, Some(y), _) => at(*y as i64),
+                    (None, None, Some(ts)) => {
+                        let y = chrono::DateTime::from_timestamp_millis(ts).map_or(1970, |d| d.with_timezone(tz).year()) as i64;
+                        (y - 1..=y + 1).filter_map(at).min_by_key(|t| (t - ts).abs())
+                    }
+                    (None, None, None) => return Err(bad(first, &values[first], "has no year, and the record no Kafka timestamp to take it from")),
+                };
+                t.ok_or_else(|| bad(first, &values[first], "not a valid date in that time zone"))
             }
         }
     }
@@ -120,8 +133,12 @@ pub fn parse_tz(name: &str) -> Result<Tz, String> {
 }
 
 fn parse_local(s: &str, format: &str) -> Option<NaiveDateTime> {
+    // The fast path takes the common well-formed text; anything else gets chrono's rules, so
+    // both read the same texts.
     if format == FAST_FORMAT {
-        return parse_fast(s.as_bytes());
+        if let Some(t) = parse_fast(s.as_bytes()) {
+            return Some(t);
+        }
     }
     NaiveDateTime::parse_from_str(s, format)
         .ok()
@@ -160,40 +177,54 @@ mod tests {
         let sh = EventTime::text(0, FAST_FORMAT, "Asia/Shanghai").unwrap();
         let utc = EventTime::text(0, FAST_FORMAT, "UTC").unwrap();
         let v = [Value::Str("2021-09-06 00:00:00".into())];
-        assert_eq!(utc.extract(&v, &paths(1)).unwrap() - sh.extract(&v, &paths(1)).unwrap(), 8 * 3_600_000);
+        assert_eq!(utc.extract(&v, &paths(1), None).unwrap() - sh.extract(&v, &paths(1), None).unwrap(), 8 * 3_600_000);
         // The fast path and chrono's parser agree.
         let slow = EventTime::text(0, "%Y-%m-%d %H:%M:%S%.f", "Asia/Shanghai").unwrap();
-        assert_eq!(slow.extract(&v, &paths(1)).unwrap(), sh.extract(&v, &paths(1)).unwrap());
+        assert_eq!(slow.extract(&v, &paths(1), None).unwrap(), sh.extract(&v, &paths(1), None).unwrap());
         // A date-only format is midnight.
         let day = EventTime::text(0, "%Y-%m-%d", "UTC").unwrap();
-        assert_eq!(day.extract(&[Value::Str("1970-01-02".into())], &paths(1)).unwrap(), 86_400_000);
+        assert_eq!(day.extract(&[Value::Str("1970-01-02".into())], &paths(1), None).unwrap(), 86_400_000);
         for bad in ["2021-13-45 99:00:00", "yesterday", "2021-09-06T00:00:00"] {
-            let e = sh.extract(&[Value::Str(bad.into())], &paths(1)).unwrap_err();
+            let e = sh.extract(&[Value::Str(bad.into())], &paths(1), None).unwrap_err();
             assert_eq!(e.reason(), "bad_event_time", "{bad}");
         }
         // A New York spring-forward gap has no instant.
         let ny = EventTime::text(0, FAST_FORMAT, "America/New_York").unwrap();
-        assert!(ny.extract(&[Value::Str("2021-03-14 02:30:00".into())], &paths(1)).is_err());
+        assert!(ny.extract(&[Value::Str("2021-03-14 02:30:00".into())], &paths(1), None).is_err());
     }
 
     #[test]
     fn epoch_seconds_and_millis() {
         let s = EventTime::EpochSeconds { slot: 0 };
         let ms = EventTime::EpochMillis { slot: 0 };
-        assert_eq!(s.extract(&[Value::Int(1_672_131_000)], &paths(1)).unwrap(), 1_672_131_000_000);
-        assert_eq!(s.extract(&[Value::Float(1.5)], &paths(1)).unwrap(), 1_500);
-        assert_eq!(ms.extract(&[Value::Int(1_672_131_000_123)], &paths(1)).unwrap(), 1_672_131_000_123);
-        assert_eq!(ms.extract(&[Value::Null], &paths(1)).unwrap_err().reason(), "missing_event_time");
-        assert_eq!(ms.extract(&[Value::Str("abc".into())], &paths(1)).unwrap_err().reason(), "bad_event_time");
-        assert_eq!(ms.extract(&[Value::Float(1e300)], &paths(1)).unwrap_err().reason(), "bad_event_time");
+        assert_eq!(s.extract(&[Value::Int(1_672_131_000)], &paths(1), None).unwrap(), 1_672_131_000_000);
+        assert_eq!(s.extract(&[Value::Float(1.5)], &paths(1), None).unwrap(), 1_500);
+        assert_eq!(ms.extract(&[Value::Int(1_672_131_000_123)], &paths(1), None).unwrap(), 1_672_131_000_123);
+        assert_eq!(ms.extract(&[Value::Null], &paths(1), None).unwrap_err().reason(), "missing_event_time");
+        assert_eq!(ms.extract(&[Value::Str("abc".into())], &paths(1), None).unwrap_err().reason(), "bad_event_time");
+        assert_eq!(ms.extract(&[Value::Float(1e300)], &paths(1), None).unwrap_err().reason(), "bad_event_time");
     }
 
     #[test]
     fn date_parts_with_a_fixed_year() {
-        let t = EventTime::Parts { slots: [None, Some(0), Some(1), None, None, None], year: 2021, tz: parse_tz("Asia/Shanghai").unwrap() };
-        let got = t.extract(&[Value::Int(11), Value::Int(11)], &paths(2)).unwrap();
+        let t = EventTime::Parts { slots: [None, Some(0), Some(1), None, None, None], year: Some(2021), tz: parse_tz("Asia/Shanghai").unwrap() };
+        let got = t.extract(&[Value::Int(11), Value::Int(11)], &paths(2), None).unwrap();
         assert_eq!(got, 1_636_560_000_000); // 2021-11-11 00:00 +08:00
-        assert!(t.extract(&[Value::Int(2), Value::Int(30)], &paths(2)).is_err());
-        assert!(t.extract(&[Value::Int(2), Value::Float(1.5)], &paths(2)).is_err());
+        assert!(t.extract(&[Value::Int(2), Value::Int(30)], &paths(2), None).is_err());
+        assert!(t.extract(&[Value::Int(2), Value::Float(1.5)], &paths(2), None).is_err());
+    }
+
+    #[test]
+    fn date_parts_take_their_year_from_the_kafka_timestamp() {
+        let t = EventTime::Parts { slots: [None, Some(0), Some(1), None, None, None], year: None, tz: parse_tz("Asia/Shanghai").unwrap() };
+        let nov11 = 1_636_560_000_000; // 2021-11-11 00:00 +08:00
+        assert_eq!(t.extract(&[Value::Int(11), Value::Int(11)], &paths(2), Some(nov11 + 3_600_000)).unwrap(), nov11);
+        // Sent just after New Year (Shanghai time), about New Year's Eve: the year before.
+        let jan1 = 1_640_966_400_000; // 2022-01-01 00:00 +08:00
+        assert_eq!(t.extract(&[Value::Int(12), Value::Int(31)], &paths(2), Some(jan1 + 60_000)).unwrap(), jan1 - 86_400_000);
+        assert_eq!(t.extract(&[Value::Int(11), Value::Int(11)], &paths(2), None).unwrap_err().reason(), "bad_event_time");
+        // 29 February exists only in leap years: 2024, not 2023.
+        let got = t.extract(&[Value::Int(2), Value::Int(29)], &paths(2), Some(1_708_000_000_000)).unwrap();
+        assert_eq!(got, 1_709_136_000_000, "2024-02-29 00:00 +08:00");
     }
 }

@@ -13,7 +13,7 @@
 //! | `GET /`                                 | the live screen                                 |
 //!
 //! Errors are JSON `{"error": "...", "status": N}` with 400 for bad parameters, 404 for
-//! unknown metrics or routes.
+//! unknown metrics or routes, 410 for a span or top list past a metric's retention.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -60,6 +60,7 @@ fn query_reply(r: Result<serde_json::Value, QueryError>) -> Response {
         Ok(v) => warp::reply::json(&v).into_response(),
         Err(e @ QueryError::UnknownMetric(_)) => error(StatusCode::NOT_FOUND, e.to_string()),
         Err(e @ QueryError::BadParam { .. }) => error(StatusCode::BAD_REQUEST, e.to_string()),
+        Err(e @ QueryError::Expired { .. }) => error(StatusCode::GONE, e.to_string()),
         Err(ref e @ QueryError::Restoring { ref partitions, restored, total, .. }) => {
             let body = json!({ "error": e.to_string(), "status": 503, "restoring": { "partitions": partitions, "restored": restored, "total": total } });
             warp::reply::with_header(warp::reply::with_status(warp::reply::json(&body), StatusCode::SERVICE_UNAVAILABLE), "retry-after", "1").into_response()

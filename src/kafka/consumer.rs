@@ -65,6 +65,21 @@ pub struct Shared {
     results_dir: Option<PathBuf>,
     /// The result emitter, while this replica owns the first source's partition 0.
     emitter: Mutex<Option<ResultEmitter>>,
+    /// Per owned partition, from librdkafka's statistics: the high watermark (next offset
+    /// the broker would hand out).
+    high: Mutex<HashMap<(usize, i32), i64>>,
+    /// Per owned partition: how long it has received nothing (for `idle_timeout`).
+    quiet: Mutex<HashMap<(usize, i32), Quiet>>,
+}
+
+/// Since when a partition's position has not moved.
+struct Quiet {
+    /// Its next offset then.
+    next_offset: i64,
+    /// The first flush that found it there.
+    since: Instant,
+    /// Whether it counts as idle now.
+    idle: bool,
 }
 
 /// The consumer's context: rebalance handling and statistics.
@@ -77,9 +92,14 @@ impl ClientContext for SourceContext {
         let topo = &self.shared.topo;
         for (topic, t) in &stats.topics {
             let Some(src) = topo.sources.iter().find(|s| &s.topic == topic) else { continue };
+            let source = topo.sources.iter().position(|s| &s.topic == topic).unwrap_or_default();
+            let mut high = self.shared.high.lock().unwrap_or_else(|p| p.into_inner());
             for (p, part) in &t.partitions {
                 if *p >= 0 && part.consumer_lag >= 0 {
                     self.shared.metrics.consumer_lag.with_label_values(&[&src.name, &p.to_string()]).set(part.consumer_lag);
+                }
+                if *p >= 0 && part.hi_offset >= 0 {
+                    high.insert((source, *p), part.hi_offset);
                 }
             }
         }
@@ -145,6 +165,7 @@ impl Shared {
         let started = Instant::now();
         self.side.flush(Duration::from_secs(30))?;
         let mut tasks = self.tasks();
+        self.advance_idle(&mut tasks);
         let mut producer = self.changelog.as_ref().map(|c| c.lock().unwrap_or_else(|p| p.into_inner()));
         let stats = tasks.flush(producer.as_deref_mut().map(|p| p as &mut dyn ChangeSink))?;
         drop(producer);
@@ -182,6 +203,41 @@ impl Shared {
             let _ = self.commit_flushed(consumer, only);
         }
         Ok(())
+    }
+
+    /// Moves the watermark of every partition that has been idle for its source's
+    /// `idle_timeout` — nothing received while caught up with the broker — to the wall clock
+    /// minus the watermark delay, so it stops holding windows open (Flink's source
+    /// idleness). A partition behind its high watermark is never idle, however long it has
+    /// not been fetched.
+    fn advance_idle(&self, tasks: &mut TaskSet) {
+        let now = Instant::now();
+        let high = self.high.lock().unwrap_or_else(|p| p.into_inner());
+        let mut quiet = self.quiet.lock().unwrap_or_else(|p| p.into_inner());
+        let owned: Vec<((usize, i32), i64)> = tasks.tasks().map(|(k, t)| (*k, t.next_offset)).collect();
+        quiet.retain(|k, _| owned.iter().any(|(o, _)| o == k));
+        let mut idle = 0;
+        for ((source, partition), next) in owned {
+            let src = &self.topo.sources[source];
+            let q = quiet.entry((source, partition)).or_insert(Quiet { next_offset: next, since: now, idle: false });
+            if q.next_offset != next {
+                if q.idle {
+                    tracing::info!(source = %src.name, partition, "idle partition receives records again");
+                }
+                *q = Quiet { next_offset: next, since: now, idle: false };
+            }
+            let Some(timeout) = src.idle_timeout_ms else { continue };
+            let caught_up = high.get(&(source, partition)).is_some_and(|&h| next >= h);
+            if caught_up && now.duration_since(q.since) >= Duration::from_millis(timeout as u64) {
+                if !q.idle {
+                    tracing::info!(source = %src.name, partition, "partition idle: its watermark follows the wall clock until it receives records");
+                }
+                q.idle = true;
+                idle += 1;
+                tasks.advance_idle(source, partition, now_ms().saturating_sub(src.watermark_delay_ms));
+            }
+        }
+        self.metrics.partitions_idle.set(idle);
     }
 
     fn on_assign(&self, tpl: &mut TopicPartitionList) {
@@ -330,6 +386,8 @@ impl SourceConsumer {
             pending: Mutex::new(Vec::new()),
             results_dir,
             emitter: Mutex::new(None),
+            high: Mutex::new(HashMap::new()),
+            quiet: Mutex::new(HashMap::new()),
         });
         let consumer: BaseConsumer<SourceContext> = super::client_config(
             kafka,
@@ -421,11 +479,14 @@ impl SourceConsumer {
         local.consumed[source] += 1;
         let origin = || Origin { topic: msg.topic(), partition, offset, key: msg.key(), payload };
         match outcome {
-            Outcome::Processed { late } => {
+            Outcome::Processed { late, partly_late } => {
                 local.processed[source] += 1;
                 if let Some(ts) = kafka_ts {
                     local.processing.observe((now_ms() - ts).max(0) as f64 / 1000.0);
                     local.timestamps.push(ts);
+                }
+                for &m in &partly_late {
+                    local.partly_late[m] += 1;
                 }
                 if !late.is_empty() {
                     let names: Vec<&str> = late.iter().map(|&m| shared.topo.metrics[m].name.as_str()).collect();
@@ -453,6 +514,7 @@ struct Batch {
     processed: Vec<u64>,
     replayed: Vec<u64>,
     late: Vec<u64>,
+    partly_late: Vec<u64>,
     timestamps: Vec<i64>,
     processing: prometheus::local::LocalHistogram,
 }
@@ -465,6 +527,7 @@ impl Batch {
             processed: vec![0; s],
             replayed: vec![0; s],
             late: vec![0; m],
+            partly_late: vec![0; m],
             timestamps: Vec::new(),
             processing: shared.metrics.processing_latency.local(),
         }
@@ -478,9 +541,11 @@ impl Batch {
             shared.metrics.records_replayed.with_label_values(&l).inc_by(std::mem::take(&mut self.replayed[i]));
         }
         for (i, m) in shared.topo.metrics.iter().enumerate() {
-            let n = std::mem::take(&mut self.late[i]);
-            if n > 0 {
-                shared.metrics.records_late.with_label_values(&[&m.name]).inc_by(n);
+            for (counter, n) in [(&shared.metrics.records_late, &mut self.late[i]), (&shared.metrics.records_partly_late, &mut self.partly_late[i])] {
+                let n = std::mem::take(n);
+                if n > 0 {
+                    counter.with_label_values(&[&m.name]).inc_by(n);
+                }
             }
         }
         self.processing.flush();

@@ -130,6 +130,7 @@ fn emit(kafka: &KafkaConfig, topo: &Arc<Topology>, dir: &std::path::Path, metric
         }
         if !caught_up && catching_up.is_empty() {
             caught_up = true;
+            view.caught_up()?;
             tracing::info!(records = view.stats.applied + view.stats.ignored, seconds = started.elapsed().as_secs_f64(), "result view built from the changelogs");
         }
         if !caught_up || last_send.elapsed() < interval {
