@@ -3,6 +3,7 @@
 //! configs and names the broken key.
 
 mod common;
+mod model;
 
 use std::process::Command;
 

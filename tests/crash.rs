@@ -4,6 +4,7 @@
 //! identical to a clean pass.
 
 mod common;
+mod model;
 
 use std::time::{Duration, Instant};
 

@@ -9,6 +9,7 @@
 //!   and every target expression of every panel must return data from Prometheus' query API.
 
 mod common;
+mod model;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};

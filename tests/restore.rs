@@ -5,6 +5,7 @@
 //! changelog of sketches).
 
 mod common;
+mod model;
 
 use tally::gen::{generate, GenOptions, Scenario};
 

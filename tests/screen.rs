@@ -4,6 +4,7 @@
 //! itself, and a screenshot is kept under target/test-artifacts/.
 
 mod common;
+mod model;
 
 use std::collections::BTreeMap;
 use std::io::Read;
@@ -205,7 +206,12 @@ fn live_screen_shows_the_api_numbers() {
         let on_screen: Option<f64> = if raw == "null" { None } else { Some(raw.parse().unwrap_or_else(|_| panic!("{metric}.{aggregate}: data-value `{raw}` is not a number"))) };
         let api = api_number(&tally, metric, aggregate);
         shown.push(format!("{metric}.{aggregate} = {raw}"));
-        if on_screen != api {
+        // serde_json reads floats to within an ulp (no `float_roundtrip`): equal to 1e-15.
+        let same = match (on_screen, api) {
+            (Some(a), Some(b)) => (a - b).abs() <= 1e-15 * a.abs().max(1.0),
+            (a, b) => a == b,
+        };
+        if !same {
             mismatches.push(format!("{metric}.{aggregate}: screen {raw}, API {api:?}"));
         }
     }

@@ -1,13 +1,13 @@
 //! Test harness: a real Kafka protocol broker (librdkafka's mock cluster), tally on it
-//! (in-process or as a child process), HTTP over loopback, and an independent replay of the
-//! event list that tests recompute exact answers from.
+//! (in-process or as a child process), HTTP over loopback, and the reference model
+//! (`tests/model`) fed with the records as the broker holds them.
 
 #![allow(dead_code)]
 
 pub mod replica;
 pub mod s1;
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::path::Path;
@@ -46,6 +46,40 @@ impl Drop for BrokerProcess {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// A small deterministic generator (splitmix64): kill moments, victims, random cases.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+    pub fn range(&mut self, lo: i64, hi: i64) -> i64 {
+        lo + self.below((hi - lo + 1) as u64) as i64
+    }
+    pub fn chance(&mut self, p: f64) -> bool {
+        (self.next() >> 11) as f64 / (1u64 << 53) as f64 <= p
+    }
+    pub fn pick<'a, T>(&mut self, xs: &'a [T]) -> &'a T {
+        &xs[self.below(xs.len() as u64) as usize]
+    }
+}
+
+/// A record read back from a topic.
+struct Drained {
+    partition: i32,
+    offset: i64,
+    timestamp: Option<i64>,
+    key: Vec<u8>,
+    payload: Vec<u8>,
 }
 
 /// A free loopback port.
@@ -160,15 +194,21 @@ impl Cluster {
         (c, partitions)
     }
 
-    /// Every record of `topic` now, as (key, payload), partition by partition in order.
-    pub fn read_to_end(&self, topic: &str) -> Vec<(Vec<u8>, Vec<u8>)> {
+    /// Every record of `topic` now, partition by partition in offset order.
+    fn drain(&self, topic: &str) -> Vec<Drained> {
         let (c, partitions) = self.reader(topic, true);
         let mut open: std::collections::HashSet<i32> = partitions.into_iter().collect();
         let mut out = Vec::new();
         let deadline = Instant::now() + Duration::from_secs(60);
         while !open.is_empty() && Instant::now() < deadline {
             match c.poll(Duration::from_millis(100)) {
-                Some(Ok(m)) => out.push((m.key().unwrap_or_default().to_vec(), m.payload().unwrap_or_default().to_vec())),
+                Some(Ok(m)) => out.push(Drained {
+                    partition: m.partition(),
+                    offset: m.offset(),
+                    timestamp: m.timestamp().to_millis(),
+                    key: m.key().unwrap_or_default().to_vec(),
+                    payload: m.payload().unwrap_or_default().to_vec(),
+                }),
                 Some(Err(rdkafka::error::KafkaError::PartitionEOF(p))) => {
                     open.remove(&p);
                 }
@@ -176,7 +216,19 @@ impl Cluster {
             }
         }
         assert!(open.is_empty(), "{topic}: partitions {open:?} not read to their end within 60 s");
+        out.sort_by_key(|r| (r.partition, r.offset));
         out
+    }
+
+    /// Every record of `topic` now, as (partition, Kafka timestamp, payload), partition by
+    /// partition in offset order.
+    pub fn records_of(&self, topic: &str) -> Vec<(i32, Option<i64>, Vec<u8>)> {
+        self.drain(topic).into_iter().map(|r| (r.partition, r.timestamp, r.payload)).collect()
+    }
+
+    /// Every record of `topic` now, as (key, payload), partition by partition in order.
+    pub fn read_to_end(&self, topic: &str) -> Vec<(Vec<u8>, Vec<u8>)> {
+        self.drain(topic).into_iter().map(|r| (r.key, r.payload)).collect()
     }
 
     /// Reads `expect` records of every partition of `topic`: (headers as a map, payload).
@@ -322,85 +374,6 @@ impl Tally {
     }
 }
 
-/// One source record as the recomputation sees it.
-#[derive(Debug, Clone)]
-pub struct Ev {
-    pub partition: i32,
-    pub offset: i64,
-    /// The decoded object and its event time, or `None` for a record tally must reject.
-    pub event: Option<(serde_json::Map<String, Value>, i64)>,
-    /// The partition's watermark before this record (`i64::MIN`: none yet).
-    pub wm_before: i64,
-}
-
-/// Replays `records` partition by partition in offset order: decodes each with `time_of`
-/// and tracks the watermark (max event time − `delay_ms`). Independent of tally's code.
-pub fn replay(records: &[GenRecord], time_of: impl Fn(&serde_json::Map<String, Value>) -> Option<i64>, delay_ms: i64) -> Vec<Ev> {
-    let mut next: HashMap<i32, i64> = HashMap::new();
-    let mut max_t: HashMap<i32, i64> = HashMap::new();
-    let mut out = Vec::new();
-    for r in records {
-        let offset = next.entry(r.partition).or_insert(0);
-        let wm_before = max_t.get(&r.partition).map_or(i64::MIN, |m| m - delay_ms);
-        let event = serde_json::from_slice::<Value>(&r.payload).ok().and_then(|v| match v {
-            Value::Object(o) => time_of(&o).map(|t| (o, t)),
-            _ => None,
-        });
-        if let Some((_, t)) = &event {
-            let m = max_t.entry(r.partition).or_insert(i64::MIN);
-            *m = (*m).max(*t);
-        }
-        out.push(Ev { partition: r.partition, offset: *offset, event, wm_before });
-        *offset += 1;
-    }
-    out
-}
-
-/// Replayed records split as tally must: accepted (object, event time, record), and the
-/// numbers of late and invalid ones. `slice_end` gives the end of the slice holding a time.
-pub struct Split<'a> {
-    pub accepted: Vec<(&'a serde_json::Map<String, Value>, i64, &'a Ev)>,
-    pub late: u64,
-    pub invalid: u64,
-}
-
-/// Splits `evs` for a metric whose slices end at `slice_end(t)` (grace 0).
-pub fn split(evs: &[Ev], slice_end: impl Fn(i64) -> i64) -> Split<'_> {
-    let mut out = Split { accepted: Vec::new(), late: 0, invalid: 0 };
-    for ev in evs {
-        match &ev.event {
-            None => out.invalid += 1,
-            Some((_, t)) if slice_end(*t) <= ev.wm_before => out.late += 1,
-            Some((o, t)) => out.accepted.push((o, *t, ev)),
-        }
-    }
-    out
-}
-
-/// `YYYY-MM-DD HH:MM:SS` local time at a fixed UTC offset (hours) → epoch ms.
-pub fn local_ms(v: Option<&Value>, offset_h: i64) -> Option<i64> {
-    let s = v?.as_str()?;
-    let t = chrono::NaiveDateTime::parse_from_str(s, "%Y-%m-%d %H:%M:%S").ok()?;
-    if s.len() != 19 {
-        return None;
-    }
-    Some(t.and_utc().timestamp_millis() - offset_h * 3_600_000)
-}
-
-/// Canonical text of a JSON scalar, as tally groups and counts it.
-pub fn text(v: &Value) -> String {
-    match v {
-        Value::String(s) => s.clone(),
-        Value::Number(n) if n.is_i64() => n.as_i64().unwrap().to_string(),
-        other => other.to_string(),
-    }
-}
-
-/// Start of the `len`-ms slot holding `t`, aligned to `offset_ms` local time.
-pub fn floor(t: i64, len: i64, offset_ms: i64) -> i64 {
-    (t + offset_ms).div_euclid(len) * len - offset_ms
-}
-
 /// The canonical hex of a sketch of exactly these values (single clean pass).
 pub fn sketch_hex<'a>(values: impl IntoIterator<Item = &'a String>, precision: u8) -> String {
     let mut s = Sketch::new(precision).unwrap();
@@ -427,5 +400,34 @@ pub fn assert_hll(estimate: &Value, exact: usize, what: &str) {
     assert!((est - exact as f64).abs() <= bound, "{what}: estimate {est} vs exact {exact} (bound {bound})");
 }
 
-/// A set of distinct values.
-pub type Distinct = BTreeSet<String>;
+/// The model of a shipped example config fed with `records` (`partition`, Kafka timestamp,
+/// payload), each partition's in offset order.
+pub fn model_of(file: &str, partitions: i32, records: impl IntoIterator<Item = (i32, Option<i64>, Vec<u8>)>) -> crate::model::Model {
+    let text = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("examples").join(file)).expect("example config");
+    let mut model = crate::model::Model::new(crate::model::spec::Spec::parse(&text), &[partitions]);
+    for (partition, kafka_ts, payload) in records {
+        model.feed(0, &crate::model::Step::Record { partition, kafka_ts, payload });
+    }
+    model
+}
+
+/// Every metric's and ratio's windows as tally at `addr` answers them, against the model:
+/// the differences, each in words.
+pub fn check_answers(addr: SocketAddr, model: &crate::model::Model) -> Vec<String> {
+    use crate::model::check::Range;
+    let mut diffs = Vec::new();
+    for (mi, m) in model.spec.metrics.iter().enumerate() {
+        let a = get(addr, &format!("/api/v1/metrics/{}?sketch=canonical", m.name));
+        assert_eq!(a["truncated"], Value::Bool(false), "{}: answer truncated", m.name);
+        diffs.extend(model.check_windows(mi, &a, Range::default(), None));
+    }
+    for (ri, r) in model.spec.ratios.iter().enumerate() {
+        diffs.extend(model.check_ratio(ri, &get(addr, &format!("/api/v1/metrics/{}", r.name)), Range::default()));
+    }
+    diffs
+}
+
+/// Fails with the first differences, if any.
+pub fn assert_no_diffs(diffs: &[String], what: &str) {
+    assert!(diffs.is_empty(), "{what}: {} differences from the reference model, first ones:\n{}", diffs.len(), diffs.iter().take(15).cloned().collect::<Vec<_>>().join("\n"));
+}

@@ -1,0 +1,739 @@
+//! Differential tests: random configs and random streams through the real processing core,
+//! sled store, changelog restore, query engine and result view, every answer compared with
+//! the reference model (`tests/model`). Streams carry records in and out of order, within
+//! and beyond the watermark delay, far in the past, of the wrong type, without fields, and
+//! idle steps; runs crash (losing the write-back cache), lose the disk (restoring from the
+//! changelog) and tear flushes (changes in the changelog, no position). A failing case
+//! prints its seed and a minimised input.
+//!
+//! `TALLY_DIFF_CASES` sets the number of cases (default sized for about two minutes of CI),
+//! `TALLY_DIFF_SEED` runs one seed (`7`) or a range of them (`1000..2000`).
+
+mod common;
+mod model;
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::io::Write as _;
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde_json::{json, Value as Json};
+use tally::changelog::{plan, Change, ChangeSink, ChangelogError, Plan, Restoration};
+use tally::config::Config;
+use tally::ownership::{Ownership, PartitionState};
+use tally::query::{QueryEngine, Range};
+use tally::results::ResultView;
+use tally::store::Store;
+use tally::task::{Outcome, TaskSet};
+use tally::topology::Topology;
+
+use common::Rng;
+use model::check::{Diffs, Range as MRange};
+use model::spec::{Agg, Spec, WindowSpec};
+use model::{Model, Step};
+
+/// Cases per run: about two minutes of an unoptimised build on the CI machine.
+const CASES: u64 = 1_500;
+
+const MIN: i64 = 60_000;
+const HOUR: i64 = 60 * MIN;
+
+/// What the harness does after a step, the first time it runs it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Action {
+    Nothing,
+    Flush,
+    /// Drop the tasks and their cache unflushed; restore what the changelog has beyond the
+    /// local checkpoint, resume from the stored positions.
+    Crash,
+    /// As a crash, on an empty disk: everything comes back from the changelog.
+    LoseDisk,
+    /// A flush whose changes reach the changelog but not its positions, then a crash.
+    TornFlush,
+}
+
+#[derive(Debug, Clone)]
+struct Case {
+    seed: u64,
+    toml: String,
+    partitions: i32,
+    steps: Vec<(Step, Action)>,
+}
+
+const ZONES: [&str; 5] = ["UTC", "America/New_York", "Europe/Berlin", "Asia/Shanghai", "Australia/Lord_Howe"];
+/// Stream starts: around New York's and Berlin's changes of 2021, and an ordinary day.
+const BASES: [i64; 4] = [1_636_257_600_000, 1_615_683_600_000, 1_635_634_800_000, 1_630_915_200_000];
+
+fn dur(ms: i64) -> String {
+    if ms % HOUR == 0 {
+        format!("{}h", ms / HOUR)
+    } else if ms % MIN == 0 {
+        format!("{}m", ms / MIN)
+    } else {
+        format!("{}ms", ms)
+    }
+}
+
+/// A random filter over the generated fields.
+fn filter(r: &mut Rng, depth: u32) -> String {
+    if depth > 0 && r.chance(0.4) {
+        let (a, b) = (filter(r, depth - 1), filter(r, depth - 1));
+        return match r.below(3) {
+            0 => format!("({a} and {b})"),
+            1 => format!("({a} or {b})"),
+            _ => format!("not ({a})"),
+        };
+    }
+    match r.below(7) {
+        0 => format!("k = '{}'", r.pick(&["a", "b", "c"])),
+        1 => format!("g >= {}", r.range(0, 3)),
+        2 => format!("v > {}", r.range(-2, 12)),
+        3 => "flag = true".into(),
+        4 => "k in ('a', 'c')".into(),
+        5 => format!("u != 'u{}'", r.range(0, 5)),
+        _ => "v != null".into(),
+    }
+}
+
+/// A random config: one source, 1–4 metrics, maybe a ratio.
+fn config(r: &mut Rng, time_kind: u64, unit: i64) -> String {
+    let mut t = String::from("[kafka]\nbootstrap_servers = \"127.0.0.1:1\"\napplication_id = \"diff\"\n[[sources]]\nname = \"s\"\ntopic = \"t\"\n");
+    let zone = *r.pick(&ZONES);
+    let _ = writeln!(
+        t,
+        "{}",
+        match time_kind {
+            0 => "event_time = { field = \"ts\", kind = \"epoch_millis\" }".to_string(),
+            1 => format!("event_time = {{ field = \"when\", format = \"%Y-%m-%d %H:%M:%S\", timezone = \"{zone}\" }}"),
+            _ => format!("event_time = {{ kind = \"parts\", parts = {{ month = \"mo\", day = \"d\", hour = \"h\" }}, timezone = \"{zone}\" }}"),
+        }
+    );
+    let _ = writeln!(t, "watermark_delay = \"{}\"", dur(unit * r.range(0, 3)));
+    let _ = writeln!(t, "grace = \"{}\"", dur(unit / 2 * r.range(0, 2)));
+    if r.chance(0.3) {
+        let _ = writeln!(t, "max_ahead = \"1h\"");
+    }
+    let mut types = Vec::new();
+    if r.chance(0.5) {
+        types.push(format!("v = \"{}\"", r.pick(&["int", "float", "DOUBLE", "BIGINT"])));
+    }
+    if r.chance(0.4) {
+        types.push(format!("g = \"{}\"", r.pick(&["int", "int not null", "string"])));
+    }
+    if r.chance(0.3) {
+        types.push("k = \"VARCHAR\"".into());
+    }
+    if r.chance(0.2) {
+        types.push("flag = \"boolean\"".into());
+    }
+    if !types.is_empty() {
+        let _ = writeln!(t, "types = {{ {} }}", types.join(", "));
+    }
+    let metrics = r.range(1, 4);
+    let mut windowed = Vec::new();
+    for i in 0..metrics {
+        let wzone = if r.chance(0.5) { None } else { Some(*r.pick(&ZONES)) };
+        let (window, global) = match r.below(5) {
+            0 => (format!("type = \"tumbling\", size = \"{}\"", dur(unit * r.range(1, 3))), false),
+            1 | 2 => {
+                let slide = unit * r.range(1, 2);
+                (format!("type = \"hopping\", size = \"{}\", slide = \"{}\"", dur(slide * r.range(1, 4) + unit * r.range(0, 1)), dur(slide)), false)
+            }
+            3 => (format!("type = \"cumulate\", step = \"{}\", max = \"{}\"", dur(unit), dur(unit * r.range(2, 8))), false),
+            _ => ("type = \"global\"".into(), true),
+        };
+        let window = match wzone {
+            Some(z) if !global => format!("{{ {window}, timezone = \"{z}\" }}"),
+            _ => format!("{{ {window} }}"),
+        };
+        let group = match r.below(4) {
+            0 => "[]",
+            1 => "[\"k\"]",
+            2 => "[\"g\"]",
+            _ => "[\"k\", \"g\"]",
+        };
+        let mut aggs = vec!["count as n".to_string()];
+        let choices = ["sum(v) as total", "distinct(u) as users", "distinct(u, 6) as rough", "latest(v) as last_v", "latest(k) as last_k", "top_n(k, 2) as top_k", "top_n(u, 3, sum(v)) as spenders"];
+        for _ in 0..r.range(0, 3) {
+            let a = r.pick(&choices).to_string();
+            if !aggs.contains(&a) {
+                aggs.push(a);
+            }
+        }
+        let _ = writeln!(t, "[[metrics]]\nname = \"m{i}\"\nsource = \"s\"\nwindow = {window}\ngroup_by = {group}");
+        let _ = writeln!(t, "aggregates = [{}]", aggs.iter().map(|a| format!("\"{a}\"")).collect::<Vec<_>>().join(", "));
+        if r.chance(0.4) {
+            let _ = writeln!(t, "filter = \"{}\"", filter(r, 2));
+        }
+        let grace = unit / 2 * r.range(0, 2);
+        if r.chance(0.4) {
+            let _ = writeln!(t, "grace = \"{}\"", dur(grace));
+        }
+        if !global && r.chance(0.5) {
+            let _ = writeln!(t, "retention = \"{}\"", dur(unit * 2 + unit * r.range(0, 6)));
+        }
+        if r.chance(0.2) {
+            let _ = writeln!(t, "having = \"n >= 2\"");
+        }
+        if global {
+            let _ = writeln!(t, "emit = \"{}\"", r.pick(&["updates", "none"]));
+        } else if r.chance(0.2) {
+            let _ = writeln!(t, "emit = \"updates\"");
+        }
+        if !global {
+            windowed.push((i, window, group));
+        }
+    }
+    if let Some((i, window, group)) = windowed.first().cloned().filter(|_| r.chance(0.5)) {
+        // A twin of a windowed metric over fewer records, and their ratio.
+        let _ = writeln!(t, "[[metrics]]\nname = \"part\"\nsource = \"s\"\nwindow = {window}\ngroup_by = {group}\naggregates = [\"count as n\", \"sum(v) as total\"]\nfilter = \"{}\"", filter(r, 1));
+        let _ = writeln!(t, "grace = \"{}\"\nretention = \"{}\"", dur(unit / 2 * r.range(0, 2)), dur(unit * r.range(2, 8)));
+        let _ = writeln!(t, "[[derived]]\nname = \"share\"\nratio = {{ numerator = \"part.{}\", denominator = \"m{i}.n\" }}", r.pick(&["n", "total"]));
+    }
+    t
+}
+
+/// Local text of instant `t` in `zone`, as the `when` field carries it.
+fn local_text(t: i64, zone: &str) -> String {
+    let tz: chrono_tz::Tz = zone.parse().unwrap();
+    chrono::DateTime::from_timestamp_millis(t).unwrap().with_timezone(&tz).format("%Y-%m-%d %H:%M:%S").to_string()
+}
+
+fn local_parts(t: i64, zone: &str) -> (u32, u32, u32) {
+    use chrono::{Datelike, Timelike};
+    let tz: chrono_tz::Tz = zone.parse().unwrap();
+    let d = chrono::DateTime::from_timestamp_millis(t).unwrap().with_timezone(&tz);
+    (d.month(), d.day(), d.hour())
+}
+
+/// A random record's payload at event time `t`.
+fn payload(r: &mut Rng, t: i64, time_kind: u64, zone: &str) -> Vec<u8> {
+    if r.chance(0.02) {
+        return r.pick(&[&b"{oops"[..], b"[1, 2]", b"\"text\"", b""]).to_vec();
+    }
+    let mut o = serde_json::Map::new();
+    match time_kind {
+        0 => {
+            let v = if r.chance(0.1) { json!(t.to_string()) } else { json!(t) };
+            if !r.chance(0.01) {
+                o.insert("ts".into(), v);
+            }
+        }
+        1 => {
+            let text = if r.chance(0.02) { "yesterday".to_string() } else { local_text(t, zone) };
+            o.insert("when".into(), json!(text));
+        }
+        _ => {
+            let (mo, d, h) = local_parts(t, zone);
+            o.insert("mo".into(), json!(mo));
+            o.insert("d".into(), if r.chance(0.05) { json!(d.to_string()) } else { json!(d) });
+            o.insert("h".into(), json!(h));
+        }
+    }
+    let k = r.pick(&["a", "b", "c"]);
+    o.insert("k".into(), if r.chance(0.1) { json!(r.range(1, 3)) } else { json!(k) });
+    if !r.chance(0.05) {
+        o.insert("g".into(), if r.chance(0.1) { json!(r.range(0, 3).to_string()) } else { json!(r.range(0, 3)) });
+    }
+    let v = match r.below(12) {
+        0 => json!(r.range(0, 20) as f64 + 0.5),
+        1 => json!(r.range(0, 9).to_string()),
+        2 => json!("abc"),
+        3 => Json::Null,
+        _ => json!(r.range(-5, 20)),
+    };
+    if !r.chance(0.05) {
+        o.insert("v".into(), v);
+    }
+    o.insert("u".into(), if r.chance(0.2) { json!(r.range(0, 30)) } else { json!(format!("u{}", r.range(0, 30))) });
+    o.insert("flag".into(), if r.chance(0.05) { json!("TRUE") } else { json!(r.chance(0.5)) });
+    serde_json::to_vec(&Json::Object(o)).unwrap()
+}
+
+fn generate(seed: u64) -> Case {
+    let mut r = Rng(seed);
+    let time_kind = match r.below(10) {
+        0..=5 => 0,
+        6..=8 => 1,
+        _ => 2,
+    };
+    let unit = if time_kind == 2 { HOUR } else { *r.pick(&[MIN, 10 * MIN, HOUR]) };
+    let toml = config(&mut r, time_kind, unit);
+    let zone = toml.split("timezone = \"").nth(1).map_or("UTC", |s| s.split('"').next().unwrap()).to_string();
+    let delay = Spec::parse(&toml).sources[0].delay_ms;
+    let partitions = r.range(1, 3) as i32;
+    let n = r.range(20, 250);
+    let base = *r.pick(&BASES) + r.range(-3, 3) * unit;
+    let step = (unit * r.range(10, 40)) / n;
+    let mut steps = Vec::new();
+    let mut highest = i64::MIN;
+    for i in 0..n {
+        let mut t = base + i * step + r.range(0, step.max(1));
+        if r.chance(0.2) {
+            t -= r.range(0, 3 * delay + 2 * unit);
+        } else if r.chance(0.03) {
+            t -= unit * r.range(10, 50);
+        }
+        highest = highest.max(t);
+        let partition = r.below(partitions as u64) as i32;
+        let kafka_ts = match r.below(50) {
+            0 => None,
+            1 => Some(t - 3 * HOUR),
+            _ => Some(t + r.range(0, 5_000)),
+        };
+        let action = match r.below(1000) {
+            0..=4 => Action::Crash,
+            5..=7 => Action::LoseDisk,
+            8..=10 => Action::TornFlush,
+            11..=130 => Action::Flush,
+            _ => Action::Nothing,
+        };
+        steps.push((Step::Record { partition, kafka_ts, payload: payload(&mut r, t, time_kind, &zone) }, action));
+        if r.chance(0.01) {
+            let partition = r.below(partitions as u64) as i32;
+            steps.push((Step::Idle { partition, watermark: highest - delay }, Action::Nothing));
+        }
+    }
+    Case { seed, toml, partitions, steps }
+}
+
+/// A changelog record: store key, value (`None`: a tombstone).
+type Record = (Vec<u8>, Option<Vec<u8>>);
+
+/// The changelog, kept in memory as a broker keeps it before compaction.
+#[derive(Default)]
+struct Log {
+    parts: Vec<Vec<Record>>,
+    /// Fail after the changes, before the positions.
+    tear: bool,
+}
+
+impl ChangeSink for Log {
+    fn write(&mut self, changes: &[Change], positions: &[Change]) -> Result<Vec<i64>, ChangelogError> {
+        for c in changes {
+            self.parts[c.partition as usize].push((c.key.clone(), c.value.clone()));
+        }
+        if self.tear {
+            return Err(ChangelogError("torn on purpose".into()));
+        }
+        let mut offsets = Vec::new();
+        for c in positions {
+            let log = &mut self.parts[c.partition as usize];
+            log.push((c.key.clone(), c.value.clone()));
+            offsets.push(log.len() as i64 - 1);
+        }
+        Ok(offsets)
+    }
+}
+
+/// Tally's side of a run: tasks over a store, its changelog and a result view.
+struct Tally {
+    topo: Arc<Topology>,
+    dir: tempfile::TempDir,
+    disks: u32,
+    store: Store,
+    tasks: TaskSet,
+    log: Log,
+    view: ResultView,
+    read: Vec<usize>,
+    rows: Vec<Json>,
+    partitions: i32,
+}
+
+impl Tally {
+    fn new(topo: Arc<Topology>, partitions: i32) -> Result<Tally, String> {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("disk0")).map_err(|e| e.to_string())?;
+        let mut view = ResultView::open(Arc::clone(&topo), &dir.path().join("view"), &[partitions]).map_err(|e| e.to_string())?;
+        // Built along with the changelog: nothing of it is missing.
+        view.caught_up().map_err(|e| e.to_string())?;
+        let tasks = TaskSet::new(Arc::clone(&topo), store.clone());
+        let log = Log { parts: vec![Vec::new(); partitions as usize], tear: false };
+        let mut t = Tally { topo, dir, disks: 0, store, tasks, log, view, read: vec![0; partitions as usize], rows: Vec::new(), partitions };
+        for p in 0..partitions {
+            t.tasks.assign(0, p).map_err(|e| e.to_string())?;
+        }
+        Ok(t)
+    }
+
+    /// Flushes; the result view then reads the new changelog records and sends its rows.
+    fn flush(&mut self) -> Result<(), String> {
+        self.tasks.flush(Some(&mut self.log)).map_err(|e| e.to_string())?;
+        self.pump()
+    }
+
+    fn pump(&mut self) -> Result<(), String> {
+        for p in 0..self.partitions as usize {
+            for (k, v) in &self.log.parts[p][self.read[p]..] {
+                self.view.apply(k, v.as_deref()).map_err(|e| e.to_string())?;
+            }
+            self.read[p] = self.log.parts[p].len();
+        }
+        for r in self.view.take().map_err(|e| e.to_string())? {
+            self.rows.push(serde_json::from_slice(&r.value).unwrap());
+        }
+        self.view.commit().map_err(|e| e.to_string())
+    }
+
+    /// A restart: new tasks (an empty cache) on the same disk, or on a new one; each
+    /// partition restored from the changelog as its plan says. Returns where each resumes.
+    fn restart(&mut self, lose_disk: bool) -> Result<Vec<i64>, String> {
+        if lose_disk {
+            self.disks += 1;
+            self.store = Store::open(&self.dir.path().join(format!("disk{}", self.disks))).map_err(|e| e.to_string())?;
+        }
+        let mut resume = Vec::new();
+        for p in 0..self.partitions {
+            let log = &self.log.parts[p as usize];
+            let local = self.store.partition_meta("s", p).map_err(|e| e.to_string())?;
+            let (from, scratch) = match plan(local, 0, log.len() as i64) {
+                Plan::UpToDate => (log.len(), false),
+                Plan::Tail(o) => (o as usize, false),
+                Plan::Scratch => (0, true),
+            };
+            if from < log.len() || scratch {
+                let mut r = Restoration::begin(&self.store, &self.topo, 0, p, scratch).map_err(|e| e.to_string())?;
+                for (k, v) in &log[from..] {
+                    r.apply(k, v.as_deref()).map_err(|e| e.to_string())?;
+                }
+                r.finish(log.len() as i64 - 1).map_err(|e| e.to_string())?;
+            }
+        }
+        self.store.flush().map_err(|e| e.to_string())?;
+        self.tasks = TaskSet::new(Arc::clone(&self.topo), self.store.clone());
+        for p in 0..self.partitions {
+            resume.push(self.tasks.assign(0, p).map_err(|e| e.to_string())?.unwrap_or(0));
+        }
+        Ok(resume)
+    }
+
+    fn engine(&self) -> QueryEngine {
+        let owned = Arc::new(Ownership::default());
+        for p in 0..self.partitions {
+            owned.set(0, p, PartitionState::Active);
+        }
+        QueryEngine::new(Arc::clone(&self.topo), self.store.clone(), owned)
+    }
+}
+
+/// A record's outcome as the model names it.
+fn outcome_of(o: &Outcome) -> Option<model::Outcome> {
+    match o {
+        Outcome::Invalid(e) => Some(model::Outcome::Invalid(e.reason())),
+        Outcome::Processed { late, partly_late } => Some(model::Outcome::Counted { late: late.clone(), partly: partly_late.clone() }),
+        _ => None,
+    }
+}
+
+/// Positions of a partition's steps: (index into the case's steps, offset for records).
+fn partition_steps(case: &Case) -> Vec<Vec<(usize, i64)>> {
+    let mut out = vec![Vec::new(); case.partitions as usize];
+    let mut next = vec![0i64; case.partitions as usize];
+    for (i, (s, _)) in case.steps.iter().enumerate() {
+        match s {
+            Step::Record { partition, .. } => {
+                out[*partition as usize].push((i, next[*partition as usize]));
+                next[*partition as usize] += 1;
+            }
+            Step::Idle { partition, .. } => out[*partition as usize].push((i, next[*partition as usize])),
+        }
+    }
+    out
+}
+
+/// What a run exercised.
+#[derive(Debug, Default)]
+struct Seen {
+    answers: usize,
+    records: usize,
+    invalid: usize,
+    late: usize,
+    partly_late: usize,
+    restarts: usize,
+    lost_disks: usize,
+    torn_flushes: usize,
+    idle_steps: usize,
+    final_rows: usize,
+}
+
+impl std::ops::AddAssign for Seen {
+    fn add_assign(&mut self, o: Seen) {
+        self.answers += o.answers;
+        self.records += o.records;
+        self.invalid += o.invalid;
+        self.late += o.late;
+        self.partly_late += o.partly_late;
+        self.restarts += o.restarts;
+        self.lost_disks += o.lost_disks;
+        self.torn_flushes += o.torn_flushes;
+        self.idle_steps += o.idle_steps;
+        self.final_rows += o.final_rows;
+    }
+}
+
+impl Seen {
+    fn of(case: &Case, model: &Model, tally: &Tally, answers: usize) -> Seen {
+        let mut s = Seen { answers, final_rows: tally.rows.iter().filter(|r| r["final"] == json!(true)).count(), ..Seen::default() };
+        for (_, _, o) in &model.outcomes[0] {
+            s.records += 1;
+            match o {
+                model::Outcome::Invalid(_) => s.invalid += 1,
+                model::Outcome::Counted { late, partly } => {
+                    s.late += late.len();
+                    s.partly_late += partly.len();
+                }
+            }
+        }
+        for (step, action) in &case.steps {
+            s.idle_steps += usize::from(matches!(step, Step::Idle { .. }));
+            s.restarts += usize::from(matches!(action, Action::Crash | Action::LoseDisk | Action::TornFlush));
+            s.lost_disks += usize::from(*action == Action::LoseDisk);
+            s.torn_flushes += usize::from(*action == Action::TornFlush);
+        }
+        s
+    }
+}
+
+/// Runs a case through tally and the model.
+fn run(case: &Case) -> Result<Seen, Diffs> {
+    let one = |e: String| vec![e];
+    let cfg = Config::from_toml_str(&case.toml).map_err(|e| one(format!("config refused: {e:#}")))?;
+    let topo = Arc::new(Topology::compile(&cfg).map_err(|e| one(e.to_string()))?);
+    let mut model = Model::new(Spec::parse(&case.toml), &[case.partitions]);
+    let mut tally = Tally::new(Arc::clone(&topo), case.partitions).map_err(one)?;
+    let per = partition_steps(case);
+    let mut cursor = vec![0usize; case.partitions as usize];
+    let mut outcomes: BTreeMap<(i32, i64), model::Outcome> = BTreeMap::new();
+    let mut diffs = Vec::new();
+    let mut done = vec![false; case.steps.len()];
+    for (i, (step, action)) in case.steps.iter().enumerate() {
+        let p = match step {
+            Step::Record { partition, .. } | Step::Idle { partition, .. } => *partition as usize,
+        };
+        model.feed(0, step);
+        // Catch the partition up to this step (after a restart), then take it.
+        let j = per[p].iter().position(|(x, _)| *x == i).unwrap();
+        while cursor[p] <= j {
+            let (si, offset) = per[p][cursor[p]];
+            match &case.steps[si].0 {
+                Step::Record { partition, kafka_ts, payload } => {
+                    let got = tally.tasks.process(0, *partition, offset, *kafka_ts, payload).map_err(|e| one(e.to_string()))?;
+                    if let Some(o) = outcome_of(&got) {
+                        if let Some(first) = outcomes.get(&(*partition, offset)) {
+                            if *first != o {
+                                diffs.push(format!("partition {partition} offset {offset}: replayed as {o:?}, first {first:?}"));
+                            }
+                        } else {
+                            outcomes.insert((*partition, offset), o);
+                        }
+                    }
+                }
+                Step::Idle { partition, watermark } => {
+                    tally.tasks.advance_idle(0, *partition, *watermark);
+                }
+            }
+            cursor[p] += 1;
+        }
+        if std::mem::replace(&mut done[i], true) {
+            continue;
+        }
+        let restart = match action {
+            Action::Nothing => None,
+            Action::Flush => {
+                tally.flush().map_err(one)?;
+                None
+            }
+            Action::Crash => Some(false),
+            Action::LoseDisk => Some(true),
+            Action::TornFlush => {
+                tally.log.tear = true;
+                let torn = tally.tasks.flush(Some(&mut tally.log));
+                tally.log.tear = false;
+                if torn.is_ok() {
+                    return Err(one("a torn flush succeeded".into()));
+                }
+                Some(false)
+            }
+        };
+        if let Some(lose) = restart {
+            let resume = tally.restart(lose).map_err(one)?;
+            for (p, at) in resume.into_iter().enumerate() {
+                cursor[p] = per[p].iter().position(|(_, o)| *o >= at).unwrap_or(per[p].len());
+            }
+        }
+    }
+    // Partitions rewound by a late restart catch up with what they had taken.
+    for p in 0..case.partitions as usize {
+        while cursor[p] < per[p].len() {
+            let (si, offset) = per[p][cursor[p]];
+            if let Step::Record { partition, kafka_ts, payload } = &case.steps[si].0 {
+                let got = tally.tasks.process(0, *partition, offset, *kafka_ts, payload).map_err(|e| one(e.to_string()))?;
+                if outcome_of(&got).as_ref() != outcomes.get(&(*partition, offset)) {
+                    diffs.push(format!("partition {partition} offset {offset}: replayed as {got:?}"));
+                }
+            } else if let Step::Idle { partition, watermark } = &case.steps[si].0 {
+                tally.tasks.advance_idle(0, *partition, *watermark);
+            }
+            cursor[p] += 1;
+        }
+    }
+    tally.flush().map_err(one)?;
+    tally.flush().map_err(one)?;
+
+    for (partition, offset, want) in &model.outcomes[0] {
+        match outcomes.get(&(*partition, *offset)) {
+            Some(got) if got == want => {}
+            got => diffs.push(format!("partition {partition} offset {offset}: {got:?}, model {want:?}")),
+        }
+    }
+    let compared = compare_answers(case, &model, &tally, &mut diffs);
+    compare_results(&model, &tally, &mut diffs);
+    if diffs.is_empty() {
+        Ok(Seen::of(case, &model, &tally, compared))
+    } else {
+        Err(diffs)
+    }
+}
+
+/// Every query route against the model; returns how many answers were compared.
+fn compare_answers(case: &Case, model: &Model, tally: &Tally, diffs: &mut Diffs) -> usize {
+    let engine = tally.engine();
+    let mut r = Rng(case.seed ^ 0x5eed);
+    let mut n = 0;
+    let err = |e: tally::query::QueryError| e.to_string();
+    for (mi, m) in model.spec.metrics.iter().enumerate() {
+        let all = engine.windows(&m.name, None, Range::default(), usize::MAX, true);
+        match all {
+            Ok(a) => diffs.extend(model.check_windows(mi, &a, MRange::default(), None)),
+            Err(e) => diffs.push(format!("{}: {e}", m.name)),
+        }
+        let windows: Vec<(i64, i64)> = model.windows(mi, m.grace_ms).into_iter().collect();
+        let latest = model.latest_event(0);
+        for _ in 0..3 {
+            n += 1;
+            let (from, to) = match windows.get(r.below(windows.len() as u64) as usize) {
+                Some(w) if m.window != WindowSpec::Global => (Some(w.0 + r.range(-MIN, MIN)), Some(w.1 + r.range(-MIN, 3 * MIN))),
+                _ => (None, None),
+            };
+            let key: Option<Vec<String>> = if m.group_by.is_empty() || r.chance(0.5) { None } else { Some(m.group_by.iter().map(|g| if g == "k" { r.pick(&["a", "b", "1"]).to_string() } else { r.range(0, 3).to_string() }).collect()) };
+            let key_text = key.as_ref().map(|k| k.join("|"));
+            let range = Range { from, to };
+            match engine.windows(&m.name, key_text.as_deref(), range, usize::MAX, false) {
+                Ok(a) => diffs.extend(model.check_windows(mi, &a, MRange { from, to }, key.as_deref())),
+                Err(e) => diffs.push(format!("{} windows {range:?}: {e}", m.name)),
+            }
+            let span = engine.span(&m.name, key_text.as_deref(), range, None, true).map_err(err);
+            diffs.extend(model.check_span(mi, span, from, to, key.as_deref()));
+            if let (Some(l), Some(last)) = (latest, [MIN, HOUR, 6 * HOUR].get(r.below(3) as usize)) {
+                let span = engine.span(&m.name, None, Range::default(), Some(*last), false).map_err(err);
+                diffs.extend(model.check_span(mi, span, Some(l - last), None, None));
+            }
+            let ai = r.below(m.aggs.len() as u64) as usize;
+            if !matches!(m.aggs[ai].1, Agg::Latest(_)) {
+                let at = from.filter(|_| r.chance(0.7));
+                let top_n = r.range(1, 4) as usize;
+                let top = engine.top(&m.name, top_n, at, Some(&m.aggs[ai].0)).map_err(err);
+                diffs.extend(model.check_top(mi, top, top_n, at, ai));
+            }
+        }
+        n += 4;
+    }
+    for (ri, ratio) in model.spec.ratios.iter().enumerate() {
+        n += 1;
+        match engine.windows(&ratio.name, None, Range::default(), usize::MAX, false) {
+            Ok(a) => diffs.extend(model.check_ratio(ri, &a, MRange::default())),
+            Err(e) => diffs.push(format!("{}: {e}", ratio.name)),
+        }
+    }
+    n
+}
+
+/// The result rows sent, and those a view rebuilt from the whole changelog sends, against
+/// the model: every final row exact, every closed window sent, nothing open sent; the
+/// rebuilt view may leave out windows past their retention (compaction could have taken
+/// part of them), the view built along with the changelog nothing.
+fn compare_results(model: &Model, tally: &Tally, diffs: &mut Diffs) {
+    diffs.extend(model.check_result_rows(&tally.rows, &|_, _| false));
+    let mut rebuilt = ResultView::open(Arc::clone(&tally.topo), &tally.dir.path().join("rebuilt"), &[tally.partitions]).unwrap();
+    for p in 0..tally.partitions as usize {
+        for (k, v) in &tally.log.parts[p] {
+            rebuilt.apply(k, v.as_deref()).unwrap();
+        }
+    }
+    let again: Vec<Json> = rebuilt.take().unwrap().iter().map(|r| serde_json::from_slice(&r.value).unwrap()).collect();
+    let highest = model.watermarks(0).1;
+    let finals: Vec<Json> = again.into_iter().filter(|r| r["final"] == json!(true)).collect();
+    let rebuilt_diffs = model.check_result_rows(&finals, &|o, w| model.output_expired(o, w, highest));
+    // Updates are sent only for what changes after the view is built: not checked here.
+    diffs.extend(rebuilt_diffs.into_iter().filter(|d| !d.contains("no update")).map(|d| format!("rebuilt view: {d}")));
+}
+
+/// Removes steps while the case still fails, to print something a person can read.
+fn shrink(case: &Case) -> (Case, Diffs) {
+    let mut best = case.clone();
+    let mut diffs = run(&best).err().unwrap_or_default();
+    let mut chunk = best.steps.len() / 2;
+    let mut budget = 400;
+    while chunk >= 1 && budget > 0 {
+        let mut i = 0;
+        while i < best.steps.len() && budget > 0 {
+            budget -= 1;
+            let mut trial = best.clone();
+            trial.steps.drain(i..(i + chunk).min(trial.steps.len()));
+            match run(&trial) {
+                Err(d) => {
+                    best = trial;
+                    diffs = d;
+                }
+                Ok(_) => i += chunk,
+            }
+        }
+        chunk /= 2;
+    }
+    (best, diffs)
+}
+
+fn report(case: &Case, diffs: &Diffs) -> String {
+    let mut out = format!("seed {} (rerun: TALLY_DIFF_SEED={} cargo test --test differential)\n--- config ---\n{}--- steps ---\n", case.seed, case.seed, case.toml);
+    for (s, a) in &case.steps {
+        match s {
+            Step::Record { partition, kafka_ts, payload } => {
+                let _ = writeln!(out, "p{partition} ts={kafka_ts:?} {} {a:?}", String::from_utf8_lossy(payload));
+            }
+            Step::Idle { partition, watermark } => {
+                let _ = writeln!(out, "p{partition} idle to {watermark} {a:?}");
+            }
+        }
+    }
+    let _ = writeln!(out, "--- differences ({}) ---", diffs.len());
+    for d in diffs.iter().take(25) {
+        let _ = writeln!(out, "{d}");
+    }
+    out
+}
+
+#[test]
+fn tally_answers_as_the_reference_model_does() {
+    let seeds: Vec<u64> = match std::env::var("TALLY_DIFF_SEED") {
+        Ok(s) => match s.split_once("..") {
+            Some((a, b)) => (a.parse().expect("TALLY_DIFF_SEED a..b")..b.parse().expect("TALLY_DIFF_SEED a..b")).collect(),
+            None => vec![s.parse().expect("TALLY_DIFF_SEED is a number or a range a..b")],
+        },
+        Err(_) => (0..std::env::var("TALLY_DIFF_CASES").ok().and_then(|n| n.parse().ok()).unwrap_or(CASES)).collect(),
+    };
+    let started = Instant::now();
+    let mut seen = Seen::default();
+    for &seed in &seeds {
+        let case = generate(seed);
+        match run(&case) {
+            Ok(s) => seen += s,
+            Err(_) => {
+                let (small, diffs) = shrink(&case);
+                panic!("tally differs from the reference model\n{}", report(&small, &diffs));
+            }
+        }
+    }
+    // Straight to stderr, past the test harness's capture: CI's log shows what a run covered.
+    let _ = writeln!(std::io::stderr(), "differential: {} cases in {:.1} s: {seen:?}", seeds.len(), started.elapsed().as_secs_f64());
+}
