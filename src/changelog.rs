@@ -22,8 +22,8 @@
 
 use std::collections::HashMap;
 
-use xxhash_rust::xxh3::Xxh3Builder;
 
+use crate::hash::KeyHash;
 use crate::store::{self, PartitionMeta, Store, StoreError, WriteBatch, STATE_FORMAT};
 use crate::topology::Topology;
 
@@ -118,7 +118,7 @@ pub struct Restoration {
     metric_prefixes: Vec<Vec<u8>>,
     meta_key: Vec<u8>,
     /// The latest value read of each key not yet written (`None`: deleted).
-    buffer: HashMap<Vec<u8>, Option<Vec<u8>>, Xxh3Builder>,
+    buffer: HashMap<Vec<u8>, Option<Vec<u8>>, KeyHash>,
     buffered_bytes: usize,
     position: Option<PartitionMeta>,
     /// What was read so far.
@@ -160,7 +160,7 @@ impl Restoration {
             store: store.clone(),
             metric_prefixes,
             meta_key: store::meta_key(&src.name, partition),
-            buffer: HashMap::with_hasher(Xxh3Builder::new()),
+            buffer: HashMap::default(),
             buffered_bytes: 0,
             position,
             stats: RestoreStats::default(),
@@ -179,7 +179,7 @@ impl Restoration {
                     return Ok(());
                 }
             }
-        } else if self.metric_prefixes.iter().any(|p| key.len() >= p.len() + 8 && key.starts_with(p)) {
+        } else if self.metric_prefixes.iter().any(|p| key.len() >= p.len() + store::SLICE_KEY_BYTES && key.starts_with(p)) {
             if value.is_some_and(|v| v.first() != Some(&STATE_FORMAT)) {
                 self.stats.rejected += 1;
                 return Ok(());

@@ -36,6 +36,9 @@ use crate::aggregate::AggState;
 /// Version of the state key layout above; part of every metric's recorded layout, so a
 /// store written with another layout is refused, not misread.
 pub const KEY_FORMAT: u8 = 2;
+/// Bytes of a state key after its metric-partition prefix and before its group key: the
+/// slice start and the first window end.
+pub const SLICE_KEY_BYTES: usize = 16;
 /// `from_end` of an aggregate that every window holding its slice takes.
 pub const EVERY_WINDOW: i64 = i64::MIN;
 /// Version of [`StoredAggregate`]'s encoding.
@@ -227,7 +230,7 @@ pub struct StateKey<'a> {
 pub fn split_state_key(key: &[u8]) -> Option<StateKey<'_>> {
     let name_len = *key.get(1)? as usize;
     let rest = key.get(2 + name_len..)?;
-    if rest.len() < 20 {
+    if rest.len() < 4 + SLICE_KEY_BYTES {
         return None;
     }
     Some(StateKey {

@@ -19,11 +19,10 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
-use xxhash_rust::xxh3::Xxh3Builder;
-
 use crate::aggregate::AggState;
 use crate::changelog::{Change, ChangeSink, ChangelogError};
 use crate::event::{DecodeError, Record};
+use crate::hash::KeyHash;
 use crate::store::{self, PartitionMeta, Store, StoreError, StoredAggregate, WriteBatch, GROUP_SEPARATOR};
 use crate::topology::Topology;
 use crate::window::Admit;
@@ -110,7 +109,7 @@ pub struct TaskSet {
     topo: Arc<Topology>,
     store: Store,
     tasks: HashMap<(usize, i32), PartitionTask>,
-    cache: HashMap<Vec<u8>, CacheEntry, Xxh3Builder>,
+    cache: HashMap<Vec<u8>, CacheEntry, KeyHash>,
     record: Record,
     key: Vec<u8>,
 }
@@ -118,7 +117,7 @@ pub struct TaskSet {
 impl TaskSet {
     /// Tasks over `store`, owning no partition yet.
     pub fn new(topo: Arc<Topology>, store: Store) -> TaskSet {
-        TaskSet { topo, store, tasks: HashMap::new(), cache: HashMap::with_hasher(Xxh3Builder::new()), record: Record::default(), key: Vec::new() }
+        TaskSet { topo, store, tasks: HashMap::new(), cache: HashMap::default(), record: Record::default(), key: Vec::new() }
     }
 
     /// The topology run.

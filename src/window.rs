@@ -96,20 +96,24 @@ const MAX_REPEAT_MS: i64 = 2 * 3_600_000;
 
 impl Zone {
     /// The local clock's reading at instant `t`, ms.
-    fn wall(self, t: i64) -> i64 {
-        match self {
-            Zone::Utc => t,
-            Zone::Named(tz) => match DateTime::from_timestamp_millis(t) {
-                Some(dt) => t + tz.offset_from_utc_datetime(&dt.naive_utc()).fix().local_minus_utc() as i64 * 1000,
-                None => t,
-            },
+    fn wall(tz: Tz, t: i64) -> i64 {
+        match DateTime::from_timestamp_millis(t) {
+            Some(dt) => t + tz.offset_from_utc_datetime(&dt.naive_utc()).fix().local_minus_utc() as i64 * 1000,
+            None => t,
         }
     }
 
     /// The first instant at which the local clock shows at least `l`: the earlier of a
     /// repeated time, and the end of a gap for a time the clock skips.
+    #[inline]
     pub fn instant(self, l: i64) -> i64 {
-        let Zone::Named(tz) = self else { return l };
+        match self {
+            Zone::Utc => l,
+            Zone::Named(tz) => Self::named_instant(tz, l),
+        }
+    }
+
+    fn named_instant(tz: Tz, l: i64) -> i64 {
         let Some(local) = DateTime::from_timestamp_millis(l).map(|d| d.naive_utc()) else { return l };
         match tz.from_local_datetime(&local) {
             LocalResult::Single(t) => t.timestamp_millis(),
@@ -124,9 +128,16 @@ impl Zone {
     /// The local time of instant `t` for laying out windows: the latest local time whose
     /// first instant is at or before `t`. That is the clock's reading, except in the second
     /// pass through a repeated hour, which counts as the end of that hour.
+    #[inline]
     pub fn local(self, t: i64) -> i64 {
-        let Zone::Named(_) = self else { return t };
-        let wall = self.wall(t);
+        match self {
+            Zone::Utc => t,
+            Zone::Named(tz) => self.named_local(tz, t),
+        }
+    }
+
+    fn named_local(self, tz: Tz, t: i64) -> i64 {
+        let wall = Self::wall(tz, t);
         if wall == i64::MAX || self.instant(wall + 1) > t {
             return wall;
         }
@@ -396,9 +407,16 @@ impl WindowSpec {
     }
 }
 
+/// The longest window length accepted, ms (about 31,700 years): with event times within
+/// ±[`MAX_TIME_MS`](crate::event::time::MAX_TIME_MS), no boundary computation can overflow.
+pub const MAX_LENGTH_MS: i64 = 1_000_000_000_000_000;
+
 fn positive(what: &str, ms: i64) -> Result<(), String> {
     if ms <= 0 {
         return Err(format!("{what} must be positive"));
+    }
+    if ms > MAX_LENGTH_MS {
+        return Err(format!("{what} ({ms} ms) is longer than the {MAX_LENGTH_MS} ms a window may be"));
     }
     Ok(())
 }

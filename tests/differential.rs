@@ -221,7 +221,12 @@ fn payload(r: &mut Rng, t: i64, time_kind: u64, zone: &str) -> Vec<u8> {
             }
         }
         1 => {
-            let text = if r.chance(0.02) { "yesterday".to_string() } else { local_text(t, zone) };
+            let text = match r.below(50) {
+                0 => "yesterday".to_string(),
+                // Unpadded fields, as some producers write them.
+                1 => local_text(t, zone).replace("-0", "-").replace(" 0", " "),
+                _ => local_text(t, zone),
+            };
             o.insert("when".into(), json!(text));
         }
         _ => {

@@ -27,6 +27,7 @@ use serde::Deserialize;
 use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, Visitor};
 
 use self::time::EventTime;
+use crate::hash::KeyHash;
 
 /// A field value as tally sees it. JSON objects and arrays are kept as their JSON text, so
 /// they can still be grouped on or counted distinct.
@@ -198,10 +199,11 @@ impl FieldType {
         })
     }
 
-    /// `value` as this type, or `None` when it is of another.
-    fn coerce(self, value: &Value) -> Option<Value> {
-        match (self, value) {
-            (FieldType::Int, Value::Int(_)) | (FieldType::Float, Value::Int(_) | Value::Float(_)) | (FieldType::Bool, Value::Bool(_)) | (FieldType::String, Value::Str(_)) => Some(value.clone()),
+    /// Reads `value` as this type: `Ok(None)` when it is one already, `Ok(Some(v))` when it
+    /// reads as `v`, `Err(())` when it is of another type.
+    fn coerce(self, value: &Value) -> Result<Option<Value>, ()> {
+        let read = match (self, value) {
+            (FieldType::Int, Value::Int(_)) | (FieldType::Float, Value::Int(_) | Value::Float(_)) | (FieldType::Bool, Value::Bool(_)) | (FieldType::String, Value::Str(_)) => return Ok(None),
             (FieldType::Int, Value::Str(s)) => s.trim().parse::<i64>().ok().map(Value::Int),
             (FieldType::Float, Value::Str(s)) => s.trim().parse::<f64>().ok().filter(|f| f.is_finite()).map(Value::Float),
             (FieldType::Bool, Value::Str(s)) => match s.trim().to_ascii_lowercase().as_str() {
@@ -211,7 +213,8 @@ impl FieldType {
             },
             (FieldType::String, Value::Int(_) | Value::Float(_) | Value::Bool(_)) => Some(Value::Str(value.to_text().into())),
             _ => None,
-        }
+        };
+        read.map(Some).ok_or(())
     }
 }
 
@@ -237,13 +240,18 @@ pub struct TypedField {
     pub required: bool,
 }
 
+/// Top-level key → the slots whose path starts there. Looked up once per key of every
+/// record: with [`KeyHash`] rather than the default SipHash (on S1, SipHash was a tenth of
+/// the core's instructions).
+type KeySlots = HashMap<String, Vec<usize>, KeyHash>;
+
 /// Decodes JSON records of one source into [`Record`]s.
 #[derive(Debug, Clone)]
 pub struct Decoder {
     /// Slot → path of object keys leading to the value.
     paths: Vec<Vec<String>>,
     /// Top-level key → the slots whose path starts there.
-    top: HashMap<String, Vec<usize>>,
+    top: KeySlots,
     time: EventTime,
     types: Vec<TypedField>,
 }
@@ -252,7 +260,7 @@ impl Decoder {
     /// A decoder filling one slot per path, checking the declared `types`, reading the
     /// event time as `time` says.
     pub fn new(paths: Vec<Vec<String>>, time: EventTime, types: Vec<TypedField>) -> Decoder {
-        let mut top: HashMap<String, Vec<usize>> = HashMap::new();
+        let mut top = KeySlots::default();
         for (slot, path) in paths.iter().enumerate() {
             top.entry(path[0].clone()).or_default().push(slot);
         }
@@ -280,8 +288,9 @@ impl Decoder {
                 continue;
             }
             match t.ty.coerce(v) {
-                Some(typed) => *v = typed,
-                None => {
+                Ok(None) => {}
+                Ok(Some(typed)) => *v = typed,
+                Err(()) => {
                     let found = v.to_text().chars().take(64).collect();
                     return Err(DecodeError::WrongType { field: self.paths[t.slot].join("."), expected: t.ty, found });
                 }
@@ -358,7 +367,7 @@ impl<'de> Visitor<'de> for RecordVisitor<'_> {
 }
 
 /// Looks a key up without allocating it; yields the slots it feeds, if any.
-struct KeySeed<'a>(&'a HashMap<String, Vec<usize>>);
+struct KeySeed<'a>(&'a KeySlots);
 
 impl<'de, 'a> DeserializeSeed<'de> for KeySeed<'a> {
     type Value = Option<&'a Vec<usize>>;
