@@ -46,7 +46,8 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'stati
         dir.push(".results");
         std::path::PathBuf::from(dir)
     });
-    let consumer = SourceConsumer::new(&cfg.kafka, TaskSet::new(Arc::clone(&topo), store.clone()), side, metrics.clone(), Arc::clone(&owned), results_dir)?;
+    let consumer =
+        SourceConsumer::new(&cfg.kafka, TaskSet::new(Arc::clone(&topo), store.clone()), side, metrics.clone(), Arc::clone(&owned), results_dir)?;
 
     let stop = Arc::new(AtomicBool::new(false));
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();
@@ -59,7 +60,8 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'stati
         })?
     };
 
-    let addr: SocketAddr = cfg.http.listen.parse().with_context(|| format!("http.listen `{}` is not an address like 127.0.0.1:8080", cfg.http.listen))?;
+    let addr: SocketAddr =
+        cfg.http.listen.parse().with_context(|| format!("http.listen `{}` is not an address like 127.0.0.1:8080", cfg.http.listen))?;
     let (http_stop_tx, http_stop_rx) = tokio::sync::oneshot::channel::<()>();
     let api = ApiState { engine: QueryEngine::new(Arc::clone(&topo), store.clone(), Arc::clone(&owned)), metrics: metrics.clone(), owned };
     let (bound, server) = http::serve(api, addr, async {

@@ -189,7 +189,9 @@ fn core_only(records: &[crate::gen::GenRecord], cfg: &Config) -> anyhow::Result<
 /// and client put on any consumer here.
 fn consume_only(cfg: &Config, topic: &str, partitions: i32, events: usize) -> anyhow::Result<f64> {
     use rdkafka::consumer::{BaseConsumer, Consumer};
-    let c: BaseConsumer = crate::kafka::client_config(&cfg.kafka, &[("group.id", "tally-bench-raw"), ("enable.auto.commit", "false"), ("fetch.wait.max.ms", "100")]).create()?;
+    let c: BaseConsumer =
+        crate::kafka::client_config(&cfg.kafka, &[("group.id", "tally-bench-raw"), ("enable.auto.commit", "false"), ("fetch.wait.max.ms", "100")])
+            .create()?;
     let mut tpl = rdkafka::TopicPartitionList::new();
     for p in 0..partitions {
         tpl.add_partition_offset(topic, p, rdkafka::Offset::Beginning)?;
@@ -219,9 +221,15 @@ impl InProcess {
         let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let thread = std::thread::spawn(move || -> anyhow::Result<()> {
             let rt = tokio::runtime::Runtime::new()?;
-            rt.block_on(crate::app::run(cfg, async { let _ = stop_rx.await; }, move |a| {
-                let _ = addr_tx.send(a);
-            }))
+            rt.block_on(crate::app::run(
+                cfg,
+                async {
+                    let _ = stop_rx.await;
+                },
+                move |a| {
+                    let _ = addr_tx.send(a);
+                },
+            ))
         });
         let addr = addr_rx.recv_timeout(Duration::from_secs(30))?;
         Ok(InProcess { addr, stop, thread })
@@ -285,7 +293,14 @@ fn time_restore(cfg: &Config, partitions: i32) -> anyhow::Result<Restored> {
     let store = crate::store::Store::open(dir.path())?;
     let parts: Vec<(usize, i32)> = (0..partitions).map(|p| (0, p)).collect();
     let started = Instant::now();
-    let stats = crate::kafka::changelog::restore(&cfg.kafka, &topo, &store, &parts, &crate::ownership::Ownership::default(), &crate::metrics::Metrics::new())?;
+    let stats = crate::kafka::changelog::restore(
+        &cfg.kafka,
+        &topo,
+        &store,
+        &parts,
+        &crate::ownership::Ownership::default(),
+        &crate::metrics::Metrics::new(),
+    )?;
     Ok(Restored { secs: started.elapsed().as_secs_f64(), stats })
 }
 
@@ -320,7 +335,8 @@ fn synthetic_changelog(mock: &MockCluster<'_, rdkafka::producer::DefaultProducer
     let topic = topo.changelog_topic(0);
     create_internal(mock, &cfg, partitions)?;
     let producer: ThreadedProducer<rdkafka::producer::DefaultProducerContext> =
-        crate::kafka::client_config(&cfg.kafka, &[("linger.ms", "20"), ("queue.buffering.max.messages", "2000000"), ("compression.type", "lz4")]).create()?;
+        crate::kafka::client_config(&cfg.kafka, &[("linger.ms", "20"), ("queue.buffering.max.messages", "2000000"), ("compression.type", "lz4")])
+            .create()?;
     let metric = &topo.metrics[topo.sources[0].metrics[0]];
     let keys = (n / 5).max(1);
     for i in 0..n {
@@ -403,7 +419,11 @@ fn wait_answering(replica: &Child, partitions: usize, limit: Duration) -> anyhow
 /// Failover: two replicas as processes of this binary on the mock cluster (tally's default
 /// session timeout and heartbeats); one is stopped, and the time until the other answers
 /// queries for every partition is measured. Returns (after SIGKILL, after SIGTERM).
-fn failover(mock: &MockCluster<'_, rdkafka::producer::DefaultProducerContext>, external: Option<&str>, partitions: i32) -> anyhow::Result<(Duration, Duration)> {
+fn failover(
+    mock: &MockCluster<'_, rdkafka::producer::DefaultProducerContext>,
+    external: Option<&str>,
+    partitions: i32,
+) -> anyhow::Result<(Duration, Duration)> {
     let dir = tempfile::Builder::new().prefix("tally-bench-failover-").tempdir()?;
     let dir = dir.path();
     let cfg = match external {
@@ -494,7 +514,8 @@ pub fn run(opts: BenchOptions) -> anyhow::Result<()> {
     // Phase 2: latency at a fixed rate, wall-clock event times.
     let before_text = scrape(tally.addr)?;
     let before = buckets(&before_text, "tally_queryable_latency_seconds");
-    let (commits_before, flushes_before) = (buckets(&before_text, "tally_commit_duration_seconds"), buckets(&before_text, "tally_flush_duration_seconds"));
+    let (commits_before, flushes_before) =
+        (buckets(&before_text, "tally_commit_duration_seconds"), buckets(&before_text, "tally_flush_duration_seconds"));
     let consumed_before = sum(&scrape(tally.addr)?, "tally_records_consumed_total");
     let stop = Arc::new(AtomicBool::new(false));
     let now = SystemTime::now().duration_since(UNIX_EPOCH)?.as_millis() as i64;
@@ -506,7 +527,8 @@ pub fn run(opts: BenchOptions) -> anyhow::Result<()> {
     std::thread::sleep(Duration::from_millis(500));
     let after_text = scrape(tally.addr)?;
     let after = buckets(&after_text, "tally_queryable_latency_seconds");
-    let (commits_after, flushes_after) = (buckets(&after_text, "tally_commit_duration_seconds"), buckets(&after_text, "tally_flush_duration_seconds"));
+    let (commits_after, flushes_after) =
+        (buckets(&after_text, "tally_commit_duration_seconds"), buckets(&after_text, "tally_flush_duration_seconds"));
     stop.store(true, Ordering::Relaxed);
     tally.stop()?;
     let rss = peak_rss_kib().unwrap_or(0) / 1024;
@@ -517,13 +539,26 @@ pub fn run(opts: BenchOptions) -> anyhow::Result<()> {
     let (after_kill, after_term) = failover(&mock, opts.failover_brokers.as_deref(), opts.partitions)?;
 
     let ms = |q: Option<f64>| q.map_or("n/a".to_string(), |s| format!("{:.0} ms", s * 1000.0));
-    println!("S1, all S1 metrics on, {} partitions, events {} ms apart in event time, one tally process, librdkafka mock cluster", opts.partitions, opts.step_ms);
+    println!(
+        "S1, all S1 metrics on, {} partitions, events {} ms apart in event time, one tally process, librdkafka mock cluster",
+        opts.partitions, opts.step_ms
+    );
     println!(
         "throughput           {:.0} events/s with the changelog ({events} events in {:.2} s; {invalid} invalid, {late} late-for-a-metric; {changelog_records} changelog records; {rows_sent} result rows sent by the end of the drain)",
         with.events_per_s, with.secs
     );
-    println!("  without results    {:.0} events/s ({:.2} s); the result topic costs {:.0} %", without_rows.events_per_s, without_rows.secs, (1.0 - with.events_per_s / without_rows.events_per_s) * 100.0);
-    println!("  without changelog  {:.0} events/s ({:.2} s); changelog and results cost {:.0} %", without.events_per_s, without.secs, (1.0 - with.events_per_s / without.events_per_s) * 100.0);
+    println!(
+        "  without results    {:.0} events/s ({:.2} s); the result topic costs {:.0} %",
+        without_rows.events_per_s,
+        without_rows.secs,
+        (1.0 - with.events_per_s / without_rows.events_per_s) * 100.0
+    );
+    println!(
+        "  without changelog  {:.0} events/s ({:.2} s); changelog and results cost {:.0} %",
+        without.events_per_s,
+        without.secs,
+        (1.0 - with.events_per_s / without.events_per_s) * 100.0
+    );
     println!(
         "flushes              {flush_count} taking {:.0} % of the drain; p50 {} p99 {} (commit, side outputs, changelog acked, state written and fsynced)",
         flush_secs / with.secs * 100.0,
@@ -536,7 +571,13 @@ pub fn run(opts: BenchOptions) -> anyhow::Result<()> {
         core_flushing.as_secs_f64() * 1e6 / core_puts.max(1) as f64,
         core_flushing.as_secs_f64() * core / events as f64 * 100.0
     );
-    println!("produce->queryable   p50 {}  p99 {}  (at {} events/s for {} s)", ms(quantile(&before, &after, 0.5)), ms(quantile(&before, &after, 0.99)), opts.latency_rate, opts.latency_seconds);
+    println!(
+        "produce->queryable   p50 {}  p99 {}  (at {} events/s for {} s)",
+        ms(quantile(&before, &after, 0.5)),
+        ms(quantile(&before, &after, 0.99)),
+        opts.latency_rate,
+        opts.latency_seconds
+    );
     println!(
         "  meanwhile          flushes p50 {} p99 {}; commits p50 {} p99 {}",
         ms(quantile(&flushes_before, &flushes_after, 0.5)),
@@ -545,7 +586,11 @@ pub fn run(opts: BenchOptions) -> anyhow::Result<()> {
         ms(quantile(&commits_before, &commits_after, 0.99))
     );
     println!("peak RSS             {rss} MiB (whole process: mock broker and producer included)");
-    println!("state on disk        {:.1} MiB per million events ({} bytes after {events} events)", state_bytes as f64 / (events as f64 / 1e6) / (1 << 20) as f64, state_bytes);
+    println!(
+        "state on disk        {:.1} MiB per million events ({} bytes after {events} events)",
+        state_bytes as f64 / (events as f64 / 1e6) / (1 << 20) as f64,
+        state_bytes
+    );
     println!("restore              {real} into an empty store: the changelog of the run above");
     println!("  synthetic          {synthetic}: count aggregates, 5 versions per key");
     println!(

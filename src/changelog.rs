@@ -22,7 +22,6 @@
 
 use std::collections::HashMap;
 
-
 use crate::hash::KeyHash;
 use crate::store::{self, PartitionMeta, Store, StoreError, WriteBatch, STATE_FORMAT};
 use crate::topology::Topology;

@@ -30,7 +30,6 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-
 /// A config error: which key, which value, and what would have been accepted.
 #[derive(Debug, thiserror::Error, PartialEq)]
 #[error("config key `{key}`: {problem}")]
@@ -335,18 +334,14 @@ pub fn parse_duration_ms(text: &str) -> Result<i64, String> {
     let t = text.trim();
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let n: i64 = num.parse().map_err(|_| {
-        format!("`{text}` is not a duration; write a whole number and a unit: ms, s, m, h, d (e.g. `10m`)")
-    })?;
+    let n: i64 = num.parse().map_err(|_| format!("`{text}` is not a duration; write a whole number and a unit: ms, s, m, h, d (e.g. `10m`)"))?;
     let mult = match unit.trim() {
         "ms" => 1,
         "s" => 1_000,
         "m" | "min" => 60_000,
         "h" => 3_600_000,
         "d" => 86_400_000,
-        other => {
-            return Err(format!("`{text}`: unknown unit `{other}`; allowed units: ms, s, m, h, d"))
-        }
+        other => return Err(format!("`{text}`: unknown unit `{other}`; allowed units: ms, s, m, h, d")),
     };
     n.checked_mul(mult).ok_or_else(|| format!("`{text}` is too long"))
 }
@@ -355,8 +350,7 @@ impl Config {
     /// Reads and validates a config file.
     pub fn load(path: &Path) -> anyhow::Result<Config> {
         use anyhow::Context;
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("reading config file {}", path.display()))?;
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading config file {}", path.display()))?;
         Self::from_toml_str(&text).with_context(|| format!("in config file {}", path.display()))
     }
 
@@ -374,21 +368,11 @@ impl Config {
 }
 
 /// Checks that names are unique, non-empty and safe to use in topic names and URLs.
-pub(crate) fn check_names<'a>(
-    section: &str,
-    names: impl Iterator<Item = &'a str>,
-    taken: &mut HashSet<String>,
-) -> Result<(), ConfigError> {
+pub(crate) fn check_names<'a>(section: &str, names: impl Iterator<Item = &'a str>, taken: &mut HashSet<String>) -> Result<(), ConfigError> {
     for (i, name) in names.enumerate() {
         let key = format!("{section}[{i}].name");
-        if name.is_empty()
-            || name.len() > 200
-            || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
-        {
-            return Err(ConfigError::new(
-                key,
-                format!("`{name}` is not a valid name; use 1 to 200 letters, digits, `_` and `-`"),
-            ));
+        if name.is_empty() || name.len() > 200 || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-') {
+            return Err(ConfigError::new(key, format!("`{name}` is not a valid name; use 1 to 200 letters, digits, `_` and `-`")));
         }
         if !taken.insert(name.to_string()) {
             return Err(ConfigError::new(key, format!("`{name}` is used twice; names must be unique")));
@@ -396,4 +380,3 @@ pub(crate) fn check_names<'a>(
     }
     Ok(())
 }
-

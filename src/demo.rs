@@ -42,7 +42,8 @@ pub fn run(opts: DemoOptions) -> anyhow::Result<()> {
     let producer = {
         let (kafka, stop, rate) = (cfg.kafka.clone(), Arc::clone(&stop), opts.rate.max(1));
         let now = SystemTime::now().duration_since(UNIX_EPOCH)?.as_millis() as i64;
-        let gen_opts = GenOptions { start_ms: now, step_ms: (1000 / rate as i64).max(1), partitions: opts.partitions, ..GenOptions::for_scenario(Scenario::S1) };
+        let gen_opts =
+            GenOptions { start_ms: now, step_ms: (1000 / rate as i64).max(1), partitions: opts.partitions, ..GenOptions::for_scenario(Scenario::S1) };
         std::thread::spawn(move || -> anyhow::Result<()> {
             let feed = Feed::new(&kafka, gen::topic(Scenario::S1))?;
             feed.send_all(gen::live(Scenario::S1, &gen_opts), rate, || stop.load(Ordering::Relaxed))?;

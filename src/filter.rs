@@ -113,9 +113,10 @@ fn tokenize(text: &str) -> Result<Vec<Token>, FilterError> {
                 i += 1
             }
             '\'' | '"' => {
-                let end = chars[i + 1..].iter().position(|&d| d == c).ok_or_else(|| {
-                    FilterError::Syntax(format!("unterminated text starting at character {}", i + 1))
-                })?;
+                let end = chars[i + 1..]
+                    .iter()
+                    .position(|&d| d == c)
+                    .ok_or_else(|| FilterError::Syntax(format!("unterminated text starting at character {}", i + 1)))?;
                 out.push(Token::Text(chars[i + 1..i + 1 + end].iter().collect()));
                 i += end + 2;
             }
@@ -143,9 +144,7 @@ fn tokenize(text: &str) -> Result<Vec<Token>, FilterError> {
                     i += 1;
                 }
                 let s: String = chars[start..i].iter().collect();
-                let n: f64 = s
-                    .parse()
-                    .map_err(|_| FilterError::Syntax(format!("`{s}` is not a number")))?;
+                let n: f64 = s.parse().map_err(|_| FilterError::Syntax(format!("`{s}` is not a number")))?;
                 out.push(Token::Number(n, !s.contains(['.', 'e', 'E'])));
             }
             _ if c.is_alphanumeric() || c == '_' => {
@@ -251,12 +250,7 @@ impl<R: FnMut(&str) -> Option<usize>> Parser<'_, R> {
                 ">" => CompareOp::Gt,
                 _ => CompareOp::Ge,
             },
-            other => {
-                return Err(FilterError::Syntax(format!(
-                    "expected one of = != < <= > >= or `in` after `{name}`, found {}",
-                    describe(&other)
-                )))
-            }
+            other => return Err(FilterError::Syntax(format!("expected one of = != < <= > >= or `in` after `{name}`, found {}", describe(&other)))),
         };
         Ok(Filter::Compare { slot, op, literal: self.literal()? })
     }
@@ -269,10 +263,7 @@ impl<R: FnMut(&str) -> Option<usize>> Parser<'_, R> {
             Some(Token::Word(w)) if w.eq_ignore_ascii_case("true") => Ok(Value::Bool(true)),
             Some(Token::Word(w)) if w.eq_ignore_ascii_case("false") => Ok(Value::Bool(false)),
             Some(Token::Word(w)) if w.eq_ignore_ascii_case("null") => Ok(Value::Null),
-            other => Err(FilterError::Syntax(format!(
-                "expected a literal (number, 'text', true, false, null), found {}",
-                describe(&other)
-            ))),
+            other => Err(FilterError::Syntax(format!("expected a literal (number, 'text', true, false, null), found {}", describe(&other)))),
         }
     }
 }
@@ -296,10 +287,7 @@ impl Filter {
         let mut p = Parser { tokens: tokenize(text)?, pos: 0, resolve: &mut resolve };
         let f = p.or()?;
         if p.pos < p.tokens.len() {
-            return Err(FilterError::Syntax(format!(
-                "unexpected {} after a complete expression",
-                describe(&p.tokens.get(p.pos).cloned())
-            )));
+            return Err(FilterError::Syntax(format!("unexpected {} after a complete expression", describe(&p.tokens.get(p.pos).cloned()))));
         }
         Ok(f)
     }
@@ -323,9 +311,7 @@ impl Filter {
                     CompareOp::Ge => ord != Ordering::Less,
                 }
             }
-            Filter::In { slot, set } => {
-                set.iter().any(|lit| compare(&slots[*slot], lit) == Some(Ordering::Equal))
-            }
+            Filter::In { slot, set } => set.iter().any(|lit| compare(&slots[*slot], lit) == Some(Ordering::Equal)),
         }
     }
 }

@@ -121,13 +121,9 @@ impl GenOptions {
             // 10 events/s for ~17 min: three 10-minute hopping windows sliding every 5
             // minutes; out of order stays under the 10-minute watermark, late is 40+ minutes
             // back so it misses every window it belongs to.
-            Scenario::S1 => GenOptions {
-                start_ms: shanghai_ms(2021, 9, 6, 16),
-                step_ms: 100,
-                ooo_max_ms: 5 * MINUTE,
-                late_min_ms: 40 * MINUTE,
-                ..common
-            },
+            Scenario::S1 => {
+                GenOptions { start_ms: shanghai_ms(2021, 9, 6, 16), step_ms: 100, ooo_max_ms: 5 * MINUTE, late_min_ms: 40 * MINUTE, ..common }
+            }
             // One event per 30 s for ~3.5 days, starting in the evening so the first local day
             // is a partial one; late is a day or more back so its whole day has closed.
             Scenario::S2a => GenOptions {
@@ -151,23 +147,13 @@ impl GenOptions {
             // Event times only have day resolution here, so 10 000 records span 20 days.
             // With a 5-minute watermark the previous day's window is still open when a new day
             // begins, so out of order is up to a day back; late is 3–6 days back.
-            Scenario::S4 => GenOptions {
-                start_ms: shanghai_ms(2021, 11, 1, 0),
-                step_ms: 20 * DAY / 10_000,
-                ooo_max_ms: DAY,
-                late_min_ms: 3 * DAY,
-                ..common
-            },
+            Scenario::S4 => {
+                GenOptions { start_ms: shanghai_ms(2021, 11, 1, 0), step_ms: 20 * DAY / 10_000, ooo_max_ms: DAY, late_min_ms: 3 * DAY, ..common }
+            }
             // The seed's own example time (2022-12-27 16:50:00 Asia/Shanghai); 2 events/s for
             // ~83 minutes so one full hour of top-N; out of order stays under the 5-second
             // watermark, late is 2+ minutes back, past the end of its 1-minute window.
-            Scenario::S5 => GenOptions {
-                start_ms: 1_672_131_000_000,
-                step_ms: 500,
-                ooo_max_ms: 4 * SECOND,
-                late_min_ms: 2 * MINUTE,
-                ..common
-            },
+            Scenario::S5 => GenOptions { start_ms: 1_672_131_000_000, step_ms: 500, ooo_max_ms: 4 * SECOND, late_min_ms: 2 * MINUTE, ..common },
         }
     }
 }
@@ -214,9 +200,7 @@ fn shanghai_ms(year: i32, month: u32, day: u32, hour: u32) -> i64 {
 
 /// `ms` as an Asia/Shanghai local time.
 fn local(ms: i64) -> DateTime<Tz> {
-    DateTime::from_timestamp_millis(ms)
-        .expect("generated event time within chrono's range")
-        .with_timezone(&Shanghai)
+    DateTime::from_timestamp_millis(ms).expect("generated event time within chrono's range").with_timezone(&Shanghai)
 }
 
 /// splitmix64: tiny, fast, and its output does not depend on any crate's version, which is
@@ -303,17 +287,8 @@ impl Iterator for Stream {
             Scenario::S5 => s5(&mut self.rng, &dims, event_ms),
         };
         // A bad record starts as a good one so it keeps a realistic key and partition.
-        let payload = if kind == RecordKind::Bad {
-            spoil(self.scenario, &mut self.rng, fields, event_ms)
-        } else {
-            encode(&fields)
-        };
-        Some(GenRecord {
-            partition: partition_for(key.as_bytes(), self.opts.partitions),
-            key: key.into_bytes(),
-            payload: payload.into_bytes(),
-            kind,
-        })
+        let payload = if kind == RecordKind::Bad { spoil(self.scenario, &mut self.rng, fields, event_ms) } else { encode(&fields) };
+        Some(GenRecord { partition: partition_for(key.as_bytes(), self.opts.partitions), key: key.into_bytes(), payload: payload.into_bytes(), kind })
     }
 }
 
@@ -411,8 +386,7 @@ fn s2b(rng: &mut Rng, d: &Dims, ms: i64) -> (String, Fields) {
     let account = 1 + rng.below(d.cardinality);
     let device = account * 2 + u64::from(rng.unit() < 0.1);
     let h = d.attr(device, 2);
-    let ip =
-        format!("{}.{}.{}.{}", 1 + h % 223, (h >> 8) & 0xff, (h >> 16) & 0xff, 1 + (h >> 24) % 254);
+    let ip = format!("{}.{}.{}.{}", 1 + h % 223, (h >> 8) & 0xff, (h >> 16) & 0xff, 1 + (h >> 24) % 254);
     let client = CLIENTS[(d.attr(device, 3) % CLIENTS.len() as u64) as usize];
     let t = local(ms);
     let account_id = format!("id{account}");
@@ -568,9 +542,7 @@ fn spoil(scenario: Scenario, rng: &mut Rng, mut fields: Fields, ms: i64) -> Stri
             Scenario::S4 if rng.below(2) == 0 => ("month", Value::from(13)),
             Scenario::S4 => ("day", Value::from(45)),
             Scenario::S5 => ("event_time", Value::from("2022-12-27 16:50:00")),
-            _ => {
-                (time_field(scenario), Value::from(rng.pick(&["2021-13-45 99:00:00", "yesterday"])))
-            }
+            _ => (time_field(scenario), Value::from(rng.pick(&["2021-13-45 99:00:00", "yesterday"]))),
         },
         // A time of the wrong type.
         4 => match scenario {
@@ -631,8 +603,7 @@ mod tests {
     use serde_json::Map;
     use std::collections::{BTreeMap, HashMap};
 
-    const ALL: [Scenario; 5] =
-        [Scenario::S1, Scenario::S2a, Scenario::S2b, Scenario::S4, Scenario::S5];
+    const ALL: [Scenario; 5] = [Scenario::S1, Scenario::S2a, Scenario::S2b, Scenario::S4, Scenario::S5];
 
     fn opts(s: Scenario, count: usize) -> GenOptions {
         GenOptions { count, ..GenOptions::for_scenario(s) }
@@ -700,11 +671,7 @@ mod tests {
         for s in ALL {
             let o = opts(s, 40_000);
             let records = generate(s, &o);
-            for (kind, want) in [
-                (RecordKind::Bad, o.bad_share),
-                (RecordKind::Late, o.late_share),
-                (RecordKind::OutOfOrder, o.out_of_order_share),
-            ] {
+            for (kind, want) in [(RecordKind::Bad, o.bad_share), (RecordKind::Late, o.late_share), (RecordKind::OutOfOrder, o.out_of_order_share)] {
                 let got = records.iter().filter(|r| r.kind == kind).count() as f64 / o.count as f64;
                 assert!((got - want).abs() < want * 0.25, "{s:?} {kind:?}: {got} vs {want}");
             }
@@ -730,10 +697,7 @@ mod tests {
                     // Bad for another field's type: its time is as due.
                     RecordKind::Bad => (0, 0),
                 };
-                assert!(
-                    t <= due - min_back && t > due - max_back - resolution(s),
-                    "{s:?} #{i}: {r:?}"
-                );
+                assert!(t <= due - min_back && t > due - max_back - resolution(s), "{s:?} #{i}: {r:?}");
             }
         }
     }
@@ -743,28 +707,14 @@ mod tests {
         for s in ALL {
             let records = generate(s, &opts(s, 20_000));
             let bad: Vec<_> = records.iter().filter(|r| r.kind == RecordKind::Bad).collect();
-            let not_json =
-                bad.iter().filter(|r| serde_json::from_slice::<Value>(&r.payload).is_err()).count();
+            let not_json = bad.iter().filter(|r| serde_json::from_slice::<Value>(&r.payload).is_err()).count();
             let not_object = bad
                 .iter()
-                .filter(|r| {
-                    matches!(
-                        serde_json::from_slice::<Value>(&r.payload),
-                        Ok(Value::Array(_) | Value::Number(_) | Value::String(_))
-                    )
-                })
+                .filter(|r| matches!(serde_json::from_slice::<Value>(&r.payload), Ok(Value::Array(_) | Value::Number(_) | Value::String(_))))
                 .count();
-            let no_time = bad
-                .iter()
-                .filter(|r| object(r).is_some_and(|m| !m.contains_key(time_field(s))))
-                .count();
+            let no_time = bad.iter().filter(|r| object(r).is_some_and(|m| !m.contains_key(time_field(s)))).count();
             let unreadable = bad.len() - not_json - not_object - no_time;
-            for (what, n) in [
-                ("not JSON", not_json),
-                ("not an object", not_object),
-                ("no time", no_time),
-                ("unreadable time", unreadable),
-            ] {
+            for (what, n) in [("not JSON", not_json), ("not an object", not_object), ("no time", no_time), ("unreadable time", unreadable)] {
                 assert!(n > 0, "{s:?}: no bad record that is {what}");
             }
             assert!(bad.iter().all(|r| std::str::from_utf8(&r.payload).is_ok()), "{s:?}");
@@ -778,9 +728,7 @@ mod tests {
             for r in generate(s, &o).iter().filter(|r| r.kind != RecordKind::Bad) {
                 let m = object(r).expect("a good record is a JSON object");
                 let int = |f: &str| m[f].as_i64().unwrap_or_else(|| panic!("{s:?} {f}: {r:?}"));
-                let text = |f: &str| {
-                    m[f].as_str().unwrap_or_else(|| panic!("{s:?} {f}: {r:?}")).to_string()
-                };
+                let text = |f: &str| m[f].as_str().unwrap_or_else(|| panic!("{s:?} {f}: {r:?}")).to_string();
                 let key = String::from_utf8(r.key.clone()).unwrap();
                 let names: Vec<&str> = m.keys().map(String::as_str).collect();
                 match s {
@@ -788,34 +736,24 @@ mod tests {
                         assert!(matches!(int("record_type"), 0 | 1));
                         let user = int("user_id");
                         assert!((1..=o.cardinality as i64).contains(&user));
-                        assert_eq!(
-                            text("client_ip"),
-                            format!("100.0.{}.{}", user / 256, user % 256)
-                        );
+                        assert_eq!(text("client_ip"), format!("100.0.{}.{}", user / 256, user % 256));
                         assert!((101..=150).contains(&int("product_id")));
                         assert_eq!(key, user.to_string());
                         assert_eq!(names.len(), 5);
                     }
                     Scenario::S2a => {
-                        assert!(text("appkey")
-                            .strip_prefix("appkey")
-                            .is_some_and(|n| matches!(n, "1" | "2" | "3" | "4" | "5")));
+                        assert!(text("appkey").strip_prefix("appkey").is_some_and(|n| matches!(n, "1" | "2" | "3" | "4" | "5")));
                         assert!(text("roleid").starts_with("roleid"));
                         assert!(text("serverid").parse::<u32>().is_ok());
                         let spend = m["consumenum"].as_f64().unwrap();
-                        assert!(m["consumenum"]
-                            .to_string()
-                            .split('.')
-                            .nth(1)
-                            .is_some_and(|d| d.len() == 1));
+                        assert!(m["consumenum"].to_string().split('.').nth(1).is_some_and(|d| d.len() == 1));
                         assert_eq!((spend * 10.0).round() / 10.0, spend);
                         assert_eq!(key, text("appkey"));
                         assert_eq!(names.len(), 5);
                     }
                     Scenario::S2b => {
                         assert!(text("account_id").starts_with("id"));
-                        let ip: Vec<u8> =
-                            text("client_ip").split('.').map(|p| p.parse().unwrap()).collect();
+                        let ip: Vec<u8> = text("client_ip").split('.').map(|p| p.parse().unwrap()).collect();
                         assert_eq!(ip.len(), 4);
                         assert!(!text("client_info").is_empty());
                         assert_eq!(text("p_dt"), text("c_time")[..10]);
@@ -848,22 +786,13 @@ mod tests {
     #[test]
     fn payloads_keep_the_seed_field_order_and_formats() {
         let first = |s: Scenario| {
-            let o = GenOptions {
-                bad_share: 0.0,
-                late_share: 0.0,
-                out_of_order_share: 0.0,
-                ..opts(s, 1)
-            };
+            let o = GenOptions { bad_share: 0.0, late_share: 0.0, out_of_order_share: 0.0, ..opts(s, 1) };
             String::from_utf8(generate(s, &o)[0].payload.clone()).unwrap()
         };
         assert!(first(Scenario::S1).starts_with(r#"{"record_type":"#));
         assert!(first(Scenario::S1).ends_with(r#""create_time":"2021-09-06 16:00:00"}"#));
-        assert!(
-            first(Scenario::S2a).contains(r#""servertime":"2020-09-29 20:00:00","consumenum":"#)
-        );
-        assert!(
-            first(Scenario::S2b).contains(r#""p_dt":"2021-12-01","c_time":"2021-12-01 22:00:00"}"#)
-        );
+        assert!(first(Scenario::S2a).contains(r#""servertime":"2020-09-29 20:00:00","consumenum":"#));
+        assert!(first(Scenario::S2b).contains(r#""p_dt":"2021-12-01","c_time":"2021-12-01 22:00:00"}"#));
         assert!(first(Scenario::S4).contains(r#""month":11,"day":1,"action":"#));
         assert!(first(Scenario::S5).starts_with(r#"{"event_time":1672131000000,"product_id":"p"#));
     }
@@ -872,14 +801,9 @@ mod tests {
     fn some_day_totals_are_not_positive() {
         let o = opts(Scenario::S2a, 10_000);
         let mut sums: BTreeMap<(String, String), f64> = BTreeMap::new();
-        for r in generate(Scenario::S2a, &o)
-            .iter()
-            .filter(|r| r.kind != RecordKind::Bad)
-            .filter_map(object)
-        {
+        for r in generate(Scenario::S2a, &o).iter().filter(|r| r.kind != RecordKind::Bad).filter_map(object) {
             let day = r["servertime"].as_str().unwrap()[..10].to_string();
-            *sums.entry((r["appkey"].as_str().unwrap().to_string(), day)).or_default() +=
-                r["consumenum"].as_f64().unwrap();
+            *sums.entry((r["appkey"].as_str().unwrap().to_string(), day)).or_default() += r["consumenum"].as_f64().unwrap();
         }
         assert!(sums.values().any(|v| *v <= 0.0) && sums.values().any(|v| *v > 0.0), "{sums:?}");
     }
@@ -887,11 +811,7 @@ mod tests {
     #[test]
     fn s5_products_are_skewed() {
         let mut clicks: HashMap<String, u64> = HashMap::new();
-        for r in generate(Scenario::S5, &opts(Scenario::S5, 20_000))
-            .iter()
-            .filter(|r| r.kind != RecordKind::Bad)
-            .filter_map(object)
-        {
+        for r in generate(Scenario::S5, &opts(Scenario::S5, 20_000)).iter().filter(|r| r.kind != RecordKind::Bad).filter_map(object) {
             *clicks.entry(r["product_id"].as_str().unwrap().to_string()).or_default() += 1;
         }
         let mut counts: Vec<u64> = clicks.into_values().collect();
@@ -928,9 +848,6 @@ mod tests {
     #[test]
     fn topics_match_the_scenarios() {
         let topics: Vec<_> = ALL.iter().map(|s| topic(*s)).collect();
-        assert_eq!(
-            topics,
-            ["uvpv-demo", "game_consume_log", "pv-uv", "user-behavior", "user-clicks"]
-        );
+        assert_eq!(topics, ["uvpv-demo", "game_consume_log", "pv-uv", "user-behavior", "user-clicks"]);
     }
 }

@@ -106,21 +106,41 @@ impl Metrics {
         let r = Registry::new();
         let counter = |name: &str, help: &str, labels: &[&str]| reg(&r, IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric"));
         let gauge = |name: &str, help: &str, labels: &[&str]| reg(&r, IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric"));
-        let hist = |name: &str, help: &str| reg(&r, Histogram::with_opts(HistogramOpts::new(name, help).buckets(latency_buckets())).expect("valid metric"));
+        let hist =
+            |name: &str, help: &str| reg(&r, Histogram::with_opts(HistogramOpts::new(name, help).buckets(latency_buckets())).expect("valid metric"));
         let m = Metrics {
             records_consumed: counter("tally_records_consumed_total", "Records read from Kafka.", &["source"]),
             records_processed: counter("tally_records_processed_total", "Records decoded and folded into state.", &["source"]),
-            records_late: counter("tally_records_late_total", "Records that arrived after every window holding them had closed, per metric.", &["metric"]),
-            records_partly_late: counter("tally_records_partly_late_total", "Records counted in some windows of a metric but too late for others (already closed), per metric.", &["metric"]),
+            records_late: counter(
+                "tally_records_late_total",
+                "Records that arrived after every window holding them had closed, per metric.",
+                &["metric"],
+            ),
+            records_partly_late: counter(
+                "tally_records_partly_late_total",
+                "Records counted in some windows of a metric but too late for others (already closed), per metric.",
+                &["metric"],
+            ),
             records_invalid: counter("tally_records_invalid_total", "Records that could not be decoded.", &["source", "reason"]),
             records_replayed: counter("tally_records_replayed_total", "Records skipped because the state already held them.", &["source"]),
             records_set_aside: counter("tally_records_set_aside_total", "Records written to the dead-letter or late-records topic.", &["topic"]),
-            set_aside_failures: reg(&r, IntCounter::new("tally_set_aside_failures_total", "Records that could not be written to the dead-letter or late topic.").expect("valid metric")),
+            set_aside_failures: reg(
+                &r,
+                IntCounter::new("tally_set_aside_failures_total", "Records that could not be written to the dead-letter or late topic.")
+                    .expect("valid metric"),
+            ),
             watermark: gauge("tally_watermark_seconds", "Watermark of a source partition (epoch seconds).", &["source", "partition"]),
             watermark_lag: gauge("tally_watermark_lag_seconds", "Wall clock minus watermark of a source partition.", &["source", "partition"]),
             consumer_lag: gauge("tally_consumer_lag_records", "Records behind the partition's high watermark.", &["source", "partition"]),
             partitions_owned: reg(&r, IntGauge::new("tally_partitions_owned", "Source partitions owned by this replica.").expect("valid metric")),
-            partitions_idle: reg(&r, IntGauge::new("tally_partitions_idle", "Owned partitions idle past their source's idle_timeout: their watermark follows the wall clock.").expect("valid metric")),
+            partitions_idle: reg(
+                &r,
+                IntGauge::new(
+                    "tally_partitions_idle",
+                    "Owned partitions idle past their source's idle_timeout: their watermark follows the wall clock.",
+                )
+                .expect("valid metric"),
+            ),
             rebalances: counter("tally_rebalances_total", "Partition assignment changes.", &["kind"]),
             processing_latency: hist("tally_processing_latency_seconds", "From the record's Kafka timestamp to processed."),
             queryable_latency: hist("tally_queryable_latency_seconds", "From the record's Kafka timestamp to queryable (flushed to the store)."),
@@ -130,21 +150,42 @@ impl Metrics {
             restore_records: counter("tally_restore_records_total", "Changelog records restored into the state store.", &["source"]),
             restore_bytes: counter("tally_restore_bytes_total", "Bytes of changelog records restored into the state store.", &["source"]),
             restore_rejected: counter("tally_restore_rejected_total", "Changelog records skipped by a restore (foreign or unreadable).", &["source"]),
-            partitions_restoring: reg(&r, IntGauge::new("tally_partitions_restoring", "Owned partitions still being restored from the changelog.").expect("valid metric")),
+            partitions_restoring: reg(
+                &r,
+                IntGauge::new("tally_partitions_restoring", "Owned partitions still being restored from the changelog.").expect("valid metric"),
+            ),
             restore_remaining: reg(&r, IntGauge::new("tally_restore_remaining_records", "Changelog records left to restore.").expect("valid metric")),
             restore_duration: hist("tally_restore_duration_seconds", "A restore of the partitions of one assignment, from first to last record."),
             results_sent: counter("tally_results_sent_total", "Rows sent to the result topic.", &["metric"]),
             results_skipped: counter("tally_results_skipped_total", "Window rows left out of the result topic as possibly incomplete.", &["metric"]),
-            results_frontier: gauge("tally_results_frontier_seconds", "Event time up to which final window rows have been sent (epoch seconds).", &["source"]),
-            results_view_records: reg(&r, IntCounter::new("tally_results_view_records_total", "Changelog records read into the result view.").expect("valid metric")),
+            results_frontier: gauge(
+                "tally_results_frontier_seconds",
+                "Event time up to which final window rows have been sent (epoch seconds).",
+                &["source"],
+            ),
+            results_view_records: reg(
+                &r,
+                IntCounter::new("tally_results_view_records_total", "Changelog records read into the result view.").expect("valid metric"),
+            ),
             state_writes: reg(&r, IntCounter::new("tally_state_writes_total", "Aggregates written by flushes.").expect("valid metric")),
             state_deletes: reg(&r, IntCounter::new("tally_state_deletes_total", "Expired aggregates deleted.").expect("valid metric")),
             state_keys: reg(&r, IntGauge::new("tally_state_keys", "Keys in the state store.").expect("valid metric")),
             state_bytes: reg(&r, IntGauge::new("tally_state_bytes", "Bytes of the state store on disk.").expect("valid metric")),
             http_requests: counter("tally_http_requests_total", "HTTP requests.", &["route", "status"]),
-            http_duration: reg(&r, HistogramVec::new(HistogramOpts::new("tally_http_request_duration_seconds", "HTTP request duration.").buckets(latency_buckets()), &["route"]).expect("valid metric")),
+            http_duration: reg(
+                &r,
+                HistogramVec::new(
+                    HistogramOpts::new("tally_http_request_duration_seconds", "HTTP request duration.").buckets(latency_buckets()),
+                    &["route"],
+                )
+                .expect("valid metric"),
+            ),
             build_info: gauge("tally_build_info", "Build information.", &["version"]),
-            metric_value: reg(&r, GaugeVec::new(Opts::new("tally_metric_value", "Newest window's value of an exported metric aggregate."), &["metric", "aggregate"]).expect("valid metric")),
+            metric_value: reg(
+                &r,
+                GaugeVec::new(Opts::new("tally_metric_value", "Newest window's value of an exported metric aggregate."), &["metric", "aggregate"])
+                    .expect("valid metric"),
+            ),
             registry: r,
         };
         m.build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
@@ -155,7 +196,15 @@ impl Metrics {
     /// than no data before the first event of each kind (a restore may never happen).
     pub fn init_sources<'a>(&self, sources: impl IntoIterator<Item = &'a str>) {
         for s in sources {
-            for c in [&self.records_consumed, &self.records_processed, &self.records_replayed, &self.changelog_records, &self.restore_records, &self.restore_bytes, &self.restore_rejected] {
+            for c in [
+                &self.records_consumed,
+                &self.records_processed,
+                &self.records_replayed,
+                &self.changelog_records,
+                &self.restore_records,
+                &self.restore_bytes,
+                &self.restore_rejected,
+            ] {
                 c.with_label_values(&[s]);
             }
         }

@@ -93,8 +93,6 @@ pub fn parse_time(param: &'static str, text: &str) -> Result<i64, QueryError> {
     Ok(ms)
 }
 
-
-
 /// Which stored partitions an answer covers and how far their event time has got.
 #[derive(Debug, Clone, PartialEq)]
 struct Coverage {
@@ -254,7 +252,10 @@ impl QueryEngine {
         let mut parts = Vec::with_capacity(owned.len());
         for (p, _) in owned {
             let meta = self.store.partition_meta(name, p)?;
-            parts.push((p, meta.unwrap_or(PartitionMeta { next_offset: 0, watermark: NO_WATERMARK, max_event_time: NO_WATERMARK, changelog_offset: None })));
+            parts.push((
+                p,
+                meta.unwrap_or(PartitionMeta { next_offset: 0, watermark: NO_WATERMARK, max_event_time: NO_WATERMARK, changelog_offset: None }),
+            ));
         }
         // A partition without a watermark may still add to any window: no window is closed.
         let watermark = if parts.iter().any(|(_, m)| m.watermark == NO_WATERMARK) { None } else { parts.iter().map(|(_, m)| m.watermark).min() };
@@ -267,7 +268,14 @@ impl QueryEngine {
             })
             .collect();
         let latest_event = parts.iter().map(|(_, m)| m.max_event_time).filter(|t| *t != NO_WATERMARK).max();
-        Ok(Coverage { partitions: parts.iter().map(|(p, _)| *p).collect(), positions, watermark, highest_watermark, latest_event, expiry: self.expiry })
+        Ok(Coverage {
+            partitions: parts.iter().map(|(p, _)| *p).collect(),
+            positions,
+            watermark,
+            highest_watermark,
+            latest_event,
+            expiry: self.expiry,
+        })
     }
 
     fn group_bytes(&self, m: &Metric, key: &str) -> Result<Vec<u8>, QueryError> {
@@ -385,7 +393,12 @@ impl QueryEngine {
         let partials = self.partials(m, &cov.partitions, lo, hi, group.as_deref())?;
         let mut rows = Vec::new();
         for (g, slices) in &partials {
-            for w in m.window.windows_of_slices(&Self::starts(slices), cov.latest_event.unwrap_or(i64::MAX), cov.closed_by(m.grace_ms)).into_iter().filter(|w| overlaps(range, *w) && !cov.expired(m, *w)) {
+            for w in m
+                .window
+                .windows_of_slices(&Self::starts(slices), cov.latest_event.unwrap_or(i64::MAX), cov.closed_by(m.grace_ms))
+                .into_iter()
+                .filter(|w| overlaps(range, *w) && !cov.expired(m, *w))
+            {
                 if let Some(states) = Self::window_states(w, slices)? {
                     if Self::passes_having(m, &states) {
                         rows.push((w, g.clone(), states));
@@ -415,7 +428,12 @@ impl QueryEngine {
         for (g, den_slices) in &dens {
             let num_slices = nums.get(g).unwrap_or(&empty);
             let expired = |w: &Window| cov.expired(num_m, *w) || cov.expired(den_m, *w);
-            for w in num_m.window.windows_of_slices(&Self::starts(den_slices), cov.latest_event.unwrap_or(i64::MAX), cov.closed_by(d.grace_ms)).into_iter().filter(|w| overlaps(range, *w) && !expired(w)) {
+            for w in num_m
+                .window
+                .windows_of_slices(&Self::starts(den_slices), cov.latest_event.unwrap_or(i64::MAX), cov.closed_by(d.grace_ms))
+                .into_iter()
+                .filter(|w| overlaps(range, *w) && !expired(w))
+            {
                 // A row where the denominator has one: a window it has no records in is
                 // not a window of the ratio.
                 let Some(den) = Self::window_states(w, den_slices)? else { continue };
@@ -575,6 +593,8 @@ impl QueryEngine {
             let ranked: Vec<Json> = rank(&totals, n).into_iter().map(|(k, _)| json!({ "item": k, "value": shown[k] })).collect();
             Json::Array(ranked)
         };
-        Ok(json!({ "metric": m.name, "aggregate": spec.name, "coverage": cov.to_json(), "window": Self::window_json(m.grace_ms, w, cov.watermark), "top": top }))
+        Ok(
+            json!({ "metric": m.name, "aggregate": spec.name, "coverage": cov.to_json(), "window": Self::window_json(m.grace_ms, w, cov.watermark), "top": top }),
+        )
     }
 }

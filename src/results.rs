@@ -672,7 +672,11 @@ mod tests {
         let closed: BTreeMap<_, _> = want.iter().filter(|((s, _), _)| (s + 60) * 1000 <= 589_000).collect();
         let mut finals: BTreeMap<(String, i64, String), &Json> = BTreeMap::new();
         for v in sent.iter().filter(|v| v["final"] == json!(true)) {
-            let k = (v["metric"].as_str().unwrap().to_string(), v["window"]["start"].as_i64().unwrap() / 1000, v["key"]["k"].as_str().unwrap().to_string());
+            let k = (
+                v["metric"].as_str().unwrap().to_string(),
+                v["window"]["start"].as_i64().unwrap() / 1000,
+                v["key"]["k"].as_str().unwrap().to_string(),
+            );
             assert!(finals.insert(k.clone(), v).is_none(), "one final row per key and window: {k:?}");
         }
         assert_eq!(finals.len(), 2 * closed.len(), "a final row of per_min and of share for every closed window and key");
@@ -698,10 +702,15 @@ mod tests {
                 again.apply(k, v.as_deref()).unwrap();
             }
         }
-        let rebuilt: Vec<Json> = again.take().unwrap().iter().map(|r| serde_json::from_slice(&r.value).unwrap()).filter(|v: &Json| v["final"] == json!(true)).collect();
+        let rebuilt: Vec<Json> =
+            again.take().unwrap().iter().map(|r| serde_json::from_slice(&r.value).unwrap()).filter(|v: &Json| v["final"] == json!(true)).collect();
         assert!(!rebuilt.is_empty() && again.skipped[0] > 0, "some rows sent, some left out");
         for v in &rebuilt {
-            let k = (v["metric"].as_str().unwrap().to_string(), v["window"]["start"].as_i64().unwrap() / 1000, v["key"]["k"].as_str().unwrap().to_string());
+            let k = (
+                v["metric"].as_str().unwrap().to_string(),
+                v["window"]["start"].as_i64().unwrap() / 1000,
+                v["key"]["k"].as_str().unwrap().to_string(),
+            );
             assert_eq!(v, finals[&k], "a rebuilt view sends the same row");
         }
         assert_eq!(rebuilt.len() as u64 + again.skipped[0] + again.skipped[3], finals.len() as u64);

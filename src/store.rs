@@ -430,7 +430,12 @@ impl Store {
     }
 
     /// Every key of one source partition: the aggregates of `metrics` and the position.
-    pub fn partition_keys<'a>(&self, metrics: impl IntoIterator<Item = &'a str>, source: &str, partition: i32) -> Result<Vec<sled::IVec>, StoreError> {
+    pub fn partition_keys<'a>(
+        &self,
+        metrics: impl IntoIterator<Item = &'a str>,
+        source: &str,
+        partition: i32,
+    ) -> Result<Vec<sled::IVec>, StoreError> {
         let mut keys = Vec::new();
         for m in metrics {
             let mut prefix = Vec::new();
@@ -508,7 +513,10 @@ mod tests {
         assert_eq!(slices, vec![-60_000, 0, 60_000]);
         assert_eq!(store.keys_before("pv", 3, 0).unwrap().len(), 2);
         assert!(store.scan("pv", 4, i64::MIN, i64::MAX).next().is_none(), "partitions are separate");
-        assert_eq!(store.partitions("src").unwrap(), vec![(3, PartitionMeta { next_offset: 9, watermark: 5, max_event_time: 6, changelog_offset: None })]);
+        assert_eq!(
+            store.partitions("src").unwrap(),
+            vec![(3, PartitionMeta { next_offset: 9, watermark: 5, max_event_time: 6, changelog_offset: None })]
+        );
     }
 
     #[test]

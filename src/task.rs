@@ -135,7 +135,13 @@ impl TaskSet {
     pub fn assign(&mut self, source: usize, partition: i32) -> Result<Option<i64>, StoreError> {
         let meta = self.store.partition_meta(&self.topo.sources[source].name, partition)?;
         let task = match meta {
-            Some(m) => PartitionTask { next_offset: m.next_offset, max_event_time: m.max_event_time, watermark: m.watermark, flushed_watermark: m.watermark, dirty: false },
+            Some(m) => PartitionTask {
+                next_offset: m.next_offset,
+                max_event_time: m.max_event_time,
+                watermark: m.watermark,
+                flushed_watermark: m.watermark,
+                dirty: false,
+            },
             None => PartitionTask::new(),
         };
         self.tasks.insert((source, partition), task);
@@ -315,14 +321,24 @@ impl TaskSet {
         let mut metas = Vec::new();
         for (&(source, partition), task) in &self.tasks {
             if task.dirty || touched.contains(&(source, partition)) {
-                let meta = PartitionMeta { next_offset: task.next_offset, watermark: task.watermark, max_event_time: task.max_event_time, changelog_offset: None };
+                let meta = PartitionMeta {
+                    next_offset: task.next_offset,
+                    watermark: task.watermark,
+                    max_event_time: task.max_event_time,
+                    changelog_offset: None,
+                };
                 metas.push((source, partition, meta));
             }
         }
         if let Some(sink) = changelog {
             let positions: Vec<Change> = metas
                 .iter()
-                .map(|(s, p, meta)| Change { source: *s, partition: *p, key: store::meta_key(&topo.sources[*s].name, *p), value: Some(meta.encode()) })
+                .map(|(s, p, meta)| Change {
+                    source: *s,
+                    partition: *p,
+                    key: store::meta_key(&topo.sources[*s].name, *p),
+                    value: Some(meta.encode()),
+                })
                 .collect();
             let offsets = sink.write(&changes, &positions)?;
             for ((_, _, meta), off) in metas.iter_mut().zip(offsets) {

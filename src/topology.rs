@@ -204,9 +204,7 @@ impl Metric {
 impl Topology {
     /// Compiles and validates `cfg`.
     pub fn compile(cfg: &Config) -> Result<Topology, ConfigError> {
-        if cfg.kafka.application_id.is_empty()
-            || !cfg.kafka.application_id.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
-        {
+        if cfg.kafka.application_id.is_empty() || !cfg.kafka.application_id.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c)) {
             return Err(ConfigError::new(
                 "kafka.application_id",
                 format!("`{}` must be non-empty letters, digits, `.`, `_`, `-` (it prefixes topic names)", cfg.kafka.application_id),
@@ -255,7 +253,10 @@ impl Topology {
             let table = &tables[i];
             let idle_timeout_ms = s.idle_timeout.as_deref().map(|t| duration(format!("sources[{i}].idle_timeout"), t)).transpose()?;
             if idle_timeout_ms == Some(0) {
-                return Err(ConfigError::new(format!("sources[{i}].idle_timeout"), "must be positive, e.g. `1m` (leave it out to never count a partition idle)"));
+                return Err(ConfigError::new(
+                    format!("sources[{i}].idle_timeout"),
+                    "must be positive, e.g. `1m` (leave it out to never count a partition idle)",
+                ));
             }
             sources.push(Source {
                 name: s.name.clone(),
@@ -277,9 +278,7 @@ impl Topology {
                     Some((m, a)) => (m, Some(a)),
                     None => (text, None),
                 };
-                let mi = metrics.iter().position(|m| m.name == mname).ok_or_else(|| {
-                    ConfigError::new(&key, format!("`{mname}` is not a metric"))
-                })?;
+                let mi = metrics.iter().position(|m| m.name == mname).ok_or_else(|| ConfigError::new(&key, format!("`{mname}` is not a metric")))?;
                 let m = &metrics[mi];
                 let ai = match agg {
                     None => 0,
@@ -299,7 +298,10 @@ impl Topology {
             if a.window != b.window || a.group_by != b.group_by || a.source != b.source {
                 return Err(ConfigError::new(
                     format!("derived[{i}].ratio"),
-                    format!("`{}` and `{}` must read the same source with the same window and group_by to be divided per key and window", a.name, b.name),
+                    format!(
+                        "`{}` and `{}` must read the same source with the same window and group_by to be divided per key and window",
+                        a.name, b.name
+                    ),
                 ));
             }
             let emit = emit(format!("derived[{i}].emit"), d.emit, a, cfg.state.changelog)?;
@@ -311,7 +313,13 @@ impl Topology {
             if m.group_by.is_empty() {
                 Ok(())
             } else {
-                Err(ConfigError::new(key, format!("`{name}` groups by {:?}: exporting it would turn keys into Prometheus labels; only metrics without group_by can be exported", m.group_by)))
+                Err(ConfigError::new(
+                    key,
+                    format!(
+                        "`{name}` groups by {:?}: exporting it would turn keys into Prometheus labels; only metrics without group_by can be exported",
+                        m.group_by
+                    ),
+                ))
             }
         };
         for (i, m) in cfg.metrics.iter().enumerate().filter(|(_, m)| m.export) {
@@ -388,10 +396,20 @@ impl Topology {
     pub fn explain(&self) -> String {
         use std::fmt::Write;
         let mut out = String::new();
-        let _ = writeln!(out, "application `{}` (consumer group; internal topics `{}`, `{}`)", self.application_id, self.dead_letter_topic(), self.late_topic());
+        let _ = writeln!(
+            out,
+            "application `{}` (consumer group; internal topics `{}`, `{}`)",
+            self.application_id,
+            self.dead_letter_topic(),
+            self.late_topic()
+        );
         let _ = writeln!(out, "flush + commit every {} ms", self.commit_interval_ms);
         for s in &self.sources {
-            let _ = writeln!(out, "source `{}` reads topic `{}`, watermark = max event time - {} ms, fields {:?}", s.name, s.topic, s.watermark_delay_ms, s.slot_names);
+            let _ = writeln!(
+                out,
+                "source `{}` reads topic `{}`, watermark = max event time - {} ms, fields {:?}",
+                s.name, s.topic, s.watermark_delay_ms, s.slot_names
+            );
             for &mi in &s.metrics {
                 let m = &self.metrics[mi];
                 let aggs: Vec<&str> = m.aggregates.iter().map(|a| a.name.as_str()).collect();
@@ -411,14 +429,24 @@ impl Topology {
         }
         for d in &self.derived {
             let (n, d2) = (&self.metrics[d.numerator.0], &self.metrics[d.denominator.0]);
-            let _ = writeln!(out, "derived `{}` = {}.{} / {}.{} per key and window", d.name, n.name, n.aggregates[d.numerator.1].name, d2.name, d2.aggregates[d.denominator.1].name);
+            let _ = writeln!(
+                out,
+                "derived `{}` = {}.{} / {}.{} per key and window",
+                d.name, n.name, n.aggregates[d.numerator.1].name, d2.name, d2.aggregates[d.denominator.1].name
+            );
         }
         if self.emits_results() {
             let rows = |emit: Emit| -> Vec<&str> {
                 let metrics = self.metrics.iter().filter(|m| m.emit == emit).map(|m| m.name.as_str());
                 metrics.chain(self.derived.iter().filter(|d| d.emit == emit).map(|d| d.name.as_str())).collect()
             };
-            let _ = writeln!(out, "results to topic `{}`: final rows of {:?}, every update of {:?}", self.results_topic, rows(Emit::Final), rows(Emit::Updates));
+            let _ = writeln!(
+                out,
+                "results to topic `{}`: final rows of {:?}, every update of {:?}",
+                self.results_topic,
+                rows(Emit::Final),
+                rows(Emit::Updates)
+            );
         }
         out
     }
@@ -438,7 +466,10 @@ fn event_time(i: usize, s: &SourceConfig, table: &mut SlotTable) -> Result<Event
     };
     match kind.as_str() {
         "string" => {
-            let format = t.format.as_ref().ok_or_else(|| ConfigError::new(key("format"), "a strftime format is required for text times, e.g. `%Y-%m-%d %H:%M:%S`"))?;
+            let format = t
+                .format
+                .as_ref()
+                .ok_or_else(|| ConfigError::new(key("format"), "a strftime format is required for text times, e.g. `%Y-%m-%d %H:%M:%S`"))?;
             if chrono::format::StrftimeItems::new(format).any(|it| matches!(it, chrono::format::Item::Error)) {
                 return Err(ConfigError::new(key("format"), format!("`{format}` is not a valid strftime format")));
             }
@@ -452,9 +483,10 @@ fn event_time(i: usize, s: &SourceConfig, table: &mut SlotTable) -> Result<Event
             }
             let mut slots = [None; 6];
             for (part, f) in &t.parts {
-                let pos = PART_NAMES.iter().position(|p| p == part).ok_or_else(|| {
-                    ConfigError::new(key("parts"), format!("unknown part `{part}`; allowed: {PART_NAMES:?}"))
-                })?;
+                let pos = PART_NAMES
+                    .iter()
+                    .position(|p| p == part)
+                    .ok_or_else(|| ConfigError::new(key("parts"), format!("unknown part `{part}`; allowed: {PART_NAMES:?}")))?;
                 slots[pos] = Some(table.slot(f));
             }
             Ok(EventTime::Parts { slots, year: t.year, tz })
@@ -499,7 +531,12 @@ fn window(key: String, w: &WindowConfig) -> Result<WindowSpec, ConfigError> {
         "hopping" => WindowSpec::hopping(need("size", &w.size)?, need("slide", &w.slide)?, zone),
         "cumulate" => WindowSpec::cumulate(need("step", &w.step)?, need("max", &w.max)?, zone),
         "global" => Ok(WindowSpec::global()),
-        other => return Err(ConfigError::new(format!("{key}.type"), format!("`{other}` is not a window type; allowed: tumbling, hopping, cumulate, global"))),
+        other => {
+            return Err(ConfigError::new(
+                format!("{key}.type"),
+                format!("`{other}` is not a window type; allowed: tumbling, hopping, cumulate, global"),
+            ))
+        }
     };
     spec.map_err(|e| ConfigError::new(key, e))
 }
@@ -511,9 +548,9 @@ fn metric(i: usize, m: &MetricConfig, src: usize, s: &SourceConfig, table: &mut 
     }
     let filter = match &m.filter {
         None => None,
-        Some(text) => Some(
-            Filter::parse(text, |name| Some(table.slot(name))).map_err(|e| ConfigError::new(key("filter"), format!("`{text}`: {e}")))?,
-        ),
+        Some(text) => {
+            Some(Filter::parse(text, |name| Some(table.slot(name))).map_err(|e| ConfigError::new(key("filter"), format!("`{text}`: {e}")))?)
+        }
     };
     let group_slots = m.group_by.iter().map(|g| table.slot(g)).collect();
     let mut aggregates = Vec::new();

@@ -77,17 +77,43 @@ fn errors_documents_and_probes() {
 
     let doc = tally.get("/openapi.json");
     let paths = doc["paths"].as_object().unwrap();
-    for p in ["/api/v1/metrics", "/api/v1/metrics/{name}", "/api/v1/metrics/{name}/span", "/api/v1/metrics/{name}/top", "/metrics", "/health", "/ready", "/"] {
+    for p in [
+        "/api/v1/metrics",
+        "/api/v1/metrics/{name}",
+        "/api/v1/metrics/{name}/span",
+        "/api/v1/metrics/{name}/top",
+        "/metrics",
+        "/health",
+        "/ready",
+        "/",
+    ] {
         assert!(paths.contains_key(p), "OpenAPI document lacks {p}");
     }
     let (status, html) = http_get_raw(tally.addr, "/");
     assert_eq!(status, 200);
     // Only the SVG namespace name may look like a URL: no script, style or font is fetched.
-    let urls: Vec<&str> = html.match_indices("http").map(|(i, _)| &html[i..(i + 30).min(html.len())]).filter(|u| !u.starts_with("http://www.w3.org/2000/svg")).collect();
+    let urls: Vec<&str> = html
+        .match_indices("http")
+        .map(|(i, _)| &html[i..(i + 30).min(html.len())])
+        .filter(|u| !u.starts_with("http://www.w3.org/2000/svg"))
+        .collect();
     assert!(html.contains("<html") && urls.is_empty(), "the live screen ships its own assets: {urls:?}");
 
     let text = tally.metrics();
-    for name in ["tally_records_consumed_total", "tally_records_processed_total", "tally_records_invalid_total", "tally_records_late_total", "tally_watermark_seconds", "tally_processing_latency_seconds_bucket", "tally_queryable_latency_seconds_bucket", "tally_flush_duration_seconds_bucket", "tally_commit_duration_seconds_bucket", "tally_http_requests_total", "tally_build_info", "tally_metric_value"] {
+    for name in [
+        "tally_records_consumed_total",
+        "tally_records_processed_total",
+        "tally_records_invalid_total",
+        "tally_records_late_total",
+        "tally_watermark_seconds",
+        "tally_processing_latency_seconds_bucket",
+        "tally_queryable_latency_seconds_bucket",
+        "tally_flush_duration_seconds_bucket",
+        "tally_commit_duration_seconds_bucket",
+        "tally_http_requests_total",
+        "tally_build_info",
+        "tally_metric_value",
+    ] {
         assert!(text.contains(name), "/metrics lacks {name}");
     }
     assert!(text.lines().filter(|l| !l.starts_with('#') && !l.is_empty()).all(|l| l.starts_with("tally_")), "every metric is prefixed tally_");

@@ -231,7 +231,8 @@ fn dashboards_match_grafana_provisioning_layout() {
         problems.push(format!("{DATASOURCE_YAML}: datasource type is {:?}, want `prometheus`", yaml_value(&ds_yaml, "type")));
     }
     for d in &ds {
-        let def = d.json["templating"]["list"].as_array().into_iter().flatten().find(|v| v["name"] == "datasource").map(|v| v["current"]["value"].clone());
+        let def =
+            d.json["templating"]["list"].as_array().into_iter().flatten().find(|v| v["name"] == "datasource").map(|v| v["current"]["value"].clone());
         if def.as_ref().is_some_and(|v| v != PROVISIONED_UID) {
             problems.push(format!("{}: the `datasource` variable defaults to {}, not the provisioned `{PROVISIONED_UID}`", d.file, def.unwrap()));
         }
@@ -306,10 +307,7 @@ struct Prometheus {
 
 impl Prometheus {
     fn start(target: SocketAddr) -> Prometheus {
-        assert!(
-            Path::new(PROMETHEUS).exists(),
-            "{PROMETHEUS} is missing: run `.ci/install-test-tools` (installs the Debian package `prometheus`)"
-        );
+        assert!(Path::new(PROMETHEUS).exists(), "{PROMETHEUS} is missing: run `.ci/install-test-tools` (installs the Debian package `prometheus`)");
         assert!(target.ip().is_loopback(), "Prometheus only scrapes loopback here, not {target}");
         let dir = tempfile::tempdir().unwrap();
         let config = dir.path().join("prometheus.yml");
@@ -355,7 +353,8 @@ impl Prometheus {
     /// query Prometheus rejects (it will never return data).
     fn query(&self, expr: &str) -> Result<Vec<Value>, (bool, String)> {
         let (status, body) = http_get(self.addr, &format!("/api/v1/query?query={}", urlencode(expr))).map_err(|e| (false, e.to_string()))?;
-        let v: Value = serde_json::from_slice(&body).map_err(|e| (false, format!("HTTP {status}, not JSON ({e}): {}", String::from_utf8_lossy(&body))))?;
+        let v: Value =
+            serde_json::from_slice(&body).map_err(|e| (false, format!("HTTP {status}, not JSON ({e}): {}", String::from_utf8_lossy(&body))))?;
         if status != 200 || v["status"] != "success" {
             return Err((status == 400 || v["errorType"] == "bad_data", format!("HTTP {status}: {v}")));
         }
@@ -403,10 +402,7 @@ fn median_ms(mut v: Vec<f64>) -> f64 {
 
 #[test]
 fn every_dashboard_panel_returns_data() {
-    assert!(
-        Path::new(PROMETHEUS).exists(),
-        "{PROMETHEUS} is missing: run `.ci/install-test-tools` (installs the Debian package `prometheus`)"
-    );
+    assert!(Path::new(PROMETHEUS).exists(), "{PROMETHEUS} is missing: run `.ci/install-test-tools` (installs the Debian package `prometheus`)");
     let ds = dashboards();
 
     let topic = tally::gen::topic(Scenario::S1);
@@ -474,11 +470,16 @@ fn every_dashboard_panel_returns_data() {
             std::thread::sleep(Duration::from_secs(1));
         }
     }
-    println!("{} of {total} distinct panel queries returned data after {:.1} s", total - pending.len() - rejected.len(), started.elapsed().as_secs_f64());
+    println!(
+        "{} of {total} distinct panel queries returned data after {:.1} s",
+        total - pending.len() - rejected.len(),
+        started.elapsed().as_secs_f64()
+    );
 
     // Metric names the dashboards use, against the families a real tally exports.
     let text = tally.metrics();
-    let families: BTreeSet<String> = text.lines().filter_map(|l| l.strip_prefix("# TYPE ")).filter_map(|l| l.split(' ').next()).map(str::to_string).collect();
+    let families: BTreeSet<String> =
+        text.lines().filter_map(|l| l.strip_prefix("# TYPE ")).filter_map(|l| l.split(' ').next()).map(str::to_string).collect();
     let unknown: Vec<String> = all_metric_names(&ds).into_iter().filter(|n| !families.contains(n)).collect();
 
     // What a scrape costs.
@@ -532,9 +533,5 @@ fn all_selected(expr: &str) -> String {
 
 /// The panels using a (substituted) query, for failure messages.
 fn pending_users(ds: &[Dashboard], q: &str) -> Vec<String> {
-    exprs(ds)
-        .into_iter()
-        .filter(|(_, _, e)| all_selected(e) == q)
-        .map(|(f, p, _)| format!("{f}: {p}"))
-        .collect()
+    exprs(ds).into_iter().filter(|(_, _, e)| all_selected(e) == q).map(|(f, p, _)| format!("{f}: {p}")).collect()
 }

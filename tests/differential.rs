@@ -154,7 +154,15 @@ fn config(r: &mut Rng, time_kind: u64, unit: i64) -> String {
             _ => "[\"k\", \"g\"]",
         };
         let mut aggs = vec!["count as n".to_string()];
-        let choices = ["sum(v) as total", "distinct(u) as users", "distinct(u, 6) as rough", "latest(v) as last_v", "latest(k) as last_k", "top_n(k, 2) as top_k", "top_n(u, 3, sum(v)) as spenders"];
+        let choices = [
+            "sum(v) as total",
+            "distinct(u) as users",
+            "distinct(u, 6) as rough",
+            "latest(v) as last_v",
+            "latest(k) as last_k",
+            "top_n(k, 2) as top_k",
+            "top_n(u, 3, sum(v)) as spenders",
+        ];
         for _ in 0..r.range(0, 3) {
             let a = r.pick(&choices).to_string();
             if !aggs.contains(&a) {
@@ -189,7 +197,8 @@ fn config(r: &mut Rng, time_kind: u64, unit: i64) -> String {
         // A twin of a windowed metric over fewer records, and their ratio.
         let _ = writeln!(t, "[[metrics]]\nname = \"part\"\nsource = \"s\"\nwindow = {window}\ngroup_by = {group}\naggregates = [\"count as n\", \"sum(v) as total\"]\nfilter = \"{}\"", filter(r, 1));
         let _ = writeln!(t, "grace = \"{}\"\nretention = \"{}\"", dur(unit / 2 * r.range(0, 2)), dur(unit * r.range(2, 8)));
-        let _ = writeln!(t, "[[derived]]\nname = \"share\"\nratio = {{ numerator = \"part.{}\", denominator = \"m{i}.n\" }}", r.pick(&["n", "total"]));
+        let _ =
+            writeln!(t, "[[derived]]\nname = \"share\"\nratio = {{ numerator = \"part.{}\", denominator = \"m{i}.n\" }}", r.pick(&["n", "total"]));
     }
     t
 }
@@ -621,7 +630,11 @@ fn compare_answers(case: &Case, model: &Model, tally: &Tally, diffs: &mut Diffs)
                 Some(w) if m.window != WindowSpec::Global => (Some(w.0 + r.range(-MIN, MIN)), Some(w.1 + r.range(-MIN, 3 * MIN))),
                 _ => (None, None),
             };
-            let key: Option<Vec<String>> = if m.group_by.is_empty() || r.chance(0.5) { None } else { Some(m.group_by.iter().map(|g| if g == "k" { r.pick(&["a", "b", "1"]).to_string() } else { r.range(0, 3).to_string() }).collect()) };
+            let key: Option<Vec<String>> = if m.group_by.is_empty() || r.chance(0.5) {
+                None
+            } else {
+                Some(m.group_by.iter().map(|g| if g == "k" { r.pick(&["a", "b", "1"]).to_string() } else { r.range(0, 3).to_string() }).collect())
+            };
             let key_text = key.as_ref().map(|k| k.join("|"));
             let range = Range { from, to };
             match engine.windows(&m.name, key_text.as_deref(), range, usize::MAX, false) {
@@ -700,7 +713,10 @@ fn shrink(case: &Case) -> (Case, Diffs) {
 }
 
 fn report(case: &Case, diffs: &Diffs) -> String {
-    let mut out = format!("seed {} (rerun: TALLY_DIFF_SEED={} cargo test --test differential)\n--- config ---\n{}--- steps ---\n", case.seed, case.seed, case.toml);
+    let mut out = format!(
+        "seed {} (rerun: TALLY_DIFF_SEED={} cargo test --test differential)\n--- config ---\n{}--- steps ---\n",
+        case.seed, case.seed, case.toml
+    );
     for (s, a) in &case.steps {
         match s {
             Step::Record { partition, kafka_ts, payload } => {

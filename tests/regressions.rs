@@ -63,7 +63,12 @@ impl Core {
     /// (window start, window end) → values, of every row.
     fn rows(&self, metric: &str) -> Vec<((i64, i64), Value)> {
         let a = self.engine.windows(metric, None, Range::default(), usize::MAX, false).unwrap();
-        a["rows"].as_array().unwrap().iter().map(|r| ((r["window"]["start"].as_i64().unwrap(), r["window"]["end"].as_i64().unwrap()), r["values"].clone())).collect()
+        a["rows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| ((r["window"]["start"].as_i64().unwrap(), r["window"]["end"].as_i64().unwrap()), r["values"].clone()))
+            .collect()
     }
 
     fn value(&self, metric: &str, window: (i64, i64), agg: &str) -> Option<Value> {
@@ -75,7 +80,10 @@ impl Core {
 /// windows holding it, which are open (Kafka Streams and Flink both keep it there).
 #[test]
 fn hopping_windows_keep_a_record_their_slice_closed_on() {
-    let topo = topology(EPOCH_MS, "[[metrics]]\nname = \"pv\"\nsource = \"s\"\naggregates = [\"count\"]\nwindow = { type = \"hopping\", size = \"10m\", slide = \"5m\" }\n");
+    let topo = topology(
+        EPOCH_MS,
+        "[[metrics]]\nname = \"pv\"\nsource = \"s\"\naggregates = [\"count\"]\nwindow = { type = \"hopping\", size = \"10m\", slide = \"5m\" }\n",
+    );
     let mut c = Core::new(topo, 1);
     c.send(0, None, json!({ "ts": 12 * MIN }));
     // Watermark 12m: [0, 10m) has closed, [5m, 15m) and [10m, 20m) are open.
@@ -90,7 +98,10 @@ fn hopping_windows_keep_a_record_their_slice_closed_on() {
 /// counts for every step that has not closed.
 #[test]
 fn cumulative_windows_keep_a_record_for_their_open_steps() {
-    let topo = topology(&format!("{EPOCH_MS}\nwatermark_delay = \"1m\""), "[[metrics]]\nname = \"day\"\nsource = \"s\"\naggregates = [\"count\"]\nwindow = { type = \"cumulate\", step = \"1m\", max = \"1d\" }\n");
+    let topo = topology(
+        &format!("{EPOCH_MS}\nwatermark_delay = \"1m\""),
+        "[[metrics]]\nname = \"day\"\nsource = \"s\"\naggregates = [\"count\"]\nwindow = { type = \"cumulate\", step = \"1m\", max = \"1d\" }\n",
+    );
     let mut c = Core::new(topo, 1);
     c.send(0, None, json!({ "ts": 10 * MIN }));
     // Watermark 9m: steps ending at 9m or before have closed.
@@ -147,7 +158,8 @@ const RATIO: &str = "[[metrics]]\nname = \"buys\"\nsource = \"s\"\nfilter = \"ki
 /// A ratio's window is closed only when both of its metrics are done with it.
 #[test]
 fn a_ratio_closes_with_the_later_of_its_metrics() {
-    let topo = topology(EPOCH_MS, &RATIO.replace("{NUM}", "grace = \"0s\"\nretention = \"1h\"").replace("{DEN}", "grace = \"10m\"\nretention = \"1h\""));
+    let topo =
+        topology(EPOCH_MS, &RATIO.replace("{NUM}", "grace = \"0s\"\nretention = \"1h\"").replace("{DEN}", "grace = \"10m\"\nretention = \"1h\""));
     let mut c = Core::new(topo, 1);
     c.send(0, None, json!({ "ts": 30_000, "kind": 0 }));
     c.send(0, None, json!({ "ts": 30_000, "kind": 1 }));

@@ -108,7 +108,8 @@ fn s1_uv_pv_conversion() {
     let bad: Vec<(i32, i64)> = r.model.outcomes[0].iter().filter(|o| matches!(o.2, model::Outcome::Invalid(_))).map(|o| (o.0, o.1)).collect();
     let dead = r.cluster.read_all(&r.topics.1, bad.len());
     assert_eq!(dead.len(), bad.len());
-    let origins: std::collections::BTreeSet<(String, String)> = dead.iter().map(|(h, _)| (h["tally.origin.partition"].clone(), h["tally.origin.offset"].clone())).collect();
+    let origins: std::collections::BTreeSet<(String, String)> =
+        dead.iter().map(|(h, _)| (h["tally.origin.partition"].clone(), h["tally.origin.offset"].clone())).collect();
     let want: std::collections::BTreeSet<(String, String)> = bad.iter().map(|(p, o)| (p.to_string(), o.to_string())).collect();
     assert_eq!(origins, want);
     assert!(dead.iter().all(|(h, _)| !h["tally.reason"].is_empty() && h["tally.origin.topic"] == r.topics.0));

@@ -23,10 +23,7 @@ const TIMEOUT: Duration = Duration::from_secs(60);
 /// Runs headless Chromium with `args` (after the common flags) and a fresh profile; returns
 /// its exit status and stdout. Killed after [`TIMEOUT`].
 fn chromium(args: &[String]) -> (ExitStatus, String, String) {
-    assert!(
-        Path::new(CHROMIUM).exists(),
-        "{CHROMIUM} is missing: run `.ci/install-test-tools` (installs the Debian package `chromium`)"
-    );
+    assert!(Path::new(CHROMIUM).exists(), "{CHROMIUM} is missing: run `.ci/install-test-tools` (installs the Debian package `chromium`)");
     let profile = tempfile::tempdir().unwrap();
     let mut child = Command::new(CHROMIUM)
         .args([
@@ -168,10 +165,7 @@ fn api_number(tally: &Tally, metric: &str, aggregate: &str) -> Option<f64> {
 
 #[test]
 fn live_screen_shows_the_api_numbers() {
-    assert!(
-        Path::new(CHROMIUM).exists(),
-        "{CHROMIUM} is missing: run `.ci/install-test-tools` (installs the Debian package `chromium`)"
-    );
+    assert!(Path::new(CHROMIUM).exists(), "{CHROMIUM} is missing: run `.ci/install-test-tools` (installs the Debian package `chromium`)");
     let opts = GenOptions { count: 3000, ..GenOptions::for_scenario(Scenario::S1) };
     let records = generate(Scenario::S1, &opts);
     let topic = tally::gen::topic(Scenario::S1);
@@ -196,14 +190,19 @@ fn live_screen_shows_the_api_numbers() {
     let failed: Vec<&Tag> = tags.iter().filter(|t| t.has_class("panel") && t.has_class("stale")).collect();
     assert!(failed.is_empty(), "panels failed to load: {:?}", failed.iter().map(|t| t.attrs.get("id")).collect::<Vec<_>>());
 
-    let bigs: Vec<&Tag> = tags.iter().filter(|t| t.has_class("big") && t.attrs.contains_key("data-metric") && t.attrs.contains_key("data-value")).collect();
+    let bigs: Vec<&Tag> =
+        tags.iter().filter(|t| t.has_class("big") && t.attrs.contains_key("data-metric") && t.attrs.contains_key("data-value")).collect();
     let mut mismatches = Vec::new();
     let mut shown = Vec::new();
     for t in &bigs {
         let metric = &t.attrs["data-metric"];
         let aggregate = t.attrs.get("data-aggregate").unwrap_or_else(|| panic!("big number of {metric} has no data-aggregate: {:?}", t.attrs));
         let raw = &t.attrs["data-value"];
-        let on_screen: Option<f64> = if raw == "null" { None } else { Some(raw.parse().unwrap_or_else(|_| panic!("{metric}.{aggregate}: data-value `{raw}` is not a number"))) };
+        let on_screen: Option<f64> = if raw == "null" {
+            None
+        } else {
+            Some(raw.parse().unwrap_or_else(|_| panic!("{metric}.{aggregate}: data-value `{raw}` is not a number")))
+        };
         let api = api_number(&tally, metric, aggregate);
         shown.push(format!("{metric}.{aggregate} = {raw}"));
         // serde_json reads floats to within an ulp (no `float_roundtrip`): equal to 1e-15.
@@ -227,7 +226,8 @@ fn live_screen_shows_the_api_numbers() {
     std::fs::create_dir_all(&dir).unwrap();
     let png = dir.join("live-screen.png");
     let _ = std::fs::remove_file(&png);
-    let (st, _, err) = chromium(&[format!("--screenshot={}", png.display()), "--window-size=1400,1000".into(), "--virtual-time-budget=15000".into(), url]);
+    let (st, _, err) =
+        chromium(&[format!("--screenshot={}", png.display()), "--window-size=1400,1000".into(), "--virtual-time-budget=15000".into(), url]);
     assert!(st.success(), "chromium --screenshot exited with {st}; stderr tail:\n{}", tail(&err));
     let size = std::fs::metadata(&png).map(|m| m.len()).unwrap_or_else(|e| panic!("no screenshot at {}: {e}", png.display()));
     let head = std::fs::read(&png).unwrap();

@@ -237,9 +237,7 @@ impl AggState {
         match kind {
             AggKind::Count => AggState::Count(0),
             AggKind::Sum { .. } => AggState::Sum(0),
-            AggKind::Distinct { precision, .. } => {
-                AggState::Distinct(Sketch::new(*precision).expect("precision checked when the config was read"))
-            }
+            AggKind::Distinct { precision, .. } => AggState::Distinct(Sketch::new(*precision).expect("precision checked when the config was read")),
             AggKind::Latest { .. } => AggState::Latest(None),
             AggKind::TopN { .. } => AggState::TopN(BTreeMap::new()),
         }
@@ -336,9 +334,9 @@ impl AggState {
                 let est = sk.estimate();
                 json!({ "estimate": est.round(), "standard_error": sk.standard_error(), "precision": sk.precision() })
             }
-            (AggState::Latest(l), _) => l.as_ref().map_or(serde_json::Value::Null, |l| {
-                serde_json::from_str(&l.value).unwrap_or(serde_json::Value::Null)
-            }),
+            (AggState::Latest(l), _) => {
+                l.as_ref().map_or(serde_json::Value::Null, |l| serde_json::from_str(&l.value).unwrap_or(serde_json::Value::Null))
+            }
             (AggState::TopN(m), AggKind::TopN { n, by, .. }) => {
                 let top: Vec<serde_json::Value> = rank(m, *n)
                     .into_iter()
@@ -389,7 +387,18 @@ mod tests {
         assert_eq!(parse("distinct(u, 12)").unwrap().kind, AggKind::Distinct { slot: 0, precision: 12 });
         assert_eq!(parse("distinct(u)").unwrap().kind, AggKind::Distinct { slot: 0, precision: DEFAULT_PRECISION });
         assert_eq!(parse("top_n(item, 10, sum(amount))").unwrap().kind, AggKind::TopN { item: 1, n: 10, by: Some(0) });
-        for bad in ["avg(x)", "sum()", "sum(a, b)", "distinct(u, 30)", "top_n(x)", "top_n(x, 0)", "top_n(x, 3, max(y))", "sum(x", "count as bad-alias", "count(x)"] {
+        for bad in [
+            "avg(x)",
+            "sum()",
+            "sum(a, b)",
+            "distinct(u, 30)",
+            "top_n(x)",
+            "top_n(x, 0)",
+            "top_n(x, 3, max(y))",
+            "sum(x",
+            "count as bad-alias",
+            "count(x)",
+        ] {
             assert!(parse(bad).is_err(), "{bad}");
         }
     }

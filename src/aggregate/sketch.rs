@@ -132,8 +132,7 @@ impl Sketch {
         // the set of values alone.
         settled.count();
         let mut out = vec![SKETCH_FORMAT];
-        bincode::serde::encode_into_std_write(&settled, &mut out, bincode::config::standard())
-            .expect("writing to a Vec cannot fail");
+        bincode::serde::encode_into_std_write(&settled, &mut out, bincode::config::standard()).expect("writing to a Vec cannot fail");
         out
     }
 
@@ -144,8 +143,7 @@ impl Sketch {
             other => return Err(SketchError::Corrupt(format!("unknown sketch format {other:?}"))),
         }
         let (hll, used): (HyperLogLogPlus<Vec<u8>, SketchHasher>, usize) =
-            bincode::serde::decode_from_slice(&bytes[1..], bincode::config::standard())
-                .map_err(|e| SketchError::Corrupt(e.to_string()))?;
+            bincode::serde::decode_from_slice(&bytes[1..], bincode::config::standard()).map_err(|e| SketchError::Corrupt(e.to_string()))?;
         if used != bytes.len() - 1 {
             return Err(SketchError::Corrupt("trailing bytes".into()));
         }

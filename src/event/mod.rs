@@ -23,8 +23,8 @@ pub mod time;
 use std::collections::HashMap;
 use std::fmt;
 
-use serde::Deserialize;
 use serde::de::{self, DeserializeSeed, Deserializer, IgnoredAny, MapAccess, Visitor};
+use serde::Deserialize;
 
 use self::time::EventTime;
 use crate::hash::KeyHash;
@@ -168,7 +168,6 @@ impl DecodeError {
             DecodeError::MissingField(_) => "missing_field",
         }
     }
-
 }
 
 /// A declared field type, read by the rules of Flink's JSON format.
@@ -203,7 +202,10 @@ impl FieldType {
     /// reads as `v`, `Err(())` when it is of another type.
     fn coerce(self, value: &Value) -> Result<Option<Value>, ()> {
         let read = match (self, value) {
-            (FieldType::Int, Value::Int(_)) | (FieldType::Float, Value::Int(_) | Value::Float(_)) | (FieldType::Bool, Value::Bool(_)) | (FieldType::String, Value::Str(_)) => return Ok(None),
+            (FieldType::Int, Value::Int(_))
+            | (FieldType::Float, Value::Int(_) | Value::Float(_))
+            | (FieldType::Bool, Value::Bool(_))
+            | (FieldType::String, Value::Str(_)) => return Ok(None),
             (FieldType::Int, Value::Str(s)) => s.trim().parse::<i64>().ok().map(Value::Int),
             (FieldType::Float, Value::Str(s)) => s.trim().parse::<f64>().ok().filter(|f| f.is_finite()).map(Value::Float),
             (FieldType::Bool, Value::Str(s)) => match s.trim().to_ascii_lowercase().as_str() {
@@ -454,9 +456,7 @@ mod tests {
     #[test]
     fn keeps_wanted_fields_including_nested_ones() {
         let mut r = Record::default();
-        decoder()
-            .decode(br#"{"z":{"deep":[1,{"q":2}]},"a":"hi","n":{"x":1.5,"y":[1]},"t":100}"#, None, &mut r)
-            .unwrap();
+        decoder().decode(br#"{"z":{"deep":[1,{"q":2}]},"a":"hi","n":{"x":1.5,"y":[1]},"t":100}"#, None, &mut r).unwrap();
         assert_eq!(r.time_ms, 100_000);
         assert_eq!(r.values, vec![Value::Str("hi".into()), Value::Float(1.5), Value::Int(100), Value::Json("[1]".into())]);
     }
@@ -485,7 +485,9 @@ mod tests {
         };
         let read = |d: &Decoder, f: &str| {
             let mut r = Record::default();
-            d.decode(format!(r#"{{"t":1{}}}"#, if f.is_empty() { String::new() } else { format!(",\"f\":{f}") }).as_bytes(), None, &mut r).map(|_| r.values[0].clone()).map_err(|e| e.reason())
+            d.decode(format!(r#"{{"t":1{}}}"#, if f.is_empty() { String::new() } else { format!(",\"f\":{f}") }).as_bytes(), None, &mut r)
+                .map(|_| r.values[0].clone())
+                .map_err(|e| e.reason())
         };
         let int = typed("BIGINT", false);
         assert_eq!(read(&int, "42"), Ok(Value::Int(42)));

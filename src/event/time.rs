@@ -92,8 +92,7 @@ impl EventTime {
                 let Value::Str(s) = v else {
                     return Err(bad(*slot, v, &format!("expected text in format `{format}`")));
                 };
-                let local = parse_local(s, format)
-                    .ok_or_else(|| bad(*slot, v, &format!("does not match format `{format}`")))?;
+                let local = parse_local(s, format).ok_or_else(|| bad(*slot, v, &format!("does not match format `{format}`")))?;
                 to_utc_ms(tz, local).ok_or_else(|| bad(*slot, v, "does not exist in that time zone"))
             }
             EventTime::Parts { slots, year, tz } => {
@@ -101,15 +100,17 @@ impl EventTime {
                 for (i, s) in slots.iter().enumerate() {
                     if let Some(s) = *s {
                         let v = present(s)?;
-                        parts[i] = v
-                            .as_f64()
-                            .filter(|n| n.fract() == 0.0 && n.abs() < 1.0e6)
-                            .ok_or_else(|| bad(s, v, "expected a whole number"))? as i64;
+                        parts[i] =
+                            v.as_f64().filter(|n| n.fract() == 0.0 && n.abs() < 1.0e6).ok_or_else(|| bad(s, v, "expected a whole number"))? as i64;
                     }
                 }
                 let first = slots.iter().flatten().next().copied().unwrap_or(0);
                 let at = |y: i64| {
-                    let local = NaiveDate::from_ymd_opt(y as i32, parts[1] as u32, parts[2] as u32)?.and_hms_opt(parts[3] as u32, parts[4] as u32, parts[5] as u32)?;
+                    let local = NaiveDate::from_ymd_opt(y as i32, parts[1] as u32, parts[2] as u32)?.and_hms_opt(
+                        parts[3] as u32,
+                        parts[4] as u32,
+                        parts[5] as u32,
+                    )?;
                     to_utc_ms(tz, local)
                 };
                 let t = match (slots[0], year, kafka_ts) {
@@ -140,18 +141,15 @@ fn parse_local(s: &str, format: &str) -> Option<NaiveDateTime> {
             return Some(t);
         }
     }
-    NaiveDateTime::parse_from_str(s, format)
-        .ok()
-        .or_else(|| NaiveDate::parse_from_str(s, format).ok().and_then(|d| d.and_hms_opt(0, 0, 0)))
+    NaiveDateTime::parse_from_str(s, format).ok().or_else(|| NaiveDate::parse_from_str(s, format).ok().and_then(|d| d.and_hms_opt(0, 0, 0)))
 }
 
 fn parse_fast(b: &[u8]) -> Option<NaiveDateTime> {
     if b.len() != 19 || b[4] != b'-' || b[7] != b'-' || b[10] != b' ' || b[13] != b':' || b[16] != b':' {
         return None;
     }
-    let num = |r: std::ops::Range<usize>| -> Option<u32> {
-        b[r].iter().try_fold(0u32, |acc, &c| c.is_ascii_digit().then(|| acc * 10 + (c - b'0') as u32))
-    };
+    let num =
+        |r: std::ops::Range<usize>| -> Option<u32> { b[r].iter().try_fold(0u32, |acc, &c| c.is_ascii_digit().then(|| acc * 10 + (c - b'0') as u32)) };
     NaiveDate::from_ymd_opt(num(0..4)? as i32, num(5..7)?, num(8..10)?)?.and_hms_opt(num(11..13)?, num(14..16)?, num(17..19)?)
 }
 

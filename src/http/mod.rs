@@ -62,8 +62,10 @@ fn query_reply(r: Result<serde_json::Value, QueryError>) -> Response {
         Err(e @ QueryError::BadParam { .. }) => error(StatusCode::BAD_REQUEST, e.to_string()),
         Err(e @ QueryError::Expired { .. }) => error(StatusCode::GONE, e.to_string()),
         Err(ref e @ QueryError::Restoring { ref partitions, restored, total, .. }) => {
-            let body = json!({ "error": e.to_string(), "status": 503, "restoring": { "partitions": partitions, "restored": restored, "total": total } });
-            warp::reply::with_header(warp::reply::with_status(warp::reply::json(&body), StatusCode::SERVICE_UNAVAILABLE), "retry-after", "1").into_response()
+            let body =
+                json!({ "error": e.to_string(), "status": 503, "restoring": { "partitions": partitions, "restored": restored, "total": total } });
+            warp::reply::with_header(warp::reply::with_status(warp::reply::json(&body), StatusCode::SERVICE_UNAVAILABLE), "retry-after", "1")
+                .into_response()
         }
         Err(e @ QueryError::Store(_)) => {
             tracing::error!(error = %e, "query failed");
@@ -165,15 +167,15 @@ pub fn routes(state: ApiState) -> impl Filter<Extract = (Response,), Error = Inf
         warp::any().map(move || s.clone())
     };
     let api = warp::path!("api" / "v1" / "metrics" / ..);
-    let list = api.and(warp::path::end()).and(with.clone()).map(|s: ApiState| warp::reply::json(&s.engine.list()).into_response()).map(|r| ("metrics_list", r));
+    let list = api
+        .and(warp::path::end())
+        .and(with.clone())
+        .map(|s: ApiState| warp::reply::json(&s.engine.list()).into_response())
+        .map(|r| ("metrics_list", r));
     // `/api/v1/metrics/{name}`, `/{name}/span`, `/{name}/top`: one filter, dispatched on
     // the last segment.
-    let query = api
-        .and(warp::path::param::<String>())
-        .and(warp::path::tail())
-        .and(warp::query::<Params>())
-        .and(with.clone())
-        .and_then(|name: String, tail: warp::path::Tail, p: Params, s: ApiState| async move {
+    let query = api.and(warp::path::param::<String>()).and(warp::path::tail()).and(warp::query::<Params>()).and(with.clone()).and_then(
+        |name: String, tail: warp::path::Tail, p: Params, s: ApiState| async move {
             type Query = fn(&QueryEngine, &str, &Params) -> Result<serde_json::Value, QueryError>;
             let (route, run): (&'static str, Query) = match tail.as_str() {
                 "" => ("metric_windows", windows),
@@ -182,7 +184,8 @@ pub fn routes(state: ApiState) -> impl Filter<Extract = (Response,), Error = Inf
                 _ => return Err(warp::reject::not_found()),
             };
             Ok((route, blocking(move || query_reply(run(&s.engine, &name, &p))).await.unwrap_or_else(|e| match e {})))
-        });
+        },
+    );
     let prom = warp::path!("metrics").and(with.clone()).and_then(|s: ApiState| {
         blocking(move || {
             export_values(&s);
@@ -190,7 +193,9 @@ pub fn routes(state: ApiState) -> impl Filter<Extract = (Response,), Error = Inf
         })
     });
     let prom = prom.map(|r| ("prometheus", r));
-    let openapi = warp::path!("openapi.json").map(|| warp::reply::with_header(OPENAPI, "content-type", "application/json").into_response()).map(|r| ("openapi", r));
+    let openapi = warp::path!("openapi.json")
+        .map(|| warp::reply::with_header(OPENAPI, "content-type", "application/json").into_response())
+        .map(|r| ("openapi", r));
     let health = warp::path!("health").map(|| warp::reply::json(&json!({ "status": "ok" })).into_response()).map(|r| ("health", r));
     let ready = warp::path!("ready").and(with.clone()).map(|s: ApiState| {
         let ready = s.owned.ready();

@@ -13,7 +13,7 @@ use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 
 use super::delivery::{self, DeliveryContext};
 
-use crate::changelog::{self, Change, ChangeSink, ChangelogError, Plan, RestoreStats, Restoration};
+use crate::changelog::{self, Change, ChangeSink, ChangelogError, Plan, Restoration, RestoreStats};
 use crate::config::KafkaConfig;
 use crate::metrics::Metrics;
 use crate::ownership::{Ownership, PartitionState};
@@ -34,7 +34,10 @@ pub struct ChangelogProducer {
 impl ChangelogProducer {
     /// A producer to the changelog topics of `topo`.
     pub fn new(kafka: &KafkaConfig, topo: &Topology) -> anyhow::Result<ChangelogProducer> {
-        Ok(ChangelogProducer { producer: delivery::producer(kafka, "changelog")?, topics: (0..topo.sources.len()).map(|s| topo.changelog_topic(s)).collect() })
+        Ok(ChangelogProducer {
+            producer: delivery::producer(kafka, "changelog")?,
+            topics: (0..topo.sources.len()).map(|s| topo.changelog_topic(s)).collect(),
+        })
     }
 
     fn send(&self, c: &Change, slot: usize) -> Result<(), ChangelogError> {
@@ -99,7 +102,14 @@ impl Pending {
 /// reading only the tail after a valid local checkpoint. Progress is published to `owned`
 /// (each partition is `Restoring` until done), to the metrics and to the log. Returns what
 /// was read, summed over the partitions.
-pub fn restore(kafka: &KafkaConfig, topo: &Topology, store: &Store, parts: &[(usize, i32)], owned: &Ownership, metrics: &Metrics) -> anyhow::Result<RestoreStats> {
+pub fn restore(
+    kafka: &KafkaConfig,
+    topo: &Topology,
+    store: &Store,
+    parts: &[(usize, i32)],
+    owned: &Ownership,
+    metrics: &Metrics,
+) -> anyhow::Result<RestoreStats> {
     let mut total = RestoreStats::default();
     if parts.is_empty() {
         return Ok(total);
@@ -109,7 +119,16 @@ pub fn restore(kafka: &KafkaConfig, topo: &Topology, store: &Store, parts: &[(us
         kafka,
         // librdkafka wants a group id even for manually assigned partitions; this consumer
         // never joins it nor commits.
-        &[("group.id", &format!("{}-restore", topo.application_id)), ("enable.auto.commit", "false"), ("queued.min.messages", "1000000"), ("fetch.queue.backoff.ms", "20"), ("enable.partition.eof", "true"), ("fetch.max.bytes", "52428800"), ("max.partition.fetch.bytes", "10485760"), ("fetch.wait.max.ms", "50")],
+        &[
+            ("group.id", &format!("{}-restore", topo.application_id)),
+            ("enable.auto.commit", "false"),
+            ("queued.min.messages", "1000000"),
+            ("fetch.queue.backoff.ms", "20"),
+            ("enable.partition.eof", "true"),
+            ("fetch.max.bytes", "52428800"),
+            ("max.partition.fetch.bytes", "10485760"),
+            ("fetch.wait.max.ms", "50"),
+        ],
     )
     .create()
     .map_err(|e| anyhow::anyhow!("creating the restore consumer: {e}"))?;
@@ -119,7 +138,9 @@ pub fn restore(kafka: &KafkaConfig, topo: &Topology, store: &Store, parts: &[(us
     let mut tpl = TopicPartitionList::new();
     for &(source, partition) in parts {
         let topic = &topics[source];
-        let (low, high) = consumer.fetch_watermarks(topic, partition, Duration::from_secs(30)).map_err(|e| anyhow::anyhow!("reading the offsets of {topic} partition {partition}: {e}"))?;
+        let (low, high) = consumer
+            .fetch_watermarks(topic, partition, Duration::from_secs(30))
+            .map_err(|e| anyhow::anyhow!("reading the offsets of {topic} partition {partition}: {e}"))?;
         let local = store.partition_meta(&topo.sources[source].name, partition)?;
         let (from, scratch) = match changelog::plan(local, low, high) {
             Plan::UpToDate => {
@@ -143,7 +164,9 @@ pub fn restore(kafka: &KafkaConfig, topo: &Topology, store: &Store, parts: &[(us
         tpl.add_partition_offset(topic, partition, Offset::Offset(from))?;
         pending.insert((source, partition), Pending { source, partition, last: high - 1, total, restoration, reported: RestoreStats::default() });
     }
-    let remaining = |pending: &HashMap<(usize, i32), Pending>| pending.values().map(|p| p.total.saturating_sub(p.restoration.stats.records + p.restoration.stats.rejected)).sum::<u64>();
+    let remaining = |pending: &HashMap<(usize, i32), Pending>| {
+        pending.values().map(|p| p.total.saturating_sub(p.restoration.stats.records + p.restoration.stats.rejected)).sum::<u64>()
+    };
     metrics.partitions_restoring.set(pending.len() as i64);
     metrics.restore_remaining.set(remaining(&pending) as i64);
     if !pending.is_empty() {
@@ -184,7 +207,16 @@ pub fn restore(kafka: &KafkaConfig, topo: &Topology, store: &Store, parts: &[(us
             p.publish(metrics, topo);
             let (position, stats) = p.restoration.finish(p.last)?;
             total += stats;
-            tracing::info!(topic = topics[key.0], partition = p.partition, records = stats.records, keys = stats.keys_written, bytes = stats.bytes, rejected = stats.rejected, resume_at = position.map(|m| m.next_offset), "restored");
+            tracing::info!(
+                topic = topics[key.0],
+                partition = p.partition,
+                records = stats.records,
+                keys = stats.keys_written,
+                bytes = stats.bytes,
+                rejected = stats.rejected,
+                resume_at = position.map(|m| m.next_offset),
+                "restored"
+            );
             finished.push((p.source, p.partition));
             let _ = consumer.incremental_unassign(&{
                 let mut t = TopicPartitionList::new();

@@ -271,7 +271,8 @@ impl Shared {
                 }
                 Ok(None) => Offset::Beginning,
                 Err(err) => {
-                    *self.fatal.lock().unwrap_or_else(|p| p.into_inner()) = Some(anyhow::Error::new(err).context(format!("reading the stored position of {topic} partition {partition}")));
+                    *self.fatal.lock().unwrap_or_else(|p| p.into_inner()) =
+                        Some(anyhow::Error::new(err).context(format!("reading the stored position of {topic} partition {partition}")));
                     return;
                 }
             };
@@ -370,7 +371,14 @@ impl SourceConsumer {
     /// Joins the consumer group and subscribes to every source topic.
     /// With `results_dir`, the replica that owns the first source's partition 0 sends
     /// window results, keeping its view there.
-    pub fn new(kafka: &KafkaConfig, tasks: TaskSet, side: SideOutputs, metrics: Metrics, owned: Arc<Ownership>, results_dir: Option<PathBuf>) -> anyhow::Result<SourceConsumer> {
+    pub fn new(
+        kafka: &KafkaConfig,
+        tasks: TaskSet,
+        side: SideOutputs,
+        metrics: Metrics,
+        owned: Arc<Ownership>,
+        results_dir: Option<PathBuf>,
+    ) -> anyhow::Result<SourceConsumer> {
         let topo = Arc::clone(tasks.topology());
         let changelog = if topo.changelog { Some(Mutex::new(ChangelogProducer::new(kafka, &topo)?)) } else { None };
         let shared = Arc::new(Shared {

@@ -2,9 +2,9 @@
 
 use std::time::{Duration, Instant};
 
+use rdkafka::error::KafkaError;
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 use rdkafka::types::RDKafkaErrorCode;
-use rdkafka::error::KafkaError;
 
 use crate::config::KafkaConfig;
 use crate::gen::GenRecord;
@@ -18,9 +18,10 @@ pub struct Feed {
 impl Feed {
     /// A producer writing to `topic` on the cluster of `kafka`.
     pub fn new(kafka: &KafkaConfig, topic: &str) -> anyhow::Result<Feed> {
-        let producer = super::client_config(kafka, &[("linger.ms", "5"), ("batch.num.messages", "10000"), ("queue.buffering.max.messages", "1000000")])
-            .create()
-            .map_err(|e| anyhow::anyhow!("creating the producer: {e}"))?;
+        let producer =
+            super::client_config(kafka, &[("linger.ms", "5"), ("batch.num.messages", "10000"), ("queue.buffering.max.messages", "1000000")])
+                .create()
+                .map_err(|e| anyhow::anyhow!("creating the producer: {e}"))?;
         Ok(Feed { producer, topic: topic.to_string() })
     }
 

@@ -41,19 +41,17 @@ impl ResultEmitter {
     pub fn start(kafka: &KafkaConfig, topo: Arc<Topology>, dir: PathBuf, metrics: Metrics) -> ResultEmitter {
         let stop = Arc::new(AtomicBool::new(false));
         let (kafka, flag) = (kafka.clone(), Arc::clone(&stop));
-        let spawned = std::thread::Builder::new()
-            .name("tally-results".into())
-            .spawn(move || {
-                while !flag.load(Ordering::Relaxed) {
-                    match emit(&kafka, &topo, &dir, &metrics, &flag) {
-                        Ok(()) => break,
-                        Err(e) => {
-                            tracing::error!(error = format!("{e:#}"), "result emitter failed; rebuilding its view");
-                            std::thread::sleep(RETRY_AFTER);
-                        }
+        let spawned = std::thread::Builder::new().name("tally-results".into()).spawn(move || {
+            while !flag.load(Ordering::Relaxed) {
+                match emit(&kafka, &topo, &dir, &metrics, &flag) {
+                    Ok(()) => break,
+                    Err(e) => {
+                        tracing::error!(error = format!("{e:#}"), "result emitter failed; rebuilding its view");
+                        std::thread::sleep(RETRY_AFTER);
                     }
                 }
-            });
+            }
+        });
         let thread = match spawned {
             Ok(t) => {
                 tracing::info!("result emitter started");
@@ -83,7 +81,13 @@ fn emit(kafka: &KafkaConfig, topo: &Arc<Topology>, dir: &std::path::Path, metric
         kafka,
         // A group id librdkafka insists on; the view is rebuilt from the beginning by every
         // new owner, so nothing is committed.
-        &[("group.id", &format!("{}-results", topo.application_id)), ("enable.auto.commit", "false"), ("queued.min.messages", "1000000"), ("fetch.queue.backoff.ms", "20"), ("fetch.wait.max.ms", "50")],
+        &[
+            ("group.id", &format!("{}-results", topo.application_id)),
+            ("enable.auto.commit", "false"),
+            ("queued.min.messages", "1000000"),
+            ("fetch.queue.backoff.ms", "20"),
+            ("fetch.wait.max.ms", "50"),
+        ],
     )
     .create()
     .context("creating the result view's consumer")?;
@@ -95,11 +99,17 @@ fn emit(kafka: &KafkaConfig, topo: &Arc<Topology>, dir: &std::path::Path, metric
     // Offset of the last record each changelog partition held when the role was taken.
     let mut catching_up: HashMap<(usize, i32), i64> = HashMap::new();
     for (s, topic) in topics.iter().enumerate() {
-        let t = meta.topics().iter().find(|t| t.name() == topic && t.error().is_none()).with_context(|| format!("changelog topic `{topic}` is missing"))?;
+        let t = meta
+            .topics()
+            .iter()
+            .find(|t| t.name() == topic && t.error().is_none())
+            .with_context(|| format!("changelog topic `{topic}` is missing"))?;
         partitions[s] = t.partitions().len() as i32;
         for p in 0..partitions[s] {
             tpl.add_partition_offset(topic, p, Offset::Beginning)?;
-            let (low, high) = consumer.fetch_watermarks(topic, p, Duration::from_secs(30)).with_context(|| format!("reading the offsets of {topic} partition {p}"))?;
+            let (low, high) = consumer
+                .fetch_watermarks(topic, p, Duration::from_secs(30))
+                .with_context(|| format!("reading the offsets of {topic} partition {p}"))?;
             if high > low {
                 catching_up.insert((s, p), high - 1);
             }
@@ -131,7 +141,11 @@ fn emit(kafka: &KafkaConfig, topo: &Arc<Topology>, dir: &std::path::Path, metric
         if !caught_up && catching_up.is_empty() {
             caught_up = true;
             view.caught_up()?;
-            tracing::info!(records = view.stats.applied + view.stats.ignored, seconds = started.elapsed().as_secs_f64(), "result view built from the changelogs");
+            tracing::info!(
+                records = view.stats.applied + view.stats.ignored,
+                seconds = started.elapsed().as_secs_f64(),
+                "result view built from the changelogs"
+            );
         }
         if !caught_up || last_send.elapsed() < interval {
             continue;
@@ -153,7 +167,11 @@ fn emit(kafka: &KafkaConfig, topo: &Arc<Topology>, dir: &std::path::Path, metric
         for (i, &n) in view.skipped.iter().enumerate() {
             if n > reported.1[i] {
                 metrics.results_skipped.with_label_values(&[view.output_name(i)]).inc_by(n - reported.1[i]);
-                tracing::warn!(metric = view.output_name(i), windows = n - reported.1[i], "windows left out of the result topic: a partition may have expired them before the view read them");
+                tracing::warn!(
+                    metric = view.output_name(i),
+                    windows = n - reported.1[i],
+                    "windows left out of the result topic: a partition may have expired them before the view read them"
+                );
                 reported.1[i] = n;
             }
         }

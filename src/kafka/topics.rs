@@ -12,7 +12,11 @@ use crate::topology::{InternalTopic, TopicKind, Topology};
 
 /// Creates the source topics of `topo` (`partitions` each) and its internal topics on
 /// librdkafka's mock cluster, which has no admin API (`tally demo`, `tally bench`, tests).
-pub fn create_on_mock<C: rdkafka::ClientContext>(mock: &rdkafka::mocking::MockCluster<'_, C>, topo: &Topology, partitions: i32) -> anyhow::Result<()> {
+pub fn create_on_mock<C: rdkafka::ClientContext>(
+    mock: &rdkafka::mocking::MockCluster<'_, C>,
+    topo: &Topology,
+    partitions: i32,
+) -> anyhow::Result<()> {
     let mut topics: Vec<(String, i32)> = topo.sources.iter().map(|s| (s.topic.clone(), partitions)).collect();
     topics.extend(topo.internal_topics().into_iter().map(|t| (t.name, if t.kind.partitions_like().is_some() { partitions } else { 1 })));
     for (topic, parts) in topics {
@@ -46,7 +50,12 @@ pub async fn ensure(kafka: &KafkaConfig, topo: &Topology) -> anyhow::Result<()> 
             Some(s) => {
                 let src = &topo.sources[s];
                 *existing.get(src.topic.as_str()).ok_or_else(|| {
-                    anyhow::anyhow!("source topic `{}` (source `{}`) does not exist; create it first: its partition count fixes the changelog `{}`", src.topic, src.name, t.name)
+                    anyhow::anyhow!(
+                        "source topic `{}` (source `{}`) does not exist; create it first: its partition count fixes the changelog `{}`",
+                        src.topic,
+                        src.name,
+                        t.name
+                    )
                 })?
             }
         };
@@ -69,9 +78,13 @@ pub async fn ensure(kafka: &KafkaConfig, topo: &Topology) -> anyhow::Result<()> 
 /// matters: creating what exists costs a round trip per topic, and a timeout on brokers
 /// without the admin API.
 fn admin_and_topics(kafka: &KafkaConfig) -> anyhow::Result<(AdminClient<DefaultClientContext>, HashMap<String, i32>)> {
-    let admin: AdminClient<DefaultClientContext> =
-        super::client_config(kafka, &[("allow.auto.create.topics", "false")]).create().map_err(|e| anyhow::anyhow!("creating the admin client: {e}"))?;
-    let meta = admin.inner().fetch_metadata(None, Duration::from_secs(10)).map_err(|e| anyhow::anyhow!("reading cluster metadata from {}: {e}", kafka.bootstrap_servers))?;
+    let admin: AdminClient<DefaultClientContext> = super::client_config(kafka, &[("allow.auto.create.topics", "false")])
+        .create()
+        .map_err(|e| anyhow::anyhow!("creating the admin client: {e}"))?;
+    let meta = admin
+        .inner()
+        .fetch_metadata(None, Duration::from_secs(10))
+        .map_err(|e| anyhow::anyhow!("reading cluster metadata from {}: {e}", kafka.bootstrap_servers))?;
     let existing = meta.topics().iter().filter(|t| t.error().is_none()).map(|t| (t.name().to_string(), t.partitions().len() as i32)).collect();
     Ok((admin, existing))
 }

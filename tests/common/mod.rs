@@ -93,7 +93,11 @@ fn nisshi_binary() -> std::path::PathBuf {
     let path = std::env::var_os("TALLY_NISSHI")
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|| Path::new(&std::env::var("HOME").expect("HOME")).join(".cache/tally/tools/nisshi/bin/nisshi"));
-    assert!(path.exists(), "the nisshi broker is not at {}: run `bash .ci/install-test-tools` (builds it once per machine) or set TALLY_NISSHI", path.display());
+    assert!(
+        path.exists(),
+        "the nisshi broker is not at {}: run `bash .ci/install-test-tools` (builds it once per machine) or set TALLY_NISSHI",
+        path.display()
+    );
     path
 }
 
@@ -135,7 +139,17 @@ impl Cluster {
         let dir = tempfile::tempdir().unwrap();
         let log = std::fs::File::create(dir.path().join("nisshi.log")).unwrap();
         let child = std::process::Command::new(nisshi_binary())
-            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url, "--storage-engine", "memory://nisshi/", "--group-initial-rebalance-delay", "0s"])
+            .args([
+                "broker",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+                "--storage-engine",
+                "memory://nisshi/",
+                "--group-initial-rebalance-delay",
+                "0s",
+            ])
             .current_dir(dir.path())
             .stdout(std::process::Stdio::null())
             .stderr(log)
@@ -157,7 +171,11 @@ impl Cluster {
     }
 
     pub fn kafka(&self) -> KafkaConfig {
-        KafkaConfig { bootstrap_servers: self.brokers.clone(), application_id: "test".into(), properties: [("enable.idempotence".to_string(), "true".to_string())].into() }
+        KafkaConfig {
+            bootstrap_servers: self.brokers.clone(),
+            application_id: "test".into(),
+            properties: [("enable.idempotence".to_string(), "true".to_string())].into(),
+        }
     }
 
     /// Produces `records` in order, each to its own partition, and waits for the acks.
@@ -429,5 +447,10 @@ pub fn check_answers(addr: SocketAddr, model: &crate::model::Model) -> Vec<Strin
 
 /// Fails with the first differences, if any.
 pub fn assert_no_diffs(diffs: &[String], what: &str) {
-    assert!(diffs.is_empty(), "{what}: {} differences from the reference model, first ones:\n{}", diffs.len(), diffs.iter().take(15).cloned().collect::<Vec<_>>().join("\n"));
+    assert!(
+        diffs.is_empty(),
+        "{what}: {} differences from the reference model, first ones:\n{}",
+        diffs.len(),
+        diffs.iter().take(15).cloned().collect::<Vec<_>>().join("\n")
+    );
 }

@@ -48,6 +48,12 @@ pub fn check_results(rows: &[(Vec<u8>, Vec<u8>)], records: &[GenRecord], partiti
         return Err(format!("{} differences, first: {}", diffs.len(), diffs.iter().take(5).cloned().collect::<Vec<_>>().join("; ")));
     }
     let finals = values.iter().filter(|v| v["final"] == json!(true)).count();
-    let distinct: std::collections::BTreeSet<String> = values.iter().filter(|v| v["final"] == json!(true)).map(|v| format!("{}{}{}", v["metric"], v["key"], v["window"])).collect();
-    Ok(format!("{} result rows: {} final rows exact ({} sent again), uv_all_time's last update exact", rows.len(), distinct.len(), finals - distinct.len()))
+    let distinct: std::collections::BTreeSet<String> =
+        values.iter().filter(|v| v["final"] == json!(true)).map(|v| format!("{}{}{}", v["metric"], v["key"], v["window"])).collect();
+    Ok(format!(
+        "{} result rows: {} final rows exact ({} sent again), uv_all_time's last update exact",
+        rows.len(),
+        distinct.len(),
+        finals - distinct.len()
+    ))
 }

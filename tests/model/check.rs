@@ -91,7 +91,9 @@ pub fn value(what: &str, got: &Json, want: &Acc) -> Result<(), String> {
             let items = got.as_array().ok_or("not a list")?;
             let got_pairs: Vec<(String, Option<i128>)> = items
                 .iter()
-                .map(|e| (e["item"].as_str().unwrap_or_default().to_string(), if *by { units(&e["value"]) } else { e["value"].as_i64().map(i128::from) }))
+                .map(|e| {
+                    (e["item"].as_str().unwrap_or_default().to_string(), if *by { units(&e["value"]) } else { e["value"].as_i64().map(i128::from) })
+                })
                 .collect();
             let want_pairs: Vec<(String, Option<i128>)> = want.into_iter().map(|(k, v)| (k, Some(v))).collect();
             if got_pairs != want_pairs {
@@ -176,7 +178,11 @@ impl Model {
         let (nm, dm) = (r.num.0, r.den.0);
         let highest = self.watermarks(self.spec.metrics[dm].source).1;
         let mut out = BTreeMap::new();
-        for w in self.windows(dm, self.ratio_grace(ri)).into_iter().filter(|w| range.overlaps(*w) && !self.expired(nm, *w, highest) && !self.expired(dm, *w, highest)) {
+        for w in self
+            .windows(dm, self.ratio_grace(ri))
+            .into_iter()
+            .filter(|w| range.overlaps(*w) && !self.expired(nm, *w, highest) && !self.expired(dm, *w, highest))
+        {
             let nums = self.fold(nm, w);
             for (k, accs) in self.fold(dm, w) {
                 let den = accs[r.den.1].number().unwrap_or(0.0);
@@ -215,8 +221,15 @@ impl Model {
                 diffs.push(format!("{}: window {k:?}: got {}, want {wj}", r.name, row["window"]));
             }
             let v = &row["values"];
-            let ratio_ok = if den == 0.0 { v["ratio"].is_null() } else { v["ratio"].as_f64().is_some_and(|x| (x - num / den).abs() <= 1e-12 * (num / den).abs().max(1.0)) };
-            if units(&v["numerator"]) != Some((num * 1e6).round() as i128) || units(&v["denominator"]) != Some((den * 1e6).round() as i128) || !ratio_ok {
+            let ratio_ok = if den == 0.0 {
+                v["ratio"].is_null()
+            } else {
+                v["ratio"].as_f64().is_some_and(|x| (x - num / den).abs() <= 1e-12 * (num / den).abs().max(1.0))
+            };
+            if units(&v["numerator"]) != Some((num * 1e6).round() as i128)
+                || units(&v["denominator"]) != Some((den * 1e6).round() as i128)
+                || !ratio_ok
+            {
                 diffs.push(format!("{}: {k:?}: got {v}, want {num} / {den}", r.name));
             }
         }
@@ -440,7 +453,8 @@ impl Model {
             }
             let (base, grace) = self.base(o);
             let lowest = self.watermarks(self.spec.metrics[base].source).0;
-            let closed = |w: (i64, i64)| self.spec.metrics[base].window != WindowSpec::Global && lowest.is_some_and(|l| w.1.saturating_add(grace) <= l);
+            let closed =
+                |w: (i64, i64)| self.spec.metrics[base].window != WindowSpec::Global && lowest.is_some_and(|l| w.1.saturating_add(grace) <= l);
             let history = self.history(o);
             for row in rows.iter().filter(|r| r["metric"] == json!(name)) {
                 let Some(k) = self.row_key(base, row) else {
@@ -477,12 +491,22 @@ impl Model {
         let v = &row["values"];
         match (o, want) {
             (_, None) => vec![format!("result row of {name}: no such window and key: {row}")],
-            (Output::Metric(m), Some(Ok(accs))) => {
-                self.spec.metrics[m].aggs.iter().zip(accs).filter_map(|((agg, _), acc)| value(&format!("result row of {name} {agg}"), &v[agg], acc).err()).collect()
-            }
+            (Output::Metric(m), Some(Ok(accs))) => self.spec.metrics[m]
+                .aggs
+                .iter()
+                .zip(accs)
+                .filter_map(|((agg, _), acc)| value(&format!("result row of {name} {agg}"), &v[agg], acc).err())
+                .collect(),
             (_, Some(Err((num, den)))) => {
-                let ratio_ok = if *den == 0.0 { v["ratio"].is_null() } else { v["ratio"].as_f64().is_some_and(|x| (x - num / den).abs() <= 1e-12 * (num / den).abs().max(1.0)) };
-                if units(&v["numerator"]) == Some((num * 1e6).round() as i128) && units(&v["denominator"]) == Some((den * 1e6).round() as i128) && ratio_ok {
+                let ratio_ok = if *den == 0.0 {
+                    v["ratio"].is_null()
+                } else {
+                    v["ratio"].as_f64().is_some_and(|x| (x - num / den).abs() <= 1e-12 * (num / den).abs().max(1.0))
+                };
+                if units(&v["numerator"]) == Some((num * 1e6).round() as i128)
+                    && units(&v["denominator"]) == Some((den * 1e6).round() as i128)
+                    && ratio_ok
+                {
                     vec![]
                 } else {
                     vec![format!("result row of {name}: got {v}, want {num} / {den}")]

@@ -40,7 +40,10 @@ pub enum Step {
 pub enum Outcome {
     Invalid(&'static str),
     /// Metric indices it was late for (every window closed) and partly late for.
-    Counted { late: Vec<usize>, partly: Vec<usize> },
+    Counted {
+        late: Vec<usize>,
+        partly: Vec<usize>,
+    },
 }
 
 /// A record a metric's filter let through, with what it counts for.
@@ -233,7 +236,14 @@ impl Model {
     /// A model of `spec` over sources with `partitions[s]` partitions.
     pub fn new(spec: Spec, partitions: &[i32]) -> Model {
         let (n, m) = (spec.sources.len(), spec.metrics.len());
-        Model { spec, partitions: partitions.to_vec(), progress: vec![BTreeMap::new(); n], next: vec![BTreeMap::new(); n], recs: vec![Vec::new(); m], outcomes: vec![Vec::new(); n] }
+        Model {
+            spec,
+            partitions: partitions.to_vec(),
+            progress: vec![BTreeMap::new(); n],
+            next: vec![BTreeMap::new(); n],
+            recs: vec![Vec::new(); m],
+            outcomes: vec![Vec::new(); n],
+        }
     }
 
     /// Feeds one step of source `s`.

@@ -11,11 +11,23 @@ use super::expr::Expr;
 /// What a record's event time is read from.
 #[derive(Debug, Clone)]
 pub enum TimeSpec {
-    Text { field: String, format: String, tz: Tz },
-    Seconds { field: String },
-    Millis { field: String },
+    Text {
+        field: String,
+        format: String,
+        tz: Tz,
+    },
+    Seconds {
+        field: String,
+    },
+    Millis {
+        field: String,
+    },
     /// (part name, field) pairs; `year` fixed or from the Kafka timestamp.
-    Parts { parts: Vec<(String, String)>, year: Option<i32>, tz: Tz },
+    Parts {
+        parts: Vec<(String, String)>,
+        year: Option<i32>,
+        tz: Tz,
+    },
 }
 
 /// A declared field type.
@@ -135,7 +147,9 @@ fn source(v: &Toml) -> Source {
         "string" => TimeSpec::Text { field: field(), format: s(et, "format").unwrap().to_string(), tz: zone() },
         "epoch_seconds" => TimeSpec::Seconds { field: field() },
         "epoch_millis" => TimeSpec::Millis { field: field() },
-        "parts" => TimeSpec::Parts { parts: parts.into_iter().collect(), year: et.get("year").and_then(Toml::as_integer).map(|y| y as i32), tz: zone() },
+        "parts" => {
+            TimeSpec::Parts { parts: parts.into_iter().collect(), year: et.get("year").and_then(Toml::as_integer).map(|y| y as i32), tz: zone() }
+        }
         k => panic!("event time kind {k}"),
     };
     let types = table(v.get("types"))
@@ -259,7 +273,11 @@ impl Spec {
                     name: s(m, "name").unwrap().to_string(),
                     source: si,
                     filter: s(m, "filter").map(|f| Expr::parse(f).unwrap_or_else(|e| panic!("filter {f}: {e}"))),
-                    group_by: m.get("group_by").and_then(Toml::as_array).map(|g| g.iter().map(|x| x.as_str().unwrap().to_string()).collect()).unwrap_or_default(),
+                    group_by: m
+                        .get("group_by")
+                        .and_then(Toml::as_array)
+                        .map(|g| g.iter().map(|x| x.as_str().unwrap().to_string()).collect())
+                        .unwrap_or_default(),
                     aggs,
                     window,
                     tz,
@@ -287,7 +305,12 @@ impl Spec {
             .map(|d| {
                 let num = side(s(&d["ratio"], "numerator").unwrap());
                 let windowed = metrics[num.0].window != WindowSpec::Global;
-                Ratio { name: s(d, "name").unwrap().to_string(), num, den: side(s(&d["ratio"], "denominator").unwrap()), emit: emit(d, windowed, changelog) }
+                Ratio {
+                    name: s(d, "name").unwrap().to_string(),
+                    num,
+                    den: side(s(&d["ratio"], "denominator").unwrap()),
+                    emit: emit(d, windowed, changelog),
+                }
             })
             .collect();
         Spec { sources, metrics, ratios }

@@ -64,7 +64,9 @@ impl Val {
     /// The value read as a declared type (`None`: it is of another type).
     pub fn typed(&self, ty: Ty) -> Option<Val> {
         match (ty, self) {
-            (Ty::Int, Val::Int(_)) | (Ty::Float, Val::Int(_) | Val::Float(_)) | (Ty::Bool, Val::Bool(_)) | (Ty::Str, Val::Str(_)) => Some(self.clone()),
+            (Ty::Int, Val::Int(_)) | (Ty::Float, Val::Int(_) | Val::Float(_)) | (Ty::Bool, Val::Bool(_)) | (Ty::Str, Val::Str(_)) => {
+                Some(self.clone())
+            }
             (Ty::Int, Val::Str(s)) => {
                 let t = s.trim();
                 let digits = t.strip_prefix(['-', '+']).unwrap_or(t);
