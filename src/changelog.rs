@@ -250,4 +250,30 @@ mod tests {
         assert_eq!(plan(meta(None), 0, 100), Plan::Scratch, "state written without a changelog");
         assert_eq!(plan(None, 0, 0), Plan::Scratch);
     }
+
+    /// Records of the previous version (key format 1, value and position format 1) are
+    /// rejected and counted, never read under the new key layout; with no position left, the
+    /// partition is recomputed from its source.
+    #[test]
+    fn a_previous_versions_records_are_refused_not_misread() {
+        let topo = crate::topology::test_topology(
+            "[[metrics]]\nname = \"m\"\nsource = \"s\"\naggregates = [\"count\"]\nwindow = { type = \"tumbling\", size = \"1m\" }\n",
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let mut r = Restoration::begin(&store, &topo, 0, 0, true).unwrap();
+        // Old layout: prefix · slice · group, with a group long enough to pass for a window end.
+        let mut old_key = Vec::new();
+        store::slice_prefix(&mut old_key, "m", 0, 60_000);
+        old_key.extend_from_slice(b"product-101");
+        let mut old_value = crate::store::StoredAggregate { max_offset: 3, states: vec![crate::aggregate::AggState::Count(7)] }.encode();
+        old_value[0] = 1;
+        r.apply(&old_key, Some(&old_value)).unwrap();
+        let mut old_meta = PartitionMeta { next_offset: 4, watermark: 0, max_event_time: 0, changelog_offset: None }.encode();
+        old_meta[0] = 1;
+        r.apply(&store::meta_key("s", 0), Some(&old_meta)).unwrap();
+        let (position, stats) = r.finish(1).unwrap();
+        assert_eq!((position, stats.rejected, stats.keys_written), (None, 2, 0));
+        assert!(store.is_empty());
+    }
 }

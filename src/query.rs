@@ -549,11 +549,16 @@ impl QueryEngine {
             })?,
         };
         let cov = self.coverage(m.source)?;
-        let at = match at {
-            Some(t) => Some(t),
-            None => self.newest_slice(m, &cov)?,
+        let w = match at {
+            Some(t) => Some(Self::current_window(m, t)),
+            // The newest kept data: of the windows holding it, the first ending one still kept.
+            None => self.newest_slice(m, &cov)?.and_then(|s| {
+                let mut ws = m.window.windows_containing(s);
+                ws.sort_by_key(|w| w.end);
+                ws.into_iter().find(|w| cov.check_retained(m, w.start).is_ok())
+            }),
         };
-        let Some(w) = at.map(|t| Self::current_window(m, t)) else {
+        let Some(w) = w else {
             return Ok(json!({ "metric": m.name, "coverage": cov.to_json(), "window": Json::Null, "top": [] }));
         };
         cov.check_retained(m, w.start)?;

@@ -41,10 +41,14 @@ pub const KEY_FORMAT: u8 = 2;
 pub const SLICE_KEY_BYTES: usize = 16;
 /// `from_end` of an aggregate that every window holding its slice takes.
 pub const EVERY_WINDOW: i64 = i64::MIN;
-/// Version of [`StoredAggregate`]'s encoding.
-pub const STATE_FORMAT: u8 = 1;
-/// Version of [`PartitionMeta`]'s encoding.
-pub const META_FORMAT: u8 = 1;
+/// Version of [`StoredAggregate`]'s encoding. 2 since the key format 2: the changelog
+/// carries no layout, so the version byte is what keeps a restore from reading a previous
+/// version's records under the new keys (they are rejected and counted instead).
+pub const STATE_FORMAT: u8 = 2;
+/// Version of [`PartitionMeta`]'s encoding. 2 with [`STATE_FORMAT`]: a previous version's
+/// position must not be restored without the aggregates it stands for (the partition is then
+/// recomputed from the source topic instead).
+pub const META_FORMAT: u8 = 2;
 
 const STATE_TAG: u8 = b'S';
 const META_TAG: u8 = b'P';

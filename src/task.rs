@@ -258,14 +258,10 @@ impl TaskSet {
     /// partition that has received nothing for its source's `idle_timeout` stops holding
     /// windows open. The move is part of the partition's position, flushed and changelogged
     /// like one made by a record, so a replay from the next position judges the same.
-    pub fn advance_idle(&mut self, source: usize, partition: i32, watermark: i64) -> bool {
-        match self.tasks.get_mut(&(source, partition)) {
-            Some(task) if watermark > task.watermark => {
-                task.watermark = watermark;
-                task.dirty = true;
-                true
-            }
-            _ => false,
+    pub fn advance_idle(&mut self, source: usize, partition: i32, watermark: i64) {
+        if let Some(task) = self.tasks.get_mut(&(source, partition)).filter(|t| watermark > t.watermark) {
+            task.watermark = watermark;
+            task.dirty = true;
         }
     }
 

@@ -88,11 +88,14 @@ impl Serialize for Zone {
     }
 }
 
-/// The most a zone's offset can be from UTC (Kiribati is +14 h), with room to spare.
-const MAX_OFFSET_MS: i64 = 15 * 3_600_000;
+/// The most a zone's offset can be from UTC (today +14 h in Kiribati; local mean times of the
+/// 19th century reach +15:02), with room to spare.
+const MAX_OFFSET_MS: i64 = 16 * 3_600_000;
 
-/// The most a fall-back change repeats (two hours, in the zones that had double summer time).
-const MAX_REPEAT_MS: i64 = 2 * 3_600_000;
+/// The most a backward change of the clock repeats: an hour at most daylight-saving changes,
+/// three at Antarctica/Casey's, a day where a zone moved across the date line (Kwajalein
+/// 1969, Juneau 1867).
+const MAX_REPEAT_MS: i64 = 26 * 3_600_000;
 
 impl Zone {
     /// The local clock's reading at instant `t`, ms.
@@ -215,6 +218,7 @@ impl WindowSpec {
         if slide_ms > size_ms {
             return Err(format!("slide ({slide_ms} ms) must not exceed size ({size_ms} ms); gaps between windows would drop records"));
         }
+        at_most_windows("size / slide", size_ms, slide_ms)?;
         Ok(WindowSpec { kind: WindowKind::Hopping { size_ms, slide_ms }, zone })
     }
 
@@ -225,6 +229,7 @@ impl WindowSpec {
         if max_ms % step_ms != 0 {
             return Err(format!("max ({max_ms} ms) must be a whole multiple of step ({step_ms} ms)"));
         }
+        at_most_windows("max / step", max_ms, step_ms)?;
         Ok(WindowSpec { kind: WindowKind::Cumulate { step_ms, max_ms }, zone })
     }
 
@@ -407,9 +412,21 @@ impl WindowSpec {
     }
 }
 
-/// The longest window length accepted, ms (about 31,700 years): with event times within
-/// ±[`MAX_TIME_MS`](crate::event::time::MAX_TIME_MS), no boundary computation can overflow.
-pub const MAX_LENGTH_MS: i64 = 1_000_000_000_000_000;
+/// The longest window length accepted, ms (about 3,170 years): with event times within
+/// ±[`MAX_TIME_MS`](crate::event::time::MAX_TIME_MS), every boundary stays inside the dates
+/// the zone rules know and no computation overflows.
+pub const MAX_LENGTH_MS: i64 = 100_000_000_000_000;
+
+/// The most windows one record may fall in (hopping `size / slide`, cumulative
+/// `max / step`): each is listed, answered and checked for lateness.
+pub const MAX_WINDOWS_PER_RECORD: i64 = 100_000;
+
+fn at_most_windows(what: &str, long: i64, short: i64) -> Result<(), String> {
+    if long / short > MAX_WINDOWS_PER_RECORD {
+        return Err(format!("{what} holds {} windows per record; at most {MAX_WINDOWS_PER_RECORD}", long / short));
+    }
+    Ok(())
+}
 
 fn positive(what: &str, ms: i64) -> Result<(), String> {
     if ms <= 0 {
@@ -467,6 +484,13 @@ mod tests {
         let w = hours.windows_containing(at_0130_est)[0];
         assert_eq!(w, hours.windows_containing(at_0130_edt)[0]);
         assert_eq!(w.end - w.start, 2 * HOUR);
+        // Casey's clock goes back three hours at 16:00 UTC: those three repeated hours belong
+        // to the window before the next boundary, which holds every instant of them.
+        let casey = WindowSpec::tumbling(30 * MIN, zone("Antarctica/Casey")).unwrap();
+        for t in [1_678_291_200_000, 1_678_291_200_000 + 15 * MIN, 1_678_291_200_000 + 170 * MIN] {
+            let w = casey.windows_containing(t)[0];
+            assert!(w.start <= t && t < w.end, "{w:?} does not hold {t}");
+        }
         let skipped = hours.windows_containing(1_615_705_200_000)[0]; // 03:00 EDT
         assert_eq!(skipped.start, 1_615_705_200_000, "the 02:00 window has no instant; 03:00 starts here");
         // Europe/Berlin changes at 01:00 UTC.
@@ -477,9 +501,18 @@ mod tests {
 
     #[test]
     fn slices_tile_real_time_in_every_zone() {
-        for z in [Zone::Utc, zone("America/New_York"), zone("Australia/Lord_Howe"), zone("Asia/Kolkata")] {
+        // Around New York's 2021-11-07 change; Antarctica/Casey's clock goes back three hours
+        // on 2023-03-08 at 16:00 UTC.
+        let around = [
+            (Zone::Utc, 1_636_200_000_000),
+            (zone("America/New_York"), 1_636_200_000_000),
+            (zone("Australia/Lord_Howe"), 1_636_200_000_000),
+            (zone("Asia/Kolkata"), 1_636_200_000_000),
+            (zone("Antarctica/Casey"), 1_678_280_000_000),
+        ];
+        for (z, from) in around {
             let w = WindowSpec::hopping(HOUR, 20 * MIN, z).unwrap();
-            let mut t = 1_636_200_000_000; // around the 2021-11-07 change in New York
+            let mut t = from;
             let mut s = w.slice_start(t);
             for _ in 0..500 {
                 let end = w.slice_end(s);
@@ -505,6 +538,8 @@ mod tests {
         assert_eq!(odd.windows_containing(10 * MIN - 1).len(), 3);
         assert_eq!(odd.windows_containing(10 * MIN).len(), 2);
         assert!(WindowSpec::hopping(MIN, 2 * MIN, Zone::Utc).is_err());
+        assert!(WindowSpec::hopping(DAY, 1, Zone::Utc).is_err(), "86,400,000 windows per record");
+        assert!(WindowSpec::cumulate(1_000, DAY, Zone::Utc).is_ok(), "86,400 steps");
     }
 
     #[test]

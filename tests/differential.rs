@@ -61,9 +61,10 @@ struct Case {
     steps: Vec<(Step, Action)>,
 }
 
-const ZONES: [&str; 5] = ["UTC", "America/New_York", "Europe/Berlin", "Asia/Shanghai", "Australia/Lord_Howe"];
-/// Stream starts: around New York's and Berlin's changes of 2021, and an ordinary day.
-const BASES: [i64; 4] = [1_636_257_600_000, 1_615_683_600_000, 1_635_634_800_000, 1_630_915_200_000];
+const ZONES: [&str; 6] = ["UTC", "America/New_York", "Europe/Berlin", "Asia/Shanghai", "Australia/Lord_Howe", "Antarctica/Casey"];
+/// Stream starts: around New York's and Berlin's changes of 2021, Casey's three-hour one of
+/// 2023, and an ordinary day.
+const BASES: [i64; 5] = [1_636_257_600_000, 1_615_683_600_000, 1_635_634_800_000, 1_678_280_000_000, 1_630_915_200_000];
 
 fn dur(ms: i64) -> String {
     if ms % HOUR == 0 {

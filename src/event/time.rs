@@ -46,9 +46,10 @@ pub enum EventTime {
     },
 }
 
-/// Largest magnitude of an event time, ms (about year 318,857): keeps every window
-/// computation far from `i64` overflow. Query times are held to the same bound.
-pub const MAX_TIME_MS: i64 = 10_000_000_000_000_000;
+/// Largest magnitude of an event time, ms (about year 255,500): inside the dates chrono and
+/// the zone rules cover (±262,143 years), with room for the longest window, and far from
+/// `i64` overflow. Query times are held to the same bound.
+pub const MAX_TIME_MS: i64 = 8_000_000_000_000_000;
 
 /// Names of the [`EventTime::Parts`] parts, in slot order.
 pub const PART_NAMES: [&str; 6] = ["year", "month", "day", "hour", "minute", "second"];
@@ -81,7 +82,9 @@ impl EventTime {
             EventTime::EpochSeconds { slot } | EventTime::EpochMillis { slot } => {
                 let v = present(*slot)?;
                 let n = v.as_f64().filter(|n| n.is_finite()).ok_or_else(|| bad(*slot, v, "expected a number"))?;
-                let ms = if matches!(self, EventTime::EpochSeconds { .. }) { n * 1000.0 } else { n };
+                // Seconds are rounded to the microsecond first: `1091837578.110` is not exact
+                // in binary, and its product with 1000 would floor to …109.
+                let ms = if matches!(self, EventTime::EpochSeconds { .. }) { (n * 1e6).round() / 1e3 } else { n };
                 if ms.abs() > MAX_TIME_MS as f64 {
                     return Err(bad(*slot, v, "out of range"));
                 }
@@ -199,6 +202,7 @@ mod tests {
         let ms = EventTime::EpochMillis { slot: 0 };
         assert_eq!(s.extract(&[Value::Int(1_672_131_000)], &paths(1), None).unwrap(), 1_672_131_000_000);
         assert_eq!(s.extract(&[Value::Float(1.5)], &paths(1), None).unwrap(), 1_500);
+        assert_eq!(s.extract(&[Value::Float(1_091_837_578.110)], &paths(1), None).unwrap(), 1_091_837_578_110, "not …109");
         assert_eq!(ms.extract(&[Value::Int(1_672_131_000_123)], &paths(1), None).unwrap(), 1_672_131_000_123);
         assert_eq!(ms.extract(&[Value::Null], &paths(1), None).unwrap_err().reason(), "missing_event_time");
         assert_eq!(ms.extract(&[Value::Str("abc".into())], &paths(1), None).unwrap_err().reason(), "bad_event_time");

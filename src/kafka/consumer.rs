@@ -65,11 +65,29 @@ pub struct Shared {
     results_dir: Option<PathBuf>,
     /// The result emitter, while this replica owns the first source's partition 0.
     emitter: Mutex<Option<ResultEmitter>>,
-    /// Per owned partition, from librdkafka's statistics: the high watermark (next offset
-    /// the broker would hand out).
-    high: Mutex<HashMap<(usize, i32), i64>>,
+    /// Per owned partition, from librdkafka's statistics: how far its fetching has got.
+    fetch: Mutex<HashMap<(usize, i32), FetchState>>,
     /// Per owned partition: how long it has received nothing (for `idle_timeout`).
     quiet: Mutex<HashMap<(usize, i32), Quiet>>,
+}
+
+/// A partition's fetching, as librdkafka's statistics last reported it.
+#[derive(Debug, Clone, Copy)]
+struct FetchState {
+    /// The broker's high watermark: the offset the next record will get.
+    high: i64,
+    /// Where fetching stands: the next offset to fetch, or the log start if later (records
+    /// deleted by retention, control records of transactions are never handed over).
+    fetched: i64,
+    /// Records fetched and not yet handed to the application.
+    queued: i64,
+}
+
+impl FetchState {
+    /// Whether a partition processed up to `next_offset` has nothing more to read.
+    fn caught_up(&self, next_offset: i64) -> bool {
+        self.queued == 0 && next_offset.max(self.fetched) >= self.high
+    }
 }
 
 /// Since when a partition's position has not moved.
@@ -93,13 +111,14 @@ impl ClientContext for SourceContext {
         for (topic, t) in &stats.topics {
             let Some(src) = topo.sources.iter().find(|s| &s.topic == topic) else { continue };
             let source = topo.sources.iter().position(|s| &s.topic == topic).unwrap_or_default();
-            let mut high = self.shared.high.lock().unwrap_or_else(|p| p.into_inner());
+            let mut fetch = self.shared.fetch.lock().unwrap_or_else(|p| p.into_inner());
             for (p, part) in &t.partitions {
                 if *p >= 0 && part.consumer_lag >= 0 {
                     self.shared.metrics.consumer_lag.with_label_values(&[&src.name, &p.to_string()]).set(part.consumer_lag);
                 }
                 if *p >= 0 && part.hi_offset >= 0 {
-                    high.insert((source, *p), part.hi_offset);
+                    let fetched = part.next_offset.max(part.lo_offset);
+                    fetch.insert((source, *p), FetchState { high: part.hi_offset, fetched, queued: part.fetchq_cnt });
                 }
             }
         }
@@ -208,14 +227,15 @@ impl Shared {
     /// Moves the watermark of every partition that has been idle for its source's
     /// `idle_timeout` — nothing received while caught up with the broker — to the wall clock
     /// minus the watermark delay, so it stops holding windows open (Flink's source
-    /// idleness). A partition behind its high watermark is never idle, however long it has
-    /// not been fetched.
+    /// idleness). A partition with records left to fetch or fetched but not processed is
+    /// never idle, however long it has not been read.
     fn advance_idle(&self, tasks: &mut TaskSet) {
         let now = Instant::now();
-        let high = self.high.lock().unwrap_or_else(|p| p.into_inner());
+        let mut fetch = self.fetch.lock().unwrap_or_else(|p| p.into_inner());
         let mut quiet = self.quiet.lock().unwrap_or_else(|p| p.into_inner());
         let owned: Vec<((usize, i32), i64)> = tasks.tasks().map(|(k, t)| (*k, t.next_offset)).collect();
         quiet.retain(|k, _| owned.iter().any(|(o, _)| o == k));
+        fetch.retain(|k, _| owned.iter().any(|(o, _)| o == k));
         let mut idle = 0;
         for ((source, partition), next) in owned {
             let src = &self.topo.sources[source];
@@ -227,7 +247,7 @@ impl Shared {
                 *q = Quiet { next_offset: next, since: now, idle: false };
             }
             let Some(timeout) = src.idle_timeout_ms else { continue };
-            let caught_up = high.get(&(source, partition)).is_some_and(|&h| next >= h);
+            let caught_up = fetch.get(&(source, partition)).is_some_and(|f| f.caught_up(next));
             if caught_up && now.duration_since(q.since) >= Duration::from_millis(timeout as u64) {
                 if !q.idle {
                     tracing::info!(source = %src.name, partition, "partition idle: its watermark follows the wall clock until it receives records");
@@ -394,7 +414,7 @@ impl SourceConsumer {
             pending: Mutex::new(Vec::new()),
             results_dir,
             emitter: Mutex::new(None),
-            high: Mutex::new(HashMap::new()),
+            fetch: Mutex::new(HashMap::new()),
             quiet: Mutex::new(HashMap::new()),
         });
         let consumer: BaseConsumer<SourceContext> = super::client_config(
@@ -558,5 +578,20 @@ impl Batch {
         }
         self.processing.flush();
         shared.pending.lock().unwrap_or_else(|p| p.into_inner()).append(&mut self.timestamps);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::FetchState;
+
+    #[test]
+    fn a_partition_is_caught_up_when_nothing_is_left_to_fetch_or_process() {
+        // Empty since retention deleted its records: the log starts at the high watermark.
+        assert!(FetchState { high: 1000, fetched: 1000, queued: 0 }.caught_up(0));
+        // A transaction's commit marker holds the last offset, never handed over.
+        assert!(FetchState { high: 1001, fetched: 1001, queued: 0 }.caught_up(1000));
+        assert!(!FetchState { high: 1000, fetched: 1000, queued: 5 }.caught_up(995), "fetched, not processed");
+        assert!(!FetchState { high: 1000, fetched: 600, queued: 0 }.caught_up(600), "more to fetch");
     }
 }

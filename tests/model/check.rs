@@ -305,8 +305,9 @@ impl Model {
         self.span(mi, lo, to)
     }
 
-    /// The window a top list is taken over: of those holding `at` (default: the newest
-    /// slice with data still kept), the one ending first.
+    /// The window a top list is taken over: of those holding `at`, the one ending first;
+    /// without `at`, of those holding the newest slice with data still kept, the first ending
+    /// one whose first slice is kept.
     pub fn top_window(&self, mi: usize, at: Option<i64>, highest: Option<i64>) -> Option<(i64, i64)> {
         let m = &self.spec.metrics[mi];
         let newest = || {
@@ -317,8 +318,14 @@ impl Model {
                 .filter(|s| m.window == WindowSpec::Global || !self.slice_gone(mi, *s, highest))
                 .max()
         };
-        let at = at.or_else(newest)?;
-        zone::windows_containing(m.window, m.tz, at).into_iter().min_by_key(|w| w.1)
+        match at {
+            Some(t) => zone::windows_containing(m.window, m.tz, t).into_iter().min_by_key(|w| w.1),
+            None => {
+                let mut ws = zone::windows_containing(m.window, m.tz, newest()?);
+                ws.sort_by_key(|w| w.1);
+                ws.into_iter().find(|w| m.window == WindowSpec::Global || !self.slice_gone(mi, w.0, highest))
+            }
+        }
     }
 
     /// Checks `top?n=&at=&aggregate=` (aggregate index `ai`).

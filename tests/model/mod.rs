@@ -188,8 +188,9 @@ fn event_time(src: &Source, get: &dyn Fn(&str) -> Val, kafka_ts: Option<i64>) ->
     match &src.time {
         TimeSpec::Seconds { field } | TimeSpec::Millis { field } => {
             let n = present(field)?.number().filter(|n| n.is_finite()).ok_or("bad_event_time")?;
-            let ms = if matches!(src.time, TimeSpec::Seconds { .. }) { n * 1000.0 } else { n };
-            if ms.abs() > 1.0e16 {
+            // Seconds: to the microsecond, then down to the millisecond.
+            let ms = if matches!(src.time, TimeSpec::Seconds { .. }) { (n * 1e6).round() / 1e3 } else { n };
+            if ms.abs() > 8.0e15 {
                 return Err("bad_event_time");
             }
             Ok(ms.floor() as i64)
