@@ -15,7 +15,7 @@
 //! * [`results`] — window rows over every partition, from the changelogs, for the result topic;
 //! * [`kafka`] — the edges to Kafka: consumer loop, dead-letter/late producer, topics;
 //! * [`http`] — the query API and `/metrics`; [`metrics`] — the Prometheus registry;
-//! * [`app`] — wiring for `tally run`; [`gen`], [`demo`], [`bench`] — tools around it;
+//! * [`app`] — wiring for `tally run`; [`gen`], [`demo`], [`bench`](mod@bench) — tools around it;
 //!   [`hash`] — the hasher of the in-memory maps.
 
 pub mod aggregate;
