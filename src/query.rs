@@ -114,9 +114,13 @@ impl Coverage {
         self.expiry && self.highest_watermark.is_some_and(|wm| m.window.expired(w, wm, m.retention_ms))
     }
 
-    /// Windows ending by this have closed, with `grace_ms`, on every covered partition.
-    fn closed_by(&self, grace_ms: i64) -> i64 {
-        self.watermark.map_or(i64::MIN, |wm| wm.saturating_sub(grace_ms))
+    /// The windows of `m` answered from `slices`, for an output closing with `grace_ms` (see
+    /// [`crate::window::WindowSpec::windows_of_slices`]).
+    fn listed(&self, m: &Metric, slices: &Slices, grace_ms: i64) -> Vec<Window> {
+        let mut starts: Vec<i64> = slices.keys().map(|k| k.0).collect();
+        starts.dedup();
+        let closed_by = self.watermark.map_or(i64::MIN, |wm| wm.saturating_sub(grace_ms));
+        m.window.windows_of_slices(&starts, self.latest_event.unwrap_or(i64::MAX), closed_by)
     }
 
     /// The first slice start not deleted on any partition (`None`: nothing deleted).
@@ -340,13 +344,6 @@ impl QueryEngine {
         Ok(acc)
     }
 
-    /// The distinct slice starts of some partials.
-    fn starts(slices: &Slices) -> Vec<i64> {
-        let mut starts: Vec<i64> = slices.keys().map(|k| k.0).collect();
-        starts.dedup();
-        starts
-    }
-
     /// The values of one row; with `sketches`, distinct aggregates also carry their
     /// canonical sketch encoding in hex (for comparing sketches built by different paths).
     fn values_json(m: &Metric, states: &[AggState], sketches: bool) -> Json {
@@ -393,12 +390,7 @@ impl QueryEngine {
         let partials = self.partials(m, &cov.partitions, lo, hi, group.as_deref())?;
         let mut rows = Vec::new();
         for (g, slices) in &partials {
-            for w in m
-                .window
-                .windows_of_slices(&Self::starts(slices), cov.latest_event.unwrap_or(i64::MAX), cov.closed_by(m.grace_ms))
-                .into_iter()
-                .filter(|w| overlaps(range, *w) && !cov.expired(m, *w))
-            {
+            for w in cov.listed(m, slices, m.grace_ms).into_iter().filter(|w| overlaps(range, *w) && !cov.expired(m, *w)) {
                 if let Some(states) = Self::window_states(w, slices)? {
                     if Self::passes_having(m, &states) {
                         rows.push((w, g.clone(), states));
@@ -428,12 +420,7 @@ impl QueryEngine {
         for (g, den_slices) in &dens {
             let num_slices = nums.get(g).unwrap_or(&empty);
             let expired = |w: &Window| cov.expired(num_m, *w) || cov.expired(den_m, *w);
-            for w in num_m
-                .window
-                .windows_of_slices(&Self::starts(den_slices), cov.latest_event.unwrap_or(i64::MAX), cov.closed_by(d.grace_ms))
-                .into_iter()
-                .filter(|w| overlaps(range, *w) && !expired(w))
-            {
+            for w in cov.listed(num_m, den_slices, d.grace_ms).into_iter().filter(|w| overlaps(range, *w) && !expired(w)) {
                 // A row where the denominator has one: a window it has no records in is
                 // not a window of the ratio.
                 let Some(den) = Self::window_states(w, den_slices)? else { continue };
@@ -550,7 +537,11 @@ impl QueryEngine {
         };
         let cov = self.coverage(m.source)?;
         let w = match at {
-            Some(t) => Some(Self::current_window(m, t)),
+            Some(t) => {
+                let w = Self::current_window(m, t);
+                cov.check_retained(m, w.start)?;
+                Some(w)
+            }
             // The newest kept data: of the windows holding it, the first ending one still kept.
             None => self.newest_slice(m, &cov)?.and_then(|s| {
                 let mut ws = m.window.windows_containing(s);
@@ -561,7 +552,6 @@ impl QueryEngine {
         let Some(w) = w else {
             return Ok(json!({ "metric": m.name, "coverage": cov.to_json(), "window": Json::Null, "top": [] }));
         };
-        cov.check_retained(m, w.start)?;
         let (lo, hi) = if w == GLOBAL { (GLOBAL.start, GLOBAL.start + 1) } else { (w.start, w.end) };
         let partials = self.partials(m, &cov.partitions, lo, hi, None)?;
         let spec = &m.aggregates[ai];

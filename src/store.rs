@@ -17,7 +17,7 @@
 //! or after it. Records that count for every window of their slice go to
 //! [`EVERY_WINDOW`]; a record late for the slice's first windows but not for the later ones
 //! goes to an aggregate of its own, tagged with the end of the first window it counts for,
-//! so windows that have closed never change (see [`crate::window::WindowSpec::admit`]).
+//! so windows that have closed never change (see [`crate::window::WindowSpec::place`]).
 //!
 //! Every value starts with a format version byte. bincode decodes a mismatched layout into
 //! garbage without complaint; the version byte turns that into an error (and is where

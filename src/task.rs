@@ -4,7 +4,7 @@
 //! For each record: decode it, advance the partition's watermark, and for each metric of
 //! its source whose filter passes, fold it into the partial aggregate of (metric,
 //! partition, slice, group key) for the windows of the slice that are still open (see
-//! [`crate::window::WindowSpec::admit`]). A record for which every window has closed is
+//! [`crate::window::WindowSpec::place`]). A record for which every window has closed is
 //! *late* for that metric and is reported instead; one that some windows still take is
 //! counted there and reported as *partly late*.
 //!
@@ -198,7 +198,8 @@ impl TaskSet {
                     continue;
                 }
             }
-            let from_end = match m.window.admit(t, watermark, m.grace_ms) {
+            let (slice, admit) = m.window.place(t, watermark, m.grace_ms);
+            let from_end = match admit {
                 Admit::All => store::EVERY_WINDOW,
                 Admit::From(end) => {
                     partly_late.push(mi);
@@ -209,7 +210,6 @@ impl TaskSet {
                     continue;
                 }
             };
-            let slice = m.window.slice_start(t);
             self.fold(mi, partition, slice, from_end, offset)?;
         }
         Ok(Outcome::Processed { late, partly_late })

@@ -27,7 +27,7 @@
 //!
 //! A record counts for a window iff the window's end + grace is after the watermark before
 //! the record (Kafka Streams' rule, and Flink's for every window not yet fired): see
-//! [`WindowSpec::admit`]. A record that is late for the first windows of its slice but not
+//! [`WindowSpec::place`]. A record that is late for the first windows of its slice but not
 //! for later ones is kept apart from the slice's other records, tagged with the end of the
 //! first window it counts for, so a window that has closed never changes.
 //!
@@ -181,7 +181,7 @@ pub struct Window {
 /// The start and end used for the global window.
 pub const GLOBAL: Window = Window { start: 0, end: i64::MAX };
 
-/// Which of the windows holding a record it counts for (see [`WindowSpec::admit`]).
+/// Which of the windows holding a record it counts for (see [`WindowSpec::place`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Admit {
     /// Every one.
@@ -315,39 +315,41 @@ impl WindowSpec {
         }
     }
 
-    /// Which windows holding event time `t` a record counts for, given the watermark
-    /// before it: those whose end + `grace_ms` is after `watermark`. Windows holding one
-    /// time close in the order of their ends, so that is every window ending at or after
-    /// some instant.
-    pub fn admit(&self, t: i64, watermark: i64, grace_ms: i64) -> Admit {
+    /// Where a record at event time `t` goes, given the watermark before it: the start of
+    /// its slice, and which windows holding it it counts for — those whose end + `grace_ms`
+    /// is after `watermark`. Windows holding one time close in the order of their ends, so
+    /// that is every window ending at or after some instant. (One call, so the zone's clock
+    /// is read once per record.)
+    pub fn place(&self, t: i64, watermark: i64, grace_ms: i64) -> (i64, Admit) {
         let open = |end: i64| end.saturating_add(grace_ms) > watermark;
+        let l = self.zone.local(t);
         let (first_end, last_end) = match self.kind {
-            WindowKind::Global => return Admit::All,
-            WindowKind::Tumbling { .. } => {
-                let end = self.slice_end(self.slice_start(t));
+            WindowKind::Global => return (GLOBAL.start, Admit::All),
+            WindowKind::Tumbling { size_ms } => {
+                let end = self.zone.instant(floor(l, size_ms) + size_ms);
                 (end, end)
             }
             WindowKind::Hopping { size_ms, slide_ms } => {
-                let l = self.zone.local(t);
                 let last_start = floor(l, slide_ms);
                 let first_start = last_start - (size_ms - 1) / slide_ms * slide_ms;
                 let first_start = if first_start + size_ms > l { first_start } else { first_start + slide_ms };
                 (self.zone.instant(first_start + size_ms), self.zone.instant(last_start + size_ms))
             }
             WindowKind::Cumulate { step_ms, max_ms } => {
-                let l = self.zone.local(t);
                 (self.zone.instant(floor(l, step_ms) + step_ms), self.zone.instant(floor(l, max_ms) + max_ms))
             }
         };
-        if open(first_end) {
-            return Admit::All;
-        }
-        if !open(last_end) {
-            return Admit::Late;
-        }
-        // The first window still open; windows holding `t` are few (size / slide at most).
-        let first_open = self.windows_containing(t).into_iter().map(|w| w.end).find(|&e| open(e));
-        first_open.map_or(Admit::Late, Admit::From)
+        let slice = self.zone.instant(floor(l, self.slice_ms()));
+        let admit = if open(first_end) {
+            Admit::All
+        } else if !open(last_end) {
+            Admit::Late
+        } else {
+            // The first window still open; windows holding `t` are few (size / slide at most).
+            let first_open = self.windows_containing(t).into_iter().map(|w| w.end).find(|&e| open(e));
+            first_open.map_or(Admit::Late, Admit::From)
+        };
+        (slice, admit)
     }
 
     /// The windows that hold data from slices starting in `slice_starts` (sorted or not),
@@ -515,6 +517,7 @@ mod tests {
             let mut t = from;
             let mut s = w.slice_start(t);
             for _ in 0..500 {
+                assert_eq!(w.place(t, i64::MIN, 0).0, s, "{z:?}: place and slice_start agree at {t}");
                 let end = w.slice_end(s);
                 assert!(s <= t && t < end, "{z:?}: {t} not in [{s}, {end})");
                 for win in w.windows_containing(t) {
@@ -545,16 +548,16 @@ mod tests {
     #[test]
     fn a_record_counts_for_the_windows_still_open() {
         let w = WindowSpec::hopping(10 * MIN, 5 * MIN, Zone::Utc).unwrap();
-        assert_eq!(w.admit(7 * MIN, 9 * MIN, 0), Admit::All);
-        assert_eq!(w.admit(7 * MIN, 10 * MIN, 0), Admit::From(15 * MIN), "[0, 10m) closed, [5m, 15m) open");
-        assert_eq!(w.admit(7 * MIN, 15 * MIN, 0), Admit::Late);
-        assert_eq!(w.admit(7 * MIN, 15 * MIN, 1), Admit::From(15 * MIN), "grace keeps it open");
+        assert_eq!(w.place(7 * MIN, 9 * MIN, 0).1, Admit::All);
+        assert_eq!(w.place(7 * MIN, 10 * MIN, 0).1, Admit::From(15 * MIN), "[0, 10m) closed, [5m, 15m) open");
+        assert_eq!(w.place(7 * MIN, 15 * MIN, 0).1, Admit::Late);
+        assert_eq!(w.place(7 * MIN, 15 * MIN, 1).1, Admit::From(15 * MIN), "grace keeps it open");
         let c = WindowSpec::cumulate(MIN, 10 * MIN, Zone::Utc).unwrap();
-        assert_eq!(c.admit(2 * MIN + 1, 4 * MIN, 0), Admit::From(5 * MIN));
-        assert_eq!(c.admit(2 * MIN + 1, 10 * MIN, 0), Admit::Late);
-        assert_eq!(WindowSpec::global().admit(0, i64::MAX, 0), Admit::All);
+        assert_eq!(c.place(2 * MIN + 1, 4 * MIN, 0).1, Admit::From(5 * MIN));
+        assert_eq!(c.place(2 * MIN + 1, 10 * MIN, 0).1, Admit::Late);
+        assert_eq!(WindowSpec::global().place(0, i64::MAX, 0).1, Admit::All);
         let t = WindowSpec::tumbling(MIN, Zone::Utc).unwrap();
-        assert_eq!((t.admit(1, MIN - 1, 0), t.admit(1, MIN, 0)), (Admit::All, Admit::Late));
+        assert_eq!((t.place(1, MIN - 1, 0).1, t.place(1, MIN, 0).1), (Admit::All, Admit::Late));
     }
 
     #[test]

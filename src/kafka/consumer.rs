@@ -109,8 +109,7 @@ impl ClientContext for SourceContext {
     fn stats(&self, stats: Statistics) {
         let topo = &self.shared.topo;
         for (topic, t) in &stats.topics {
-            let Some(src) = topo.sources.iter().find(|s| &s.topic == topic) else { continue };
-            let source = topo.sources.iter().position(|s| &s.topic == topic).unwrap_or_default();
+            let Some((source, src)) = topo.sources.iter().enumerate().find(|(_, s)| &s.topic == topic) else { continue };
             let mut fetch = self.shared.fetch.lock().unwrap_or_else(|p| p.into_inner());
             for (p, part) in &t.partitions {
                 if *p >= 0 && part.consumer_lag >= 0 {
