@@ -9,13 +9,17 @@ use std::time::Duration;
 
 use anyhow::Context;
 
+use crate::cluster::members::Members;
+use crate::cluster::router::ClusterFetch;
 use crate::config::Config;
 use crate::http::{self, ApiState};
 use crate::kafka::consumer::SourceConsumer;
+use crate::kafka::members::{Announcer, Identity, MEMBER_TTL};
 use crate::kafka::side::SideOutputs;
 use crate::kafka::topics;
 use crate::metrics::Metrics;
 use crate::ownership::Ownership;
+use crate::query::fetch::LocalFetch;
 use crate::query::QueryEngine;
 use crate::store::Store;
 use crate::task::TaskSet;
@@ -36,8 +40,18 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'stati
     metrics.init_sources(topo.sources.iter().map(|s| s.name.as_str()));
     metrics.init_metrics(topo.metrics.iter().map(|m| m.name.as_str()));
     metrics.init_results(topo.emitting());
-    topics::ensure(&cfg.kafka, &topo).await?;
-    let side = SideOutputs::new(&cfg.kafka, topo.dead_letter_topic(), topo.late_topic(), metrics.clone())?;
+    let partitions = topics::ensure(&cfg.kafka, &topo).await?;
+    let addr: SocketAddr =
+        cfg.http.listen.parse().with_context(|| format!("http.listen `{}` is not an address like 127.0.0.1:8080", cfg.http.listen))?;
+    let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding the HTTP server to {addr}"))?;
+    let bound = listener.local_addr()?;
+    let me = identity(&topo, bound);
+    let mut kafka = cfg.kafka.clone();
+    if let Some(name) = &topo.cluster.replica {
+        // Static membership (KIP-345): a restart within the session timeout keeps the partitions.
+        kafka.properties.entry("group.instance.id".into()).or_insert_with(|| name.clone());
+    }
+    let side = SideOutputs::new(&kafka, topo.dead_letter_topic(), topo.late_topic(), metrics.clone())?;
     let owned = Arc::new(Ownership::default());
     // The result view sits beside the state store (it is rebuilt whenever this replica
     // takes the role, so losing it loses nothing).
@@ -47,7 +61,9 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'stati
         std::path::PathBuf::from(dir)
     });
     let consumer =
-        SourceConsumer::new(&cfg.kafka, TaskSet::new(Arc::clone(&topo), store.clone()), side, metrics.clone(), Arc::clone(&owned), results_dir)?;
+        SourceConsumer::new(&kafka, TaskSet::new(Arc::clone(&topo), store.clone()), side, metrics.clone(), Arc::clone(&owned), results_dir)?;
+    let members = Arc::new(Members::new(MEMBER_TTL));
+    let announcer = Announcer::start(&kafka, &topo, me.clone(), Arc::clone(&owned), Arc::clone(&members))?;
 
     let stop = Arc::new(AtomicBool::new(false));
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();
@@ -60,17 +76,16 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'stati
         })?
     };
 
-    let addr: SocketAddr =
-        cfg.http.listen.parse().with_context(|| format!("http.listen `{}` is not an address like 127.0.0.1:8080", cfg.http.listen))?;
     let (http_stop_tx, http_stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let api = ApiState { engine: QueryEngine::new(Arc::clone(&topo), store.clone(), Arc::clone(&owned)), metrics: metrics.clone(), owned };
-    let (bound, server) = http::serve(api, addr, async {
+    let local = LocalFetch::new(Arc::clone(&topo), store.clone(), Arc::clone(&owned), me.replica.clone());
+    let counts = topo.sources.iter().zip(&partitions).map(|(s, n)| (s.name.clone(), n.unwrap_or_default())).collect();
+    let timeout = Duration::from_millis(topo.cluster.query_timeout_ms);
+    let cluster = ClusterFetch::new(local.clone(), members, counts, timeout, tokio::runtime::Handle::current());
+    let api = ApiState { engine: QueryEngine::new(Arc::clone(&topo), Arc::new(cluster)), local, metrics: metrics.clone(), owned };
+    let server = tokio::spawn(http::serve(api, listener, async {
         let _ = http_stop_rx.await;
-    })
-    .await
-    .with_context(|| format!("binding the HTTP server to {addr}"))?;
-    let server = tokio::spawn(server);
-    tracing::info!(http = %bound, app = %topo.application_id, "tally is running");
+    }));
+    tracing::info!(http = %bound, replica = %me.replica, advertised = %me.url, app = %topo.application_id, "tally is running");
     on_listening(bound);
 
     let gauges = tokio::spawn(async move {
@@ -94,6 +109,9 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'stati
     }
     stop.store(true, Ordering::Relaxed);
     let result = tokio::task::spawn_blocking(move || consumer_thread.join()).await?;
+    // Leave the membership once the partitions are handed over, so queries go on finding
+    // this replica until its successors announce them.
+    tokio::task::spawn_blocking(move || announcer.stop()).await?;
     gauges.abort();
     let _ = http_stop_tx.send(());
     let _ = server.await;
@@ -101,6 +119,16 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'stati
         Ok(r) => r,
         Err(_) => Err(anyhow::anyhow!("the consumer thread panicked")),
     }
+}
+
+/// Who this replica is to the others: its configured name and URL, by default named after
+/// the address its HTTP server is bound to.
+fn identity(topo: &Topology, bound: SocketAddr) -> Identity {
+    let url = topo.cluster.advertised_url.clone().unwrap_or_else(|| format!("http://{bound}"));
+    if topo.cluster.advertised_url.is_none() && bound.ip().is_unspecified() {
+        tracing::warn!(%bound, "http.listen is a wildcard address: set http.advertised_url (or --advertised-url) so other replicas can reach this one");
+    }
+    Identity { replica: topo.cluster.replica.clone().unwrap_or_else(|| bound.to_string()), url }
 }
 
 /// Resolves on Ctrl-C or SIGTERM.

@@ -70,6 +70,29 @@ pub struct Config {
     /// Where window results are sent.
     #[serde(default)]
     pub results: ResultsConfig,
+    /// How replicas find and ask each other.
+    #[serde(default)]
+    pub cluster: ClusterConfig,
+}
+
+/// Replicas of one application: each answers any query by asking the owners of the
+/// partitions it does not own.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// A stable name for this replica (a pod name): it becomes the consumer's
+    /// `group.instance.id` (static membership: a replica restarted within the session
+    /// timeout gets its partitions back without a rebalance). Default: none (dynamic
+    /// membership), and the replica is named after its advertised URL.
+    #[serde(default)]
+    pub replica: Option<String>,
+    /// How long a query waits for another replica's partials before counting its partitions
+    /// as missing (default `2s`).
+    #[serde(default)]
+    pub query_timeout: Option<String>,
+    /// How long a query with `min_position` waits for the state to reach it (default `2s`).
+    #[serde(default)]
+    pub position_wait: Option<String>,
 }
 
 /// The result topic: window results as JSON, keyed by (metric, key, window), for a
@@ -137,6 +160,10 @@ pub struct HttpConfig {
     /// Listen address; tally only ever binds where it is told (default loopback).
     #[serde(default = "HttpConfig::default_listen")]
     pub listen: String,
+    /// The URL other replicas reach this one at (default `http://` and the bound listen
+    /// address).
+    #[serde(default)]
+    pub advertised_url: Option<String>,
 }
 
 impl HttpConfig {
@@ -147,7 +174,7 @@ impl HttpConfig {
 
 impl Default for HttpConfig {
     fn default() -> Self {
-        HttpConfig { listen: Self::default_listen() }
+        HttpConfig { listen: Self::default_listen(), advertised_url: None }
     }
 }
 

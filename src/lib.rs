@@ -12,6 +12,7 @@
 //! * [`task`] — the processing core: per-partition tasks and the write-back cache;
 //! * [`store`] — the sled layout of partial aggregates and partition positions;
 //! * [`query`] — answers: merging partials over partitions and slices;
+//! * [`cluster`] — any replica answers any query: membership, fan-out to the owners;
 //! * [`results`] — window rows over every partition, from the changelogs, for the result topic;
 //! * [`kafka`] — the edges to Kafka: consumer loop, dead-letter/late producer, topics;
 //! * [`http`] — the query API and `/metrics`; [`metrics`] — the Prometheus registry;
@@ -22,6 +23,7 @@ pub mod aggregate;
 pub mod app;
 pub mod bench;
 pub mod changelog;
+pub mod cluster;
 pub mod config;
 pub mod demo;
 pub mod event;

@@ -25,6 +25,12 @@ enum Command {
         /// The config file (TOML).
         #[arg(long)]
         config: PathBuf,
+        /// This replica's stable name (`cluster.replica`), e.g. the pod name.
+        #[arg(long)]
+        replica: Option<String>,
+        /// The URL other replicas reach this one at (`http.advertised_url`).
+        #[arg(long)]
+        advertised_url: Option<String>,
     },
     /// Validate a config file and explain what it computes.
     Check {
@@ -90,8 +96,11 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().command {
-        Command::Run { config } => {
-            let cfg = Config::load(&config)?;
+        Command::Run { config, replica, advertised_url } => {
+            let mut cfg = Config::load(&config)?;
+            cfg.cluster.replica = replica.or(cfg.cluster.replica);
+            cfg.http.advertised_url = advertised_url.or(cfg.http.advertised_url);
+            cfg.validate().context("with the command line's --replica / --advertised-url")?;
             let rt = tokio::runtime::Runtime::new()?;
             rt.block_on(tally::app::run(cfg, tally::app::shutdown_signal(), |_| {}))
         }

@@ -62,6 +62,11 @@ impl Ownership {
         self.lock().range((source, i32::MIN)..=(source, i32::MAX)).map(|(&(_, p), &s)| (p, s)).collect()
     }
 
+    /// Every owned partition with its state, by (source index, partition).
+    pub fn snapshot(&self) -> Vec<((usize, i32), PartitionState)> {
+        self.lock().iter().map(|(k, s)| (*k, *s)).collect()
+    }
+
     /// Number of partitions owned, and of those still restoring.
     pub fn counts(&self) -> (usize, usize) {
         let parts = self.lock();

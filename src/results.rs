@@ -59,7 +59,7 @@ use serde_json::{json, Value as Json};
 
 use crate::config::Emit;
 use crate::ownership::{Ownership, PartitionState};
-use crate::query::{QueryEngine, QueryError, Range};
+use crate::query::{Ask, QueryEngine, QueryError, Range};
 use crate::store::{parse_key, KeyRef, PartitionMeta, Store, StoreError, STATE_FORMAT};
 use crate::task::NO_WATERMARK;
 use crate::topology::Topology;
@@ -153,7 +153,7 @@ impl ResultView {
                 owned.set(s, p, PartitionState::Active);
             }
         }
-        let engine = QueryEngine::new(Arc::clone(&topo), store.clone(), owned).keeping_expired();
+        let engine = QueryEngine::local(Arc::clone(&topo), store.clone(), owned).keeping_expired();
         let n = topo.metrics.len();
         let mut prune_grace: Vec<i64> = topo.metrics.iter().map(|m| m.grace_ms).collect();
         let mut wants_updates: Vec<bool> = topo.metrics.iter().map(|m| m.emit == Emit::Updates).collect();
@@ -444,7 +444,7 @@ impl ResultView {
             Output::Metric(m) => &self.topo.metrics[m].name,
             Output::Ratio(d) => &self.topo.derived[d].name,
         };
-        let mut answer = self.engine.windows(name, None, range, usize::MAX, false)?;
+        let mut answer = self.engine.windows(name, None, range, usize::MAX, false, &Ask::default())?;
         Ok(match answer["rows"].take() {
             Json::Array(rows) => rows,
             _ => Vec::new(),

@@ -34,6 +34,58 @@ pub struct Topology {
     pub changelog: bool,
     /// The topic window results go to.
     pub results_topic: String,
+    /// How replicas of this application find and ask each other.
+    pub cluster: Cluster,
+}
+
+/// The compiled `[cluster]` section and `http.advertised_url`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cluster {
+    /// The stable replica name (`group.instance.id`), when configured.
+    pub replica: Option<String>,
+    /// The URL other replicas reach this one at, when configured.
+    pub advertised_url: Option<String>,
+    /// How long a query waits for another replica's partials, ms.
+    pub query_timeout_ms: u64,
+    /// How long a query with `min_position` waits for the state to reach it, ms.
+    pub position_wait_ms: u64,
+}
+
+impl Cluster {
+    fn compile(cfg: &Config) -> Result<Cluster, ConfigError> {
+        let c = &cfg.cluster;
+        if let Some(r) = &c.replica {
+            // Kafka's limit for group.instance.id, and characters safe in logs and URLs.
+            if r.is_empty() || r.len() > 249 || !r.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c)) {
+                return Err(ConfigError::new("cluster.replica", format!("`{r}` must be 1 to 249 letters, digits, `.`, `_`, `-`")));
+            }
+        }
+        if let Some(u) = &cfg.http.advertised_url {
+            let rest = u.strip_prefix("http://").unwrap_or_default();
+            if rest.is_empty() || rest.contains(char::is_whitespace) {
+                return Err(ConfigError::new(
+                    "http.advertised_url",
+                    format!("`{u}` must be an http:// URL other replicas can reach, like http://tally-0.tally:8080"),
+                ));
+            }
+        }
+        let wait = |key: &str, v: &Option<String>| -> Result<u64, ConfigError> {
+            let ms = match v {
+                None => 2_000,
+                Some(text) => duration(format!("cluster.{key}"), text)?,
+            };
+            if !(1..=600_000).contains(&ms) {
+                return Err(ConfigError::new(format!("cluster.{key}"), "must be between 1ms and 10m"));
+            }
+            Ok(ms as u64)
+        };
+        Ok(Cluster {
+            replica: c.replica.clone(),
+            advertised_url: cfg.http.advertised_url.as_ref().map(|u| u.trim_end_matches('/').to_string()),
+            query_timeout_ms: wait("query_timeout", &c.query_timeout)?,
+            position_wait_ms: wait("position_wait", &c.position_wait)?,
+        })
+    }
 }
 
 /// A topic tally writes to and creates itself.
@@ -58,13 +110,15 @@ pub enum TopicKind {
     /// Window results: as many partitions as the first source, compacted (a sink wants each
     /// key's latest row) and deleted after a week.
     Results,
+    /// The replicas' membership records: one partition, compacted (each replica's latest).
+    Members,
 }
 
 impl TopicKind {
     /// The source whose topic's partition count this topic takes (`None`: one partition).
     pub fn partitions_like(self) -> Option<usize> {
         match self {
-            TopicKind::SideOutput => None,
+            TopicKind::SideOutput | TopicKind::Members => None,
             TopicKind::Changelog { source } => Some(source),
             TopicKind::Results => Some(0),
         }
@@ -340,6 +394,7 @@ impl Topology {
             exported,
             changelog: cfg.state.changelog,
             results_topic: cfg.results.topic.clone().unwrap_or_else(|| format!("{}-results", cfg.kafka.application_id)),
+            cluster: Cluster::compile(cfg)?,
         })
     }
 
@@ -376,12 +431,18 @@ impl Topology {
         format!("{}-{}-changelog", self.application_id, self.sources[source].name)
     }
 
-    /// Every topic tally writes: side outputs, changelogs unless turned off, and the result
-    /// topic when anything is emitted.
+    /// The topic every replica announces itself on: its URL and the partitions it owns.
+    pub fn members_topic(&self) -> String {
+        format!("{}-members", self.application_id)
+    }
+
+    /// Every topic tally writes: side outputs, membership, changelogs unless turned off,
+    /// and the result topic when anything is emitted.
     pub fn internal_topics(&self) -> Vec<InternalTopic> {
         let mut out = vec![
             InternalTopic { name: self.dead_letter_topic(), kind: TopicKind::SideOutput },
             InternalTopic { name: self.late_topic(), kind: TopicKind::SideOutput },
+            InternalTopic { name: self.members_topic(), kind: TopicKind::Members },
         ];
         if self.changelog {
             out.extend((0..self.sources.len()).map(|s| InternalTopic { name: self.changelog_topic(s), kind: TopicKind::Changelog { source: s } }));

@@ -22,7 +22,7 @@ use serde_json::{json, Value as Json};
 use tally::changelog::{plan, Change, ChangeSink, ChangelogError, Plan, Restoration};
 use tally::config::Config;
 use tally::ownership::{Ownership, PartitionState};
-use tally::query::{QueryEngine, Range};
+use tally::query::{Ask, QueryEngine, Range};
 use tally::results::ResultView;
 use tally::store::Store;
 use tally::task::{Outcome, TaskSet};
@@ -428,7 +428,7 @@ impl Tally {
         for p in 0..self.partitions {
             owned.set(0, p, PartitionState::Active);
         }
-        QueryEngine::new(Arc::clone(&self.topo), self.store.clone(), owned)
+        QueryEngine::local(Arc::clone(&self.topo), self.store.clone(), owned)
     }
 }
 
@@ -618,7 +618,7 @@ fn compare_answers(case: &Case, model: &Model, tally: &Tally, diffs: &mut Diffs)
     let mut n = 0;
     let err = |e: tally::query::QueryError| e.to_string();
     for (mi, m) in model.spec.metrics.iter().enumerate() {
-        let all = engine.windows(&m.name, None, Range::default(), usize::MAX, true);
+        let all = engine.windows(&m.name, None, Range::default(), usize::MAX, true, &Ask::default());
         match all {
             Ok(a) => diffs.extend(model.check_windows(mi, &a, MRange::default(), None)),
             Err(e) => diffs.push(format!("{}: {e}", m.name)),
@@ -638,21 +638,21 @@ fn compare_answers(case: &Case, model: &Model, tally: &Tally, diffs: &mut Diffs)
             };
             let key_text = key.as_ref().map(|k| k.join("|"));
             let range = Range { from, to };
-            match engine.windows(&m.name, key_text.as_deref(), range, usize::MAX, false) {
+            match engine.windows(&m.name, key_text.as_deref(), range, usize::MAX, false, &Ask::default()) {
                 Ok(a) => diffs.extend(model.check_windows(mi, &a, MRange { from, to }, key.as_deref())),
                 Err(e) => diffs.push(format!("{} windows {range:?}: {e}", m.name)),
             }
-            let span = engine.span(&m.name, key_text.as_deref(), range, None, true).map_err(err);
+            let span = engine.span(&m.name, key_text.as_deref(), range, None, true, &Ask::default()).map_err(err);
             diffs.extend(model.check_span(mi, span, from, to, key.as_deref()));
             if let (Some(l), Some(last)) = (latest, [MIN, HOUR, 6 * HOUR].get(r.below(3) as usize)) {
-                let span = engine.span(&m.name, None, Range::default(), Some(*last), false).map_err(err);
+                let span = engine.span(&m.name, None, Range::default(), Some(*last), false, &Ask::default()).map_err(err);
                 diffs.extend(model.check_span(mi, span, Some(l - last), None, None));
             }
             let ai = r.below(m.aggs.len() as u64) as usize;
             if !matches!(m.aggs[ai].1, Agg::Latest(_)) {
                 let at = from.filter(|_| r.chance(0.7));
                 let top_n = r.range(1, 4) as usize;
-                let top = engine.top(&m.name, top_n, at, Some(&m.aggs[ai].0)).map_err(err);
+                let top = engine.top(&m.name, top_n, at, Some(&m.aggs[ai].0), &Ask::default()).map_err(err);
                 diffs.extend(model.check_top(mi, top, top_n, at, ai));
             }
         }
@@ -660,7 +660,7 @@ fn compare_answers(case: &Case, model: &Model, tally: &Tally, diffs: &mut Diffs)
     }
     for (ri, ratio) in model.spec.ratios.iter().enumerate() {
         n += 1;
-        match engine.windows(&ratio.name, None, Range::default(), usize::MAX, false) {
+        match engine.windows(&ratio.name, None, Range::default(), usize::MAX, false, &Ask::default()) {
             Ok(a) => diffs.extend(model.check_ratio(ri, &a, MRange::default())),
             Err(e) => diffs.push(format!("{}: {e}", ratio.name)),
         }

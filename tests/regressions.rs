@@ -7,7 +7,7 @@ use std::sync::Arc;
 use serde_json::{json, Value};
 use tally::config::Config;
 use tally::ownership::{Ownership, PartitionState};
-use tally::query::{QueryEngine, Range};
+use tally::query::{Ask, QueryEngine, Range};
 use tally::store::Store;
 use tally::task::{Outcome, TaskSet};
 use tally::topology::Topology;
@@ -46,7 +46,7 @@ impl Core {
             tasks.assign(0, p).unwrap();
             owned.set(0, p, PartitionState::Active);
         }
-        Core { tasks, engine: QueryEngine::new(topo, store, owned), _dir: dir, offsets: vec![0; partitions as usize] }
+        Core { tasks, engine: QueryEngine::local(topo, store, owned), _dir: dir, offsets: vec![0; partitions as usize] }
     }
 
     fn send(&mut self, partition: i32, kafka_ts: Option<i64>, payload: Value) -> Outcome {
@@ -62,7 +62,7 @@ impl Core {
 
     /// (window start, window end) → values, of every row.
     fn rows(&self, metric: &str) -> Vec<((i64, i64), Value)> {
-        let a = self.engine.windows(metric, None, Range::default(), usize::MAX, false).unwrap();
+        let a = self.engine.windows(metric, None, Range::default(), usize::MAX, false, &Ask::default()).unwrap();
         a["rows"]
             .as_array()
             .unwrap()
@@ -165,7 +165,7 @@ fn a_ratio_closes_with_the_later_of_its_metrics() {
     c.send(0, None, json!({ "ts": 30_000, "kind": 1 }));
     c.send(0, None, json!({ "ts": 5 * MIN, "kind": 0 }));
     c.flush();
-    let a = c.engine.windows("rate", None, Range { from: Some(0), to: Some(MIN) }, 10, false).unwrap();
+    let a = c.engine.windows("rate", None, Range { from: Some(0), to: Some(MIN) }, 10, false, &Ask::default()).unwrap();
     let row = &a["rows"][0];
     assert_eq!(row["window"]["start"], json!(0));
     assert_eq!(row["window"]["closed"], json!(false), "views still accept records for [0, 1m) until 11m: {row}");
@@ -185,7 +185,7 @@ fn a_ratio_is_not_answered_where_one_side_expired() {
     c.send(0, None, json!({ "ts": 10 * MIN, "kind": 0 }));
     c.flush();
     c.flush();
-    let a = c.engine.windows("rate", None, Range { from: Some(0), to: Some(MIN) }, 10, false).unwrap();
+    let a = c.engine.windows("rate", None, Range { from: Some(0), to: Some(MIN) }, 10, false, &Ask::default()).unwrap();
     assert_eq!(a["rows"], json!([]), "partition 0 has expired its views of [0, 1m); no ratio may be made of the rest");
 }
 
@@ -207,7 +207,7 @@ fn drifted() -> Core {
 #[test]
 fn a_span_is_never_short() {
     let c = drifted();
-    match c.engine.span("pm", Some("a"), Range { from: Some(0), to: Some(MIN) }, None, false) {
+    match c.engine.span("pm", Some("a"), Range { from: Some(0), to: Some(MIN) }, None, false, &Ask::default()) {
         Err(e) => assert!(e.to_string().contains("retention"), "{e}"),
         Ok(a) => panic!("answered from one partition of two: {a}"),
     }
@@ -217,7 +217,7 @@ fn a_span_is_never_short() {
 #[test]
 fn a_top_list_is_never_short() {
     let c = drifted();
-    match c.engine.top("pm", 5, Some(10_000), None) {
+    match c.engine.top("pm", 5, Some(10_000), None, &Ask::default()) {
         Err(e) => assert!(e.to_string().contains("retention"), "{e}"),
         Ok(a) => panic!("answered from one partition of two: {a}"),
     }

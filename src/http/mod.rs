@@ -17,7 +17,6 @@
 
 use std::collections::HashMap;
 use std::convert::Infallible;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -29,7 +28,8 @@ use warp::{Filter, Reply};
 use crate::config::parse_duration_ms;
 use crate::metrics::Metrics;
 use crate::ownership::Ownership;
-use crate::query::{parse_time, QueryEngine, QueryError, Range};
+use crate::query::fetch::{self, FetchRequest, LocalFetch, Unavailable};
+use crate::query::{parse_time, Ask, QueryEngine, QueryError, Range};
 
 /// The OpenAPI 3 description of this API, served at `/openapi.json`.
 pub const OPENAPI: &str = include_str!("openapi.json");
@@ -42,8 +42,10 @@ const DEFAULT_LIMIT: usize = 10_000;
 /// What the HTTP layer reads.
 #[derive(Clone)]
 pub struct ApiState {
-    /// Answers queries.
+    /// Answers queries (over the whole cluster).
     pub engine: QueryEngine,
+    /// Reads this replica's partitions for the other replicas (`/internal/v1/partials`).
+    pub local: LocalFetch,
     /// Exported metrics.
     pub metrics: Metrics,
     /// The partitions this replica owns; readiness.
@@ -61,9 +63,24 @@ fn query_reply(r: Result<serde_json::Value, QueryError>) -> Response {
         Err(e @ QueryError::UnknownMetric(_)) => error(StatusCode::NOT_FOUND, e.to_string()),
         Err(e @ QueryError::BadParam { .. }) => error(StatusCode::BAD_REQUEST, e.to_string()),
         Err(e @ QueryError::Expired { .. }) => error(StatusCode::GONE, e.to_string()),
-        Err(ref e @ QueryError::Restoring { ref partitions, restored, total, .. }) => {
-            let body =
-                json!({ "error": e.to_string(), "status": 503, "restoring": { "partitions": partitions, "restored": restored, "total": total } });
+        Err(ref e @ QueryError::Unavailable { ref missing, .. }) => {
+            let list: Vec<serde_json::Value> =
+                missing.iter().map(|(p, why)| json!({ "partition": p, "reason": why.reason(), "detail": why.to_string() })).collect();
+            let mut body = json!({ "error": e.to_string(), "status": 503, "missing": list });
+            let restoring: Vec<(i32, u64, u64)> = missing
+                .iter()
+                .filter_map(|(p, why)| match why {
+                    Unavailable::Restoring { restored, total } => Some((*p, *restored, *total)),
+                    _ => None,
+                })
+                .collect();
+            if !restoring.is_empty() {
+                body["restoring"] = json!({
+                    "partitions": restoring.iter().map(|r| r.0).collect::<Vec<_>>(),
+                    "restored": restoring.iter().map(|r| r.1).sum::<u64>(),
+                    "total": restoring.iter().map(|r| r.2).sum::<u64>(),
+                });
+            }
             warp::reply::with_header(warp::reply::with_status(warp::reply::json(&body), StatusCode::SERVICE_UNAVAILABLE), "retry-after", "1")
                 .into_response()
         }
@@ -114,13 +131,30 @@ fn sketches(p: &Params) -> Result<bool, QueryError> {
     }
 }
 
+/// Parameters every query takes: `partial=true` answers from the partitions that can be,
+/// marked incomplete; `min_position` (a token) answers only from state at or past it.
+const ASK_PARAMS: [&str; 2] = ["partial", "min_position"];
+
+fn ask(p: &Params) -> Result<Ask, QueryError> {
+    let partial = match p.get("partial").map(String::as_str) {
+        None | Some("false") => false,
+        Some("true") => true,
+        Some(other) => return Err(QueryError::BadParam { param: "partial", why: format!("`{other}`: give `true` or `false`") }),
+    };
+    Ok(Ask { partial, min_position: p.get("min_position").cloned() })
+}
+
+fn allowed<'a>(own: &[&'a str]) -> Vec<&'a str> {
+    own.iter().copied().chain(ASK_PARAMS).collect()
+}
+
 fn windows(engine: &QueryEngine, name: &str, p: &Params) -> Result<serde_json::Value, QueryError> {
-    check_params(p, &["key", "from", "to", "limit", "sketch"])?;
-    engine.windows(name, p.get("key").map(String::as_str), range(p)?, number(p, "limit", DEFAULT_LIMIT, DEFAULT_LIMIT)?, sketches(p)?)
+    check_params(p, &allowed(&["key", "from", "to", "limit", "sketch"]))?;
+    engine.windows(name, p.get("key").map(String::as_str), range(p)?, number(p, "limit", DEFAULT_LIMIT, DEFAULT_LIMIT)?, sketches(p)?, &ask(p)?)
 }
 
 fn span(engine: &QueryEngine, name: &str, p: &Params) -> Result<serde_json::Value, QueryError> {
-    check_params(p, &["key", "from", "to", "last", "sketch"])?;
+    check_params(p, &allowed(&["key", "from", "to", "last", "sketch"]))?;
     let last = p
         .get("last")
         .map(|v| match parse_duration_ms(v) {
@@ -132,13 +166,30 @@ fn span(engine: &QueryEngine, name: &str, p: &Params) -> Result<serde_json::Valu
     if last.is_some() && (p.contains_key("from") || p.contains_key("to")) {
         return Err(QueryError::BadParam { param: "last", why: "give either `last` or `from`/`to`, not both".into() });
     }
-    engine.span(name, p.get("key").map(String::as_str), range(p)?, last, sketches(p)?)
+    engine.span(name, p.get("key").map(String::as_str), range(p)?, last, sketches(p)?, &ask(p)?)
 }
 
 fn top(engine: &QueryEngine, name: &str, p: &Params) -> Result<serde_json::Value, QueryError> {
-    check_params(p, &["n", "at", "aggregate"])?;
+    check_params(p, &allowed(&["n", "at", "aggregate"]))?;
     let at = p.get("at").map(|v| parse_time("at", v)).transpose()?;
-    engine.top(name, number(p, "n", 10, 10_000)?, at, p.get("aggregate").map(String::as_str))
+    engine.top(name, number(p, "n", 10, 10_000)?, at, p.get("aggregate").map(String::as_str), &ask(p)?)
+}
+
+/// `POST /internal/v1/partials`: another replica asks for this one's partials (wire format
+/// of [`crate::query::fetch`]). A body that does not decode is a 400, never a panic.
+fn partials(local: &LocalFetch, body: &[u8]) -> Response {
+    let req: FetchRequest = match fetch::decode(body) {
+        Ok(r) => r,
+        Err(why) => return error(StatusCode::BAD_REQUEST, format!("undecodable partials request: {why}")),
+    };
+    match local.read(&req) {
+        Ok(replies) => warp::reply::with_header(fetch::encode(&replies), "content-type", "application/octet-stream").into_response(),
+        Err(e @ QueryError::BadParam { .. }) => error(StatusCode::BAD_REQUEST, e.to_string()),
+        Err(e) => {
+            tracing::error!(error = %e, "reading partials for another replica failed");
+            error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+        }
+    }
 }
 
 /// Refreshes `tally_metric_value` for the exported metrics, just before a scrape renders.
@@ -205,9 +256,16 @@ pub fn routes(state: ApiState) -> impl Filter<Extract = (Response,), Error = Inf
     });
     let ready = ready.map(|r| ("ready", r));
     let screen = warp::path::end().map(|| warp::reply::html(SCREEN).into_response()).map(|r| ("screen", r));
+    let internal = warp::post()
+        .and(warp::path!("internal" / "v1" / "partials"))
+        .and(warp::body::content_length_limit(fetch::MAX_WIRE_BYTES as u64))
+        .and(warp::body::bytes())
+        .and(with.clone())
+        .and_then(|body: bytes::Bytes, s: ApiState| blocking(move || partials(&s.local, &body)))
+        .map(|r| ("internal_partials", r));
 
     let any = list.or(query).unify().or(prom).unify().or(openapi).unify().or(health).unify().or(ready).unify().or(screen).unify();
-    let get = warp::get().and(any);
+    let get = warp::get().and(any).or(internal).unify();
     let metrics = state.metrics.clone();
     warp::any()
         .map(Instant::now)
@@ -222,15 +280,11 @@ pub fn routes(state: ApiState) -> impl Filter<Extract = (Response,), Error = Inf
         .unify()
 }
 
-/// Binds `addr` and serves until `shutdown` resolves. Returns the bound address (port 0
-/// picks a free port) and the server future.
-pub async fn serve(
+/// Serves on `listener` until `shutdown` resolves.
+pub fn serve(
     state: ApiState,
-    addr: SocketAddr,
+    listener: tokio::net::TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> std::io::Result<(SocketAddr, impl std::future::Future<Output = ()>)> {
-    let listener = tokio::net::TcpListener::bind(addr).await?;
-    let bound = listener.local_addr()?;
-    let server = warp::serve(routes(state)).incoming(listener).graceful(shutdown).run();
-    Ok((bound, server))
+) -> impl std::future::Future<Output = ()> {
+    warp::serve(routes(state)).incoming(listener).graceful(shutdown).run()
 }

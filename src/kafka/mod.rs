@@ -1,12 +1,13 @@
 //! The edges to Kafka: client settings, the source consumer loop ([`consumer`]), the
 //! dead-letter and late-record outputs ([`side`]), changelogs ([`changelog`]), the result
-//! topic ([`results`]), acknowledged producing ([`delivery`]), internal topics ([`topics`])
-//! and the producer of generated events ([`feed`]).
+//! topic ([`results`]), acknowledged producing ([`delivery`]), internal topics ([`topics`]),
+//! membership ([`members`]) and the producer of generated events ([`feed`]).
 
 pub mod changelog;
 pub mod consumer;
 pub mod delivery;
 pub mod feed;
+pub mod members;
 pub mod results;
 pub mod side;
 pub mod topics;

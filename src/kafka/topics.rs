@@ -39,7 +39,9 @@ const WEEK_MS: &str = "604800000";
 /// result topic compacted and deleted after a week. A broker
 /// without the admin API (librdkafka's mock cluster) cannot create them: side outputs are
 /// then auto-created on first use, a missing changelog is an error.
-pub async fn ensure(kafka: &KafkaConfig, topo: &Topology) -> anyhow::Result<()> {
+///
+/// Returns each source topic's partition count (`None`: the topic does not exist yet).
+pub async fn ensure(kafka: &KafkaConfig, topo: &Topology) -> anyhow::Result<Vec<Option<i32>>> {
     let (admin, existing) = admin_and_topics(kafka)?;
 
     let mut wanted: Vec<(&InternalTopic, i32)> = Vec::new();
@@ -71,7 +73,8 @@ pub async fn ensure(kafka: &KafkaConfig, topo: &Topology) -> anyhow::Result<()> 
         }
     }
     let specs: Vec<Spec> = wanted.iter().map(|(t, parts)| Spec { name: t.name.clone(), partitions: *parts, kind: Some(t.kind) }).collect();
-    create(&admin, &specs).await
+    create(&admin, &specs).await?;
+    Ok(topo.sources.iter().map(|s| existing.get(s.topic.as_str()).copied()).collect())
 }
 
 /// An admin client, and the existing topics with their partition counts. Looking first
@@ -121,6 +124,8 @@ async fn create(admin: &AdminClient<DefaultClientContext>, specs: &[Spec]) -> an
                 Some(TopicKind::Changelog { .. }) => topic.set("cleanup.policy", "compact").set("retention.ms", "-1"),
                 Some(TopicKind::SideOutput) => topic.set("cleanup.policy", "delete").set("retention.ms", WEEK_MS),
                 Some(TopicKind::Results) => topic.set("cleanup.policy", "compact,delete").set("retention.ms", WEEK_MS),
+                // A stopped replica leaves a tombstone; a killed one's record ages out on read.
+                Some(TopicKind::Members) => topic.set("cleanup.policy", "compact").set("retention.ms", "-1"),
                 None => topic,
             }
         })

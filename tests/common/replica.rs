@@ -72,6 +72,21 @@ impl Replica {
         started.elapsed()
     }
 
+    /// Pauses the process (SIGSTOP): it holds its sockets but answers nothing.
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Resumes a paused process (SIGCONT).
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, sig: &str) {
+        let c = self.child.as_ref().expect("running");
+        assert!(Command::new("kill").args([sig, &c.id().to_string()]).status().unwrap().success());
+    }
+
     /// Waits until the replica answers `/ready` with 200.
     pub fn wait_ready(&self) {
         let deadline = Instant::now() + Duration::from_secs(120);

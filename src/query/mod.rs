@@ -1,13 +1,18 @@
 //! Answers: partial aggregates merged over partitions and slices.
 //!
-//! A query names a metric and a time range. The engine reads the partials of every stored
-//! partition of the metric's source in the slices the range needs, merges them per group
-//! key (counts add, sketches merge, …), then builds each window from its slices. Every
-//! answer says which partitions and windows it covers and the watermark it reflects (the
-//! lowest of the covered partitions': windows ending after it may still grow).
+//! A query names a metric and a time range. The engine plans which slices the range needs,
+//! has a [`Fetch`] read the partials of every partition of the metric's source
+//! ([`fetch`]: this replica's store, or the owners across the cluster), merges them per
+//! group key (counts add, sketches merge, top-N lists add per item), then builds each
+//! window from its slices. Every answer says which partitions it covers — with the replica
+//! that answered, its position and watermark — the lowest watermark (windows ending after
+//! it may still grow), and a position token: passed back as `min_position`, any replica
+//! answers only from state at or past it, so a reader never sees a number go backwards.
 //!
 //! Only what a flush has made durable is visible, so an answer never shows state that a
 //! crash could take back.
+
+pub mod fetch;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -17,11 +22,10 @@ use serde_json::{json, Map, Value as Json};
 use crate::aggregate::{rank, AggKind, AggState};
 use crate::event::time::MAX_TIME_MS;
 use crate::event::Value;
-use crate::ownership::{Ownership, PartitionState};
-use crate::store::{encode_group, split_group, PartitionMeta, Store, StoreError};
-use crate::task::NO_WATERMARK;
+use crate::store::{encode_group, split_group, StoreError};
 use crate::topology::{Metric, Topology};
 use crate::window::{Window, WindowKind, GLOBAL};
+use fetch::{Fetch, FetchRequest, Fetched, MetricRead, Unavailable};
 
 /// Why a query has no answer.
 #[derive(Debug, thiserror::Error)]
@@ -37,18 +41,14 @@ pub enum QueryError {
         /// What is wrong and what is allowed.
         why: String,
     },
-    /// Some partitions the answer needs are still being restored on this replica; an answer
-    /// now would be short.
-    #[error("partitions {partitions:?} of source `{source_name}` are being restored from the changelog ({restored} of {total} records); ask again shortly")]
-    Restoring {
+    /// Some partitions the answer needs have no answering owner right now (restoring,
+    /// mid-rebalance, down, behind the asked position): an answer now would be short.
+    #[error("{} of source `{source_name}` cannot be answered now ({}); ask again shortly, or pass partial=true for an answer marked incomplete", plural(missing.len()), describe(missing))]
+    Unavailable {
         /// The source.
         source_name: String,
-        /// The restoring partitions.
-        partitions: Vec<i32>,
-        /// Changelog records restored so far, over those partitions.
-        restored: u64,
-        /// Changelog records to restore, over those partitions.
-        total: u64,
+        /// The partitions without an answer, and why.
+        missing: Vec<(i32, Unavailable)>,
     },
     /// The answer would reach into windows some covered partition may already have deleted
     /// (past the metric's retention), so it would be short.
@@ -64,6 +64,18 @@ pub enum QueryError {
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+}
+
+fn plural(n: usize) -> String {
+    if n == 1 {
+        "1 partition".into()
+    } else {
+        format!("{n} partitions")
+    }
+}
+
+fn describe(missing: &[(i32, Unavailable)]) -> String {
+    missing.iter().map(|(p, why)| format!("{p}: {why}")).collect::<Vec<_>>().join("; ")
 }
 
 fn bad(param: &'static str, why: impl Into<String>) -> QueryError {
@@ -93,11 +105,25 @@ pub fn parse_time(param: &'static str, text: &str) -> Result<i64, QueryError> {
     Ok(ms)
 }
 
-/// Which stored partitions an answer covers and how far their event time has got.
+/// How an answer may be given.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Ask {
+    /// Answer from the partitions that can be, marked `"complete": false`, instead of
+    /// refusing the whole answer when some cannot.
+    pub partial: bool,
+    /// A position token (an answer's `coverage.position`): answer only from state at or past it.
+    pub min_position: Option<String>,
+}
+
+/// Which partitions an answer covers, who answered them and how far their event time has got.
 #[derive(Debug, Clone, PartialEq)]
 struct Coverage {
-    partitions: Vec<i32>,
-    positions: Vec<Json>,
+    source: String,
+    /// (replica, partition, position) of each answered partition.
+    answered: Vec<(String, i32, Position)>,
+    missing: Vec<(i32, Unavailable)>,
+    /// The lowest watermark; `None` when some partition has none or is missing (it may
+    /// still add to any window: nothing is closed).
     watermark: Option<i64>,
     /// Highest event time seen on any covered partition.
     latest_event: Option<i64>,
@@ -107,7 +133,23 @@ struct Coverage {
     expiry: bool,
 }
 
+use fetch::Position;
+
 impl Coverage {
+    fn of(source: &str, fetched: &Fetched, expiry: bool) -> Coverage {
+        let positions: Vec<Position> = fetched.parts.iter().map(|a| a.partials.position).collect();
+        let open = !fetched.missing.is_empty() || positions.iter().any(|p| p.watermark.is_none());
+        Coverage {
+            source: source.to_string(),
+            answered: fetched.parts.iter().map(|a| (a.replica.clone(), a.partials.partition, a.partials.position)).collect(),
+            missing: fetched.missing.clone(),
+            watermark: if open { None } else { positions.iter().filter_map(|p| p.watermark).min() },
+            latest_event: positions.iter().filter_map(|p| p.max_event_time).max(),
+            highest_watermark: positions.iter().filter_map(|p| p.watermark).max(),
+            expiry,
+        }
+    }
+
     /// Whether some partition may already have deleted part of `w` (it is past the
     /// retention there): such a window is no longer answered, rather than answered short.
     fn expired(&self, m: &Metric, w: Window) -> bool {
@@ -135,12 +177,46 @@ impl Coverage {
             _ => Ok(()),
         }
     }
+
+    /// The position token of this answer: the source and each answered partition's offset.
+    fn token(&self) -> String {
+        let mut t = self.source.clone();
+        for (_, p, pos) in &self.answered {
+            t.push_str(&format!("~{p}-{}", pos.next_offset));
+        }
+        t
+    }
+
+    fn to_json(&self) -> Json {
+        let partitions: Vec<Json> = self
+            .answered
+            .iter()
+            .map(|(replica, p, pos)| json!({ "partition": p, "replica": replica, "next_offset": pos.next_offset, "watermark": pos.watermark }))
+            .collect();
+        let missing: Vec<Json> =
+            self.missing.iter().map(|(p, why)| json!({ "partition": p, "reason": why.reason(), "detail": why.to_string() })).collect();
+        json!({ "partitions": partitions, "watermark": self.watermark, "complete": self.missing.is_empty(), "missing": missing, "position": self.token() })
+    }
 }
 
-impl Coverage {
-    fn to_json(&self) -> Json {
-        json!({ "partitions": self.positions, "watermark": self.watermark })
+/// Reads a position token of `source` (see [`Coverage::token`]) into (partition, offset) pairs.
+pub fn parse_position(source: &str, text: &str) -> Result<Vec<(i32, i64)>, QueryError> {
+    let wrong =
+        || bad("min_position", format!("`{text}` is not a position token of source `{source}` (answers carry theirs in `coverage.position`)"));
+    let rest = text.strip_prefix(source).ok_or_else(wrong)?;
+    if rest.is_empty() {
+        return Ok(Vec::new());
     }
+    let rest = rest.strip_prefix('~').ok_or_else(wrong)?;
+    rest.split('~')
+        .map(|part| {
+            let (p, o) = part.split_once('-').ok_or_else(wrong)?;
+            match (p.parse::<i32>(), o.parse::<i64>()) {
+                (Ok(p), Ok(o)) if p >= 0 && o >= 0 => Ok((p, o)),
+                _ => Err(wrong()),
+            }
+        })
+        .collect()
 }
 
 /// A number as JSON, whole numbers as integers (counts stay counts).
@@ -156,12 +232,19 @@ fn number_json(x: f64) -> Json {
 type Slices = BTreeMap<(i64, i64), Vec<AggState>>;
 type Partials = BTreeMap<Vec<u8>, Slices>;
 
-/// Answers queries from a store, over the partitions this replica owns.
+/// What [`QueryEngine::gather`] brings back: the coverage, and per read the partials merged
+/// over partitions and the newest slice holding data.
+struct Gathered {
+    cov: Coverage,
+    partials: Vec<Partials>,
+    newest: Vec<Option<i64>>,
+}
+
+/// Answers queries from partials a [`Fetch`] reads (this replica's store, or the cluster).
 #[derive(Clone)]
 pub struct QueryEngine {
     topo: Arc<Topology>,
-    store: Store,
-    owned: Arc<Ownership>,
+    fetch: Arc<dyn Fetch>,
     /// Whether windows some partition may have expired are left out (see `Coverage::expired`).
     expiry: bool,
 }
@@ -187,10 +270,22 @@ fn overlaps(range: Range, w: Window) -> bool {
     range.from.is_none_or(|f| w.end > f) && range.to.is_none_or(|t| w.start < t)
 }
 
+/// What to read of `m`: slices in `[lo, hi)`, of `group` only if given.
+fn read(m: &Metric, lo: i64, hi: i64, group: Option<&[u8]>, newest: bool) -> MetricRead {
+    MetricRead { metric: m.name.clone(), layout: m.layout(), lo, hi, group: group.map(<[u8]>::to_vec), newest }
+}
+
 impl QueryEngine {
-    /// An engine over `store`.
-    pub fn new(topo: Arc<Topology>, store: Store, owned: Arc<Ownership>) -> QueryEngine {
-        QueryEngine { topo, store, owned, expiry: true }
+    /// An engine answering from what `fetch` reads.
+    pub fn new(topo: Arc<Topology>, fetch: Arc<dyn Fetch>) -> QueryEngine {
+        QueryEngine { topo, fetch, expiry: true }
+    }
+
+    /// An engine over one store, answering for the partitions `owned` holds (the result
+    /// view; one process on its own).
+    pub fn local(topo: Arc<Topology>, store: crate::store::Store, owned: Arc<crate::ownership::Ownership>) -> QueryEngine {
+        let fetch = fetch::LocalFetch::new(Arc::clone(&topo), store, owned, "local".into());
+        QueryEngine::new(topo, Arc::new(fetch))
     }
 
     /// The same engine over a store that keeps expired windows until it drops them itself
@@ -233,53 +328,34 @@ impl QueryEngine {
         self.topo.metric(name).ok_or_else(|| QueryError::UnknownMetric(name.to_string()))
     }
 
-    /// The owned partitions of `source` and their stored positions. State left on disk by
-    /// partitions handed to another replica is not read: that replica answers for them.
-    fn coverage(&self, source: usize) -> Result<Coverage, QueryError> {
+    /// Reads `reads` of every partition of `source` and merges each over the partitions.
+    /// Refuses (unless `ask.partial`) when some partition has no answer.
+    fn gather(&self, source: usize, reads: Vec<MetricRead>, ask: &Ask) -> Result<Gathered, QueryError> {
         let name = &self.topo.sources[source].name;
-        let owned = self.owned.of_source(source);
-        let restoring: Vec<(i32, u64, u64)> = owned
-            .iter()
-            .filter_map(|(p, st)| match st {
-                PartitionState::Restoring { restored, total } => Some((*p, *restored, *total)),
-                PartitionState::Active => None,
-            })
-            .collect();
-        if !restoring.is_empty() {
-            return Err(QueryError::Restoring {
-                source_name: name.clone(),
-                partitions: restoring.iter().map(|r| r.0).collect(),
-                restored: restoring.iter().map(|r| r.1).sum(),
-                total: restoring.iter().map(|r| r.2).sum(),
-            });
+        let min_offsets = ask.min_position.as_deref().map(|t| parse_position(name, t)).transpose()?.unwrap_or_default();
+        let wait_ms = if min_offsets.is_empty() { 0 } else { self.topo.cluster.position_wait_ms };
+        let req = FetchRequest { source: name.clone(), partitions: None, reads, min_offsets, wait_ms };
+        let fetched = self.fetch.fetch(&req)?;
+        if !fetched.missing.is_empty() && !ask.partial {
+            return Err(QueryError::Unavailable { source_name: name.clone(), missing: fetched.missing });
         }
-        let mut parts = Vec::with_capacity(owned.len());
-        for (p, _) in owned {
-            let meta = self.store.partition_meta(name, p)?;
-            parts.push((
-                p,
-                meta.unwrap_or(PartitionMeta { next_offset: 0, watermark: NO_WATERMARK, max_event_time: NO_WATERMARK, changelog_offset: None }),
-            ));
+        let cov = Coverage::of(name, &fetched, self.expiry);
+        let mut partials = vec![Partials::new(); req.reads.len()];
+        let mut newest = vec![None; req.reads.len()];
+        for answered in fetched.parts {
+            for ((merged, newest), mp) in partials.iter_mut().zip(newest.iter_mut()).zip(answered.partials.reads) {
+                *newest = (*newest).max(mp.newest);
+                for e in mp.entries {
+                    match merged.entry(e.group).or_default().entry((e.slice, e.from_end)) {
+                        std::collections::btree_map::Entry::Vacant(v) => {
+                            v.insert(e.states);
+                        }
+                        std::collections::btree_map::Entry::Occupied(mut o) => merge_into(o.get_mut(), &e.states)?,
+                    }
+                }
+            }
         }
-        // A partition without a watermark may still add to any window: no window is closed.
-        let watermark = if parts.iter().any(|(_, m)| m.watermark == NO_WATERMARK) { None } else { parts.iter().map(|(_, m)| m.watermark).min() };
-        let highest_watermark = parts.iter().map(|(_, m)| m.watermark).filter(|w| *w != NO_WATERMARK).max();
-        let positions = parts
-            .iter()
-            .map(|(p, m)| {
-                let wm = (m.watermark != NO_WATERMARK).then_some(m.watermark);
-                json!({ "partition": p, "next_offset": m.next_offset, "watermark": wm })
-            })
-            .collect();
-        let latest_event = parts.iter().map(|(_, m)| m.max_event_time).filter(|t| *t != NO_WATERMARK).max();
-        Ok(Coverage {
-            partitions: parts.iter().map(|(p, _)| *p).collect(),
-            positions,
-            watermark,
-            highest_watermark,
-            latest_event,
-            expiry: self.expiry,
-        })
+        Ok(Gathered { cov, partials, newest })
     }
 
     fn group_bytes(&self, m: &Metric, key: &str) -> Result<Vec<u8>, QueryError> {
@@ -299,26 +375,6 @@ impl QueryEngine {
             }
         }
         Json::Object(obj)
-    }
-
-    /// Reads and merges, across partitions, the partials of slices in `[lo, hi)`.
-    fn partials(&self, m: &Metric, partitions: &[i32], lo: i64, hi: i64, group: Option<&[u8]>) -> Result<Partials, QueryError> {
-        let mut out: Partials = BTreeMap::new();
-        for &p in partitions {
-            for item in self.store.scan(&m.name, p, lo, hi) {
-                let e = item?;
-                if group.is_some_and(|want| want != e.group.as_slice()) {
-                    continue;
-                }
-                match out.entry(e.group).or_default().entry((e.slice, e.from_end)) {
-                    std::collections::btree_map::Entry::Vacant(v) => {
-                        v.insert(e.value.states);
-                    }
-                    std::collections::btree_map::Entry::Occupied(mut o) => merge_into(o.get_mut(), &e.value.states)?,
-                }
-            }
-        }
-        Ok(out)
     }
 
     fn slice_bounds(m: &Metric, range: Range) -> (i64, i64) {
@@ -379,17 +435,16 @@ impl QueryEngine {
     /// Windowed rows (window, key, merged values) — per window overlapping `range`, per
     /// key (or just `key`), newest window first, at most `limit` rows. For a derived metric,
     /// rows hold the ratio.
-    pub fn windows(&self, name: &str, key: Option<&str>, range: Range, limit: usize, sketches: bool) -> Result<Json, QueryError> {
+    pub fn windows(&self, name: &str, key: Option<&str>, range: Range, limit: usize, sketches: bool, ask: &Ask) -> Result<Json, QueryError> {
         if let Some(d) = self.topo.derived.iter().find(|d| d.name == name) {
-            return self.ratio(d, key, range, limit);
+            return self.ratio(d, key, range, limit, ask);
         }
         let (_, m) = self.metric(name)?;
-        let cov = self.coverage(m.source)?;
         let group = key.map(|k| self.group_bytes(m, k)).transpose()?;
         let (lo, hi) = Self::slice_bounds(m, range);
-        let partials = self.partials(m, &cov.partitions, lo, hi, group.as_deref())?;
+        let Gathered { cov, partials, .. } = self.gather(m.source, vec![read(m, lo, hi, group.as_deref(), false)], ask)?;
         let mut rows = Vec::new();
-        for (g, slices) in &partials {
+        for (g, slices) in &partials[0] {
             for w in cov.listed(m, slices, m.grace_ms).into_iter().filter(|w| overlaps(range, *w) && !cov.expired(m, *w)) {
                 if let Some(states) = Self::window_states(w, slices)? {
                     if Self::passes_having(m, &states) {
@@ -408,16 +463,16 @@ impl QueryEngine {
         Ok(json!({ "metric": m.name, "coverage": cov.to_json(), "truncated": truncated, "rows": rows }))
     }
 
-    fn ratio(&self, d: &crate::topology::Derived, key: Option<&str>, range: Range, limit: usize) -> Result<Json, QueryError> {
+    fn ratio(&self, d: &crate::topology::Derived, key: Option<&str>, range: Range, limit: usize, ask: &Ask) -> Result<Json, QueryError> {
         let (num_m, den_m) = (&self.topo.metrics[d.numerator.0], &self.topo.metrics[d.denominator.0]);
-        let cov = self.coverage(num_m.source)?;
         let group = key.map(|k| self.group_bytes(num_m, k)).transpose()?;
         let (lo, hi) = Self::slice_bounds(num_m, range);
-        let nums = self.partials(num_m, &cov.partitions, lo, hi, group.as_deref())?;
-        let dens = self.partials(den_m, &cov.partitions, lo, hi, group.as_deref())?;
+        let reads = vec![read(num_m, lo, hi, group.as_deref(), false), read(den_m, lo, hi, group.as_deref(), false)];
+        let Gathered { cov, partials, .. } = self.gather(num_m.source, reads, ask)?;
+        let (nums, dens) = (&partials[0], &partials[1]);
         let empty = BTreeMap::new();
         let mut rows = Vec::new();
-        for (g, den_slices) in &dens {
+        for (g, den_slices) in dens {
             let num_slices = nums.get(g).unwrap_or(&empty);
             let expired = |w: &Window| cov.expired(num_m, *w) || cov.expired(den_m, *w);
             for w in cov.listed(num_m, den_slices, d.grace_ms).into_iter().filter(|w| overlaps(range, *w) && !expired(w)) {
@@ -449,14 +504,13 @@ impl QueryEngine {
         m.window.windows_containing(t).into_iter().min_by_key(|w| w.end).unwrap_or(GLOBAL)
     }
 
-    /// Start of the newest slice holding data on any covered partition, unless it is past
-    /// the retention (then some partition may have deleted it, and nothing is kept).
-    fn newest_slice(&self, m: &Metric, cov: &Coverage) -> Result<Option<i64>, QueryError> {
-        let mut newest = None;
-        for &p in &cov.partitions {
-            newest = newest.max(self.store.last_slice(&m.name, p)?);
-        }
-        Ok(newest.filter(|s| cov.retained_from(m).is_none_or(|cut| *s >= cut)))
+    /// Start of the newest slice holding data on any partition, unless it is past the
+    /// retention (then some partition may have deleted it, and nothing is kept); with the
+    /// coverage it was read at.
+    fn newest_slice(&self, m: &Metric, ask: &Ask) -> Result<(Coverage, Option<i64>), QueryError> {
+        let g = self.gather(m.source, vec![read(m, 0, 0, None, true)], ask)?;
+        let newest = g.newest[0].filter(|s| g.cov.retained_from(m).is_none_or(|cut| *s >= cut));
+        Ok((g.cov, newest))
     }
 
     /// The current window's numeric values of a metric without group-by (or a ratio), as
@@ -466,12 +520,11 @@ impl QueryEngine {
             Some(d) => &self.topo.metrics[d.numerator.0],
             None => self.metric(name)?.1,
         };
-        let cov = self.coverage(m.source)?;
-        let Some(window) = self.newest_slice(m, &cov)?.map(|s| Self::current_window(m, s)) else {
+        let Some(window) = self.newest_slice(m, &Ask::default())?.1.map(|s| Self::current_window(m, s)) else {
             return Ok(vec![]);
         };
         let range = if window == GLOBAL { Range::default() } else { Range { from: Some(window.end - 1), to: Some(window.end) } };
-        let answer = self.windows(name, None, range, usize::MAX, false)?;
+        let answer = self.windows(name, None, range, usize::MAX, false, &Ask::default())?;
         let row = answer["rows"].as_array().and_then(|rows| {
             rows.iter().find(|r| window == GLOBAL || (r["window"]["start"] == json!(window.start) && r["window"]["end"] == json!(window.end)))
         });
@@ -488,30 +541,30 @@ impl QueryEngine {
     /// One merged value per key over every slice starting in `range` — e.g. the UV of the
     /// last 6 hours from per-slice sketches. `last_ms` instead means the span of that length
     /// ending at the latest event time seen (so the freshest, still-open slices count too).
-    pub fn span(&self, name: &str, key: Option<&str>, range: Range, last_ms: Option<i64>, sketches: bool) -> Result<Json, QueryError> {
+    pub fn span(&self, name: &str, key: Option<&str>, range: Range, last_ms: Option<i64>, sketches: bool, ask: &Ask) -> Result<Json, QueryError> {
         let (_, m) = self.metric(name)?;
-        let cov = self.coverage(m.source)?;
+        let group = key.map(|k| self.group_bytes(m, k)).transpose()?;
         let range = match last_ms {
             None => range,
             Some(len) => {
-                let latest = cov.latest_event.ok_or_else(|| bad("last", "the metric has seen no records yet"))?;
+                let latest = self.gather(m.source, vec![], ask)?.cov.latest_event.ok_or_else(|| bad("last", "the metric has seen no records yet"))?;
                 Range { from: Some(latest.saturating_sub(len)), to: None }
             }
         };
-        let group = key.map(|k| self.group_bytes(m, k)).transpose()?;
         let (lo, hi) = match (m.window.kind, range.from) {
             (WindowKind::Global, _) => (GLOBAL.start, GLOBAL.start + 1),
-            // Unbounded below: every slice still kept on all partitions.
-            (_, None) => (cov.retained_from(m).unwrap_or(i64::MIN), range.to.unwrap_or(i64::MAX)),
+            (_, None) => (i64::MIN, range.to.unwrap_or(i64::MAX)),
             (_, Some(f)) => (m.window.slice_start(f), range.to.unwrap_or(i64::MAX)),
         };
+        let Gathered { cov, partials, .. } = self.gather(m.source, vec![read(m, lo, hi, group.as_deref(), false)], ask)?;
+        // Unbounded below: every slice still kept on all partitions.
+        let lo = if range.from.is_none() && m.window.kind != WindowKind::Global { cov.retained_from(m).unwrap_or(lo) } else { lo };
         cov.check_retained(m, lo)?;
-        let partials = self.partials(m, &cov.partitions, lo, hi, group.as_deref())?;
         let (mut first, mut last) = (i64::MAX, i64::MIN);
         let mut rows = Vec::new();
-        for (g, slices) in &partials {
+        for (g, slices) in &partials[0] {
             let mut acc: Option<Vec<AggState>> = None;
-            for (&(s, _), st) in slices {
+            for (&(s, _), st) in slices.range((lo, i64::MIN)..) {
                 first = first.min(s);
                 last = last.max(m.window.slice_end(s));
                 accumulate(&mut acc, st)?;
@@ -526,7 +579,7 @@ impl QueryEngine {
 
     /// The `n` keys with the highest value of `aggregate` in the window as of `at` (default:
     /// the newest slice with data; see `current_window`); for a `top_n` aggregate, its own list.
-    pub fn top(&self, name: &str, n: usize, at: Option<i64>, aggregate: Option<&str>) -> Result<Json, QueryError> {
+    pub fn top(&self, name: &str, n: usize, at: Option<i64>, aggregate: Option<&str>, ask: &Ask) -> Result<Json, QueryError> {
         let (_, m) = self.metric(name)?;
         let ai = match aggregate {
             None => 0,
@@ -535,25 +588,26 @@ impl QueryEngine {
                 bad("aggregate", format!("`{a}` is not an aggregate of `{}`; it has {names:?}", m.name))
             })?,
         };
-        let cov = self.coverage(m.source)?;
         let w = match at {
-            Some(t) => {
-                let w = Self::current_window(m, t);
-                cov.check_retained(m, w.start)?;
-                Some(w)
-            }
+            Some(t) => Self::current_window(m, t),
             // The newest kept data: of the windows holding it, the first ending one still kept.
-            None => self.newest_slice(m, &cov)?.and_then(|s| {
-                let mut ws = m.window.windows_containing(s);
-                ws.sort_by_key(|w| w.end);
-                ws.into_iter().find(|w| cov.check_retained(m, w.start).is_ok())
-            }),
-        };
-        let Some(w) = w else {
-            return Ok(json!({ "metric": m.name, "coverage": cov.to_json(), "window": Json::Null, "top": [] }));
+            None => {
+                let (cov, newest) = self.newest_slice(m, ask)?;
+                let w = newest.and_then(|s| {
+                    let mut ws = m.window.windows_containing(s);
+                    ws.sort_by_key(|w| w.end);
+                    ws.into_iter().find(|w| cov.check_retained(m, w.start).is_ok())
+                });
+                let Some(w) = w else {
+                    return Ok(json!({ "metric": m.name, "coverage": cov.to_json(), "window": Json::Null, "top": [] }));
+                };
+                w
+            }
         };
         let (lo, hi) = if w == GLOBAL { (GLOBAL.start, GLOBAL.start + 1) } else { (w.start, w.end) };
-        let partials = self.partials(m, &cov.partitions, lo, hi, None)?;
+        let Gathered { cov, partials, .. } = self.gather(m.source, vec![read(m, lo, hi, None, false)], ask)?;
+        cov.check_retained(m, w.start)?;
+        let partials = &partials[0];
         let spec = &m.aggregates[ai];
         let top = if let AggKind::TopN { .. } = spec.kind {
             let mut acc: Option<AggState> = None;
@@ -573,7 +627,7 @@ impl QueryEngine {
         } else {
             let mut totals: BTreeMap<String, i128> = BTreeMap::new();
             let mut shown: BTreeMap<String, Json> = BTreeMap::new();
-            for (g, slices) in &partials {
+            for (g, slices) in partials {
                 if let Some(st) = Self::window_states(w, slices)? {
                     if !Self::passes_having(m, &st) {
                         continue;

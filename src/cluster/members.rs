@@ -1,0 +1,127 @@
+//! Who is in the cluster: every live replica's advertised URL and the partitions it owns,
+//! as the replicas announce them on the compacted `<app>-members` topic
+//! ([`crate::kafka::members`]).
+//!
+//! The map is advisory: a query asks the replica the map names, and that replica answers
+//! only for partitions its own consumer owns right now (anything else it refuses), so a
+//! stale map costs a retry or a 503, never a wrong or doubled number. Staleness is still
+//! recognisable: each record carries the replica's incarnation (its start time) and an
+//! epoch bumped on every change, so an older record never replaces a newer one, and a
+//! record not refreshed within the time to live (a killed replica's) is ignored.
+//!
+//! ```
+//! use tally::cluster::members::{Member, Members, Owned};
+//! let members = Members::new(std::time::Duration::from_secs(5));
+//! let m = Member {
+//!     replica: "r1".into(), url: "http://127.0.0.1:8081".into(), incarnation: 1, epoch: 3, at_ms: members.now_ms(),
+//!     owned: vec![Owned { source: "clicks".into(), partition: 0, since_ms: 0, restoring: false }],
+//! };
+//! members.apply("r1", Some(m.clone()));
+//! assert_eq!(members.owners("clicks", 0, "me"), vec![m.clone()]);
+//! // An older record of the same replica does not replace a newer one.
+//! members.apply("r1", Some(Member { epoch: 2, owned: vec![], ..m.clone() }));
+//! assert_eq!(members.owners("clicks", 0, "me").len(), 1);
+//! members.apply("r1", None);
+//! assert!(members.owners("clicks", 0, "me").is_empty());
+//! ```
+
+use std::collections::BTreeMap;
+use std::sync::RwLock;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+/// One source partition a replica owns.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Owned {
+    /// Source name.
+    pub source: String,
+    /// Partition.
+    pub partition: i32,
+    /// Since when (the replica's clock, ms): of two replicas claiming a partition (one has
+    /// not noticed it lost it yet), the later claim is asked first.
+    pub since_ms: i64,
+    /// Still being restored: it would answer 503.
+    pub restoring: bool,
+}
+
+/// One replica's announcement (the value of its record on the members topic, JSON).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Member {
+    /// Its name (the record key).
+    pub replica: String,
+    /// Where other replicas reach its HTTP API.
+    pub url: String,
+    /// When the process started, ms: a restarted replica's records supersede the old ones.
+    pub incarnation: i64,
+    /// Bumped whenever what it owns changes.
+    pub epoch: u64,
+    /// When the record was written (its clock), ms.
+    pub at_ms: i64,
+    /// The partitions it owns.
+    pub owned: Vec<Owned>,
+}
+
+impl Member {
+    fn newer_than(&self, other: &Member) -> bool {
+        (self.incarnation, self.epoch, self.at_ms) >= (other.incarnation, other.epoch, other.at_ms)
+    }
+}
+
+/// The live members, as read from the members topic.
+#[derive(Debug)]
+pub struct Members {
+    map: RwLock<BTreeMap<String, Member>>,
+    ttl: Duration,
+}
+
+impl Members {
+    /// An empty map whose records count as live for `ttl` after they were written.
+    pub fn new(ttl: Duration) -> Members {
+        Members { map: RwLock::new(BTreeMap::new()), ttl }
+    }
+
+    /// The wall clock, ms (records are dated by it).
+    pub fn now_ms(&self) -> i64 {
+        SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+    }
+
+    /// Takes in one record of the members topic (`None`: a tombstone, the replica left).
+    pub fn apply(&self, key: &str, member: Option<Member>) {
+        let mut map = self.map.write().unwrap_or_else(|p| p.into_inner());
+        match member {
+            None => {
+                map.remove(key);
+            }
+            Some(m) if m.replica == key => {
+                if map.get(key).is_none_or(|old| m.newer_than(old)) {
+                    map.insert(key.to_string(), m);
+                }
+            }
+            // A record whose key and body disagree is not trusted.
+            Some(_) => {}
+        }
+    }
+
+    /// The live members other than `me`, by name.
+    pub fn live(&self, me: &str) -> Vec<Member> {
+        let now = self.now_ms();
+        let map = self.map.read().unwrap_or_else(|p| p.into_inner());
+        map.values().filter(|m| m.replica != me && now - m.at_ms <= self.ttl.as_millis() as i64).cloned().collect()
+    }
+
+    /// The live members other than `me` announcing `source`'s `partition`, the best to ask
+    /// first: restored before restoring, then the latest claim.
+    pub fn owners(&self, source: &str, partition: i32, me: &str) -> Vec<Member> {
+        let mut found: Vec<(bool, i64, Member)> = self
+            .live(me)
+            .into_iter()
+            .filter_map(|m| {
+                let o = m.owned.iter().find(|o| o.source == source && o.partition == partition)?;
+                Some((o.restoring, -o.since_ms, m.clone()))
+            })
+            .collect();
+        found.sort_by_key(|f| (f.0, f.1));
+        found.into_iter().map(|(_, _, m)| m).collect()
+    }
+}

@@ -1,0 +1,367 @@
+//! Typed partials: what an answer reads of each source partition, from this replica's store
+//! or, through [`crate::cluster`], from the replica that owns the partition.
+//!
+//! A query is planned into a [`FetchRequest`] (which metrics, which slices, which group),
+//! answered per partition with [`PartitionPartials`] (the partition's position and its
+//! stored partials, unmerged) or a reason it is [`Unavailable`]. The query engine merges
+//! the partials of every partition and renders the answer; nothing here knows JSON. These
+//! types are also the internal wire format between replicas ([`encode`], [`decode`]).
+
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use super::QueryError;
+use crate::aggregate::AggState;
+use crate::ownership::{Ownership, PartitionState};
+use crate::store::{PartitionMeta, Store, StoreError};
+use crate::task::NO_WATERMARK;
+use crate::topology::Topology;
+
+/// Version of the wire encoding; a replica refuses another (a rolling upgrade then answers
+/// 503 for the other version's partitions until it is done, never a misread).
+pub const WIRE_FORMAT: u8 = 1;
+/// The largest request or reply decoded: bounds what a hostile body can make us allocate.
+pub const MAX_WIRE_BYTES: usize = 512 << 20;
+/// How often a partition is read again when a flush changed it during the read.
+const CONSISTENT_READ_TRIES: usize = 8;
+/// How often a replica looks again at a partition's position while waiting for it.
+const POSITION_POLL: Duration = Duration::from_millis(10);
+
+/// What to read of one metric.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MetricRead {
+    /// Metric name.
+    pub metric: String,
+    /// Its layout ([`crate::topology::Metric::layout`]): partials of another layout do not merge.
+    pub layout: String,
+    /// Slices starting in `[lo, hi)`.
+    pub lo: i64,
+    /// See `lo`.
+    pub hi: i64,
+    /// Only this group key.
+    pub group: Option<Vec<u8>>,
+    /// Also say which is the newest slice holding data.
+    pub newest: bool,
+}
+
+/// What one answer needs of a source's partitions.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FetchRequest {
+    /// Source name.
+    pub source: String,
+    /// The partitions to read (`None`: every partition of the source).
+    pub partitions: Option<Vec<i32>>,
+    /// The metrics to read.
+    pub reads: Vec<MetricRead>,
+    /// Per partition, the offset its state must have reached (a position token's).
+    pub min_offsets: Vec<(i32, i64)>,
+    /// How long to wait for `min_offsets`, ms.
+    pub wait_ms: u64,
+}
+
+/// Where a partition's state stands: every record before `next_offset` is in it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Position {
+    /// The next source offset to process.
+    pub next_offset: i64,
+    /// Its watermark (`None`: no valid record yet).
+    pub watermark: Option<i64>,
+    /// Highest event time seen.
+    pub max_event_time: Option<i64>,
+}
+
+impl Position {
+    fn of(meta: Option<PartitionMeta>) -> Position {
+        let known = |t: i64| (t != NO_WATERMARK).then_some(t);
+        match meta {
+            None => Position { next_offset: 0, watermark: None, max_event_time: None },
+            Some(m) => Position { next_offset: m.next_offset, watermark: known(m.watermark), max_event_time: known(m.max_event_time) },
+        }
+    }
+}
+
+/// One stored partial aggregate.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Entry {
+    /// Group key.
+    pub group: Vec<u8>,
+    /// Slice start.
+    pub slice: i64,
+    /// The first window end it counts for.
+    pub from_end: i64,
+    /// One state per aggregate.
+    pub states: Vec<AggState>,
+}
+
+/// One metric's partials of one partition.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct MetricPartials {
+    /// The partials read.
+    pub entries: Vec<Entry>,
+    /// The newest slice holding data, when asked.
+    pub newest: Option<i64>,
+}
+
+/// One partition's answer to a [`FetchRequest`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PartitionPartials {
+    /// The partition.
+    pub partition: i32,
+    /// The position whose state the partials are: read before and after them, unchanged.
+    pub position: Position,
+    /// Per [`FetchRequest::reads`], in order.
+    pub reads: Vec<MetricPartials>,
+}
+
+/// Why a partition has no answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum Unavailable {
+    /// The replica asked does not own it (any more).
+    #[error("not owned by the replica asked")]
+    NotOwned,
+    /// Its state is being restored from the changelog.
+    #[error("being restored ({restored} of {total} changelog records)")]
+    Restoring {
+        /// Records read so far.
+        restored: u64,
+        /// Records to read.
+        total: u64,
+    },
+    /// Its state has not reached the asked position within the wait.
+    #[error("at offset {at}, behind the asked position {wanted}")]
+    Behind {
+        /// Where it is.
+        at: i64,
+        /// Where it was asked to be.
+        wanted: i64,
+    },
+    /// No live replica announces it.
+    #[error("no live replica owns it (rebalancing, or its owner is down)")]
+    NoOwner,
+    /// Its owner did not answer in time, or failed.
+    #[error("its owner did not answer: {0}")]
+    Unreachable(String),
+    /// Its owner runs another version or config of the metric.
+    #[error("its owner's config differs: {0}")]
+    Mismatch(String),
+}
+
+impl Unavailable {
+    /// A short name for the answer's `missing` list.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Unavailable::NotOwned => "not_owned",
+            Unavailable::Restoring { .. } => "restoring",
+            Unavailable::Behind { .. } => "behind_position",
+            Unavailable::NoOwner => "no_owner",
+            Unavailable::Unreachable(_) => "unreachable",
+            Unavailable::Mismatch(_) => "config_mismatch",
+        }
+    }
+}
+
+/// One partition's reply: its partials, or why there are none.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum PartitionReply {
+    /// Read.
+    Partials(PartitionPartials),
+    /// Not read.
+    Unavailable {
+        /// The partition.
+        partition: i32,
+        /// Why.
+        why: Unavailable,
+    },
+}
+
+/// A partition's partials with the replica that answered.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Answered {
+    /// The replica's name.
+    pub replica: String,
+    /// What it read.
+    pub partials: PartitionPartials,
+}
+
+/// What a fetch gathered: the partitions answered, and those that were not.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Fetched {
+    /// Answered partitions, in partition order.
+    pub parts: Vec<Answered>,
+    /// Partitions without an answer, in partition order.
+    pub missing: Vec<(i32, Unavailable)>,
+}
+
+/// Reads partials for the query engine: this replica's store, or the whole cluster.
+pub trait Fetch: Send + Sync {
+    /// Reads what `req` asks of every partition it names.
+    fn fetch(&self, req: &FetchRequest) -> Result<Fetched, QueryError>;
+}
+
+/// Bytes of `v` in the wire format.
+pub fn encode<T: Serialize>(v: &T) -> Vec<u8> {
+    let mut out = vec![WIRE_FORMAT];
+    bincode::serde::encode_into_std_write(v, &mut out, bincode::config::standard()).expect("writing to a Vec cannot fail");
+    out
+}
+
+/// Reads [`encode`]'s bytes; anything else is an error, never a panic.
+pub fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, String> {
+    match bytes.first() {
+        Some(&WIRE_FORMAT) => {}
+        other => return Err(format!("wire format {other:?}, expected {WIRE_FORMAT}")),
+    }
+    let config = bincode::config::standard().with_limit::<MAX_WIRE_BYTES>();
+    let (v, used) = bincode::serde::decode_from_slice(&bytes[1..], config).map_err(|e| e.to_string())?;
+    if used != bytes.len() - 1 {
+        return Err("trailing bytes".into());
+    }
+    Ok(v)
+}
+
+/// Reads this replica's store, for the partitions it owns and has restored.
+#[derive(Clone)]
+pub struct LocalFetch {
+    topo: std::sync::Arc<Topology>,
+    store: Store,
+    owned: std::sync::Arc<Ownership>,
+    /// This replica's name, as answers report it.
+    pub replica: String,
+}
+
+impl LocalFetch {
+    /// Reads `store` for the partitions `owned` says are this replica's.
+    pub fn new(topo: std::sync::Arc<Topology>, store: Store, owned: std::sync::Arc<Ownership>, replica: String) -> LocalFetch {
+        LocalFetch { topo, store, owned, replica }
+    }
+
+    /// One reply per partition of `req` (every owned one, without a list).
+    pub fn read(&self, req: &FetchRequest) -> Result<Vec<PartitionReply>, QueryError> {
+        let source = self
+            .topo
+            .sources
+            .iter()
+            .position(|s| s.name == req.source)
+            .ok_or_else(|| QueryError::BadParam { param: "source", why: format!("no source named `{}` in this replica's config", req.source) })?;
+        let owned = self.owned.of_source(source);
+        let wanted: Vec<i32> = match &req.partitions {
+            Some(list) => list.clone(),
+            None => owned.iter().map(|(p, _)| *p).collect(),
+        };
+        let deadline = Instant::now() + Duration::from_millis(req.wait_ms);
+        let mut out = Vec::with_capacity(wanted.len());
+        for p in wanted {
+            let reply = match owned.iter().find(|(q, _)| *q == p).map(|(_, s)| *s) {
+                None => Err(Unavailable::NotOwned),
+                Some(PartitionState::Restoring { restored, total }) => Err(Unavailable::Restoring { restored, total }),
+                Some(PartitionState::Active) => self.read_partition(req, p, deadline)?,
+            };
+            out.push(match reply {
+                Ok(partials) => PartitionReply::Partials(partials),
+                Err(why) => PartitionReply::Unavailable { partition: p, why },
+            });
+        }
+        Ok(out)
+    }
+
+    /// Waits (until `deadline`) for `p` to reach its asked offset, then reads it. The outer
+    /// error is the store's; the inner says why the partition has no answer.
+    #[allow(clippy::type_complexity)]
+    fn read_partition(&self, req: &FetchRequest, p: i32, deadline: Instant) -> Result<Result<PartitionPartials, Unavailable>, StoreError> {
+        let wanted = req.min_offsets.iter().find(|(q, _)| *q == p).map(|(_, o)| *o);
+        let position = loop {
+            let position = Position::of(self.store.partition_meta(&req.source, p)?);
+            match wanted {
+                Some(w) if position.next_offset < w => {
+                    if Instant::now() >= deadline {
+                        return Ok(Err(Unavailable::Behind { at: position.next_offset, wanted: w }));
+                    }
+                    std::thread::sleep(POSITION_POLL);
+                }
+                _ => break position,
+            }
+        };
+        // A flush applied between reading the position and the partials would make them
+        // newer than it says; every flush of the partition moves its position, so read again
+        // until the position stands still around the partials.
+        let mut position = position;
+        for _ in 0..CONSISTENT_READ_TRIES {
+            let reads = match self.read_metrics(req, p)? {
+                Ok(reads) => reads,
+                Err(why) => return Ok(Err(why)),
+            };
+            let after = Position::of(self.store.partition_meta(&req.source, p)?);
+            if after == position {
+                return Ok(Ok(PartitionPartials { partition: p, position, reads }));
+            }
+            position = after;
+        }
+        Ok(Err(Unavailable::Unreachable(format!("its state kept changing during {CONSISTENT_READ_TRIES} reads"))))
+    }
+
+    /// Reads `req`'s metrics of partition `p`.
+    fn read_metrics(&self, req: &FetchRequest, p: i32) -> Result<Result<Vec<MetricPartials>, Unavailable>, StoreError> {
+        let mut reads = Vec::with_capacity(req.reads.len());
+        for r in &req.reads {
+            let Some((_, m)) = self.topo.metric(&r.metric) else {
+                return Ok(Err(Unavailable::Mismatch(format!("no metric `{}` here", r.metric))));
+            };
+            if m.layout() != r.layout {
+                return Ok(Err(Unavailable::Mismatch(format!("metric `{}` has layout `{}` here, `{}` there", r.metric, m.layout(), r.layout))));
+            }
+            let mut entries = Vec::new();
+            for e in self.store.scan(&m.name, p, r.lo, r.hi) {
+                let e = e?;
+                if r.group.as_ref().is_none_or(|g| *g == e.group) {
+                    entries.push(Entry { group: e.group, slice: e.slice, from_end: e.from_end, states: e.value.states });
+                }
+            }
+            let newest = if r.newest { self.store.last_slice(&m.name, p)? } else { None };
+            reads.push(MetricPartials { entries, newest });
+        }
+        Ok(Ok(reads))
+    }
+}
+
+impl Fetch for LocalFetch {
+    fn fetch(&self, req: &FetchRequest) -> Result<Fetched, QueryError> {
+        let mut fetched = Fetched::default();
+        for reply in self.read(req)? {
+            match reply {
+                PartitionReply::Partials(partials) => fetched.parts.push(Answered { replica: self.replica.clone(), partials }),
+                PartitionReply::Unavailable { partition, why } => fetched.missing.push((partition, why)),
+            }
+        }
+        Ok(fetched)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_wire_format_round_trips_and_refuses_what_it_did_not_write() {
+        let reply = vec![
+            PartitionReply::Partials(PartitionPartials {
+                partition: 3,
+                position: Position { next_offset: 42, watermark: Some(7), max_event_time: None },
+                reads: vec![MetricPartials {
+                    entries: vec![Entry { group: b"101".to_vec(), slice: 60_000, from_end: i64::MIN, states: vec![AggState::Count(5)] }],
+                    newest: Some(60_000),
+                }],
+            }),
+            PartitionReply::Unavailable { partition: 4, why: Unavailable::Restoring { restored: 1, total: 9 } },
+        ];
+        let bytes = encode(&reply);
+        assert_eq!(decode::<Vec<PartitionReply>>(&bytes).unwrap(), reply);
+        assert!(decode::<Vec<PartitionReply>>(&bytes[..bytes.len() - 1]).is_err(), "truncated");
+        let mut other = bytes.clone();
+        other[0] = WIRE_FORMAT + 1;
+        assert!(decode::<Vec<PartitionReply>>(&other).is_err(), "another version");
+        assert!(decode::<Vec<PartitionReply>>(&[]).is_err());
+        // A length prefix claiming more than the limit is refused before allocating.
+        assert!(decode::<Vec<u8>>(&[WIRE_FORMAT, 0xfd, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x7f]).is_err());
+    }
+}

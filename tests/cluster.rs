@@ -1,0 +1,232 @@
+//! Any replica answers any query. Three `tally run` processes share six partitions while S1
+//! events flow and partitions move (a replica added, one stopped with SIGTERM, one
+//! SIGKILLed); a client sends queries round-robin to all three, each with the position
+//! token of the newest answer it has seen. Every answer must be either complete — every
+//! partition, and equal to the reference model fed exactly the records before the positions
+//! it reports — or an explicit 503 naming the missing partitions; no count may go backwards.
+//! Afterwards every replica answers everything exactly. A paused replica (SIGSTOP) makes the
+//! others answer 503 / incomplete within the query timeout, never hang.
+
+mod common;
+mod model;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::Value;
+use tally::gen::{generate, GenOptions, GenRecord, Scenario};
+use tally::kafka::feed::Feed;
+
+use common::replica::Replica;
+use common::*;
+
+const PARTITIONS: i32 = 6;
+
+/// One answer the client got: which metric, and the JSON.
+struct Seen {
+    metric: &'static str,
+    answer: Value,
+}
+
+/// Per partition, the next offset an answer reports.
+fn positions(answer: &Value) -> HashMap<i32, i64> {
+    answer["coverage"]["partitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| (p["partition"].as_i64().unwrap() as i32, p["next_offset"].as_i64().unwrap()))
+        .collect()
+}
+
+fn views_total(answer: &Value) -> u64 {
+    answer["rows"].as_array().unwrap().iter().map(|r| r["values"]["views"].as_u64().unwrap_or(0)).sum()
+}
+
+/// The client: round-robin over `addrs`, passing the newest token. Returns every complete
+/// answer and the number of 503s; panics on anything else or on a count going backwards.
+fn client(addrs: Vec<std::net::SocketAddr>, stop: Arc<AtomicBool>) -> (Vec<Seen>, usize, usize) {
+    let (mut seen, mut refused, mut down) = (Vec::new(), 0, 0);
+    let mut token: Option<String> = None;
+    let mut newest: HashMap<i32, i64> = HashMap::new();
+    let mut views = 0u64;
+    for k in 0.. {
+        if stop.load(Ordering::Relaxed) {
+            break;
+        }
+        let metric = if k % 2 == 0 { "views" } else { "uv_all_time" };
+        let min = token.as_ref().map(|t| format!("&min_position={t}")).unwrap_or_default();
+        let path = format!("/api/v1/metrics/{metric}?sketch=canonical{min}");
+        match try_get_raw(addrs[k % addrs.len()], &path) {
+            None => down += 1,
+            Some((200, body)) => {
+                let a: Value = serde_json::from_str(&body).unwrap();
+                assert_eq!(a["coverage"]["complete"], Value::Bool(true), "an answer without partial=true must be complete: {body}");
+                let pos = positions(&a);
+                assert_eq!(pos.len(), PARTITIONS as usize, "a complete answer covers every partition: {body}");
+                for (p, o) in &newest {
+                    assert!(pos[p] >= *o, "partition {p} went back from {o} to {} despite min_position", pos[p]);
+                }
+                if metric == "views" {
+                    let v = views_total(&a);
+                    assert!(v >= views, "views went back from {views} to {v}");
+                    views = v;
+                }
+                newest = pos;
+                token = a["coverage"]["position"].as_str().map(String::from);
+                seen.push(Seen { metric, answer: a });
+            }
+            Some((503, body)) => {
+                let e: Value = serde_json::from_str(&body).unwrap();
+                assert!(!e["missing"].as_array().unwrap().is_empty(), "a 503 names the missing partitions: {body}");
+                refused += 1;
+            }
+            Some((status, body)) => panic!("GET {path}: {status} {body}"),
+        }
+        std::thread::sleep(Duration::from_millis(15));
+    }
+    (seen, refused, down)
+}
+
+/// Checks `answer` against the model fed, of each partition, the records before the offset
+/// the answer reports for it.
+fn check_prefix(seen: &Seen, by_partition: &HashMap<i32, Vec<&GenRecord>>) -> Vec<String> {
+    let pos = positions(&seen.answer);
+    let prefix = by_partition.iter().flat_map(|(p, recs)| recs[..pos[p] as usize].iter().map(|r| (r.partition, None, r.payload.clone())));
+    let model = model_of("s1-uvpv.toml", PARTITIONS, prefix);
+    let mi = model.spec.metrics.iter().position(|m| m.name == seen.metric).unwrap();
+    model.check_windows(mi, &seen.answer, model::check::Range::default(), None)
+}
+
+fn config(cluster: &Cluster, dir: &std::path::Path) -> tally::config::Config {
+    let mut cfg = example_config("s1-uvpv.toml", &cluster.brokers, dir);
+    cfg.state.commit_interval = "100ms".into();
+    cfg.kafka.properties.insert("session.timeout.ms".into(), "6000".into());
+    cfg.kafka.properties.insert("heartbeat.interval.ms".into(), "500".into());
+    cfg.kafka.properties.insert("fetch.wait.max.ms".into(), "50".into());
+    cfg
+}
+
+fn any_replica_answers_while_partitions_move(cluster: Cluster, broker: &str) {
+    let opts = GenOptions { count: 30_000, partitions: PARTITIONS, ..GenOptions::for_scenario(Scenario::S1) };
+    let records = generate(Scenario::S1, &opts);
+    let topic = tally::gen::topic(Scenario::S1);
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(&cluster, dir.path());
+    let mut replicas: Vec<Replica> = (0..3).map(|i| Replica::new(dir.path(), &format!("r{i}"), &cfg)).collect();
+    let feeder = {
+        let (kafka, records) = (cluster.kafka(), records.clone());
+        std::thread::spawn(move || {
+            let feed = Feed::new(&kafka, topic).unwrap();
+            for chunk in records.chunks(records.len() / 30 + 1) {
+                feed.send_all(chunk.iter().cloned(), 0, || false).unwrap();
+                feed.flush().unwrap();
+                std::thread::sleep(Duration::from_millis(500));
+            }
+        })
+    };
+    replicas[0].start();
+    replicas[0].wait_ready();
+    let stop = Arc::new(AtomicBool::new(false));
+    let querying = {
+        let (addrs, stop) = (replicas.iter().map(|r| r.addr).collect(), Arc::clone(&stop));
+        std::thread::spawn(move || client(addrs, stop))
+    };
+    std::thread::sleep(Duration::from_secs(2));
+    // Added: 1 → 3.
+    replicas[1].start();
+    replicas[2].start();
+    std::thread::sleep(Duration::from_secs(4));
+    println!("[{broker}] SIGTERM r1");
+    replicas[1].terminate();
+    std::thread::sleep(Duration::from_secs(2));
+    replicas[1].start();
+    std::thread::sleep(Duration::from_secs(3));
+    println!("[{broker}] SIGKILL r2");
+    replicas[2].kill();
+    std::thread::sleep(Duration::from_secs(1));
+    replicas[2].start();
+    feeder.join().unwrap();
+    for r in &replicas {
+        wait_caught_up(r.addr, "/api/v1/metrics/views", &ends(&records));
+    }
+    stop.store(true, Ordering::Relaxed);
+    let (seen, refused, down) = querying.join().unwrap();
+    println!("[{broker}] {} complete answers, {refused} refused (503), {down} to a stopped replica", seen.len());
+    assert!(seen.len() > 50, "too few complete answers to say anything");
+
+    // A sample of the answers, spread over the run, each against the model of its positions.
+    let mut by_partition: HashMap<i32, Vec<&GenRecord>> = HashMap::new();
+    for r in &records {
+        by_partition.entry(r.partition).or_default().push(r);
+    }
+    let step = (seen.len() / 24).max(1);
+    let mut replicas_seen = std::collections::BTreeSet::new();
+    for s in seen.iter().step_by(step).chain(seen.last()) {
+        for p in s.answer["coverage"]["partitions"].as_array().unwrap() {
+            replicas_seen.insert(p["replica"].as_str().unwrap().to_string());
+        }
+        assert_no_diffs(&check_prefix(s, &by_partition), &format!("[{broker}] an answer during the moves ({})", s.metric));
+    }
+    assert!(replicas_seen.len() >= 2, "answers merged partials of several replicas: {replicas_seen:?}");
+    // Every replica now answers every metric exactly, whichever partitions it owns.
+    for r in &replicas {
+        s1::assert_exact(r.addr, &records, &format!("[{broker}] {} after the moves", r.name));
+    }
+}
+
+#[test]
+fn any_replica_answers_on_the_mock_cluster() {
+    any_replica_answers_while_partitions_move(Cluster::for_example("s1-uvpv.toml", PARTITIONS), "mock");
+}
+
+#[test]
+fn any_replica_answers_on_nisshi() {
+    let cfg = example_config("s1-uvpv.toml", "", std::path::Path::new("unused"));
+    any_replica_answers_while_partitions_move(Cluster::nisshi(&cfg, PARTITIONS), "nisshi");
+}
+
+/// A paused replica holds its partitions (the group has not noticed yet) but answers
+/// nothing: the others refuse within the query timeout, naming its partitions, or answer
+/// the rest marked incomplete; once it resumes, answers are complete again.
+#[test]
+fn a_paused_replica_does_not_hang_the_others() {
+    let cluster = Cluster::for_example("s1-uvpv.toml", PARTITIONS);
+    let opts = GenOptions { count: 6_000, partitions: PARTITIONS, ..GenOptions::for_scenario(Scenario::S1) };
+    let records = generate(Scenario::S1, &opts);
+    cluster.produce(tally::gen::topic(Scenario::S1), &records);
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(&cluster, dir.path());
+    cfg.cluster.query_timeout = Some("300ms".into());
+    // Long enough that the group keeps the paused replica's partitions with it meanwhile.
+    cfg.kafka.properties.insert("session.timeout.ms".into(), "30000".into());
+    let mut replicas: Vec<Replica> = (0..3).map(|i| Replica::new(dir.path(), &format!("p{i}"), &cfg)).collect();
+    for r in &mut replicas {
+        r.start();
+    }
+    for r in &replicas {
+        wait_caught_up(r.addr, "/api/v1/metrics/views", &ends(&records));
+    }
+    let owned_by = |addr, name: &str| -> Vec<i64> {
+        let a = get(addr, "/api/v1/metrics/views");
+        a["coverage"]["partitions"].as_array().unwrap().iter().filter(|p| p["replica"] == name).map(|p| p["partition"].as_i64().unwrap()).collect()
+    };
+    let paused_name = replicas[2].addr.to_string();
+    let paused_parts = owned_by(replicas[0].addr, &paused_name);
+    assert!(!paused_parts.is_empty(), "the replica to pause owns partitions");
+    replicas[2].pause();
+    for r in &replicas[..2] {
+        let (status, body) = http_get_raw(r.addr, "/api/v1/metrics/views");
+        assert_eq!(status, 503, "{body}");
+        let e: Value = serde_json::from_str(&body).unwrap();
+        let missing: Vec<i64> = e["missing"].as_array().unwrap().iter().map(|m| m["partition"].as_i64().unwrap()).collect();
+        assert_eq!(missing, paused_parts, "the paused replica's partitions are named: {body}");
+        assert!(e["missing"].as_array().unwrap().iter().all(|m| m["reason"] == "unreachable" || m["reason"] == "no_owner"), "{body}");
+        let partial = get(r.addr, "/api/v1/metrics/views?partial=true");
+        assert_eq!(partial["coverage"]["complete"], Value::Bool(false));
+        assert_eq!(partial["coverage"]["partitions"].as_array().unwrap().len() + paused_parts.len(), PARTITIONS as usize);
+    }
+    replicas[2].resume();
+    s1::assert_exact(replicas[0].addr, &records, "after the paused replica resumed");
+}
