@@ -1,6 +1,7 @@
 //! `tally run`: the store, the consumer thread and the HTTP server, wired together and
 //! stopped together.
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -14,7 +15,7 @@ use crate::cluster::router::ClusterFetch;
 use crate::config::Config;
 use crate::http::{self, ApiState};
 use crate::kafka::consumer::SourceConsumer;
-use crate::kafka::members::{Announcer, Identity, MEMBER_TTL};
+use crate::kafka::members::{Announcer, Identity, Standbys, MEMBER_TTL};
 use crate::kafka::side::SideOutputs;
 use crate::kafka::topics;
 use crate::metrics::Metrics;
@@ -63,7 +64,12 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'stati
     let consumer =
         SourceConsumer::new(&kafka, TaskSet::new(Arc::clone(&topo), store.clone()), side, metrics.clone(), Arc::clone(&owned), results_dir)?;
     let members = Arc::new(Members::new(MEMBER_TTL));
-    let announcer = Announcer::start(&kafka, &topo, me.clone(), Arc::clone(&owned), Arc::clone(&members))?;
+    let counts: BTreeMap<String, i32> = topo.sources.iter().zip(&partitions).map(|(s, n)| (s.name.clone(), n.unwrap_or_default())).collect();
+    let standbys = match (topo.cluster.num_standby_replicas, consumer.state_updater()) {
+        (copies @ 1.., Some(updater)) => Some(Standbys { copies, partitions: counts.clone(), updater }),
+        _ => None,
+    };
+    let announcer = Announcer::start(&kafka, &topo, me.clone(), Arc::clone(&owned), Arc::clone(&members), standbys)?;
 
     let stop = Arc::new(AtomicBool::new(false));
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();
@@ -78,9 +84,8 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'stati
 
     let (http_stop_tx, http_stop_rx) = tokio::sync::oneshot::channel::<()>();
     let local = LocalFetch::new(Arc::clone(&topo), store.clone(), Arc::clone(&owned), me.replica.clone());
-    let counts = topo.sources.iter().zip(&partitions).map(|(s, n)| (s.name.clone(), n.unwrap_or_default())).collect();
     let timeout = Duration::from_millis(topo.cluster.query_timeout_ms);
-    let cluster = ClusterFetch::new(local.clone(), members, counts, timeout, tokio::runtime::Handle::current());
+    let cluster = ClusterFetch::new(local.clone(), members, counts, timeout, topo.cluster.max_standby_lag, tokio::runtime::Handle::current());
     let api = ApiState { engine: QueryEngine::new(Arc::clone(&topo), Arc::new(cluster)), local, metrics: metrics.clone(), owned };
     let server = tokio::spawn(http::serve(api, listener, async {
         let _ = http_stop_rx.await;

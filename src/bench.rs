@@ -293,14 +293,7 @@ fn time_restore(cfg: &Config, partitions: i32) -> anyhow::Result<Restored> {
     let store = crate::store::Store::open(dir.path())?;
     let parts: Vec<(usize, i32)> = (0..partitions).map(|p| (0, p)).collect();
     let started = Instant::now();
-    let stats = crate::kafka::changelog::restore(
-        &cfg.kafka,
-        &topo,
-        &store,
-        &parts,
-        &crate::ownership::Ownership::default(),
-        &crate::metrics::Metrics::new(),
-    )?;
+    let stats = crate::kafka::state_updater::restore_all(&cfg.kafka, std::sync::Arc::new(topo), store, &parts, crate::metrics::Metrics::new())?;
     Ok(Restored { secs: started.elapsed().as_secs_f64(), stats })
 }
 

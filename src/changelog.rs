@@ -120,6 +120,9 @@ pub struct Restoration {
     buffer: HashMap<Vec<u8>, Option<Vec<u8>>, KeyHash>,
     buffered_bytes: usize,
     position: Option<PartitionMeta>,
+    /// Following (a standby): keys are written only together with the position record that
+    /// ends their flush, in one atomic batch, so what queries read is always a flush's cut.
+    following: bool,
     /// What was read so far.
     pub stats: RestoreStats,
 }
@@ -162,26 +165,64 @@ impl Restoration {
             buffer: HashMap::default(),
             buffered_bytes: 0,
             position,
+            following: false,
             stats: RestoreStats::default(),
         })
     }
 
-    /// Applies one changelog record. Records of other partitions or metrics, and values
-    /// that are not in a known format, are skipped and counted: a foreign record must not
-    /// stop a restore, nor land in the state.
-    pub fn apply(&mut self, key: &[u8], value: Option<&[u8]>) -> Result<(), StoreError> {
+    /// From now on, writes only whole flushes, atomically ([`Restoration::commit`]): the
+    /// partition is a standby that queries may read. Writes what is buffered first.
+    pub fn follow(&mut self) -> Result<(), StoreError> {
+        self.write_buffer()?;
+        self.following = true;
+        Ok(())
+    }
+
+    /// Following: writes the buffered keys and the position read, with `last` (the position
+    /// record's offset) as the checkpoint, in one atomic batch. Not following, or before any
+    /// position was read, it does nothing: [`Restoration::finish`] writes what is left.
+    pub fn commit(&mut self, last: i64) -> Result<(), StoreError> {
+        let Some(mut position) = self.position.filter(|_| self.following) else { return Ok(()) };
+        position.changelog_offset = Some(last);
+        let mut batch = WriteBatch::default();
+        let n = self.buffer.len() as u64;
+        for (k, v) in self.buffer.drain() {
+            match v {
+                Some(v) => batch.put_encoded(&k, &v),
+                None => batch.delete(&k),
+            }
+        }
+        batch.put_encoded(&self.meta_key, &position.encode());
+        self.store.apply(batch)?;
+        self.stats.keys_written += n;
+        self.buffered_bytes = 0;
+        Ok(())
+    }
+
+    /// Applies one changelog record; `true` when it was a position record (the end of a
+    /// flush). Records of other partitions or metrics, and values that are not in a known
+    /// format, are skipped and counted: a foreign record must not stop a restore, nor land
+    /// in the state.
+    pub fn apply(&mut self, key: &[u8], value: Option<&[u8]>) -> Result<bool, StoreError> {
         if key == self.meta_key.as_slice() {
             match value.map(|v| PartitionMeta::decode(key, v)) {
                 Some(Ok(meta)) => self.position = Some(meta),
                 _ => {
                     self.stats.rejected += 1;
-                    return Ok(());
+                    return Ok(false);
                 }
             }
+            self.stats.records += 1;
+            self.stats.bytes += (key.len() + value.map_or(0, <[u8]>::len)) as u64;
+            // Following, the flush's keys and this position go in together, by `commit`.
+            if !self.following {
+                self.write_if_full()?;
+            }
+            return Ok(true);
         } else if self.metric_prefixes.iter().any(|p| key.len() >= p.len() + store::SLICE_KEY_BYTES && key.starts_with(p)) {
             if value.is_some_and(|v| v.first() != Some(&STATE_FORMAT)) {
                 self.stats.rejected += 1;
-                return Ok(());
+                return Ok(false);
             }
             // Most records are newer versions of a buffered key: replace in place, without
             // allocating the key again.
@@ -193,12 +234,19 @@ impl Restoration {
             }
         } else {
             self.stats.rejected += 1;
-            return Ok(());
+            return Ok(false);
         }
         let size = key.len() + value.map_or(0, <[u8]>::len);
         self.stats.records += 1;
         self.stats.bytes += size as u64;
         self.buffered_bytes += size;
+        if !self.following {
+            self.write_if_full()?;
+        }
+        Ok(false)
+    }
+
+    fn write_if_full(&mut self) -> Result<(), StoreError> {
         if self.buffered_bytes >= RESTORE_BUFFER_BYTES {
             self.write_buffer()?;
         }

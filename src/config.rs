@@ -93,6 +93,15 @@ pub struct ClusterConfig {
     /// How long a query with `min_position` waits for the state to reach it (default `2s`).
     #[serde(default)]
     pub position_wait: Option<String>,
+    /// Warm copies kept of each partition on other replicas, by following its changelog
+    /// (default 0): a failover then reads only their lag, and queries are answered from a
+    /// copy while the partition has no active owner.
+    #[serde(default)]
+    pub num_standby_replicas: u32,
+    /// How far (changelog records) a standby may lag its partition's changelog and still
+    /// answer queries for it (default 10000).
+    #[serde(default)]
+    pub max_standby_lag: Option<u64>,
 }
 
 /// The result topic: window results as JSON, keyed by (metric, key, window), for a

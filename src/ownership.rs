@@ -34,10 +34,22 @@ pub enum PartitionState {
     Active,
 }
 
+/// A warm copy this replica keeps of a partition another replica owns, by following its
+/// changelog.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Standby {
+    /// Changelog records it is behind the changelog's end.
+    pub lag: u64,
+    /// Whether it holds a whole flush's state (it has caught up and applied a position
+    /// since): only then may queries read it.
+    pub queryable: bool,
+}
+
 /// The owned partitions of one replica, by (source index, partition).
 #[derive(Debug, Default)]
 pub struct Ownership {
     parts: Mutex<BTreeMap<(usize, i32), PartitionState>>,
+    standbys: Mutex<BTreeMap<(usize, i32), Standby>>,
     joined: AtomicBool,
     stopping: AtomicBool,
 }
@@ -60,6 +72,31 @@ impl Ownership {
     /// The owned partitions of `source`, in partition order.
     pub fn of_source(&self, source: usize) -> Vec<(i32, PartitionState)> {
         self.lock().range((source, i32::MIN)..=(source, i32::MAX)).map(|(&(_, p), &s)| (p, s)).collect()
+    }
+
+    /// Records the state of a standby copy.
+    pub fn set_standby(&self, source: usize, partition: i32, standby: Standby) {
+        self.standbys.lock().unwrap_or_else(|p| p.into_inner()).insert((source, partition), standby);
+    }
+
+    /// Stops keeping a standby copy.
+    pub fn remove_standby(&self, source: usize, partition: i32) {
+        self.standbys.lock().unwrap_or_else(|p| p.into_inner()).remove(&(source, partition));
+    }
+
+    /// The standby copy of a partition, if one is kept.
+    pub fn standby(&self, source: usize, partition: i32) -> Option<Standby> {
+        self.standbys.lock().unwrap_or_else(|p| p.into_inner()).get(&(source, partition)).copied()
+    }
+
+    /// Every standby copy, by (source index, partition).
+    pub fn standbys(&self) -> Vec<((usize, i32), Standby)> {
+        self.standbys.lock().unwrap_or_else(|p| p.into_inner()).iter().map(|(k, s)| (*k, *s)).collect()
+    }
+
+    /// Whether the partition is owned (active or restoring).
+    pub fn owns(&self, source: usize, partition: i32) -> bool {
+        self.lock().contains_key(&(source, partition))
     }
 
     /// Every owned partition with its state, by (source index, partition).

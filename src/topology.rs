@@ -49,6 +49,10 @@ pub struct Cluster {
     pub query_timeout_ms: u64,
     /// How long a query with `min_position` waits for the state to reach it, ms.
     pub position_wait_ms: u64,
+    /// Standby copies kept of each partition.
+    pub num_standby_replicas: usize,
+    /// How far a standby may lag and still answer, changelog records.
+    pub max_standby_lag: u64,
 }
 
 impl Cluster {
@@ -79,7 +83,15 @@ impl Cluster {
             }
             Ok(ms as u64)
         };
+        if c.num_standby_replicas > 8 {
+            return Err(ConfigError::new("cluster.num_standby_replicas", format!("`{}`: at most 8 standby copies", c.num_standby_replicas)));
+        }
+        if c.num_standby_replicas > 0 && !cfg.state.changelog {
+            return Err(ConfigError::new("cluster.num_standby_replicas", "standbys follow the changelog: they need `state.changelog = true`"));
+        }
         Ok(Cluster {
+            num_standby_replicas: c.num_standby_replicas as usize,
+            max_standby_lag: c.max_standby_lag.unwrap_or(10_000),
             replica: c.replica.clone(),
             advertised_url: cfg.http.advertised_url.as_ref().map(|u| u.trim_end_matches('/').to_string()),
             query_timeout_ms: wait("query_timeout", &c.query_timeout)?,

@@ -230,3 +230,113 @@ fn a_paused_replica_does_not_hang_the_others() {
     replicas[2].resume();
     s1::assert_exact(replicas[0].addr, &records, "after the paused replica resumed");
 }
+
+/// The number after `name=` in a log line (ANSI colours stripped).
+fn field(line: &str, name: &str) -> Option<i64> {
+    let plain: String = line.split('\x1b').map(|p| p.split_once('m').map_or(p, |(_, rest)| rest)).collect();
+    let at = plain.find(&format!(" {name}="))? + name.len() + 2;
+    plain[at..].split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
+}
+
+/// With one standby copy per partition, two replicas each follow the other's changelogs.
+/// SIGKILL one: the survivor answers every partition at once — the dead one's from its
+/// copies, marked with their lag — and once the group hands it the partitions it is
+/// promoted reading only its lag, far less than the changelog a restore would read; its
+/// answers equal the model throughout.
+#[test]
+fn a_standby_answers_for_a_killed_owner_and_is_promoted_reading_only_its_lag() {
+    let cluster = Cluster::for_example("s1-uvpv.toml", 4);
+    let opts = GenOptions { count: 16_000, partitions: 4, ..GenOptions::for_scenario(Scenario::S1) };
+    let records = generate(Scenario::S1, &opts);
+    let (first, second) = records.split_at(records.len() / 2);
+    let topic = tally::gen::topic(Scenario::S1);
+    cluster.produce(topic, first);
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(&cluster, dir.path());
+    cfg.cluster.num_standby_replicas = 1;
+    let mut replicas: Vec<Replica> = (0..2).map(|i| Replica::new(dir.path(), &format!("s{i}"), &cfg)).collect();
+    for r in &mut replicas {
+        r.start();
+    }
+    for r in &replicas {
+        wait_caught_up(r.addr, "/api/v1/metrics/views", &ends(first));
+    }
+    // More records, so the copies follow flushes made after they caught up.
+    cluster.produce(topic, second);
+    for r in &replicas {
+        wait_caught_up(r.addr, "/api/v1/metrics/views", &ends(&records));
+    }
+    let owners = get(replicas[0].addr, "/api/v1/metrics/views");
+    let of = |name: String| -> Vec<i64> {
+        owners["coverage"]["partitions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|p| p["replica"] == *name)
+            .map(|p| p["partition"].as_i64().unwrap())
+            .collect()
+    };
+    let victim = of(replicas[0].addr.to_string());
+    assert!(!victim.is_empty() && victim.len() < 4, "both replicas own partitions: {owners}");
+    // Every partition of the victim has a queryable copy on the survivor.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while get_ready(replicas[1].addr)["standbys_queryable"].as_u64() != Some(victim.len() as u64) {
+        assert!(std::time::Instant::now() < deadline, "the survivor never held queryable copies: {}", get_ready(replicas[1].addr));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let full: i64 = victim.iter().map(|&p| cluster.high_watermarks("tally-s1-uvpv-changelog")[p as usize]).sum();
+
+    replicas[0].kill();
+    let killed = std::time::Instant::now();
+    // Before the group notices, the copies answer.
+    let (mut from_copies, mut first_complete) = (None, None);
+    while from_copies.is_none() || first_complete.is_none() {
+        assert!(killed.elapsed() < Duration::from_secs(120), "no complete answer after the kill");
+        if let Some((200, body)) = try_get_raw(replicas[1].addr, "/api/v1/metrics/views?sketch=canonical") {
+            let a: Value = serde_json::from_str(&body).unwrap();
+            first_complete.get_or_insert(killed.elapsed());
+            let copies = a["coverage"]["partitions"].as_array().unwrap().iter().filter(|p| p["standby_lag"].is_u64()).count();
+            if copies == victim.len() && from_copies.is_none() {
+                from_copies = Some(a);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    println!("complete answers {:.2} s after SIGKILL", first_complete.unwrap().as_secs_f64());
+    let model = s1::model(&records, 4);
+    let mi = model.spec.metrics.iter().position(|m| m.name == "views").unwrap();
+    assert_no_diffs(&model.check_windows(mi, &from_copies.unwrap(), model::check::Range::default(), None), "an answer from standby copies");
+
+    // Promotion: the survivor takes the partitions, reading only the copies' lag.
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    let (mut answered, mut refused) = (0, 0);
+    loop {
+        match try_get_raw(replicas[1].addr, "/api/v1/metrics/views") {
+            Some((200, body)) => {
+                answered += 1;
+                let a: Value = serde_json::from_str(&body).unwrap();
+                let parts = a["coverage"]["partitions"].as_array().unwrap();
+                if parts.iter().all(|p| p["replica"] == replicas[1].addr.to_string() && !p["standby_lag"].is_u64()) {
+                    break;
+                }
+            }
+            // Between a copy's promotion and the partition's first processing.
+            other => {
+                refused += 1;
+                assert!(matches!(other, Some((503, _))), "{other:?}");
+            }
+        }
+        assert!(std::time::Instant::now() < deadline, "the survivor was never given the partitions");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    println!("until promoted: {answered} complete answers, {refused} refused");
+    let promoted: Vec<i64> = replicas[1].log().lines().filter(|l| l.contains("promoting the standby")).filter_map(|l| field(l, "records")).collect();
+    println!("promoted {} copies reading {} changelog records; a full restore reads {full}", promoted.len(), promoted.iter().sum::<i64>());
+    assert_eq!(promoted.len(), victim.len(), "each of the victim's partitions was promoted from its copy");
+    assert!(promoted.iter().sum::<i64>() < full / 4, "promotion read the lag, not the changelog: {promoted:?} of {full}");
+    s1::assert_exact(replicas[1].addr, &records, "after the promotion");
+}
+
+fn get_ready(addr: std::net::SocketAddr) -> Value {
+    serde_json::from_str(&http_get_raw(addr, "/ready").1).unwrap()
+}

@@ -14,7 +14,7 @@
 //! let members = Members::new(std::time::Duration::from_secs(5));
 //! let m = Member {
 //!     replica: "r1".into(), url: "http://127.0.0.1:8081".into(), incarnation: 1, epoch: 3, at_ms: members.now_ms(),
-//!     owned: vec![Owned { source: "clicks".into(), partition: 0, since_ms: 0, restoring: false }],
+//!     owned: vec![Owned { source: "clicks".into(), partition: 0, since_ms: 0, restoring: false }], standby: vec![],
 //! };
 //! members.apply("r1", Some(m.clone()));
 //! assert_eq!(members.owners("clicks", 0, "me"), vec![m.clone()]);
@@ -25,7 +25,7 @@
 //! assert!(members.owners("clicks", 0, "me").is_empty());
 //! ```
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::RwLock;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -45,6 +45,28 @@ pub struct Owned {
     pub restoring: bool,
 }
 
+/// A standby copy a replica keeps of a partition another owns.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Copy {
+    /// Source name.
+    pub source: String,
+    /// Partition.
+    pub partition: i32,
+    /// Changelog records it is behind.
+    pub lag: u64,
+    /// Whether it may be read (it holds a whole flush).
+    pub queryable: bool,
+}
+
+/// Whom to ask for a partition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Candidate {
+    /// The replica.
+    pub member: Member,
+    /// `Some(lag)`: it keeps a standby copy, this far behind.
+    pub standby_lag: Option<u64>,
+}
+
 /// One replica's announcement (the value of its record on the members topic, JSON).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Member {
@@ -60,6 +82,9 @@ pub struct Member {
     pub at_ms: i64,
     /// The partitions it owns.
     pub owned: Vec<Owned>,
+    /// The standby copies it keeps.
+    #[serde(default)]
+    pub standby: Vec<Copy>,
 }
 
 impl Member {
@@ -123,5 +148,62 @@ impl Members {
             .collect();
         found.sort_by_key(|f| (f.0, f.1));
         found.into_iter().map(|(_, _, m)| m).collect()
+    }
+
+    /// Whom to ask for `source`'s `partition`, best first: its owners (see
+    /// [`Members::owners`]), then the replicas keeping a queryable standby copy at most
+    /// `max_lag` behind, least lag first.
+    pub fn candidates(&self, source: &str, partition: i32, me: &str, max_lag: u64) -> Vec<Candidate> {
+        let mut out: Vec<Candidate> = self.owners(source, partition, me).into_iter().map(|member| Candidate { member, standby_lag: None }).collect();
+        let mut copies: Vec<Candidate> = self
+            .live(me)
+            .into_iter()
+            .filter_map(|m| {
+                let c = m.standby.iter().find(|c| c.source == source && c.partition == partition && c.queryable && c.lag <= max_lag)?;
+                Some(Candidate { standby_lag: Some(c.lag), member: m.clone() })
+            })
+            .collect();
+        copies.sort_by_key(|c| c.standby_lag);
+        out.extend(copies);
+        out
+    }
+
+    /// The standby copies `me` is to keep, `n` per partition: of each partition with a known
+    /// owner (`mine` are this replica's, the others' as announced), the copies go to the
+    /// `n` live replicas after the owner in name order. Every replica computes the same
+    /// placement from the same map, so no one needs to hand it out. A partition without a
+    /// live owner (its owner died, the group has not moved it yet) keeps the copies it has
+    /// (`kept`): that is when they are needed.
+    pub fn standby_duties(
+        &self,
+        me: &str,
+        mine: &[(String, i32)],
+        kept: &BTreeSet<(String, i32)>,
+        partitions: &BTreeMap<String, i32>,
+        n: usize,
+    ) -> BTreeSet<(String, i32)> {
+        let live = self.live(me);
+        let mut ring: Vec<&str> = live.iter().map(|m| m.replica.as_str()).chain([me]).collect();
+        ring.sort_unstable();
+        let mut duties = BTreeSet::new();
+        for (source, &count) in partitions {
+            for p in 0..count {
+                if mine.iter().any(|(s, q)| s == source && *q == p) {
+                    continue;
+                }
+                let Some(owner) = self.owners(source, p, me).into_iter().next() else {
+                    if kept.contains(&(source.clone(), p)) {
+                        duties.insert((source.clone(), p));
+                    }
+                    continue;
+                };
+                let Some(at) = ring.iter().position(|r| *r == owner.replica) else { continue };
+                let after = (1..ring.len()).map(|i| ring[(at + i) % ring.len()]).take(n);
+                if after.into_iter().any(|r| r == me) {
+                    duties.insert((source.clone(), p));
+                }
+            }
+        }
+        duties
     }
 }

@@ -8,12 +8,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::client::PeerClient;
-use super::members::{Member, Members};
+use super::members::{Candidate, Members};
 use crate::query::fetch::{Answered, Fetch, FetchRequest, Fetched, LocalFetch, PartitionReply, Unavailable};
 use crate::query::QueryError;
 
-/// How many replicas are asked for one partition at most (the first, then one more).
-const CANDIDATES: usize = 2;
+/// How many replicas are asked for one partition at most: its owner, another claiming it,
+/// a standby copy.
+const CANDIDATES: usize = 3;
 
 /// Reads every partition of a source across the cluster.
 pub struct ClusterFetch {
@@ -23,35 +24,40 @@ pub struct ClusterFetch {
     /// Partitions per source name, as the topics had them at start.
     partitions: BTreeMap<String, i32>,
     timeout: Duration,
+    max_standby_lag: u64,
     runtime: tokio::runtime::Handle,
 }
 
 impl ClusterFetch {
     /// A fetch reading `local` for this replica's partitions and asking the `members` for
-    /// the rest of the `partitions` of each source, each call within `timeout`. Calls run
-    /// on `runtime`; [`Fetch::fetch`] blocks, so call it off the runtime's threads.
+    /// the rest of the `partitions` of each source, each call within `timeout`; standby
+    /// copies at most `max_standby_lag` behind answer for partitions whose owner cannot.
+    /// Calls run on `runtime`; [`Fetch::fetch`] blocks, so call it off the runtime's threads.
     pub fn new(
         local: LocalFetch,
         members: Arc<Members>,
         partitions: BTreeMap<String, i32>,
         timeout: Duration,
+        max_standby_lag: u64,
         runtime: tokio::runtime::Handle,
     ) -> ClusterFetch {
-        ClusterFetch { local, members, client: PeerClient::default(), partitions, timeout, runtime }
+        ClusterFetch { local, members, client: PeerClient::default(), partitions, timeout, max_standby_lag, runtime }
     }
 
-    /// Asks each member for its share of `wanted` (partition → member), in parallel.
-    async fn ask(&self, req: &FetchRequest, wanted: &BTreeMap<i32, Member>) -> Vec<(i32, Result<Answered, Unavailable>)> {
-        let mut by_member: BTreeMap<&str, (&Member, Vec<i32>)> = BTreeMap::new();
-        for (p, m) in wanted {
-            by_member.entry(m.replica.as_str()).or_insert((m, Vec::new())).1.push(*p);
+    /// Asks each candidate for its share of `wanted`, in parallel: owners for their
+    /// partitions, standbys for their copies.
+    async fn ask(&self, req: &FetchRequest, wanted: &BTreeMap<i32, Candidate>) -> Vec<(i32, Result<Answered, Unavailable>)> {
+        let mut by_member: BTreeMap<(&str, bool), (&Candidate, Vec<i32>)> = BTreeMap::new();
+        for (p, c) in wanted {
+            by_member.entry((c.member.replica.as_str(), c.standby_lag.is_some())).or_insert((c, Vec::new())).1.push(*p);
         }
         // Waiting for a position takes up to the wait on the other side.
         let timeout = self.timeout + Duration::from_millis(req.wait_ms);
-        let calls = by_member.into_values().map(|(m, parts)| async move {
-            let sub = FetchRequest { partitions: Some(parts.clone()), ..req.clone() };
-            let replies = self.client.partials(&m.url, &sub, timeout).await;
-            (m, parts, replies)
+        let calls = by_member.into_values().map(|(c, parts)| async move {
+            let max_standby_lag = c.standby_lag.map(|_| self.max_standby_lag);
+            let sub = FetchRequest { partitions: Some(parts.clone()), max_standby_lag, ..req.clone() };
+            let replies = self.client.partials(&c.member.url, &sub, timeout).await;
+            (&c.member, parts, replies)
         });
         let mut out = Vec::new();
         for (m, parts, replies) in futures::future::join_all(calls).await {
@@ -108,7 +114,7 @@ impl Fetch for ClusterFetch {
                     continue;
                 }
                 let n = tried.entry(p).or_default();
-                match self.members.owners(&req.source, p, me).into_iter().nth(*n) {
+                match self.members.candidates(&req.source, p, me, self.max_standby_lag).into_iter().nth(*n) {
                     Some(m) => {
                         *n += 1;
                         wanted.insert(p, m);
@@ -127,6 +133,14 @@ impl Fetch for ClusterFetch {
                 if r.is_ok() || !matches!(done.get(&p), Some(Err(w)) if !matches!(w, Unavailable::NotOwned | Unavailable::NoOwner)) {
                     done.insert(p, r);
                 }
+            }
+        }
+        // What no other replica could answer, from a standby copy kept here.
+        let left: Vec<i32> = all.iter().copied().filter(|p| !matches!(done.get(p), Some(Ok(_)))).collect();
+        if !left.is_empty() {
+            let copies = self.local.fetch(&FetchRequest { partitions: Some(left), max_standby_lag: Some(self.max_standby_lag), ..req.clone() })?;
+            for a in copies.parts {
+                done.insert(a.partials.partition, Ok(a));
             }
         }
         let mut fetched = Fetched::default();

@@ -251,8 +251,12 @@ pub fn routes(state: ApiState) -> impl Filter<Extract = (Response,), Error = Inf
     let ready = warp::path!("ready").and(with.clone()).map(|s: ApiState| {
         let ready = s.owned.ready();
         let (owned, restoring) = s.owned.counts();
+        let standbys = s.owned.standbys();
+        let queryable = standbys.iter().filter(|(_, c)| c.queryable).count();
         let code = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-        warp::reply::with_status(warp::reply::json(&json!({ "ready": ready, "partitions": owned, "restoring": restoring })), code).into_response()
+        let body =
+            json!({ "ready": ready, "partitions": owned, "restoring": restoring, "standbys": standbys.len(), "standbys_queryable": queryable });
+        warp::reply::with_status(warp::reply::json(&body), code).into_response()
     });
     let ready = ready.map(|r| ("ready", r));
     let screen = warp::path::end().map(|| warp::reply::html(SCREEN).into_response()).map(|r| ("screen", r));

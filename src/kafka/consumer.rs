@@ -19,7 +19,7 @@
 //! assignment a partition is restored before it is processed; on revocation it is flushed
 //! and committed before it is released.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -33,9 +33,10 @@ use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::ClientContext;
 
-use super::changelog::{self, ChangelogProducer};
+use super::changelog::ChangelogProducer;
 use super::results::ResultEmitter;
 use super::side::{Origin, SideOutputs};
+use super::state_updater::{Command, Done, StateUpdater};
 use crate::changelog::ChangeSink;
 use crate::config::KafkaConfig;
 use crate::metrics::Metrics;
@@ -69,6 +70,12 @@ pub struct Shared {
     fetch: Mutex<HashMap<(usize, i32), FetchState>>,
     /// Per owned partition: how long it has received nothing (for `idle_timeout`).
     quiet: Mutex<HashMap<(usize, i32), Quiet>>,
+    /// Restores and standbys, on their own thread (with a changelog).
+    updater: Option<StateUpdater>,
+    /// Assigned partitions being restored: paused until the updater has them up to date.
+    restoring: Mutex<BTreeSet<(usize, i32)>>,
+    /// Restored partitions whose fetch position is still to be set.
+    restored: Mutex<Vec<(usize, i32)>>,
 }
 
 /// A partition's fetching, as librdkafka's statistics last reported it.
@@ -259,7 +266,10 @@ impl Shared {
         self.metrics.partitions_idle.set(idle);
     }
 
-    fn on_assign(&self, tpl: &mut TopicPartitionList) {
+    /// Takes newly assigned partitions. With a changelog they are restored by the state
+    /// updater, off this thread: the returned ones are to be paused until then (see
+    /// [`Shared::resume_restored`]). Without one they resume at once from the stored position.
+    fn on_assign(&self, tpl: &mut TopicPartitionList) -> TopicPartitionList {
         let parts: Vec<(usize, i32)> = tpl.elements().iter().filter_map(|e| Some((self.source_of(e.topic())?, e.partition()))).collect();
         for &(s, p) in &parts {
             self.owned.set(s, p, PartitionState::Restoring { restored: 0, total: 0 });
@@ -267,45 +277,92 @@ impl Shared {
         self.metrics.partitions_owned.set(self.owned.counts().0 as i64);
         self.metrics.rebalances.with_label_values(&["assign"]).inc();
         self.owned.mark_joined();
-        if self.changelog.is_some() {
-            let store = self.tasks().store().clone();
-            if let Err(e) = changelog::restore(&self.kafka, &self.topo, &store, &parts, &self.owned, &self.metrics) {
-                // Processing a partition whose restore failed would answer short; stop, and
-                // let the group hand the partitions to a healthy replica.
-                *self.fatal.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.context("restoring assigned partitions from the changelog"));
-                return;
+        let mut pause = TopicPartitionList::new();
+        if let Some(updater) = &self.updater {
+            let mut restoring = self.restoring.lock().unwrap_or_else(|p| p.into_inner());
+            for &(s, p) in &parts {
+                updater.send(Command::Restore(s, p));
+                restoring.insert((s, p));
+                pause.add_partition(&self.topo.sources[s].topic, p);
             }
-        }
-        // Resume at the stored position: where the (restored) state ends. With none, the
-        // state has nothing of the partition and it is read from the beginning — the
-        // group's offset would skip records whose aggregates do not exist here.
-        let mut tasks = self.tasks();
-        let mut resumed = 0;
-        for &(source, partition) in &parts {
-            let topic = &self.topo.sources[source].topic;
-            let offset = match tasks.assign(source, partition) {
-                Ok(Some(off)) => {
-                    resumed += 1;
-                    Offset::Offset(off)
+            tracing::info!(partitions = ?parts, "partitions assigned; restoring them off the consumer thread");
+        } else {
+            for &(s, p) in &parts {
+                match self.start_task(s, p) {
+                    Ok(offset) => {
+                        let _ = tpl.set_partition_offset(&self.topo.sources[s].topic, p, offset);
+                    }
+                    Err(e) => {
+                        *self.fatal.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+                        return pause;
+                    }
                 }
-                Ok(None) => Offset::Beginning,
-                Err(err) => {
-                    *self.fatal.lock().unwrap_or_else(|p| p.into_inner()) =
-                        Some(anyhow::Error::new(err).context(format!("reading the stored position of {topic} partition {partition}")));
-                    return;
-                }
-            };
-            let _ = tpl.set_partition_offset(topic, partition, offset);
-            self.owned.set(source, partition, PartitionState::Active);
+            }
+            tracing::info!(partitions = ?parts, "partitions assigned");
         }
-        drop(tasks);
-        tracing::info!(partitions = ?parts, resumed_from_store = resumed, "partitions assigned");
         if let (Some(dir), true) = (&self.results_dir, parts.contains(&(0, 0))) {
             let mut emitter = self.emitter.lock().unwrap_or_else(|p| p.into_inner());
             if emitter.is_none() {
                 *emitter = Some(ResultEmitter::start(&self.kafka, Arc::clone(&self.topo), dir.clone(), self.metrics.clone()));
             }
         }
+        pause
+    }
+
+    /// Starts processing a partition at its stored position: where the (restored) state
+    /// ends. With none, the state has nothing of it and it is read from the beginning — the
+    /// group's offset would skip records whose aggregates do not exist here.
+    fn start_task(&self, source: usize, partition: i32) -> anyhow::Result<Offset> {
+        let offset = match self.tasks().assign(source, partition) {
+            Ok(Some(off)) => Offset::Offset(off),
+            Ok(None) => Offset::Beginning,
+            Err(err) => {
+                let topic = &self.topo.sources[source].topic;
+                return Err(anyhow::Error::new(err).context(format!("reading the stored position of {topic} partition {partition}")));
+            }
+        };
+        self.owned.set(source, partition, PartitionState::Active);
+        Ok(offset)
+    }
+
+    /// Resumes the partitions the state updater has finished: sets each one's fetch position
+    /// to its stored position while still paused (records fetched from the group's offset
+    /// before the pause are discarded by the seek), then resumes it. A seek that fails is
+    /// tried again on the next call; the partition stays paused meanwhile.
+    fn resume_restored(&self, consumer: &BaseConsumer<SourceContext>) -> anyhow::Result<()> {
+        let Some(updater) = &self.updater else { return Ok(()) };
+        let mut restored = self.restored.lock().unwrap_or_else(|p| p.into_inner());
+        for done in updater.finished() {
+            match done {
+                Done::Restored(s, p, _) => restored.push((s, p)),
+                Done::Failed(e) => return Err(e.context("restoring assigned partitions from the changelog")),
+            }
+        }
+        let mut restoring = self.restoring.lock().unwrap_or_else(|p| p.into_inner());
+        let mut again = Vec::new();
+        for (s, p) in restored.drain(..) {
+            if !restoring.contains(&(s, p)) {
+                continue; // revoked meanwhile
+            }
+            let topic = &self.topo.sources[s].topic;
+            let offset = match self.tasks().store().partition_meta(&self.topo.sources[s].name, p)? {
+                Some(m) => Offset::Offset(m.next_offset),
+                None => Offset::Beginning,
+            };
+            if let Err(e) = consumer.seek(topic, p, offset, Duration::from_millis(500)) {
+                tracing::debug!(topic, partition = p, error = %e, "seek after restore not possible yet; trying again");
+                again.push((s, p));
+                continue;
+            }
+            self.start_task(s, p)?;
+            let mut tpl = TopicPartitionList::new();
+            tpl.add_partition(topic, p);
+            consumer.resume(&tpl).map_err(|e| anyhow::anyhow!("resuming {topic} partition {p}: {e}"))?;
+            restoring.remove(&(s, p));
+            tracing::info!(topic, partition = p, resume_at = ?offset, "partition restored; processing it");
+        }
+        *restored = again;
+        Ok(())
     }
 
     /// Stops the result emitter, if this replica runs it.
@@ -327,14 +384,20 @@ impl Shared {
         }
         let mut tasks = self.tasks();
         let mut flushed = self.flushed.lock().unwrap_or_else(|p| p.into_inner());
+        let mut restoring = self.restoring.lock().unwrap_or_else(|p| p.into_inner());
         for e in tpl.elements() {
             if let Some(source) = self.source_of(e.topic()) {
+                if restoring.remove(&(source, e.partition())) {
+                    if let Some(u) = &self.updater {
+                        u.send(Command::Cancel(source, e.partition()));
+                    }
+                }
                 tasks.revoke(source, e.partition());
                 flushed.remove(&(source, e.partition()));
                 self.owned.remove(source, e.partition());
             }
         }
-        drop((tasks, flushed));
+        drop((tasks, flushed, restoring));
         self.metrics.partitions_owned.set(self.owned.counts().0 as i64);
         self.metrics.rebalances.with_label_values(&["revoke"]).inc();
         tracing::info!(partitions = ?tpl.elements().iter().map(|e| (e.topic().to_string(), e.partition())).collect::<Vec<_>>(), "partitions revoked");
@@ -354,11 +417,12 @@ impl ConsumerContext for SourceContext {
         let cooperative = matches!(consumer.rebalance_protocol(), RebalanceProtocol::Cooperative);
         let result: KafkaResult<()> = match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
-                self.shared.on_assign(tpl);
-                if cooperative {
-                    consumer.incremental_assign(tpl)
+                let pause = self.shared.on_assign(tpl);
+                let assigned = if cooperative { consumer.incremental_assign(tpl) } else { consumer.assign(tpl) };
+                if assigned.is_ok() && pause.count() > 0 {
+                    consumer.pause(&pause)
                 } else {
-                    consumer.assign(tpl)
+                    assigned
                 }
             }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
@@ -400,6 +464,11 @@ impl SourceConsumer {
     ) -> anyhow::Result<SourceConsumer> {
         let topo = Arc::clone(tasks.topology());
         let changelog = if topo.changelog { Some(Mutex::new(ChangelogProducer::new(kafka, &topo)?)) } else { None };
+        let updater = if topo.changelog {
+            Some(StateUpdater::start(kafka, Arc::clone(&topo), tasks.store().clone(), Arc::clone(&owned), metrics.clone())?)
+        } else {
+            None
+        };
         let shared = Arc::new(Shared {
             tasks: Mutex::new(tasks),
             topo: Arc::clone(&topo),
@@ -415,6 +484,9 @@ impl SourceConsumer {
             emitter: Mutex::new(None),
             fetch: Mutex::new(HashMap::new()),
             quiet: Mutex::new(HashMap::new()),
+            updater,
+            restoring: Mutex::new(BTreeSet::new()),
+            restored: Mutex::new(Vec::new()),
         });
         let consumer: BaseConsumer<SourceContext> = super::client_config(
             kafka,
@@ -448,6 +520,11 @@ impl SourceConsumer {
         Ok(SourceConsumer { consumer, shared })
     }
 
+    /// Where the standby planner sends its commands (with a changelog).
+    pub fn state_updater(&self) -> Option<std::sync::mpsc::Sender<Command>> {
+        self.shared.updater.as_ref().map(StateUpdater::commands)
+    }
+
     /// Polls and processes until `stop` is set, flushing and committing every commit
     /// interval; on stop, flushes, commits and leaves the group.
     pub fn run(self, stop: &AtomicBool) -> anyhow::Result<()> {
@@ -462,6 +539,7 @@ impl SourceConsumer {
             if let Some(e) = self.shared.fatal.lock().unwrap_or_else(|p| p.into_inner()).take() {
                 return Err(e);
             }
+            self.shared.resume_restored(&self.consumer)?;
             match polled {
                 None => {}
                 Some(Err(e)) => {
@@ -492,6 +570,9 @@ impl SourceConsumer {
         let deadline = Instant::now() + Duration::from_secs(5);
         while Instant::now() < deadline && self.consumer.assignment().map(|a| a.count() > 0).unwrap_or(false) {
             let _ = self.consumer.poll(Duration::from_millis(50));
+        }
+        if let Some(u) = &self.shared.updater {
+            u.stop();
         }
         tracing::info!("consumer stopped: state flushed, offsets committed, group left");
         Ok(())

@@ -15,7 +15,11 @@ use rdkafka::message::Message;
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 
-use crate::cluster::members::{Member, Members, Owned};
+use std::collections::BTreeSet;
+use std::sync::mpsc::Sender;
+
+use super::state_updater::Command;
+use crate::cluster::members::{Copy, Member, Members, Owned};
 use crate::config::KafkaConfig;
 use crate::ownership::{Ownership, PartitionState};
 use crate::topology::Topology;
@@ -34,6 +38,17 @@ pub struct Identity {
     pub url: String,
 }
 
+/// Standby placement: how many copies per partition, of which partitions, and where to ask
+/// for them to be kept.
+pub struct Standbys {
+    /// Copies per partition.
+    pub copies: usize,
+    /// Partitions per source name.
+    pub partitions: BTreeMap<String, i32>,
+    /// The state updater's commands.
+    pub updater: Sender<Command>,
+}
+
 /// The announcing and reading thread.
 pub struct Announcer {
     stop: Arc<AtomicBool>,
@@ -41,8 +56,16 @@ pub struct Announcer {
 }
 
 impl Announcer {
-    /// Starts announcing `me` with what `owned` holds and reading the topic into `members`.
-    pub fn start(kafka: &KafkaConfig, topo: &Topology, me: Identity, owned: Arc<Ownership>, members: Arc<Members>) -> anyhow::Result<Announcer> {
+    /// Starts announcing `me` with what `owned` holds, reading the topic into `members`, and
+    /// (with `standbys`) keeping the standby copies the map assigns this replica.
+    pub fn start(
+        kafka: &KafkaConfig,
+        topo: &Topology,
+        me: Identity,
+        owned: Arc<Ownership>,
+        members: Arc<Members>,
+        standbys: Option<Standbys>,
+    ) -> anyhow::Result<Announcer> {
         let topic = topo.members_topic();
         let producer: ThreadedProducer<DefaultProducerContext> = super::client_config(kafka, &[("linger.ms", "0"), ("acks", "1")])
             .create()
@@ -59,7 +82,7 @@ impl Announcer {
         consumer.assign(&tpl).map_err(|e| anyhow::anyhow!("reading {topic}: {e}"))?;
         let sources: Vec<String> = topo.sources.iter().map(|s| s.name.clone()).collect();
         let stop = Arc::new(AtomicBool::new(false));
-        let state = Loop { topic, me, owned, members, sources, producer, consumer, stop: Arc::clone(&stop) };
+        let state = Loop { topic, me, owned, members, sources, producer, consumer, standbys, following: BTreeSet::new(), stop: Arc::clone(&stop) };
         let thread = std::thread::Builder::new().name("tally-members".into()).spawn(move || state.run())?;
         Ok(Announcer { stop, thread: Some(thread) })
     }
@@ -81,11 +104,14 @@ struct Loop {
     sources: Vec<String>,
     producer: ThreadedProducer<DefaultProducerContext>,
     consumer: BaseConsumer,
+    standbys: Option<Standbys>,
+    /// The copies asked of the state updater.
+    following: BTreeSet<(String, i32)>,
     stop: Arc<AtomicBool>,
 }
 
 impl Loop {
-    fn run(self) {
+    fn run(mut self) {
         let incarnation = self.members.now_ms();
         let mut epoch = 0u64;
         let mut since: BTreeMap<(usize, i32), i64> = BTreeMap::new();
@@ -108,15 +134,55 @@ impl Loop {
                 if announced.as_ref() != Some(&owned) {
                     epoch += 1;
                 }
-                let m = Member { replica: self.me.replica.clone(), url: self.me.url.clone(), incarnation, epoch, at_ms: now, owned: owned.clone() };
+                let standby = self.copies();
+                let m = Member {
+                    replica: self.me.replica.clone(),
+                    url: self.me.url.clone(),
+                    incarnation,
+                    epoch,
+                    at_ms: now,
+                    owned: owned.clone(),
+                    standby,
+                };
                 self.announce(Some(&m));
                 announced = Some(owned);
                 last = Instant::now();
             }
             self.read(Duration::from_millis(100));
+            self.place_standbys();
         }
         self.announce(None);
         let _ = self.producer.flush(Duration::from_secs(2));
+    }
+
+    /// The standby copies this replica keeps, as announced.
+    fn copies(&self) -> Vec<Copy> {
+        self.owned
+            .standbys()
+            .into_iter()
+            .map(|((s, p), st)| Copy { source: self.sources.get(s).cloned().unwrap_or_default(), partition: p, lag: st.lag, queryable: st.queryable })
+            .collect()
+    }
+
+    /// Asks the state updater to follow the partitions the map now assigns this replica as
+    /// standbys, and to stop following the others.
+    fn place_standbys(&mut self) {
+        let Some(st) = &self.standbys else { return };
+        let mine: Vec<(String, i32)> =
+            self.owned.snapshot().into_iter().map(|((s, p), _)| (self.sources.get(s).cloned().unwrap_or_default(), p)).collect();
+        let duties = self.members.standby_duties(&self.me.replica, &mine, &self.following, &st.partitions, st.copies);
+        let index = |name: &str| self.sources.iter().position(|s| s == name);
+        for (source, p) in duties.difference(&self.following) {
+            if let Some(s) = index(source) {
+                let _ = st.updater.send(Command::Follow(s, *p));
+            }
+        }
+        for (source, p) in self.following.difference(&duties) {
+            if let Some(s) = index(source) {
+                let _ = st.updater.send(Command::Unfollow(s, *p));
+            }
+        }
+        self.following = duties;
     }
 
     fn announce(&self, m: Option<&Member>) {

@@ -58,6 +58,9 @@ pub struct FetchRequest {
     pub min_offsets: Vec<(i32, i64)>,
     /// How long to wait for `min_offsets`, ms.
     pub wait_ms: u64,
+    /// `Some(lag)`: a partition this replica keeps a standby copy of is answered from it if
+    /// the copy is at most `lag` changelog records behind.
+    pub max_standby_lag: Option<u64>,
 }
 
 /// Where a partition's state stands: every record before `next_offset` is in it.
@@ -112,6 +115,8 @@ pub struct PartitionPartials {
     pub position: Position,
     /// Per [`FetchRequest::reads`], in order.
     pub reads: Vec<MetricPartials>,
+    /// `Some(lag)`: read from a standby copy this many changelog records behind.
+    pub standby_lag: Option<u64>,
 }
 
 /// Why a partition has no answer.
@@ -252,10 +257,14 @@ impl LocalFetch {
         let deadline = Instant::now() + Duration::from_millis(req.wait_ms);
         let mut out = Vec::with_capacity(wanted.len());
         for p in wanted {
-            let reply = match owned.iter().find(|(q, _)| *q == p).map(|(_, s)| *s) {
-                None => Err(Unavailable::NotOwned),
-                Some(PartitionState::Restoring { restored, total }) => Err(Unavailable::Restoring { restored, total }),
-                Some(PartitionState::Active) => self.read_partition(req, p, deadline)?,
+            // A standby copy answers for a partition this replica does not own, or is being
+            // promoted to own (until the promotion is done).
+            let copy = req.max_standby_lag.zip(self.owned.standby(source, p)).filter(|(max, c)| c.queryable && c.lag <= *max).map(|(_, c)| c);
+            let reply = match (owned.iter().find(|(q, _)| *q == p).map(|(_, s)| *s), copy) {
+                (Some(PartitionState::Active), _) => self.read_partition(req, p, deadline)?,
+                (_, Some(copy)) => self.read_partition(req, p, deadline)?.map(|r| PartitionPartials { standby_lag: Some(copy.lag), ..r }),
+                (Some(PartitionState::Restoring { restored, total }), None) => Err(Unavailable::Restoring { restored, total }),
+                (None, None) => Err(Unavailable::NotOwned),
             };
             out.push(match reply {
                 Ok(partials) => PartitionReply::Partials(partials),
@@ -293,7 +302,7 @@ impl LocalFetch {
             };
             let after = Position::of(self.store.partition_meta(&req.source, p)?);
             if after == position {
-                return Ok(Ok(PartitionPartials { partition: p, position, reads }));
+                return Ok(Ok(PartitionPartials { partition: p, position, reads, standby_lag: None }));
             }
             position = after;
         }
@@ -351,6 +360,7 @@ mod tests {
                     entries: vec![Entry { group: b"101".to_vec(), slice: 60_000, from_end: i64::MIN, states: vec![AggState::Count(5)] }],
                     newest: Some(60_000),
                 }],
+                standby_lag: Some(12),
             }),
             PartitionReply::Unavailable { partition: 4, why: Unavailable::Restoring { restored: 1, total: 9 } },
         ];

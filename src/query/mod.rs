@@ -119,8 +119,8 @@ pub struct Ask {
 #[derive(Debug, Clone, PartialEq)]
 struct Coverage {
     source: String,
-    /// (replica, partition, position) of each answered partition.
-    answered: Vec<(String, i32, Position)>,
+    /// (replica, partition, position, standby lag) of each answered partition.
+    answered: Vec<(String, i32, Position, Option<u64>)>,
     missing: Vec<(i32, Unavailable)>,
     /// The lowest watermark; `None` when some partition has none or is missing (it may
     /// still add to any window: nothing is closed).
@@ -141,7 +141,7 @@ impl Coverage {
         let open = !fetched.missing.is_empty() || positions.iter().any(|p| p.watermark.is_none());
         Coverage {
             source: source.to_string(),
-            answered: fetched.parts.iter().map(|a| (a.replica.clone(), a.partials.partition, a.partials.position)).collect(),
+            answered: fetched.parts.iter().map(|a| (a.replica.clone(), a.partials.partition, a.partials.position, a.partials.standby_lag)).collect(),
             missing: fetched.missing.clone(),
             watermark: if open { None } else { positions.iter().filter_map(|p| p.watermark).min() },
             latest_event: positions.iter().filter_map(|p| p.max_event_time).max(),
@@ -181,7 +181,7 @@ impl Coverage {
     /// The position token of this answer: the source and each answered partition's offset.
     fn token(&self) -> String {
         let mut t = self.source.clone();
-        for (_, p, pos) in &self.answered {
+        for (_, p, pos, _) in &self.answered {
             t.push_str(&format!("~{p}-{}", pos.next_offset));
         }
         t
@@ -191,7 +191,13 @@ impl Coverage {
         let partitions: Vec<Json> = self
             .answered
             .iter()
-            .map(|(replica, p, pos)| json!({ "partition": p, "replica": replica, "next_offset": pos.next_offset, "watermark": pos.watermark }))
+            .map(|(replica, p, pos, lag)| {
+                let mut j = json!({ "partition": p, "replica": replica, "next_offset": pos.next_offset, "watermark": pos.watermark });
+                if let Some(lag) = lag {
+                    j["standby_lag"] = json!(lag);
+                }
+                j
+            })
             .collect();
         let missing: Vec<Json> =
             self.missing.iter().map(|(p, why)| json!({ "partition": p, "reason": why.reason(), "detail": why.to_string() })).collect();
@@ -334,7 +340,7 @@ impl QueryEngine {
         let name = &self.topo.sources[source].name;
         let min_offsets = ask.min_position.as_deref().map(|t| parse_position(name, t)).transpose()?.unwrap_or_default();
         let wait_ms = if min_offsets.is_empty() { 0 } else { self.topo.cluster.position_wait_ms };
-        let req = FetchRequest { source: name.clone(), partitions: None, reads, min_offsets, wait_ms };
+        let req = FetchRequest { source: name.clone(), partitions: None, reads, min_offsets, wait_ms, max_standby_lag: None };
         let fetched = self.fetch.fetch(&req)?;
         if !fetched.missing.is_empty() && !ask.partial {
             return Err(QueryError::Unavailable { source_name: name.clone(), missing: fetched.missing });

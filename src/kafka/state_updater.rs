@@ -1,0 +1,472 @@
+//! The state updater (Kafka Streams' name for it): one thread that reads changelogs into the
+//! store, off the consumer thread. It restores the partitions this replica is assigned —
+//! so a long restore of one partition no longer stops the others, and rebalance callbacks
+//! return at once — and follows the changelogs of the partitions it keeps as standbys.
+//!
+//! Each partition it reads is in one of three states:
+//!
+//! | state        | reads                          | then                                        |
+//! |--------------|--------------------------------|---------------------------------------------|
+//! | `Restoring`  | up to the end it saw at start  | finished, fsynced, reported to the consumer |
+//! | `CatchingUp` | a standby, up to that end      | `Following`                                 |
+//! | `Following`  | a standby, every new flush     | each flush written atomically with its position |
+//!
+//! A standby that becomes active continues where it is: only its lag is read. Where a
+//! restore starts (the local checkpoint's tail, or everything) is [`crate::changelog::plan`].
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+
+use crate::changelog::{self, Plan, Restoration, RestoreStats};
+use crate::config::KafkaConfig;
+use crate::metrics::Metrics;
+use crate::ownership::{Ownership, PartitionState, Standby};
+use crate::store::Store;
+use crate::topology::Topology;
+
+/// A restore that reads nothing for this long fails instead of hanging.
+const RESTORE_STALL: Duration = Duration::from_secs(60);
+/// How often progress goes to the log, the metrics and the ownership map.
+const REPORT_EVERY: Duration = Duration::from_secs(1);
+
+/// What the updater is asked to do, per (source, partition).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Command {
+    /// The partition was assigned: bring it up to date with its changelog.
+    Restore(usize, i32),
+    /// Keep a standby copy (ignored for a partition this replica owns).
+    Follow(usize, i32),
+    /// Stop keeping the standby copy (a restore in progress goes on).
+    Unfollow(usize, i32),
+    /// The partition was revoked: stop whatever is read of it.
+    Cancel(usize, i32),
+}
+
+/// What the updater reports to the consumer thread.
+#[derive(Debug)]
+pub enum Done {
+    /// The partition's store is up to date with its changelog and fsynced: process it.
+    Restored(usize, i32, RestoreStats),
+    /// Reading the changelogs failed; processing a partition now would answer short.
+    Failed(anyhow::Error),
+}
+
+enum Mode {
+    Restoring { end: i64, total: u64, started: Instant },
+    CatchingUp { end: i64 },
+    Following { committed: bool },
+}
+
+/// One changelog partition being read.
+struct Reading {
+    restoration: Restoration,
+    mode: Mode,
+    /// The next changelog offset to read.
+    next: i64,
+    /// What of `restoration.stats` the counters already hold.
+    reported: RestoreStats,
+    last_read: Instant,
+}
+
+impl Reading {
+    /// Applies the record at `offset`; `true` when that reached the end being read to.
+    fn record(&mut self, offset: i64, k: &[u8], v: Option<&[u8]>) -> anyhow::Result<bool> {
+        if offset < self.next {
+            return Ok(false);
+        }
+        let position = self.restoration.apply(k, v)?;
+        self.next = offset + 1;
+        self.last_read = Instant::now();
+        Ok(match self.mode {
+            Mode::Following { .. } => {
+                if position {
+                    self.restoration.commit(offset)?;
+                    self.mode = Mode::Following { committed: true };
+                }
+                false
+            }
+            Mode::Restoring { end, .. } | Mode::CatchingUp { end } => self.next >= end,
+        })
+    }
+}
+
+/// The running updater.
+pub struct StateUpdater {
+    commands: Sender<Command>,
+    done: Mutex<Receiver<Done>>,
+    stop: Arc<AtomicBool>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl StateUpdater {
+    /// Starts the thread, reading `topo`'s changelogs into `store`.
+    pub fn start(kafka: &KafkaConfig, topo: Arc<Topology>, store: Store, owned: Arc<Ownership>, metrics: Metrics) -> anyhow::Result<StateUpdater> {
+        let consumer: BaseConsumer = super::client_config(
+            kafka,
+            // librdkafka wants a group id even for manually assigned partitions; this consumer
+            // never joins it nor commits.
+            &[
+                ("group.id", &format!("{}-restore", topo.application_id)),
+                ("enable.auto.commit", "false"),
+                ("queued.min.messages", "1000000"),
+                ("fetch.queue.backoff.ms", "20"),
+                ("fetch.max.bytes", "52428800"),
+                ("max.partition.fetch.bytes", "10485760"),
+                ("fetch.wait.max.ms", "50"),
+            ],
+        )
+        .create()
+        .map_err(|e| anyhow::anyhow!("creating the changelog reader: {e}"))?;
+        let (commands, inbox) = channel();
+        let (report, done) = channel();
+        let stop = Arc::new(AtomicBool::new(false));
+        let topics = (0..topo.sources.len()).map(|s| topo.changelog_topic(s)).collect();
+        let worker = Worker { topo, store, owned, metrics, consumer, topics, inbox, report, reading: HashMap::new(), stop: Arc::clone(&stop) };
+        let thread = std::thread::Builder::new().name("tally-state-updater".into()).spawn(move || worker.run())?;
+        Ok(StateUpdater { commands, done: Mutex::new(done), stop, thread: Mutex::new(Some(thread)) })
+    }
+
+    /// A handle to send commands with (the standby planner keeps one).
+    pub fn commands(&self) -> Sender<Command> {
+        self.commands.clone()
+    }
+
+    /// Sends a command.
+    pub fn send(&self, c: Command) {
+        let _ = self.commands.send(c);
+    }
+
+    /// What finished since the last call.
+    pub fn finished(&self) -> Vec<Done> {
+        self.done.lock().unwrap_or_else(|p| p.into_inner()).try_iter().collect()
+    }
+
+    /// Stops the thread (a restore in progress is picked up by the next owner).
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Restores `parts` into `store` and waits until every one is done (`tally bench`).
+pub fn restore_all(kafka: &KafkaConfig, topo: Arc<Topology>, store: Store, parts: &[(usize, i32)], metrics: Metrics) -> anyhow::Result<RestoreStats> {
+    let updater = StateUpdater::start(kafka, topo, store, Arc::new(Ownership::default()), metrics)?;
+    for &(s, p) in parts {
+        updater.send(Command::Restore(s, p));
+    }
+    let (mut left, mut total) = (parts.len(), RestoreStats::default());
+    while left > 0 {
+        for d in updater.finished() {
+            match d {
+                Done::Restored(_, _, stats) => {
+                    total += stats;
+                    left -= 1;
+                }
+                Done::Failed(e) => return Err(e),
+            }
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    updater.stop();
+    Ok(total)
+}
+
+impl Drop for StateUpdater {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+struct Worker {
+    topo: Arc<Topology>,
+    store: Store,
+    owned: Arc<Ownership>,
+    metrics: Metrics,
+    consumer: BaseConsumer,
+    topics: Vec<String>,
+    inbox: Receiver<Command>,
+    report: Sender<Done>,
+    reading: HashMap<(usize, i32), Reading>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Worker {
+    fn run(mut self) {
+        let mut last_report = Instant::now();
+        while !self.stop.load(Ordering::Relaxed) {
+            if let Err(e) = self.step() {
+                let _ = self.report.send(Done::Failed(e));
+                return;
+            }
+            if last_report.elapsed() >= REPORT_EVERY {
+                last_report = Instant::now();
+                if let Err(e) = self.progress() {
+                    let _ = self.report.send(Done::Failed(e));
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Takes in commands, then reads what the changelogs have.
+    fn step(&mut self) -> anyhow::Result<()> {
+        let wait = if self.reading.is_empty() { Duration::from_millis(100) } else { Duration::ZERO };
+        if let Ok(c) = self.inbox.recv_timeout(wait) {
+            self.command(c)?;
+            while let Ok(c) = self.inbox.try_recv() {
+                self.command(c)?;
+            }
+        }
+        if self.reading.is_empty() {
+            return Ok(());
+        }
+        let mut ended = Vec::new();
+        for _ in 0..10_000 {
+            match self.consumer.poll(Duration::from_millis(20)) {
+                None => {
+                    self.at_end()?;
+                    break;
+                }
+                Some(Err(e)) => tracing::warn!(error = %e, "changelog read error; retrying"),
+                Some(Ok(m)) => {
+                    let key = (self.topics.iter().position(|t| t == m.topic()).unwrap_or(usize::MAX), m.partition());
+                    if let Some(r) = self.reading.get_mut(&key) {
+                        if r.record(m.offset(), m.key().unwrap_or_default(), m.payload())? {
+                            ended.push(key);
+                        }
+                    }
+                }
+            }
+            for (s, p) in ended.drain(..) {
+                self.reached_end(s, p)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn command(&mut self, c: Command) -> anyhow::Result<()> {
+        match c {
+            Command::Restore(s, p) => match self.reading.contains_key(&(s, p)) {
+                true => {
+                    // A standby promoted: read its lag only.
+                    let end = self.end_of(s, p)?;
+                    let Some(r) = self.reading.get_mut(&(s, p)) else { return Ok(()) };
+                    let total = (end - r.next).max(0) as u64;
+                    tracing::info!(topic = self.topics[s], partition = p, from = r.next, to = end, records = total, "promoting the standby");
+                    // The copy goes on answering queries until the promotion is done.
+                    r.mode = Mode::Restoring { end, total, started: Instant::now() };
+                    if r.next >= end {
+                        self.finish(s, p)?;
+                    }
+                }
+                false => self.begin(s, p, true)?,
+            },
+            Command::Follow(s, p) => {
+                if !self.owned.owns(s, p) && !self.reading.contains_key(&(s, p)) {
+                    self.begin(s, p, false)?;
+                }
+            }
+            Command::Unfollow(s, p) => {
+                if self.reading.get(&(s, p)).is_some_and(|r| !matches!(r.mode, Mode::Restoring { .. })) {
+                    self.drop_reading(s, p);
+                }
+            }
+            Command::Cancel(s, p) => self.drop_reading(s, p),
+        }
+        Ok(())
+    }
+
+    fn end_of(&self, s: usize, p: i32) -> anyhow::Result<i64> {
+        let topic = &self.topics[s];
+        let (_, high) = self
+            .consumer
+            .fetch_watermarks(topic, p, Duration::from_secs(30))
+            .map_err(|e| anyhow::anyhow!("reading the offsets of {topic} partition {p}: {e}"))?;
+        Ok(high)
+    }
+
+    /// Starts reading a partition: to restore it (`active`) or to keep a standby.
+    fn begin(&mut self, s: usize, p: i32, active: bool) -> anyhow::Result<()> {
+        let topic = self.topics[s].clone();
+        let (low, high) = self
+            .consumer
+            .fetch_watermarks(&topic, p, Duration::from_secs(30))
+            .map_err(|e| anyhow::anyhow!("reading the offsets of {topic} partition {p}: {e}"))?;
+        let local = self.store.partition_meta(&self.topo.sources[s].name, p)?;
+        let (from, scratch) = match changelog::plan(local, low, high) {
+            Plan::UpToDate => (high, false),
+            Plan::Tail(from) => (from, false),
+            Plan::Scratch => (low, true),
+        };
+        let restoration = Restoration::begin(&self.store, &self.topo, s, p, scratch)?;
+        let total = (high - from) as u64;
+        let mode = if active {
+            tracing::info!(topic, partition = p, from, to = high, records = total, from_checkpoint = !scratch, "restoring");
+            self.owned.set(s, p, PartitionState::Restoring { restored: 0, total });
+            Mode::Restoring { end: high, total, started: Instant::now() }
+        } else {
+            tracing::info!(topic, partition = p, from, to = high, records = total, "keeping a standby");
+            self.owned.set_standby(s, p, Standby { lag: total, queryable: false });
+            Mode::CatchingUp { end: high }
+        };
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(&topic, p, Offset::Offset(from))?;
+        self.consumer.incremental_assign(&tpl).map_err(|e| anyhow::anyhow!("reading {topic} partition {p}: {e}"))?;
+        let reading = Reading { restoration, mode, next: from, reported: RestoreStats::default(), last_read: Instant::now() };
+        self.reading.insert((s, p), reading);
+        if from >= high {
+            self.reached_end(s, p)?;
+        }
+        Ok(())
+    }
+
+    /// With nothing left to read, a partition whose fetch position has passed the end being
+    /// read to is there, even if the last offsets never arrive as records (compacted away,
+    /// a transaction's markers).
+    fn at_end(&mut self) -> anyhow::Result<()> {
+        let Ok(positions) = self.consumer.position() else { return Ok(()) };
+        let keys: Vec<(usize, i32)> = self.reading.keys().copied().collect();
+        for key in keys {
+            let at = positions.find_partition(&self.topics[key.0], key.1).and_then(|e| e.offset().to_raw());
+            let Some(r) = self.reading.get_mut(&key) else { continue };
+            let end = match r.mode {
+                Mode::Restoring { end, .. } | Mode::CatchingUp { end } => end,
+                Mode::Following { .. } => continue,
+            };
+            if at.is_some_and(|o| o >= end) {
+                r.next = r.next.max(end);
+                self.reached_end(key.0, key.1)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn reached_end(&mut self, s: usize, p: i32) -> anyhow::Result<()> {
+        let Some(r) = self.reading.get_mut(&(s, p)) else { return Ok(()) };
+        match r.mode {
+            Mode::Restoring { .. } => self.finish(s, p),
+            Mode::CatchingUp { .. } => {
+                // From here on, whole flushes only; queryable after the first one.
+                r.restoration.follow()?;
+                r.mode = Mode::Following { committed: false };
+                Ok(())
+            }
+            Mode::Following { .. } => Ok(()),
+        }
+    }
+
+    /// Ends a restore: writes the last position read with its checkpoint, fsyncs, reports.
+    fn finish(&mut self, s: usize, p: i32) -> anyhow::Result<()> {
+        let Some(mut r) = self.reading.remove(&(s, p)) else { return Ok(()) };
+        self.unassign(s, p);
+        self.publish(s, &mut r);
+        let started = match r.mode {
+            Mode::Restoring { started, .. } => started,
+            _ => Instant::now(),
+        };
+        // A promoted copy may be answering queries: its last flushes go in atomically.
+        r.restoration.commit(r.next - 1)?;
+        let (position, stats) = r.restoration.finish(r.next - 1)?;
+        self.store.flush()?;
+        self.owned.remove_standby(s, p);
+        tracing::info!(
+            topic = self.topics[s],
+            partition = p,
+            records = stats.records,
+            keys = stats.keys_written,
+            bytes = stats.bytes,
+            rejected = stats.rejected,
+            resume_at = position.map(|m| m.next_offset),
+            "restored"
+        );
+        self.metrics.restore_duration.observe(started.elapsed().as_secs_f64());
+        self.set_gauges();
+        let _ = self.report.send(Done::Restored(s, p, stats));
+        Ok(())
+    }
+
+    fn drop_reading(&mut self, s: usize, p: i32) {
+        if self.reading.remove(&(s, p)).is_some() {
+            self.unassign(s, p);
+        }
+        self.owned.remove_standby(s, p);
+        self.set_gauges();
+    }
+
+    fn unassign(&self, s: usize, p: i32) {
+        let mut t = TopicPartitionList::new();
+        t.add_partition(&self.topics[s], p);
+        let _ = self.consumer.incremental_unassign(&t);
+    }
+
+    /// Adds to the restore counters what `r` read since the last call.
+    fn publish(&self, s: usize, r: &mut Reading) {
+        let (now, l) = (r.restoration.stats, [self.topo.sources[s].name.as_str()]);
+        self.metrics.restore_records.with_label_values(&l).inc_by(now.records - r.reported.records);
+        self.metrics.restore_bytes.with_label_values(&l).inc_by(now.bytes - r.reported.bytes);
+        self.metrics.restore_rejected.with_label_values(&l).inc_by(now.rejected - r.reported.rejected);
+        r.reported = now;
+    }
+
+    fn set_gauges(&self) {
+        let restoring = self.reading.values().filter(|r| matches!(r.mode, Mode::Restoring { .. })).count();
+        self.metrics.partitions_restoring.set(restoring as i64);
+        self.metrics.restore_remaining.set(self.remaining() as i64);
+    }
+
+    fn remaining(&self) -> u64 {
+        self.reading
+            .values()
+            .map(|r| match r.mode {
+                Mode::Restoring { end, .. } => (end - r.next).max(0) as u64,
+                _ => 0,
+            })
+            .sum()
+    }
+
+    /// Every second: progress to the ownership map, the metrics and the log; standby lags;
+    /// a stalled restore fails.
+    fn progress(&mut self) -> anyhow::Result<()> {
+        let keys: Vec<(usize, i32)> = self.reading.keys().copied().collect();
+        for (s, p) in keys {
+            let Some(mut r) = self.reading.remove(&(s, p)) else { continue };
+            let standby = !matches!(r.mode, Mode::Restoring { .. });
+            let high = standby.then(|| self.consumer.fetch_watermarks(&self.topics[s], p, Duration::from_secs(5)).map(|w| w.1).ok()).flatten();
+            self.publish(s, &mut r);
+            match r.mode {
+                Mode::Restoring { end, total, .. } => {
+                    let restored = total.saturating_sub((end - r.next).max(0) as u64);
+                    self.owned.set(s, p, PartitionState::Restoring { restored, total });
+                    if r.last_read.elapsed() > RESTORE_STALL && r.next < end {
+                        anyhow::bail!("restore of {} partition {p} stalled: nothing read for {RESTORE_STALL:?}", self.topics[s]);
+                    }
+                }
+                Mode::CatchingUp { end } => {
+                    self.owned.set_standby(s, p, Standby { lag: (high.unwrap_or(end) - r.next).max(0) as u64, queryable: false })
+                }
+                Mode::Following { committed } => {
+                    if let Some(high) = high {
+                        self.owned.set_standby(s, p, Standby { lag: (high - r.next).max(0) as u64, queryable: committed });
+                    }
+                }
+            }
+            self.reading.insert((s, p), r);
+        }
+        self.set_gauges();
+        let restoring = self.reading.values().filter(|r| matches!(r.mode, Mode::Restoring { .. })).count();
+        if restoring > 0 {
+            tracing::info!(partitions = restoring, remaining = self.remaining(), "restore in progress");
+        }
+        Ok(())
+    }
+}
