@@ -83,7 +83,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'stati
     };
 
     let (http_stop_tx, http_stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let local = LocalFetch::new(Arc::clone(&topo), store.clone(), Arc::clone(&owned), me.replica.clone());
+    let local = LocalFetch::new(Arc::clone(&topo), store.clone(), Arc::clone(&owned), me.replica.clone()).caching();
     let timeout = Duration::from_millis(topo.cluster.query_timeout_ms);
     let cluster = ClusterFetch::new(local.clone(), members, counts, timeout, topo.cluster.max_standby_lag, tokio::runtime::Handle::current());
     let api = ApiState { engine: QueryEngine::new(Arc::clone(&topo), Arc::new(cluster)), local, metrics: metrics.clone(), owned };

@@ -74,6 +74,9 @@ struct Reading {
     /// What of `restoration.stats` the counters already hold.
     reported: RestoreStats,
     last_read: Instant,
+    /// Whether what is read so far ends a flush: the last record was a position record (or,
+    /// before any, the local state was up to date with the changelog).
+    whole: bool,
 }
 
 impl Reading {
@@ -85,6 +88,7 @@ impl Reading {
         let position = self.restoration.apply(k, v)?;
         self.next = offset + 1;
         self.last_read = Instant::now();
+        self.whole = position;
         Ok(match self.mode {
             Mode::Following { .. } => {
                 if position {
@@ -303,7 +307,8 @@ impl Worker {
             .fetch_watermarks(&topic, p, Duration::from_secs(30))
             .map_err(|e| anyhow::anyhow!("reading the offsets of {topic} partition {p}: {e}"))?;
         let local = self.store.partition_meta(&self.topo.sources[s].name, p)?;
-        let (from, scratch) = match changelog::plan(local, low, high) {
+        let plan = changelog::plan(local, low, high);
+        let (from, scratch) = match plan {
             Plan::UpToDate => (high, false),
             Plan::Tail(from) => (from, false),
             Plan::Scratch => (low, true),
@@ -322,7 +327,8 @@ impl Worker {
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition_offset(&topic, p, Offset::Offset(from))?;
         self.consumer.incremental_assign(&tpl).map_err(|e| anyhow::anyhow!("reading {topic} partition {p}: {e}"))?;
-        let reading = Reading { restoration, mode, next: from, reported: RestoreStats::default(), last_read: Instant::now() };
+        let whole = plan == Plan::UpToDate;
+        let reading = Reading { restoration, mode, next: from, reported: RestoreStats::default(), last_read: Instant::now(), whole };
         self.reading.insert((s, p), reading);
         if from >= high {
             self.reached_end(s, p)?;
@@ -356,9 +362,13 @@ impl Worker {
         match r.mode {
             Mode::Restoring { .. } => self.finish(s, p),
             Mode::CatchingUp { .. } => {
-                // From here on, whole flushes only; queryable after the first one.
+                // From here on, whole flushes only. Queryable at once if what was read ends
+                // with a flush (a quiet partition's changelog does), else after the next one.
                 r.restoration.follow()?;
-                r.mode = Mode::Following { committed: false };
+                if r.whole {
+                    r.restoration.commit(r.next - 1)?;
+                }
+                r.mode = Mode::Following { committed: r.whole };
                 Ok(())
             }
             Mode::Following { .. } => Ok(()),

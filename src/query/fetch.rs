@@ -7,6 +7,7 @@
 //! the partials of every partition and renders the answer; nothing here knows JSON. These
 //! types are also the internal wire format between replicas ([`encode`], [`decode`]).
 
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -29,7 +30,7 @@ const CONSISTENT_READ_TRIES: usize = 8;
 const POSITION_POLL: Duration = Duration::from_millis(10);
 
 /// What to read of one metric.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct MetricRead {
     /// Metric name.
     pub metric: String,
@@ -43,6 +44,9 @@ pub struct MetricRead {
     pub group: Option<Vec<u8>>,
     /// Also say which is the newest slice holding data.
     pub newest: bool,
+    /// Merge each group's slices into one entry on the partition's owner (a span: the
+    /// answer merges them all anyway, and one partial per group is far less to send).
+    pub merged: bool,
 }
 
 /// What one answer needs of a source's partitions.
@@ -104,6 +108,8 @@ pub struct MetricPartials {
     pub entries: Vec<Entry>,
     /// The newest slice holding data, when asked.
     pub newest: Option<i64>,
+    /// Merged reads: the first slice's start and the last slice's end among the entries.
+    pub bounds: Option<(i64, i64)>,
 }
 
 /// One partition's answer to a [`FetchRequest`].
@@ -225,12 +231,48 @@ pub fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, String> {
     Ok(v)
 }
 
+/// Partials read recently, by (partition, read), with the position they are the state of:
+/// dashboards ask the same thing many times between two flushes, and a partition whose
+/// position has not moved has not changed (every flush of it moves its position).
+#[derive(Default)]
+struct ReadCache {
+    map: HashMap<(i32, MetricRead), (Position, MetricPartials)>,
+    entries: usize,
+}
+
+/// Partials kept in the cache at most (it is emptied when full).
+const CACHE_ENTRIES: usize = 200_000;
+/// A read of more partials than this is not kept.
+const CACHE_LARGEST: usize = 20_000;
+
+impl ReadCache {
+    fn get(&self, p: i32, r: &MetricRead, at: Position) -> Option<MetricPartials> {
+        self.map.get(&(p, r.clone())).filter(|(pos, _)| *pos == at).map(|(_, mp)| mp.clone())
+    }
+
+    fn put(&mut self, p: i32, r: &MetricRead, at: Position, mp: &MetricPartials) {
+        if mp.entries.len() > CACHE_LARGEST {
+            return;
+        }
+        if self.entries + mp.entries.len() > CACHE_ENTRIES {
+            self.map.clear();
+            self.entries = 0;
+        }
+        self.entries += mp.entries.len();
+        if let Some((_, old)) = self.map.insert((p, r.clone()), (at, mp.clone())) {
+            self.entries -= old.entries.len();
+        }
+    }
+}
+
 /// Reads this replica's store, for the partitions it owns and has restored.
 #[derive(Clone)]
 pub struct LocalFetch {
     topo: std::sync::Arc<Topology>,
     store: Store,
     owned: std::sync::Arc<Ownership>,
+    /// With [`LocalFetch::caching`].
+    cache: Option<std::sync::Arc<std::sync::Mutex<ReadCache>>>,
     /// This replica's name, as answers report it.
     pub replica: String,
 }
@@ -238,7 +280,14 @@ pub struct LocalFetch {
 impl LocalFetch {
     /// Reads `store` for the partitions `owned` says are this replica's.
     pub fn new(topo: std::sync::Arc<Topology>, store: Store, owned: std::sync::Arc<Ownership>, replica: String) -> LocalFetch {
-        LocalFetch { topo, store, owned, replica }
+        LocalFetch { topo, store, owned, cache: None, replica }
+    }
+
+    /// The same, keeping recent reads while their partition's position stands still. Only
+    /// for a store whose every change moves the changed partition's position: the state
+    /// store is; the result view, which drops windows it has sent, is not.
+    pub fn caching(self) -> LocalFetch {
+        LocalFetch { cache: Some(Default::default()), ..self }
     }
 
     /// One reply per partition of `req` (every owned one, without a list).
@@ -296,12 +345,18 @@ impl LocalFetch {
         // until the position stands still around the partials.
         let mut position = position;
         for _ in 0..CONSISTENT_READ_TRIES {
-            let reads = match self.read_metrics(req, p)? {
+            let reads = match self.read_metrics(req, p, position)? {
                 Ok(reads) => reads,
                 Err(why) => return Ok(Err(why)),
             };
             let after = Position::of(self.store.partition_meta(&req.source, p)?);
             if after == position {
+                if let Some(cache) = &self.cache {
+                    let mut cache = cache.lock().unwrap_or_else(|e| e.into_inner());
+                    for (r, mp) in req.reads.iter().zip(&reads) {
+                        cache.put(p, r, position, mp);
+                    }
+                }
                 return Ok(Ok(PartitionPartials { partition: p, position, reads, standby_lag: None }));
             }
             position = after;
@@ -309,25 +364,49 @@ impl LocalFetch {
         Ok(Err(Unavailable::Unreachable(format!("its state kept changing during {CONSISTENT_READ_TRIES} reads"))))
     }
 
-    /// Reads `req`'s metrics of partition `p`.
-    fn read_metrics(&self, req: &FetchRequest, p: i32) -> Result<Result<Vec<MetricPartials>, Unavailable>, StoreError> {
+    /// Reads `req`'s metrics of partition `p`, which was at `position` just before.
+    fn read_metrics(&self, req: &FetchRequest, p: i32, position: Position) -> Result<Result<Vec<MetricPartials>, Unavailable>, StoreError> {
         let mut reads = Vec::with_capacity(req.reads.len());
         for r in &req.reads {
+            if let Some(mp) = self.cache.as_ref().and_then(|c| c.lock().unwrap_or_else(|e| e.into_inner()).get(p, r, position)) {
+                reads.push(mp);
+                continue;
+            }
             let Some((_, m)) = self.topo.metric(&r.metric) else {
                 return Ok(Err(Unavailable::Mismatch(format!("no metric `{}` here", r.metric))));
             };
             if m.layout() != r.layout {
                 return Ok(Err(Unavailable::Mismatch(format!("metric `{}` has layout `{}` here, `{}` there", r.metric, m.layout(), r.layout))));
             }
-            let mut entries = Vec::new();
+            let mut entries: Vec<Entry> = Vec::new();
+            let mut bounds: Option<(i64, i64)> = None;
+            let mut merged: std::collections::BTreeMap<Vec<u8>, Vec<AggState>> = std::collections::BTreeMap::new();
             for e in self.store.scan(&m.name, p, r.lo, r.hi) {
                 let e = e?;
-                if r.group.as_ref().is_none_or(|g| *g == e.group) {
+                if r.group.as_ref().is_some_and(|g| *g != e.group) {
+                    continue;
+                }
+                if !r.merged {
                     entries.push(Entry { group: e.group, slice: e.slice, from_end: e.from_end, states: e.value.states });
+                    continue;
+                }
+                let (lo, hi) = bounds.unwrap_or((e.slice, i64::MIN));
+                bounds = Some((lo.min(e.slice), hi.max(m.window.slice_end(e.slice))));
+                match merged.entry(e.group) {
+                    std::collections::btree_map::Entry::Vacant(v) => {
+                        v.insert(e.value.states);
+                    }
+                    std::collections::btree_map::Entry::Occupied(mut o) => {
+                        for (a, b) in o.get_mut().iter_mut().zip(&e.value.states) {
+                            a.merge(b).map_err(|why| StoreError::Corrupt { key: format!("{} partition {p}", m.name), why: why.to_string() })?;
+                        }
+                    }
                 }
             }
+            // One key for every partition's merged entry, so they merge with each other.
+            entries.extend(merged.into_iter().map(|(group, states)| Entry { group, slice: r.lo, from_end: i64::MIN, states }));
             let newest = if r.newest { self.store.last_slice(&m.name, p)? } else { None };
-            reads.push(MetricPartials { entries, newest });
+            reads.push(MetricPartials { entries, newest, bounds });
         }
         Ok(Ok(reads))
     }
@@ -359,6 +438,7 @@ mod tests {
                 reads: vec![MetricPartials {
                     entries: vec![Entry { group: b"101".to_vec(), slice: 60_000, from_end: i64::MIN, states: vec![AggState::Count(5)] }],
                     newest: Some(60_000),
+                    bounds: None,
                 }],
                 standby_lag: Some(12),
             }),

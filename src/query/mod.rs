@@ -244,6 +244,8 @@ struct Gathered {
     cov: Coverage,
     partials: Vec<Partials>,
     newest: Vec<Option<i64>>,
+    /// Per read: the first slice's start and last slice's end of merged reads.
+    bounds: Vec<Option<(i64, i64)>>,
 }
 
 /// Answers queries from partials a [`Fetch`] reads (this replica's store, or the cluster).
@@ -278,7 +280,7 @@ fn overlaps(range: Range, w: Window) -> bool {
 
 /// What to read of `m`: slices in `[lo, hi)`, of `group` only if given.
 fn read(m: &Metric, lo: i64, hi: i64, group: Option<&[u8]>, newest: bool) -> MetricRead {
-    MetricRead { metric: m.name.clone(), layout: m.layout(), lo, hi, group: group.map(<[u8]>::to_vec), newest }
+    MetricRead { metric: m.name.clone(), layout: m.layout(), lo, hi, group: group.map(<[u8]>::to_vec), newest, merged: false }
 }
 
 impl QueryEngine {
@@ -348,9 +350,13 @@ impl QueryEngine {
         let cov = Coverage::of(name, &fetched, self.expiry);
         let mut partials = vec![Partials::new(); req.reads.len()];
         let mut newest = vec![None; req.reads.len()];
+        let mut bounds: Vec<Option<(i64, i64)>> = vec![None; req.reads.len()];
         for answered in fetched.parts {
-            for ((merged, newest), mp) in partials.iter_mut().zip(newest.iter_mut()).zip(answered.partials.reads) {
+            for (((merged, newest), bounds), mp) in partials.iter_mut().zip(newest.iter_mut()).zip(bounds.iter_mut()).zip(answered.partials.reads) {
                 *newest = (*newest).max(mp.newest);
+                if let Some((lo, hi)) = mp.bounds {
+                    *bounds = Some(bounds.map_or((lo, hi), |(a, b)| (a.min(lo), b.max(hi))));
+                }
                 for e in mp.entries {
                     match merged.entry(e.group).or_default().entry((e.slice, e.from_end)) {
                         std::collections::btree_map::Entry::Vacant(v) => {
@@ -361,7 +367,7 @@ impl QueryEngine {
                 }
             }
         }
-        Ok(Gathered { cov, partials, newest })
+        Ok(Gathered { cov, partials, newest, bounds })
     }
 
     fn group_bytes(&self, m: &Metric, key: &str) -> Result<Vec<u8>, QueryError> {
@@ -550,36 +556,44 @@ impl QueryEngine {
     pub fn span(&self, name: &str, key: Option<&str>, range: Range, last_ms: Option<i64>, sketches: bool, ask: &Ask) -> Result<Json, QueryError> {
         let (_, m) = self.metric(name)?;
         let group = key.map(|k| self.group_bytes(m, k)).transpose()?;
-        let range = match last_ms {
-            None => range,
-            Some(len) => {
-                let latest = self.gather(m.source, vec![], ask)?.cov.latest_event.ok_or_else(|| bad("last", "the metric has seen no records yet"))?;
-                Range { from: Some(latest.saturating_sub(len)), to: None }
+        let global = m.window.kind == WindowKind::Global;
+        // Where the span starts: at `from`'s slice, `last` before the latest event time, or
+        // (unbounded) at the first slice kept on every partition — those two need the
+        // partitions' positions first. A partition may expire further meanwhile: then the
+        // start is refused (410), or for an unbounded span looked up once more.
+        let mut attempts = 0;
+        let (cov, partials, bounds) = loop {
+            attempts += 1;
+            let lo = match (global, range.from, last_ms) {
+                (true, ..) => GLOBAL.start,
+                (false, Some(f), None) => m.window.slice_start(f),
+                (false, _, Some(len)) => {
+                    let latest =
+                        self.gather(m.source, vec![], ask)?.cov.latest_event.ok_or_else(|| bad("last", "the metric has seen no records yet"))?;
+                    m.window.slice_start(latest.saturating_sub(len))
+                }
+                (false, None, None) => self.gather(m.source, vec![], ask)?.cov.retained_from(m).unwrap_or(i64::MIN),
+            };
+            let hi = if global { GLOBAL.start + 1 } else { range.to.unwrap_or(i64::MAX) };
+            let r = MetricRead { merged: true, ..read(m, lo, hi, group.as_deref(), false) };
+            let Gathered { cov, mut partials, bounds, .. } = self.gather(m.source, vec![r], ask)?;
+            match cov.check_retained(m, lo) {
+                Err(_) if attempts == 1 && range.from.is_none() && last_ms.is_none() => continue,
+                Err(e) => return Err(e),
+                Ok(()) => break (cov, partials.swap_remove(0), bounds[0]),
             }
         };
-        let (lo, hi) = match (m.window.kind, range.from) {
-            (WindowKind::Global, _) => (GLOBAL.start, GLOBAL.start + 1),
-            (_, None) => (i64::MIN, range.to.unwrap_or(i64::MAX)),
-            (_, Some(f)) => (m.window.slice_start(f), range.to.unwrap_or(i64::MAX)),
-        };
-        let Gathered { cov, partials, .. } = self.gather(m.source, vec![read(m, lo, hi, group.as_deref(), false)], ask)?;
-        // Unbounded below: every slice still kept on all partitions.
-        let lo = if range.from.is_none() && m.window.kind != WindowKind::Global { cov.retained_from(m).unwrap_or(lo) } else { lo };
-        cov.check_retained(m, lo)?;
-        let (mut first, mut last) = (i64::MAX, i64::MIN);
         let mut rows = Vec::new();
-        for (g, slices) in &partials[0] {
+        for (g, slices) in &partials {
             let mut acc: Option<Vec<AggState>> = None;
-            for (&(s, _), st) in slices.range((lo, i64::MIN)..) {
-                first = first.min(s);
-                last = last.max(m.window.slice_end(s));
+            for st in slices.values() {
                 accumulate(&mut acc, st)?;
             }
             if let Some(states) = acc {
                 rows.push(json!({ "key": Self::key_json(m, g), "values": Self::values_json(m, &states, sketches) }));
             }
         }
-        let covered = if first <= last { json!({ "start": first, "end": last }) } else { Json::Null };
+        let covered = bounds.map_or(Json::Null, |(start, end)| json!({ "start": start, "end": end }));
         Ok(json!({ "metric": m.name, "coverage": cov.to_json(), "span": covered, "rows": rows }))
     }
 

@@ -17,6 +17,8 @@
 //!
 //! Every figure is read from tally's `/metrics` over HTTP, as an operator would.
 
+mod cluster;
+
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::Path;
@@ -58,6 +60,37 @@ pub struct BenchOptions {
     /// whose group coordinator waits session timeout − 1 s before every rebalance.
     #[arg(long)]
     pub failover_brokers: Option<String>,
+    /// Run the cluster phases instead ([`cluster`]): queries through one replica of three,
+    /// failover with a standby, availability under repeated SIGKILLs.
+    #[arg(long)]
+    pub cluster: bool,
+    /// Cluster phases: source partitions.
+    #[arg(long, default_value_t = 12)]
+    pub cluster_partitions: i32,
+    /// Cluster phases: events produced before the replicas start.
+    #[arg(long, default_value_t = 100_000)]
+    pub cluster_events: usize,
+    /// Cluster phases: queries per second offered, per query kind.
+    #[arg(long, default_value_t = 5_000)]
+    pub qps: u64,
+    /// Cluster phases: seconds per query kind.
+    #[arg(long, default_value_t = 5)]
+    pub query_seconds: u64,
+    /// Cluster phases: seconds watched after the SIGKILL of the failover phase.
+    #[arg(long, default_value_t = 30)]
+    pub failover_window: u64,
+    /// Cluster phases: seconds of the availability phase.
+    #[arg(long, default_value_t = 60)]
+    pub availability_seconds: u64,
+    /// Cluster phases: a replica is SIGKILLed this often (seconds) in the availability phase.
+    #[arg(long, default_value_t = 5)]
+    pub kill_every: u64,
+    /// Cluster phases: only the availability phase.
+    #[arg(long)]
+    pub availability_only: bool,
+    /// Cluster phases: keep the replicas' configs, logs and state (the directory is printed).
+    #[arg(long)]
+    pub keep: bool,
 }
 
 /// GET over loopback: (status, body).
@@ -359,10 +392,31 @@ impl Child {
         let mut cfg = cfg.clone();
         let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
         cfg.http.listen = format!("127.0.0.1:{port}");
+        Self::spawn(cfg, dir, name)
+    }
+
+    /// A replica named `name` (static membership), on the same port and state across restarts.
+    fn start_named(cfg: &Config, dir: &Path, name: &str) -> anyhow::Result<Child> {
+        let mut cfg = cfg.clone();
+        let port_file = dir.join(format!("{name}.port"));
+        let port = match std::fs::read_to_string(&port_file).ok().and_then(|p| p.trim().parse::<u16>().ok()) {
+            Some(p) => p,
+            None => {
+                let p = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+                std::fs::write(&port_file, p.to_string())?;
+                p
+            }
+        };
+        cfg.http.listen = format!("127.0.0.1:{port}");
+        cfg.cluster.replica = Some(name.to_string());
+        Self::spawn(cfg, dir, name)
+    }
+
+    fn spawn(mut cfg: Config, dir: &Path, name: &str) -> anyhow::Result<Child> {
         cfg.state.dir = dir.join(name);
         let file = dir.join(format!("{name}.toml"));
         std::fs::write(&file, toml::to_string(&cfg)?)?;
-        let log = std::fs::File::create(dir.join(format!("{name}.log")))?;
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join(format!("{name}.log")))?;
         let process = std::process::Command::new(std::env::current_exe()?)
             .args(["run", "--config"])
             .arg(&file)
@@ -455,6 +509,9 @@ fn failover(
 
 /// Runs the benchmark and prints its figures.
 pub fn run(opts: BenchOptions) -> anyhow::Result<()> {
+    if opts.cluster {
+        return cluster::run(&opts);
+    }
     let mock = MockCluster::new(1).map_err(|e| anyhow::anyhow!("starting the mock cluster: {e}"))?;
     let topic = gen::topic(Scenario::S1);
     let brokers = mock.bootstrap_servers();
