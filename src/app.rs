@@ -42,6 +42,13 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'stati
     metrics.init_metrics(topo.metrics.iter().map(|m| m.name.as_str()));
     metrics.init_results(topo.emitting());
     let partitions = topics::ensure(&cfg.kafka, &topo).await?;
+    // Every answer covers every partition of its source, so their number must be known.
+    let partitions: Vec<i32> = topo
+        .sources
+        .iter()
+        .zip(partitions)
+        .map(|(s, n)| n.ok_or_else(|| anyhow::anyhow!("source topic `{}` (source `{}`) does not exist; create it first", s.topic, s.name)))
+        .collect::<anyhow::Result<_>>()?;
     let addr: SocketAddr =
         cfg.http.listen.parse().with_context(|| format!("http.listen `{}` is not an address like 127.0.0.1:8080", cfg.http.listen))?;
     let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding the HTTP server to {addr}"))?;
@@ -64,7 +71,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'stati
     let consumer =
         SourceConsumer::new(&kafka, TaskSet::new(Arc::clone(&topo), store.clone()), side, metrics.clone(), Arc::clone(&owned), results_dir)?;
     let members = Arc::new(Members::new(MEMBER_TTL));
-    let counts: BTreeMap<String, i32> = topo.sources.iter().zip(&partitions).map(|(s, n)| (s.name.clone(), n.unwrap_or_default())).collect();
+    let counts: BTreeMap<String, i32> = topo.sources.iter().zip(&partitions).map(|(s, n)| (s.name.clone(), *n)).collect();
     let standbys = match (topo.cluster.num_standby_replicas, consumer.state_updater()) {
         (copies @ 1.., Some(updater)) => Some(Standbys { copies, partitions: counts.clone(), updater }),
         _ => None,

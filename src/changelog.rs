@@ -143,6 +143,13 @@ impl Restoration {
         let src = &topo.sources[source];
         let names = src.metrics.iter().map(|&m| topo.metrics[m].name.as_str());
         let mut position = store.partition_meta(&src.name, partition)?;
+        if !scratch && position.is_some() {
+            // The keys read from here on are written before the position that goes with
+            // them: until then the stored position is withdrawn, so no reader takes the
+            // mix for the old state (it is rewritten by `commit` / `finish`; a crash before
+            // that leaves no checkpoint, and the next restore reads everything).
+            store.put_encoded(&store::meta_key(&src.name, partition), None)?;
+        }
         if scratch {
             let mut wipe = WriteBatch::default();
             for k in store.partition_keys(names.clone(), &src.name, partition)? {

@@ -50,6 +50,9 @@ pub struct Standby {
 pub struct Ownership {
     parts: Mutex<BTreeMap<(usize, i32), PartitionState>>,
     standbys: Mutex<BTreeMap<(usize, i32), Standby>>,
+    /// Bumped whenever a partition is taken, given up, finishes restoring, or a standby copy
+    /// starts, stops or becomes queryable: what was read before may belong to another owner.
+    generation: std::sync::atomic::AtomicU64,
     joined: AtomicBool,
     stopping: AtomicBool,
 }
@@ -61,12 +64,33 @@ impl Ownership {
 
     /// Records a partition's state (taking ownership of it if new).
     pub fn set(&self, source: usize, partition: i32, state: PartitionState) {
-        self.lock().insert((source, partition), state);
+        let old = self.lock().insert((source, partition), state);
+        if old.is_none_or(|o| std::mem::discriminant(&o) != std::mem::discriminant(&state)) {
+            self.bump();
+        }
+    }
+
+    /// Updates the progress of a partition still restoring; one given up meanwhile (or
+    /// restored) is left alone.
+    pub fn restoring(&self, source: usize, partition: i32, restored: u64, total: u64) {
+        if let Some(s @ PartitionState::Restoring { .. }) = self.lock().get_mut(&(source, partition)) {
+            *s = PartitionState::Restoring { restored, total };
+        }
     }
 
     /// Gives a partition up.
     pub fn remove(&self, source: usize, partition: i32) {
         self.lock().remove(&(source, partition));
+        self.bump();
+    }
+
+    fn bump(&self) {
+        self.generation.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Changes with every change of what is owned or copied (see the field).
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
     }
 
     /// The owned partitions of `source`, in partition order.
@@ -76,12 +100,17 @@ impl Ownership {
 
     /// Records the state of a standby copy.
     pub fn set_standby(&self, source: usize, partition: i32, standby: Standby) {
-        self.standbys.lock().unwrap_or_else(|p| p.into_inner()).insert((source, partition), standby);
+        let old = self.standbys.lock().unwrap_or_else(|p| p.into_inner()).insert((source, partition), standby);
+        if old.is_none_or(|o| o.queryable != standby.queryable) {
+            self.bump();
+        }
     }
 
     /// Stops keeping a standby copy.
     pub fn remove_standby(&self, source: usize, partition: i32) {
-        self.standbys.lock().unwrap_or_else(|p| p.into_inner()).remove(&(source, partition));
+        if self.standbys.lock().unwrap_or_else(|p| p.into_inner()).remove(&(source, partition)).is_some() {
+            self.bump();
+        }
     }
 
     /// The standby copy of a partition, if one is kept.

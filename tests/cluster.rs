@@ -17,7 +17,6 @@ use std::time::Duration;
 
 use serde_json::Value;
 use tally::gen::{generate, GenOptions, GenRecord, Scenario};
-use tally::kafka::feed::Feed;
 
 use common::replica::Replica;
 use common::*;
@@ -115,17 +114,7 @@ fn any_replica_answers_while_partitions_move(cluster: Cluster, broker: &str) {
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(&cluster, dir.path());
     let mut replicas: Vec<Replica> = (0..3).map(|i| Replica::new(dir.path(), &format!("r{i}"), &cfg)).collect();
-    let feeder = {
-        let (kafka, records) = (cluster.kafka(), records.clone());
-        std::thread::spawn(move || {
-            let feed = Feed::new(&kafka, topic).unwrap();
-            for chunk in records.chunks(records.len() / 30 + 1) {
-                feed.send_all(chunk.iter().cloned(), 0, || false).unwrap();
-                feed.flush().unwrap();
-                std::thread::sleep(Duration::from_millis(500));
-            }
-        })
-    };
+    let feeder = cluster.feed_over_time(topic, &records, 30);
     replicas[0].start();
     replicas[0].wait_ready();
     let stop = Arc::new(AtomicBool::new(false));

@@ -12,7 +12,6 @@ mod model;
 use std::time::{Duration, Instant};
 
 use tally::gen::{generate, GenOptions, Scenario};
-use tally::kafka::feed::Feed;
 
 use common::replica::Replica;
 use common::*;
@@ -31,17 +30,7 @@ fn scale_kill_and_restore(cluster: Cluster, broker: &str) {
     let mut replicas: Vec<Replica> = (0..3).map(|i| Replica::new(dir.path(), &format!("r{i}"), &cfg)).collect();
 
     // Events flow for the whole run: 40 chunks, one every 0.5 s.
-    let feeder = {
-        let (kafka, records) = (cluster.kafka(), records.clone());
-        std::thread::spawn(move || {
-            let feed = Feed::new(&kafka, topic).unwrap();
-            for chunk in records.chunks(records.len() / 40 + 1) {
-                feed.send_all(chunk.iter().cloned(), 0, || false).unwrap();
-                feed.flush().unwrap();
-                std::thread::sleep(Duration::from_millis(500));
-            }
-        })
-    };
+    let feeder = cluster.feed_over_time(topic, &records, 40);
 
     replicas[0].start();
     replicas[0].wait_ready();

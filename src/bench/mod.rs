@@ -427,11 +427,17 @@ impl Child {
         Ok(Child { process, addr: cfg.http.listen.parse()? })
     }
 
-    /// Partitions this replica answers for right now (`None`: no answer, or 503).
-    fn answering(&self) -> Option<usize> {
-        match http_get(self.addr, "/api/v1/metrics/views?limit=1").ok()? {
-            (200, body) => serde_json::from_str::<serde_json::Value>(&body).ok()?["coverage"]["partitions"].as_array().map(Vec::len),
-            _ => None,
+    /// Partitions this replica owns right now (`None`: no answer).
+    fn owned(&self) -> Option<usize> {
+        let (_, body) = http_get(self.addr, "/ready").ok()?;
+        serde_json::from_str::<serde_json::Value>(&body).ok()?["partitions"].as_u64().map(|n| n as usize)
+    }
+
+    /// Whether it answers for every partition (itself, or asking the others).
+    fn complete(&self) -> bool {
+        match http_get(self.addr, "/api/v1/metrics/views?limit=1") {
+            Ok((200, body)) => serde_json::from_str::<serde_json::Value>(&body).is_ok_and(|v| v["coverage"]["complete"] == true),
+            _ => false,
         }
     }
 
@@ -449,11 +455,11 @@ impl Drop for Child {
     }
 }
 
-/// Waits until `replica` answers for all `partitions`; returns when it did.
+/// Waits until `replica` owns all `partitions` and answers for them; returns when it did.
 fn wait_answering(replica: &Child, partitions: usize, limit: Duration) -> anyhow::Result<Instant> {
     let start = Instant::now();
     loop {
-        if replica.answering() == Some(partitions) {
+        if replica.owned() == Some(partitions) && replica.complete() {
             return Ok(Instant::now());
         }
         if start.elapsed() > limit {
@@ -494,7 +500,7 @@ fn failover(
         let mut b = Child::start(&cfg, dir, "b")?;
         // Until the rebalance has given b its share.
         let start = Instant::now();
-        while !(b.answering().is_some_and(|n| n > 0) && a.answering().is_some_and(|n| n < partitions as usize)) {
+        while !(b.owned().is_some_and(|n| n > 0) && a.owned().is_some_and(|n| n < partitions as usize)) {
             anyhow::ensure!(start.elapsed() < Duration::from_secs(120), "the second replica never got partitions");
             std::thread::sleep(Duration::from_millis(50));
         }

@@ -20,13 +20,12 @@ pub enum PeerError {
     /// The connection failed.
     #[error("{0}")]
     Connect(String),
-    /// It answered, but not with partials.
-    #[error("answered {status}: {body}")]
+    /// It answered, but not with partials (its body is not passed on: it is another
+    /// process's text).
+    #[error("answered HTTP {status}")]
     Refused {
         /// HTTP status.
         status: u16,
-        /// The start of its body.
-        body: String,
     },
     /// Its answer did not decode.
     #[error("undecodable answer: {0}")]
@@ -69,11 +68,12 @@ impl PeerClient {
             .map_err(|e| PeerError::Connect(format!("bad peer URL `{url}`: {e}")))?;
         let response = self.http.request(request).await.map_err(|e| PeerError::Connect(e.to_string()))?;
         let status = response.status().as_u16();
-        let bytes = response.into_body().collect().await.map_err(|e| PeerError::Connect(e.to_string()))?.to_bytes();
         if status != 200 {
-            let body = String::from_utf8_lossy(&bytes[..bytes.len().min(300)]).into_owned();
-            return Err(PeerError::Refused { status, body });
+            return Err(PeerError::Refused { status });
         }
+        // Bounded: a peer's answer is decoded within the same limit as a request.
+        let body = http_body_util::Limited::new(response.into_body(), fetch::MAX_WIRE_BYTES);
+        let bytes = body.collect().await.map_err(|e| PeerError::Garbled(e.to_string()))?.to_bytes();
         fetch::decode(&bytes).map_err(PeerError::Garbled)
     }
 }

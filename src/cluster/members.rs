@@ -5,9 +5,11 @@
 //! The map is advisory: a query asks the replica the map names, and that replica answers
 //! only for partitions its own consumer owns right now (anything else it refuses), so a
 //! stale map costs a retry or a 503, never a wrong or doubled number. Staleness is still
-//! recognisable: each record carries the replica's incarnation (its start time) and an
-//! epoch bumped on every change, so an older record never replaces a newer one, and a
-//! record not refreshed within the time to live (a killed replica's) is ignored.
+//! recognisable: the topic has one partition, so a replica's latest record is the one read
+//! last (each also carries the replica's incarnation and an epoch bumped on every change,
+//! for people reading the topic), and a replica whose record has not been refreshed within
+//! the time to live by this replica's own clock (a killed or paused one) is left out. No
+//! replica's clock is compared with another's.
 //!
 //! ```
 //! use tally::cluster::members::{Member, Members, Owned};
@@ -18,16 +20,17 @@
 //! };
 //! members.apply("r1", Some(m.clone()));
 //! assert_eq!(members.owners("clicks", 0, "me"), vec![m.clone()]);
-//! // An older record of the same replica does not replace a newer one.
-//! members.apply("r1", Some(Member { epoch: 2, owned: vec![], ..m.clone() }));
-//! assert_eq!(members.owners("clicks", 0, "me").len(), 1);
-//! members.apply("r1", None);
+//! // The latest record in topic order wins.
+//! members.apply("r1", Some(Member { epoch: 4, owned: vec![], ..m.clone() }));
 //! assert!(members.owners("clicks", 0, "me").is_empty());
+//! // A URL other than http://host:port is not called.
+//! members.apply("r1", Some(Member { url: "http://evil/steal?x".into(), ..m.clone() }));
+//! assert!(members.live("me").is_empty());
 //! ```
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::RwLock;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
@@ -88,15 +91,20 @@ pub struct Member {
 }
 
 impl Member {
-    fn newer_than(&self, other: &Member) -> bool {
-        (self.incarnation, self.epoch, self.at_ms) >= (other.incarnation, other.epoch, other.at_ms)
+    /// Whether its URL is one this replica will call: `http://host:port`, nothing else.
+    fn url_ok(&self) -> bool {
+        let Some(rest) = self.url.strip_prefix("http://") else { return false };
+        match rest.rsplit_once(':') {
+            Some((host, port)) => !host.is_empty() && port.parse::<u16>().is_ok() && !host.contains(['/', '@', '?', '#', ' ']),
+            None => false,
+        }
     }
 }
 
-/// The live members, as read from the members topic.
+/// The live members, as read from the members topic, each with when its record arrived.
 #[derive(Debug)]
 pub struct Members {
-    map: RwLock<BTreeMap<String, Member>>,
+    map: RwLock<BTreeMap<String, (Member, Instant)>>,
     ttl: Duration,
 }
 
@@ -111,28 +119,25 @@ impl Members {
         SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
     }
 
-    /// Takes in one record of the members topic (`None`: a tombstone, the replica left).
+    /// Takes in one record of the members topic, in topic order (`None`: a tombstone, the
+    /// replica left). A record whose key and body disagree, or whose URL is not a plain
+    /// `http://host:port`, is not trusted.
     pub fn apply(&self, key: &str, member: Option<Member>) {
         let mut map = self.map.write().unwrap_or_else(|p| p.into_inner());
         match member {
-            None => {
+            Some(m) if m.replica == key && m.url_ok() => {
+                map.insert(key.to_string(), (m, Instant::now()));
+            }
+            _ => {
                 map.remove(key);
             }
-            Some(m) if m.replica == key => {
-                if map.get(key).is_none_or(|old| m.newer_than(old)) {
-                    map.insert(key.to_string(), m);
-                }
-            }
-            // A record whose key and body disagree is not trusted.
-            Some(_) => {}
         }
     }
 
     /// The live members other than `me`, by name.
     pub fn live(&self, me: &str) -> Vec<Member> {
-        let now = self.now_ms();
         let map = self.map.read().unwrap_or_else(|p| p.into_inner());
-        map.values().filter(|m| m.replica != me && now - m.at_ms <= self.ttl.as_millis() as i64).cloned().collect()
+        map.values().filter(|(m, seen)| m.replica != me && seen.elapsed() <= self.ttl).map(|(m, _)| m.clone()).collect()
     }
 
     /// The live members other than `me` announcing `source`'s `partition`, the best to ask

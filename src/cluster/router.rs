@@ -69,7 +69,9 @@ impl ClusterFetch {
                         out.push((
                             p,
                             match replies.remove(&p) {
-                                Some(PartitionReply::Partials(partials)) => Ok(Answered { replica: m.replica.clone(), partials }),
+                                Some(PartitionReply::Partials(partials)) => {
+                                    self.local.check(req, &partials).map(|()| Answered { replica: m.replica.clone(), partials })
+                                }
                                 Some(PartitionReply::Unavailable { why, .. }) => Err(why),
                                 None => Err(Unavailable::Unreachable(format!("{} sent no reply for it", m.replica))),
                             },

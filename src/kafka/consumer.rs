@@ -19,7 +19,7 @@
 //! assignment a partition is restored before it is processed; on revocation it is flushed
 //! and committed before it is released.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -72,10 +72,15 @@ pub struct Shared {
     quiet: Mutex<HashMap<(usize, i32), Quiet>>,
     /// Restores and standbys, on their own thread (with a changelog).
     updater: Option<StateUpdater>,
-    /// Assigned partitions being restored: paused until the updater has them up to date.
-    restoring: Mutex<BTreeSet<(usize, i32)>>,
+    /// Assigned partitions being restored, with the number of their assignment: paused
+    /// until the updater reports that assignment's restore done.
+    restoring: Mutex<BTreeMap<(usize, i32), u64>>,
+    /// Numbers the assignments (a partition revoked and assigned again gets a new one).
+    assignments: std::sync::atomic::AtomicU64,
     /// Restored partitions whose fetch position is still to be set.
-    restored: Mutex<Vec<(usize, i32)>>,
+    restored: Mutex<Vec<(usize, i32, u64)>>,
+    /// Whether some of them failed to seek and are to be tried again.
+    seek_again: AtomicBool,
 }
 
 /// A partition's fetching, as librdkafka's statistics last reported it.
@@ -281,8 +286,9 @@ impl Shared {
         if let Some(updater) = &self.updater {
             let mut restoring = self.restoring.lock().unwrap_or_else(|p| p.into_inner());
             for &(s, p) in &parts {
-                updater.send(Command::Restore(s, p));
-                restoring.insert((s, p));
+                let n = self.assignments.fetch_add(1, Ordering::Relaxed);
+                updater.send(Command::Restore(s, p, n));
+                restoring.insert((s, p), n);
                 pause.add_partition(&self.topo.sources[s].topic, p);
             }
             tracing::info!(partitions = ?parts, "partitions assigned; restoring them off the consumer thread");
@@ -331,18 +337,22 @@ impl Shared {
     /// tried again on the next call; the partition stays paused meanwhile.
     fn resume_restored(&self, consumer: &BaseConsumer<SourceContext>) -> anyhow::Result<()> {
         let Some(updater) = &self.updater else { return Ok(()) };
+        let news = updater.finished();
+        if news.is_empty() && !self.seek_again.load(Ordering::Relaxed) {
+            return Ok(());
+        }
         let mut restored = self.restored.lock().unwrap_or_else(|p| p.into_inner());
-        for done in updater.finished() {
+        for done in news {
             match done {
-                Done::Restored(s, p, _) => restored.push((s, p)),
+                Done::Restored(s, p, n, _) => restored.push((s, p, n)),
                 Done::Failed(e) => return Err(e.context("restoring assigned partitions from the changelog")),
             }
         }
         let mut restoring = self.restoring.lock().unwrap_or_else(|p| p.into_inner());
         let mut again = Vec::new();
-        for (s, p) in restored.drain(..) {
-            if !restoring.contains(&(s, p)) {
-                continue; // revoked meanwhile
+        for (s, p, n) in restored.drain(..) {
+            if restoring.get(&(s, p)) != Some(&n) {
+                continue; // revoked meanwhile (and maybe assigned again: its own report follows)
             }
             let topic = &self.topo.sources[s].topic;
             let offset = match self.tasks().store().partition_meta(&self.topo.sources[s].name, p)? {
@@ -351,7 +361,7 @@ impl Shared {
             };
             if let Err(e) = consumer.seek(topic, p, offset, Duration::from_millis(500)) {
                 tracing::debug!(topic, partition = p, error = %e, "seek after restore not possible yet; trying again");
-                again.push((s, p));
+                again.push((s, p, n));
                 continue;
             }
             self.start_task(s, p)?;
@@ -361,6 +371,7 @@ impl Shared {
             restoring.remove(&(s, p));
             tracing::info!(topic, partition = p, resume_at = ?offset, "partition restored; processing it");
         }
+        self.seek_again.store(!again.is_empty(), Ordering::Relaxed);
         *restored = again;
         Ok(())
     }
@@ -387,7 +398,7 @@ impl Shared {
         let mut restoring = self.restoring.lock().unwrap_or_else(|p| p.into_inner());
         for e in tpl.elements() {
             if let Some(source) = self.source_of(e.topic()) {
-                if restoring.remove(&(source, e.partition())) {
+                if restoring.remove(&(source, e.partition())).is_some() {
                     if let Some(u) = &self.updater {
                         u.send(Command::Cancel(source, e.partition()));
                     }
@@ -485,8 +496,10 @@ impl SourceConsumer {
             fetch: Mutex::new(HashMap::new()),
             quiet: Mutex::new(HashMap::new()),
             updater,
-            restoring: Mutex::new(BTreeSet::new()),
+            restoring: Mutex::new(BTreeMap::new()),
+            assignments: std::sync::atomic::AtomicU64::new(0),
             restored: Mutex::new(Vec::new()),
+            seek_again: AtomicBool::new(false),
         });
         let consumer: BaseConsumer<SourceContext> = super::client_config(
             kafka,

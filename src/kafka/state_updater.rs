@@ -28,7 +28,7 @@ use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use crate::changelog::{self, Plan, Restoration, RestoreStats};
 use crate::config::KafkaConfig;
 use crate::metrics::Metrics;
-use crate::ownership::{Ownership, PartitionState, Standby};
+use crate::ownership::{Ownership, Standby};
 use crate::store::Store;
 use crate::topology::Topology;
 
@@ -40,8 +40,9 @@ const REPORT_EVERY: Duration = Duration::from_secs(1);
 /// What the updater is asked to do, per (source, partition).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Command {
-    /// The partition was assigned: bring it up to date with its changelog.
-    Restore(usize, i32),
+    /// The partition was assigned (the number tells this assignment from an earlier one of
+    /// the same partition): bring it up to date with its changelog.
+    Restore(usize, i32, u64),
     /// Keep a standby copy (ignored for a partition this replica owns).
     Follow(usize, i32),
     /// Stop keeping the standby copy (a restore in progress goes on).
@@ -53,14 +54,15 @@ pub enum Command {
 /// What the updater reports to the consumer thread.
 #[derive(Debug)]
 pub enum Done {
-    /// The partition's store is up to date with its changelog and fsynced: process it.
-    Restored(usize, i32, RestoreStats),
+    /// The partition's store is up to date with its changelog and fsynced, for the
+    /// assignment numbered so: process it.
+    Restored(usize, i32, u64, RestoreStats),
     /// Reading the changelogs failed; processing a partition now would answer short.
     Failed(anyhow::Error),
 }
 
 enum Mode {
-    Restoring { end: i64, total: u64, started: Instant },
+    Restoring { end: i64, total: u64, started: Instant, assignment: u64 },
     CatchingUp { end: i64 },
     Following { committed: bool },
 }
@@ -89,10 +91,13 @@ impl Reading {
         self.next = offset + 1;
         self.last_read = Instant::now();
         self.whole = position;
+        // Following (a standby, or one being promoted), each flush goes in with its position.
+        if position {
+            self.restoration.commit(offset)?;
+        }
         Ok(match self.mode {
             Mode::Following { .. } => {
                 if position {
-                    self.restoration.commit(offset)?;
                     self.mode = Mode::Following { committed: true };
                 }
                 false
@@ -106,6 +111,9 @@ impl Reading {
 pub struct StateUpdater {
     commands: Sender<Command>,
     done: Mutex<Receiver<Done>>,
+    /// Set with every report: the consumer thread looks at `done` only then (it asks once
+    /// per record polled).
+    news: Arc<AtomicBool>,
     stop: Arc<AtomicBool>,
     thread: Mutex<Option<JoinHandle<()>>>,
 }
@@ -132,10 +140,24 @@ impl StateUpdater {
         let (commands, inbox) = channel();
         let (report, done) = channel();
         let stop = Arc::new(AtomicBool::new(false));
+        let news = Arc::new(AtomicBool::new(false));
         let topics = (0..topo.sources.len()).map(|s| topo.changelog_topic(s)).collect();
-        let worker = Worker { topo, store, owned, metrics, consumer, topics, inbox, report, reading: HashMap::new(), stop: Arc::clone(&stop) };
+        let report = Report { tx: report, news: Arc::clone(&news) };
+        let worker = Worker {
+            topo,
+            store,
+            owned,
+            metrics,
+            consumer,
+            topics,
+            inbox,
+            report,
+            reading: HashMap::new(),
+            finished: Vec::new(),
+            stop: Arc::clone(&stop),
+        };
         let thread = std::thread::Builder::new().name("tally-state-updater".into()).spawn(move || worker.run())?;
-        Ok(StateUpdater { commands, done: Mutex::new(done), stop, thread: Mutex::new(Some(thread)) })
+        Ok(StateUpdater { commands, done: Mutex::new(done), news, stop, thread: Mutex::new(Some(thread)) })
     }
 
     /// A handle to send commands with (the standby planner keeps one).
@@ -150,6 +172,9 @@ impl StateUpdater {
 
     /// What finished since the last call.
     pub fn finished(&self) -> Vec<Done> {
+        if !self.news.swap(false, Ordering::AcqRel) {
+            return Vec::new();
+        }
         self.done.lock().unwrap_or_else(|p| p.into_inner()).try_iter().collect()
     }
 
@@ -164,15 +189,17 @@ impl StateUpdater {
 
 /// Restores `parts` into `store` and waits until every one is done (`tally bench`).
 pub fn restore_all(kafka: &KafkaConfig, topo: Arc<Topology>, store: Store, parts: &[(usize, i32)], metrics: Metrics) -> anyhow::Result<RestoreStats> {
-    let updater = StateUpdater::start(kafka, topo, store, Arc::new(Ownership::default()), metrics)?;
+    let owned = Arc::new(Ownership::default());
+    let updater = StateUpdater::start(kafka, topo, store, Arc::clone(&owned), metrics)?;
     for &(s, p) in parts {
-        updater.send(Command::Restore(s, p));
+        owned.set(s, p, crate::ownership::PartitionState::Restoring { restored: 0, total: 0 });
+        updater.send(Command::Restore(s, p, 0));
     }
     let (mut left, mut total) = (parts.len(), RestoreStats::default());
     while left > 0 {
         for d in updater.finished() {
             match d {
-                Done::Restored(_, _, stats) => {
+                Done::Restored(_, _, _, stats) => {
                     total += stats;
                     left -= 1;
                 }
@@ -191,6 +218,19 @@ impl Drop for StateUpdater {
     }
 }
 
+/// Where the worker reports, flagging each report.
+struct Report {
+    tx: Sender<Done>,
+    news: Arc<AtomicBool>,
+}
+
+impl Report {
+    fn send(&self, d: Done) {
+        let _ = self.tx.send(d);
+        self.news.store(true, Ordering::Release);
+    }
+}
+
 struct Worker {
     topo: Arc<Topology>,
     store: Store,
@@ -199,8 +239,10 @@ struct Worker {
     consumer: BaseConsumer,
     topics: Vec<String>,
     inbox: Receiver<Command>,
-    report: Sender<Done>,
+    report: Report,
     reading: HashMap<(usize, i32), Reading>,
+    /// Restores finished in this step: reported once fsynced, together.
+    finished: Vec<(usize, i32, u64, RestoreStats)>,
     stop: Arc<AtomicBool>,
 }
 
@@ -209,13 +251,13 @@ impl Worker {
         let mut last_report = Instant::now();
         while !self.stop.load(Ordering::Relaxed) {
             if let Err(e) = self.step() {
-                let _ = self.report.send(Done::Failed(e));
+                self.report.send(Done::Failed(e));
                 return;
             }
             if last_report.elapsed() >= REPORT_EVERY {
                 last_report = Instant::now();
                 if let Err(e) = self.progress() {
-                    let _ = self.report.send(Done::Failed(e));
+                    self.report.send(Done::Failed(e));
                     return;
                 }
             }
@@ -232,7 +274,7 @@ impl Worker {
             }
         }
         if self.reading.is_empty() {
-            return Ok(());
+            return self.report_finished();
         }
         let mut ended = Vec::new();
         for _ in 0..10_000 {
@@ -255,29 +297,45 @@ impl Worker {
                 self.reached_end(s, p)?;
             }
         }
+        self.report_finished()
+    }
+
+    /// One fsync for every restore finished in this step, then their reports.
+    fn report_finished(&mut self) -> anyhow::Result<()> {
+        if self.finished.is_empty() {
+            return Ok(());
+        }
+        self.store.flush()?;
+        for (s, p, assignment, stats) in self.finished.drain(..) {
+            self.report.send(Done::Restored(s, p, assignment, stats));
+        }
         Ok(())
     }
 
     fn command(&mut self, c: Command) -> anyhow::Result<()> {
         match c {
-            Command::Restore(s, p) => match self.reading.contains_key(&(s, p)) {
+            Command::Restore(s, p, assignment) => match self.reading.contains_key(&(s, p)) {
                 true => {
-                    // A standby promoted: read its lag only.
+                    // A standby promoted (or a restore re-assigned): read its lag only.
                     let end = self.end_of(s, p)?;
                     let Some(r) = self.reading.get_mut(&(s, p)) else { return Ok(()) };
                     let total = (end - r.next).max(0) as u64;
                     tracing::info!(topic = self.topics[s], partition = p, from = r.next, to = end, records = total, "promoting the standby");
                     // The copy goes on answering queries until the promotion is done.
-                    r.mode = Mode::Restoring { end, total, started: Instant::now() };
+                    r.mode = Mode::Restoring { end, total, started: Instant::now(), assignment };
                     if r.next >= end {
                         self.finish(s, p)?;
                     }
                 }
-                false => self.begin(s, p, true)?,
+                false => self.begin(s, p, Some(assignment))?,
             },
             Command::Follow(s, p) => {
                 if !self.owned.owns(s, p) && !self.reading.contains_key(&(s, p)) {
-                    self.begin(s, p, false)?;
+                    // A copy that cannot be started is not worth stopping the replica for.
+                    if let Err(e) = self.begin(s, p, None) {
+                        tracing::warn!(topic = self.topics[s], partition = p, error = %e, "could not start a standby copy; the next placement tries again");
+                        self.drop_reading(s, p);
+                    }
                 }
             }
             Command::Unfollow(s, p) => {
@@ -299,8 +357,12 @@ impl Worker {
         Ok(high)
     }
 
-    /// Starts reading a partition: to restore it (`active`) or to keep a standby.
-    fn begin(&mut self, s: usize, p: i32, active: bool) -> anyhow::Result<()> {
+    /// Starts reading a partition: to restore it for the assignment numbered `active`, or
+    /// (`None`) to keep a standby copy.
+    fn begin(&mut self, s: usize, p: i32, active: Option<u64>) -> anyhow::Result<()> {
+        if active.is_some() && !self.owned.owns(s, p) {
+            return Ok(()); // revoked before its restore began
+        }
         let topic = self.topics[s].clone();
         let (low, high) = self
             .consumer
@@ -315,10 +377,10 @@ impl Worker {
         };
         let restoration = Restoration::begin(&self.store, &self.topo, s, p, scratch)?;
         let total = (high - from) as u64;
-        let mode = if active {
+        let mode = if let Some(assignment) = active {
             tracing::info!(topic, partition = p, from, to = high, records = total, from_checkpoint = !scratch, "restoring");
-            self.owned.set(s, p, PartitionState::Restoring { restored: 0, total });
-            Mode::Restoring { end: high, total, started: Instant::now() }
+            self.owned.restoring(s, p, 0, total);
+            Mode::Restoring { end: high, total, started: Instant::now(), assignment }
         } else {
             tracing::info!(topic, partition = p, from, to = high, records = total, "keeping a standby");
             self.owned.set_standby(s, p, Standby { lag: total, queryable: false });
@@ -375,19 +437,19 @@ impl Worker {
         }
     }
 
-    /// Ends a restore: writes the last position read with its checkpoint, fsyncs, reports.
+    /// Ends a restore: writes the last position read with its checkpoint; it is reported
+    /// once fsynced ([`Worker::report_finished`]).
     fn finish(&mut self, s: usize, p: i32) -> anyhow::Result<()> {
         let Some(mut r) = self.reading.remove(&(s, p)) else { return Ok(()) };
         self.unassign(s, p);
         self.publish(s, &mut r);
-        let started = match r.mode {
-            Mode::Restoring { started, .. } => started,
-            _ => Instant::now(),
+        let (started, assignment) = match r.mode {
+            Mode::Restoring { started, assignment, .. } => (started, assignment),
+            _ => (Instant::now(), 0),
         };
         // A promoted copy may be answering queries: its last flushes go in atomically.
         r.restoration.commit(r.next - 1)?;
         let (position, stats) = r.restoration.finish(r.next - 1)?;
-        self.store.flush()?;
         self.owned.remove_standby(s, p);
         tracing::info!(
             topic = self.topics[s],
@@ -401,7 +463,7 @@ impl Worker {
         );
         self.metrics.restore_duration.observe(started.elapsed().as_secs_f64());
         self.set_gauges();
-        let _ = self.report.send(Done::Restored(s, p, stats));
+        self.finished.push((s, p, assignment, stats));
         Ok(())
     }
 
@@ -451,12 +513,12 @@ impl Worker {
         for (s, p) in keys {
             let Some(mut r) = self.reading.remove(&(s, p)) else { continue };
             let standby = !matches!(r.mode, Mode::Restoring { .. });
-            let high = standby.then(|| self.consumer.fetch_watermarks(&self.topics[s], p, Duration::from_secs(5)).map(|w| w.1).ok()).flatten();
+            let high = standby.then(|| self.consumer.fetch_watermarks(&self.topics[s], p, Duration::from_secs(1)).map(|w| w.1).ok()).flatten();
             self.publish(s, &mut r);
             match r.mode {
                 Mode::Restoring { end, total, .. } => {
                     let restored = total.saturating_sub((end - r.next).max(0) as u64);
-                    self.owned.set(s, p, PartitionState::Restoring { restored, total });
+                    self.owned.restoring(s, p, restored, total);
                     if r.last_read.elapsed() > RESTORE_STALL && r.next < end {
                         anyhow::bail!("restore of {} partition {p} stalled: nothing read for {RESTORE_STALL:?}", self.topics[s]);
                     }

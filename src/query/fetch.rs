@@ -24,6 +24,8 @@ use crate::topology::Topology;
 pub const WIRE_FORMAT: u8 = 1;
 /// The largest request or reply decoded: bounds what a hostile body can make us allocate.
 pub const MAX_WIRE_BYTES: usize = 512 << 20;
+/// The longest a request may wait for a position (a request asking more is clamped).
+const MAX_WAIT: Duration = Duration::from_secs(60);
 /// How often a partition is read again when a flush changed it during the read.
 const CONSISTENT_READ_TRIES: usize = 8;
 /// How often a replica looks again at a partition's position while waiting for it.
@@ -238,20 +240,30 @@ pub fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, String> {
 struct ReadCache {
     map: HashMap<(i32, MetricRead), (Position, MetricPartials)>,
     entries: usize,
+    /// The ownership generation the entries were read under: any change of what this
+    /// replica owns or copies empties the cache (the partition may have another state now).
+    generation: u64,
 }
 
-/// Partials kept in the cache at most (it is emptied when full).
-const CACHE_ENTRIES: usize = 200_000;
+/// Partials kept in the cache at most (it is emptied when full): sketches can be tens of
+/// kilobytes each, so this bounds its memory to some hundreds of megabytes at worst.
+const CACHE_ENTRIES: usize = 20_000;
 /// A read of more partials than this is not kept.
-const CACHE_LARGEST: usize = 20_000;
+const CACHE_LARGEST: usize = 5_000;
 
 impl ReadCache {
-    fn get(&self, p: i32, r: &MetricRead, at: Position) -> Option<MetricPartials> {
+    fn get(&mut self, p: i32, r: &MetricRead, at: Position, generation: u64) -> Option<MetricPartials> {
+        if generation != self.generation {
+            self.map.clear();
+            self.entries = 0;
+            self.generation = generation;
+            return None;
+        }
         self.map.get(&(p, r.clone())).filter(|(pos, _)| *pos == at).map(|(_, mp)| mp.clone())
     }
 
-    fn put(&mut self, p: i32, r: &MetricRead, at: Position, mp: &MetricPartials) {
-        if mp.entries.len() > CACHE_LARGEST {
+    fn put(&mut self, p: i32, r: &MetricRead, at: Position, mp: &MetricPartials, generation: u64) {
+        if mp.entries.len() > CACHE_LARGEST || generation != self.generation {
             return;
         }
         if self.entries + mp.entries.len() > CACHE_ENTRIES {
@@ -290,6 +302,27 @@ impl LocalFetch {
         LocalFetch { cache: Some(Default::default()), ..self }
     }
 
+    /// Checks another replica's partials for `req` against this replica's config: one read
+    /// per metric asked, one state per aggregate, each of the aggregate's kind. A reply that
+    /// does not fit is not merged (it would panic, or answer short or wrong).
+    pub fn check(&self, req: &FetchRequest, partials: &PartitionPartials) -> Result<(), Unavailable> {
+        let wrong = |why: String| Err(Unavailable::Mismatch(why));
+        if partials.reads.len() != req.reads.len() {
+            return wrong(format!("{} reads answered, {} asked", partials.reads.len(), req.reads.len()));
+        }
+        for (r, mp) in req.reads.iter().zip(&partials.reads) {
+            let Some((_, m)) = self.topo.metric(&r.metric) else { return wrong(format!("no metric `{}` here", r.metric)) };
+            let kinds: Vec<_> = m.aggregates.iter().map(|a| std::mem::discriminant(&AggState::new(&a.kind))).collect();
+            for e in &mp.entries {
+                let fits = e.states.len() == kinds.len() && e.states.iter().zip(&kinds).all(|(st, k)| std::mem::discriminant(st) == *k);
+                if !fits {
+                    return wrong(format!("a partial of `{}` does not have its aggregates", r.metric));
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// One reply per partition of `req` (every owned one, without a list).
     pub fn read(&self, req: &FetchRequest) -> Result<Vec<PartitionReply>, QueryError> {
         let source = self
@@ -303,7 +336,8 @@ impl LocalFetch {
             Some(list) => list.clone(),
             None => owned.iter().map(|(p, _)| *p).collect(),
         };
-        let deadline = Instant::now() + Duration::from_millis(req.wait_ms);
+        let now = Instant::now();
+        let deadline = now.checked_add(Duration::from_millis(req.wait_ms).min(MAX_WAIT)).unwrap_or(now);
         let mut out = Vec::with_capacity(wanted.len());
         for p in wanted {
             // A standby copy answers for a partition this replica does not own, or is being
@@ -327,6 +361,7 @@ impl LocalFetch {
     /// error is the store's; the inner says why the partition has no answer.
     #[allow(clippy::type_complexity)]
     fn read_partition(&self, req: &FetchRequest, p: i32, deadline: Instant) -> Result<Result<PartitionPartials, Unavailable>, StoreError> {
+        let generation = self.owned.generation();
         let wanted = req.min_offsets.iter().find(|(q, _)| *q == p).map(|(_, o)| *o);
         let position = loop {
             let position = Position::of(self.store.partition_meta(&req.source, p)?);
@@ -345,7 +380,7 @@ impl LocalFetch {
         // until the position stands still around the partials.
         let mut position = position;
         for _ in 0..CONSISTENT_READ_TRIES {
-            let reads = match self.read_metrics(req, p, position)? {
+            let reads = match self.read_metrics(req, p, position, generation)? {
                 Ok(reads) => reads,
                 Err(why) => return Ok(Err(why)),
             };
@@ -354,7 +389,7 @@ impl LocalFetch {
                 if let Some(cache) = &self.cache {
                     let mut cache = cache.lock().unwrap_or_else(|e| e.into_inner());
                     for (r, mp) in req.reads.iter().zip(&reads) {
-                        cache.put(p, r, position, mp);
+                        cache.put(p, r, position, mp, generation);
                     }
                 }
                 return Ok(Ok(PartitionPartials { partition: p, position, reads, standby_lag: None }));
@@ -365,10 +400,16 @@ impl LocalFetch {
     }
 
     /// Reads `req`'s metrics of partition `p`, which was at `position` just before.
-    fn read_metrics(&self, req: &FetchRequest, p: i32, position: Position) -> Result<Result<Vec<MetricPartials>, Unavailable>, StoreError> {
+    fn read_metrics(
+        &self,
+        req: &FetchRequest,
+        p: i32,
+        position: Position,
+        generation: u64,
+    ) -> Result<Result<Vec<MetricPartials>, Unavailable>, StoreError> {
         let mut reads = Vec::with_capacity(req.reads.len());
         for r in &req.reads {
-            if let Some(mp) = self.cache.as_ref().and_then(|c| c.lock().unwrap_or_else(|e| e.into_inner()).get(p, r, position)) {
+            if let Some(mp) = self.cache.as_ref().and_then(|c| c.lock().unwrap_or_else(|e| e.into_inner()).get(p, r, position, generation)) {
                 reads.push(mp);
                 continue;
             }

@@ -578,7 +578,7 @@ impl QueryEngine {
             let r = MetricRead { merged: true, ..read(m, lo, hi, group.as_deref(), false) };
             let Gathered { cov, mut partials, bounds, .. } = self.gather(m.source, vec![r], ask)?;
             match cov.check_retained(m, lo) {
-                Err(_) if attempts == 1 && range.from.is_none() && last_ms.is_none() => continue,
+                Err(_) if attempts < 3 && range.from.is_none() && last_ms.is_none() => continue,
                 Err(e) => return Err(e),
                 Ok(()) => break (cov, partials.swap_remove(0), bounds[0]),
             }

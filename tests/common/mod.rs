@@ -178,6 +178,20 @@ impl Cluster {
         }
     }
 
+    /// Produces `records` to `topic` over time, on a thread: `chunks` chunks, one every half
+    /// second (events flowing while replicas come and go).
+    pub fn feed_over_time(&self, topic: &'static str, records: &[GenRecord], chunks: usize) -> std::thread::JoinHandle<()> {
+        let (kafka, records) = (self.kafka(), records.to_vec());
+        std::thread::spawn(move || {
+            let feed = Feed::new(&kafka, topic).unwrap();
+            for chunk in records.chunks(records.len() / chunks + 1) {
+                feed.send_all(chunk.iter().cloned(), 0, || false).unwrap();
+                feed.flush().unwrap();
+                std::thread::sleep(Duration::from_millis(500));
+            }
+        })
+    }
+
     /// Produces `records` in order, each to its own partition, and waits for the acks.
     pub fn produce(&self, topic: &str, records: &[GenRecord]) {
         let feed = Feed::new(&self.kafka(), topic).expect("producer");
