@@ -55,15 +55,15 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::Path;
 use std::sync::Arc;
 
-use serde_json::{json, Value as Json};
+use serde_json::json;
 
 use crate::config::Emit;
 use crate::ownership::{Ownership, PartitionState};
-use crate::query::{Ask, QueryEngine, QueryError, Range};
+use crate::query::{Ask, QueryEngine, QueryError, Range, WindowRow, WindowRows};
 use crate::store::{parse_key, KeyRef, PartitionMeta, Store, StoreError, STATE_FORMAT};
 use crate::task::NO_WATERMARK;
 use crate::topology::Topology;
-use crate::window::WindowKind;
+use crate::window::{WindowKind, GLOBAL};
 
 /// Why the view failed.
 #[derive(Debug, thiserror::Error)]
@@ -360,8 +360,9 @@ impl ResultView {
     fn final_rows(&mut self, o: Output, since: Option<i64>, f: i64, out: &mut Vec<ResultRecord>) -> Result<(), ResultsError> {
         let grace = self.grace(o);
         let range = Range { from: since.map(|e| e.saturating_sub(grace)), to: Some(f.saturating_sub(grace)) };
-        for row in self.rows(o, range)? {
-            let Some((start, end)) = bounds(&row) else { continue };
+        let rows = self.rows(o, range)?;
+        for row in &rows.rows {
+            let Some((start, end)) = bounds(row) else { continue };
             let close = end.saturating_add(grace);
             if since.is_some_and(|e| close <= e) || close > f {
                 continue;
@@ -371,7 +372,7 @@ impl ResultView {
                 self.skipped[i] += 1;
                 continue;
             }
-            out.push(self.record(o, &row, true));
+            out.push(self.record(o, &rows, row, true));
         }
         Ok(())
     }
@@ -396,7 +397,7 @@ impl ResultView {
     fn updated_rows(&mut self, o: Output, out: &mut Vec<ResultRecord>) -> Result<(), ResultsError> {
         let sides = self.sides(o);
         let m = &self.topo.metrics[self.base(o)];
-        let mut wanted: HashSet<(Option<i64>, String)> = HashSet::new();
+        let mut wanted: HashSet<(Option<i64>, &[u8])> = HashSet::new();
         let (mut lo, mut hi) = (i64::MAX, i64::MIN);
         let listed = self.listed_to(o)?;
         let newly = match (self.listed_until[self.index(o)], listed) {
@@ -409,64 +410,65 @@ impl ResultView {
         }
         for &side in &sides {
             for (slice, from_end, group) in &self.touched[side] {
-                let key = QueryEngine::key_json(m, group).to_string();
                 for w in m.window.windows_containing(*slice).into_iter().filter(|w| w.end >= *from_end) {
                     lo = lo.min(w.start);
                     hi = hi.max(w.end);
-                    wanted.insert(((m.window.kind != WindowKind::Global).then_some(w.start), key.clone()));
+                    wanted.insert(((m.window.kind != WindowKind::Global).then_some(w.start), group.as_slice()));
                 }
             }
         }
         let i = self.index(o);
-        self.listed_until[i] = listed;
         if wanted.is_empty() && newly.is_none() {
+            self.listed_until[i] = listed;
             return Ok(());
         }
         let range = if m.window.kind == WindowKind::Global { Range::default() } else { Range { from: Some(lo), to: Some(hi) } };
-        for row in self.rows(o, range)? {
-            let window = bounds(&row);
+        let rows = self.rows(o, range)?;
+        let mut owed = Vec::new();
+        for row in &rows.rows {
+            let window = bounds(row);
             let new = window.zip(newly).is_some_and(|((_, end), (before, now))| end > before && end <= now);
-            if !new && !wanted.contains(&(window.map(|b| b.0), row["key"].to_string())) {
+            if !new && !wanted.contains(&(window.map(|b| b.0), row.group.as_slice())) {
                 continue;
             }
             if window.is_some_and(|(start, end)| self.incomplete(o, start, end)) {
                 self.skipped[i] += 1;
                 continue;
             }
-            let closed = row["window"]["closed"] == json!(true);
-            out.push(self.record(o, &row, closed));
+            owed.push(self.record(o, &rows, row, row.closed));
         }
+        self.listed_until[i] = listed;
+        out.append(&mut owed);
         Ok(())
     }
 
-    fn rows(&self, o: Output, range: Range) -> Result<Vec<Json>, ResultsError> {
+    fn rows(&self, o: Output, range: Range) -> Result<WindowRows, ResultsError> {
         let name = match o {
             Output::Metric(m) => &self.topo.metrics[m].name,
             Output::Ratio(d) => &self.topo.derived[d].name,
         };
-        let mut answer = self.engine.windows(name, None, range, usize::MAX, false, &Ask::default())?;
-        Ok(match answer["rows"].take() {
-            Json::Array(rows) => rows,
-            _ => Vec::new(),
-        })
+        Ok(self.engine.window_rows(name, None, range, usize::MAX, &Ask::default())?)
     }
 
-    fn record(&self, o: Output, row: &Json, is_final: bool) -> ResultRecord {
+    fn record(&self, o: Output, rows: &WindowRows, row: &WindowRow, is_final: bool) -> ResultRecord {
         let i = self.index(o);
         let name = self.output_name(i);
         let window = match bounds(row) {
             Some((start, end)) => json!({ "start": start, "end": end }),
             None => json!({ "global": true }),
         };
-        let key = json!({ "metric": name, "key": row["key"], "window": window });
-        let value = json!({ "metric": name, "key": row["key"], "window": window, "values": row["values"], "final": is_final });
+        let m = &self.topo.metrics[rows.metric];
+        let key_json = QueryEngine::key_json(m, &row.group);
+        let values = self.engine.values_of(m, &row.values, false);
+        let key = json!({ "metric": name, "key": key_json, "window": window });
+        let value = json!({ "metric": name, "key": key_json, "window": window, "values": values, "final": is_final });
         ResultRecord { metric: i, key: key.to_string().into_bytes(), value: value.to_string().into_bytes() }
     }
 }
 
 /// A row's window as (start, end); `None` for the global window.
-fn bounds(row: &Json) -> Option<(i64, i64)> {
-    Some((row["window"]["start"].as_i64()?, row["window"]["end"].as_i64()?))
+fn bounds(row: &WindowRow) -> Option<(i64, i64)> {
+    (row.window != GLOBAL).then_some((row.window.start, row.window.end))
 }
 
 #[cfg(test)]
@@ -476,6 +478,7 @@ mod tests {
     use super::*;
     use crate::changelog::{Change, ChangeSink, ChangelogError};
     use crate::task::TaskSet;
+    use serde_json::Value as Json;
 
     /// A changelog record: store key, value (`None`: tombstone).
     type Record = (Vec<u8>, Option<Vec<u8>>);

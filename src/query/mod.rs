@@ -238,6 +238,47 @@ fn number_json(x: f64) -> Json {
 type Slices = BTreeMap<(i64, i64), Vec<AggState>>;
 type Partials = BTreeMap<Vec<u8>, Slices>;
 
+/// What a windowed row holds.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RowValues {
+    /// A metric's merged states, one per aggregate.
+    States(Vec<AggState>),
+    /// A ratio's two sides (the numerator 0 where its metric has no records).
+    Ratio {
+        /// The numerator's aggregate.
+        numerator: f64,
+        /// The denominator's aggregate.
+        denominator: f64,
+    },
+}
+
+/// One row of a windowed answer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WindowRow {
+    /// The window ([`GLOBAL`] for the global window).
+    pub window: Window,
+    /// Whether it has closed on every covered partition.
+    pub closed: bool,
+    /// The group key, as stored.
+    pub group: Vec<u8>,
+    /// What the row holds.
+    pub values: RowValues,
+}
+
+/// A windowed answer, typed: its rows and what they cover.
+#[derive(Debug, Clone)]
+pub struct WindowRows {
+    /// The metric's or ratio's name.
+    pub name: String,
+    /// The metric whose group-by names the keys (a ratio's numerator).
+    pub metric: usize,
+    cov: Coverage,
+    /// Newest window first, then by key.
+    pub rows: Vec<WindowRow>,
+    /// Whether rows were left out for the limit.
+    pub truncated: bool,
+}
+
 /// What [`QueryEngine::gather`] brings back: the coverage, and per read the partials merged
 /// over partitions and the newest slice holding data.
 struct Gathered {
@@ -445,13 +486,28 @@ impl QueryEngine {
     }
 
     /// Windowed rows (window, key, merged values) — per window overlapping `range`, per
-    /// key (or just `key`), newest window first, at most `limit` rows. For a derived metric,
-    /// rows hold the ratio.
+    /// key (or just `key`), newest window first, at most `limit` rows — as JSON. For a
+    /// derived metric, rows hold the ratio.
     pub fn windows(&self, name: &str, key: Option<&str>, range: Range, limit: usize, sketches: bool, ask: &Ask) -> Result<Json, QueryError> {
-        if let Some(d) = self.topo.derived.iter().find(|d| d.name == name) {
-            return self.ratio(d, key, range, limit, ask);
-        }
-        let (_, m) = self.metric(name)?;
+        let r = self.window_rows(name, key, range, limit, ask)?;
+        let rows: Vec<Json> = r.rows.iter().map(|row| self.row_json(&r, row, sketches)).collect();
+        Ok(json!({ "metric": r.name, "coverage": r.cov.to_json(), "truncated": r.truncated, "rows": rows }))
+    }
+
+    /// The same rows, typed (the result view renders them itself).
+    pub fn window_rows(&self, name: &str, key: Option<&str>, range: Range, limit: usize, ask: &Ask) -> Result<WindowRows, QueryError> {
+        let mut r = match self.topo.derived.iter().position(|d| d.name == name) {
+            Some(di) => self.ratio_rows(di, key, range, ask)?,
+            None => self.metric_rows(name, key, range, ask)?,
+        };
+        r.rows.sort_by(|a, b| b.window.cmp(&a.window).then_with(|| a.group.cmp(&b.group)));
+        r.truncated = r.rows.len() > limit;
+        r.rows.truncate(limit);
+        Ok(r)
+    }
+
+    fn metric_rows(&self, name: &str, key: Option<&str>, range: Range, ask: &Ask) -> Result<WindowRows, QueryError> {
+        let (mi, m) = self.metric(name)?;
         let group = key.map(|k| self.group_bytes(m, k)).transpose()?;
         let (lo, hi) = Self::slice_bounds(m, range);
         let Gathered { cov, partials, .. } = self.gather(m.source, vec![read(m, lo, hi, group.as_deref(), false)], ask)?;
@@ -460,22 +516,17 @@ impl QueryEngine {
             for w in cov.listed(m, slices, m.grace_ms).into_iter().filter(|w| overlaps(range, *w) && !cov.expired(m, *w)) {
                 if let Some(states) = Self::window_states(w, slices)? {
                     if Self::passes_having(m, &states) {
-                        rows.push((w, g.clone(), states));
+                        let closed = Self::closed(m.grace_ms, w, cov.watermark);
+                        rows.push(WindowRow { window: w, closed, group: g.clone(), values: RowValues::States(states) });
                     }
                 }
             }
         }
-        rows.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(&b.1)));
-        let truncated = rows.len() > limit;
-        rows.truncate(limit);
-        let rows: Vec<Json> = rows
-            .iter()
-            .map(|(w, g, st)| json!({ "window": Self::window_json(m.grace_ms, *w, cov.watermark), "key": Self::key_json(m, g), "values": Self::values_json(m, st, sketches) }))
-            .collect();
-        Ok(json!({ "metric": m.name, "coverage": cov.to_json(), "truncated": truncated, "rows": rows }))
+        Ok(WindowRows { name: m.name.clone(), metric: mi, cov, rows, truncated: false })
     }
 
-    fn ratio(&self, d: &crate::topology::Derived, key: Option<&str>, range: Range, limit: usize, ask: &Ask) -> Result<Json, QueryError> {
+    fn ratio_rows(&self, di: usize, key: Option<&str>, range: Range, ask: &Ask) -> Result<WindowRows, QueryError> {
+        let d = &self.topo.derived[di];
         let (num_m, den_m) = (&self.topo.metrics[d.numerator.0], &self.topo.metrics[d.denominator.0]);
         let group = key.map(|k| self.group_bytes(num_m, k)).transpose()?;
         let (lo, hi) = Self::slice_bounds(num_m, range);
@@ -491,22 +542,39 @@ impl QueryEngine {
                 // A row where the denominator has one: a window it has no records in is
                 // not a window of the ratio.
                 let Some(den) = Self::window_states(w, den_slices)? else { continue };
-                let den = den[d.denominator.1].number().unwrap_or(0.0);
-                let num = Self::window_states(w, num_slices)?.and_then(|s| s[d.numerator.1].number()).unwrap_or(0.0);
-                rows.push((w, g.clone(), num, den));
+                let denominator = den.get(d.denominator.1).and_then(AggState::number).unwrap_or(0.0);
+                let numerator = Self::window_states(w, num_slices)?.and_then(|s| s.get(d.numerator.1).and_then(AggState::number)).unwrap_or(0.0);
+                let closed = Self::closed(d.grace_ms, w, cov.watermark);
+                rows.push(WindowRow { window: w, closed, group: g.clone(), values: RowValues::Ratio { numerator, denominator } });
             }
         }
-        rows.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(&b.1)));
-        let truncated = rows.len() > limit;
-        rows.truncate(limit);
-        let rows: Vec<Json> = rows
-            .iter()
-            .map(|(w, g, num, den)| {
-                let ratio = if *den == 0.0 { Json::Null } else { json!(num / den) };
-                json!({ "window": Self::window_json(d.grace_ms, *w, cov.watermark), "key": Self::key_json(num_m, g), "values": { "ratio": ratio, "numerator": number_json(*num), "denominator": number_json(*den) } })
-            })
-            .collect();
-        Ok(json!({ "metric": d.name, "coverage": cov.to_json(), "truncated": truncated, "rows": rows }))
+        Ok(WindowRows { name: d.name.clone(), metric: d.numerator.0, cov, rows, truncated: false })
+    }
+
+    fn closed(grace_ms: i64, w: Window, watermark: Option<i64>) -> bool {
+        w != GLOBAL && watermark.is_some_and(|wm| w.end.saturating_add(grace_ms) <= wm)
+    }
+
+    /// One typed row of `r` as the API renders it.
+    pub fn row_json(&self, r: &WindowRows, row: &WindowRow, sketches: bool) -> Json {
+        let m = &self.topo.metrics[r.metric];
+        let window = if row.window == GLOBAL {
+            json!({ "global": true, "closed": false })
+        } else {
+            json!({ "start": row.window.start, "end": row.window.end, "closed": row.closed })
+        };
+        json!({ "window": window, "key": Self::key_json(m, &row.group), "values": self.values_of(m, &row.values, sketches) })
+    }
+
+    /// A row's values as JSON: a metric's aggregates by name, or a ratio's three numbers.
+    pub fn values_of(&self, m: &Metric, values: &RowValues, sketches: bool) -> Json {
+        match values {
+            RowValues::States(states) => Self::values_json(m, states, sketches),
+            RowValues::Ratio { numerator, denominator } => {
+                let ratio = if *denominator == 0.0 { Json::Null } else { json!(numerator / denominator) };
+                json!({ "ratio": ratio, "numerator": number_json(*numerator), "denominator": number_json(*denominator) })
+            }
+        }
     }
 
     /// The window "as of" event time `t`: of the windows holding `t`, the one that ends
