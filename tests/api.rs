@@ -86,6 +86,7 @@ fn errors_documents_and_probes() {
         "/health",
         "/ready",
         "/",
+        "/internal/v1/partials",
     ] {
         assert!(paths.contains_key(p), "OpenAPI document lacks {p}");
     }
