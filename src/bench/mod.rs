@@ -16,6 +16,8 @@
 //!    the time until the other answers for every partition is measured.
 //!
 //! Every figure is read from tally's `/metrics` over HTTP, as an operator would.
+//! `--cluster` runs the cluster phases of `bench/cluster.rs` instead: queries through one
+//! replica of three, failover with a standby, availability under repeated SIGKILLs.
 
 mod cluster;
 
@@ -60,8 +62,8 @@ pub struct BenchOptions {
     /// whose group coordinator waits session timeout − 1 s before every rebalance.
     #[arg(long)]
     pub failover_brokers: Option<String>,
-    /// Run the cluster phases instead ([`cluster`]): queries through one replica of three,
-    /// failover with a standby, availability under repeated SIGKILLs.
+    /// Run the cluster phases instead: queries through one replica of three, failover with a
+    /// standby, availability under repeated SIGKILLs.
     #[arg(long)]
     pub cluster: bool,
     /// Cluster phases: source partitions.

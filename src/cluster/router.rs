@@ -107,24 +107,27 @@ impl Fetch for ClusterFetch {
         for (p, why) in mine.missing {
             done.insert(p, Err(why));
         }
+        // Whom to ask for each partition not answered here, best first, from one look at
+        // the map (a map changing between rounds must not skip or repeat a replica).
         let me = &self.local.replica;
-        let mut tried: BTreeMap<i32, usize> = BTreeMap::new();
+        let mut candidates: BTreeMap<i32, std::vec::IntoIter<Candidate>> = BTreeMap::new();
+        for &p in &all {
+            if matches!(done.get(&p), Some(Ok(_))) {
+                continue;
+            }
+            let list = self.members.candidates(&req.source, p, me, self.max_standby_lag);
+            if list.is_empty() {
+                done.entry(p).or_insert(Err(Unavailable::NoOwner));
+            }
+            candidates.insert(p, list.into_iter());
+        }
         for _ in 0..CANDIDATES {
             let mut wanted = BTreeMap::new();
-            for &p in &all {
-                if matches!(done.get(&p), Some(Ok(_))) {
-                    continue;
-                }
-                let n = tried.entry(p).or_default();
-                match self.members.candidates(&req.source, p, me, self.max_standby_lag).into_iter().nth(*n) {
-                    Some(m) => {
-                        *n += 1;
-                        wanted.insert(p, m);
+            for (p, list) in &mut candidates {
+                if !matches!(done.get(p), Some(Ok(_))) {
+                    if let Some(c) = list.next() {
+                        wanted.insert(*p, c);
                     }
-                    None if !done.contains_key(&p) => {
-                        done.insert(p, Err(Unavailable::NoOwner));
-                    }
-                    None => {}
                 }
             }
             if wanted.is_empty() {

@@ -205,7 +205,8 @@ impl Coverage {
     }
 }
 
-/// Reads a position token of `source` (see [`Coverage::token`]) into (partition, offset) pairs.
+/// Reads a position token of `source` (an answer's `coverage.position`: the source name, then
+/// `~partition-offset` per answered partition) into (partition, offset) pairs.
 pub fn parse_position(source: &str, text: &str) -> Result<Vec<(i32, i64)>, QueryError> {
     let wrong =
         || bad("min_position", format!("`{text}` is not a position token of source `{source}` (answers carry theirs in `coverage.position`)"));
