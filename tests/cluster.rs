@@ -220,13 +220,6 @@ fn a_paused_replica_does_not_hang_the_others() {
     s1::assert_exact(replicas[0].addr, &records, "after the paused replica resumed");
 }
 
-/// The number after `name=` in a log line (ANSI colours stripped).
-fn field(line: &str, name: &str) -> Option<i64> {
-    let plain: String = line.split('\x1b').map(|p| p.split_once('m').map_or(p, |(_, rest)| rest)).collect();
-    let at = plain.find(&format!(" {name}="))? + name.len() + 2;
-    plain[at..].split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
-}
-
 /// With one standby copy per partition, two replicas each follow the other's changelogs.
 /// SIGKILL one: the survivor answers every partition at once — the dead one's from its
 /// copies, marked with their lag — and once the group hands it the partitions it is
@@ -319,7 +312,8 @@ fn a_standby_answers_for_a_killed_owner_and_is_promoted_reading_only_its_lag() {
         std::thread::sleep(Duration::from_millis(20));
     }
     println!("until promoted: {answered} complete answers, {refused} refused");
-    let promoted: Vec<i64> = replicas[1].log().lines().filter(|l| l.contains("promoting the standby")).filter_map(|l| field(l, "records")).collect();
+    let promoted: Vec<i64> =
+        replicas[1].log().lines().filter(|l| l.contains("promoting the standby")).filter_map(|l| log_field(l, "records")).collect();
     println!("promoted {} copies reading {} changelog records; a full restore reads {full}", promoted.len(), promoted.iter().sum::<i64>());
     assert_eq!(promoted.len(), victim.len(), "each of the victim's partitions was promoted from its copy");
     assert!(promoted.iter().sum::<i64>() < full / 4, "promotion read the lag, not the changelog: {promoted:?} of {full}");

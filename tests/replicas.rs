@@ -69,7 +69,7 @@ fn scale_kill_and_restore(cluster: Cluster, broker: &str) {
     for r in &replicas {
         for line in r.log().lines().filter(|l| l.contains(" restored ")) {
             restores += 1;
-            records += field(line, "records").unwrap_or(0);
+            records += log_field(line, "records").unwrap_or(0) as u64;
         }
     }
     println!("[{broker}] {restores} partition restores read {records} changelog records in all");
@@ -89,13 +89,6 @@ fn assert_results(cluster: &Cluster, addr: std::net::SocketAddr, records: &[tall
             Err(_) => std::thread::sleep(Duration::from_secs(1)),
         }
     }
-}
-
-/// The number after `name=` in a log line (ANSI colours stripped).
-fn field(line: &str, name: &str) -> Option<u64> {
-    let plain: String = line.split('\x1b').map(|p| p.split_once('m').map_or(p, |(_, rest)| rest)).collect();
-    let at = plain.find(&format!(" {name}="))? + name.len() + 2;
-    plain[at..].split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
 }
 
 #[test]

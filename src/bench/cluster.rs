@@ -18,29 +18,12 @@ use hyper_util::rt::TokioExecutor;
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::Producer;
 
-use super::{bench_config, create_internal, http_get, scrape, sum, BenchOptions, Child};
+use super::{bench_config, complete, create_internal, http_get, sample, scrape, sum, BenchOptions, Child};
 use crate::gen::{self, GenOptions, Scenario};
 use crate::kafka::feed::Feed;
 
 /// Three replicas, named so that a restart keeps its group membership.
 const REPLICAS: usize = 3;
-
-/// Whether `addr` answers `views` for every partition (`Some(false)`: it answers, not fully).
-fn complete(addr: std::net::SocketAddr) -> Option<bool> {
-    sample(addr).map(|r| r.is_ok())
-}
-
-/// One answer of `views` from `addr`: `Ok` when complete, else the reasons partitions were
-/// missing (`None`: no answer at all).
-fn sample(addr: std::net::SocketAddr) -> Option<Result<(), Vec<String>>> {
-    let (status, body) = http_get(addr, "/api/v1/metrics/views?limit=1").ok()?;
-    let v: serde_json::Value = serde_json::from_str(&body).ok()?;
-    if status == 200 && v["coverage"]["complete"] == true {
-        return Some(Ok(()));
-    }
-    let reasons = v["missing"].as_array().map(|m| m.iter().filter_map(|x| x["reason"].as_str().map(String::from)).collect()).unwrap_or_default();
-    Some(Err(reasons))
-}
 
 fn wait_complete(addr: std::net::SocketAddr, limit: Duration) -> anyhow::Result<()> {
     let start = Instant::now();

@@ -107,6 +107,23 @@ fn http_get(addr: SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
     Ok((status, body.to_string()))
 }
 
+/// Whether `addr` answers `views` for every partition (`Some(false)`: it answers, not fully).
+fn complete(addr: SocketAddr) -> Option<bool> {
+    sample(addr).map(|r| r.is_ok())
+}
+
+/// One answer of `views` from `addr`: `Ok` when complete, else the reasons partitions were
+/// missing (`None`: no answer at all).
+fn sample(addr: SocketAddr) -> Option<Result<(), Vec<String>>> {
+    let (status, body) = http_get(addr, "/api/v1/metrics/views?limit=1").ok()?;
+    let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+    if status == 200 && v["coverage"]["complete"] == true {
+        return Some(Ok(()));
+    }
+    let reasons = v["missing"].as_array().map(|m| m.iter().filter_map(|x| x["reason"].as_str().map(String::from)).collect()).unwrap_or_default();
+    Some(Err(reasons))
+}
+
 fn scrape(addr: SocketAddr) -> anyhow::Result<String> {
     Ok(http_get(addr, "/metrics")?.1)
 }
@@ -437,10 +454,7 @@ impl Child {
 
     /// Whether it answers for every partition (itself, or asking the others).
     fn complete(&self) -> bool {
-        match http_get(self.addr, "/api/v1/metrics/views?limit=1") {
-            Ok((200, body)) => serde_json::from_str::<serde_json::Value>(&body).is_ok_and(|v| v["coverage"]["complete"] == true),
-            _ => false,
-        }
+        complete(self.addr) == Some(true)
     }
 
     fn signal(&mut self, sig: &str) -> anyhow::Result<()> {

@@ -293,6 +293,13 @@ pub fn example_config(file: &str, brokers: &str, state: &Path) -> Config {
     cfg
 }
 
+/// The number after `name=` in a log line (ANSI colours stripped).
+pub fn log_field(line: &str, name: &str) -> Option<i64> {
+    let plain: String = line.split('\x1b').map(|p| p.split_once('m').map_or(p, |(_, rest)| rest)).collect();
+    let at = plain.find(&format!(" {name}="))? + name.len() + 2;
+    plain[at..].split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
+}
+
 /// GET over loopback; returns status and body, or `None` when nothing answers (yet).
 pub fn try_get_raw(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
     let mut s = std::net::TcpStream::connect(addr).ok()?;
