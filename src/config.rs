@@ -294,6 +294,19 @@ pub struct MetricConfig {
     /// global window, which never closes).
     #[serde(default)]
     pub emit: Option<Emit>,
+    /// A title for people (the live screen's panel heading; default: the name).
+    #[serde(default)]
+    pub title: Option<String>,
+    /// A sentence saying what it counts, shown under the title.
+    #[serde(default)]
+    pub description: Option<String>,
+    /// How the live screen draws it: `number`, `trend`, `pie`, `bar` or `table` (default:
+    /// chosen from its shape).
+    #[serde(default)]
+    pub display: Option<DisplayHint>,
+    /// Names for group keys on the screen, e.g. `{ "0" = "click", "2" = "buy" }`.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
 }
 
 /// Which rows of a metric go to the result topic.
@@ -307,6 +320,22 @@ pub enum Emit {
     Updates,
     /// Nothing.
     None,
+}
+
+/// How the live screen draws a metric.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DisplayHint {
+    /// One large number: the newest window's value.
+    Number,
+    /// A line over the windows kept (the screen chooses how many).
+    Trend,
+    /// Shares of a breakdown with few keys.
+    Pie,
+    /// Bars of a breakdown, largest first.
+    Bar,
+    /// A ranked table (top-N lists, many keys).
+    Table,
 }
 
 /// A window definition as written in the config.
@@ -348,6 +377,19 @@ pub struct DerivedConfig {
     /// What goes to the result topic, as for a metric.
     #[serde(default)]
     pub emit: Option<Emit>,
+    /// A title for people (the live screen's panel heading; default: the name).
+    #[serde(default)]
+    pub title: Option<String>,
+    /// A sentence saying what it counts, shown under the title.
+    #[serde(default)]
+    pub description: Option<String>,
+    /// How the live screen draws it: `number`, `trend`, `pie`, `bar` or `table` (default:
+    /// chosen from its shape).
+    #[serde(default)]
+    pub display: Option<DisplayHint>,
+    /// Names for group keys on the screen, e.g. `{ "0" = "click", "2" = "buy" }`.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
 }
 
 /// The two sides of a ratio.

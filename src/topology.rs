@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, HashSet};
 use serde::Serialize;
 
 use crate::aggregate::{AggKind, AggregateSpec};
-use crate::config::{check_names, parse_duration_ms, Config, ConfigError, Emit, MetricConfig, SourceConfig, WindowConfig};
+use crate::config::{check_names, parse_duration_ms, Config, ConfigError, DisplayHint, Emit, MetricConfig, SourceConfig, WindowConfig};
 use crate::event::time::{parse_tz, EventTime, PART_NAMES};
 use crate::event::{Decoder, FieldType, TypedField};
 use crate::filter::Filter;
@@ -192,6 +192,75 @@ pub struct Metric {
     pub having: Option<Filter>,
     /// What goes to the result topic.
     pub emit: Emit,
+    /// How people see it.
+    pub display: Display,
+}
+
+/// What the live screen shows of a metric or ratio: its title, description, how to draw
+/// it and names for its group keys.
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct Display {
+    /// Heading (default: the name).
+    pub title: String,
+    /// What it counts.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    /// How to draw it; `None`: the screen picks from its shape.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hint: Option<DisplayHint>,
+    /// Group key → label.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+}
+
+/// The display fields as written under one metric or ratio.
+struct DisplayText<'a> {
+    name: &'a str,
+    title: &'a Option<String>,
+    description: &'a Option<String>,
+    hint: Option<DisplayHint>,
+    labels: &'a BTreeMap<String, String>,
+}
+
+impl Display {
+    /// Checks the display fields of `key` (`metrics[i]`); `grouped` says whether it has
+    /// group keys or a top-N list, which a pie, a bar or a table needs and a number or a
+    /// trend cannot show.
+    fn compile(key: &str, d: DisplayText, grouped: bool) -> Result<Display, ConfigError> {
+        let text = |k: &str, v: &Option<String>, max: usize| -> Result<(), ConfigError> {
+            match v {
+                Some(t) if t.trim().is_empty() || t.chars().count() > max => {
+                    Err(ConfigError::new(format!("{key}.{k}"), format!("must be 1 to {max} characters")))
+                }
+                _ => Ok(()),
+            }
+        };
+        text("title", d.title, 200)?;
+        text("description", d.description, 2000)?;
+        if d.labels.len() > 1000 || d.labels.iter().any(|(k, v)| k.len() > 200 || v.is_empty() || v.chars().count() > 200) {
+            return Err(ConfigError::new(format!("{key}.labels"), "at most 1000 labels, each key and label 1 to 200 characters"));
+        }
+        match d.hint {
+            Some(h @ (DisplayHint::Pie | DisplayHint::Bar | DisplayHint::Table)) if !grouped => Err(ConfigError::new(
+                format!("{key}.display"),
+                format!("`{}` draws group keys or a top-N list; this one has neither (use `number` or `trend`)", hint_name(h)),
+            )),
+            Some(h @ (DisplayHint::Number | DisplayHint::Trend)) if grouped => Err(ConfigError::new(
+                format!("{key}.display"),
+                format!("`{}` draws one number per window; this one has group keys or a top-N list (use `pie`, `bar` or `table`)", hint_name(h)),
+            )),
+            hint => Ok(Display {
+                title: d.title.clone().unwrap_or_else(|| d.name.to_string()),
+                description: d.description.clone(),
+                hint,
+                labels: d.labels.clone(),
+            }),
+        }
+    }
+}
+
+fn hint_name(h: DisplayHint) -> String {
+    serde_json::to_value(h).ok().and_then(|v| v.as_str().map(str::to_string)).unwrap_or_default()
 }
 
 fn aggregate_names<S: serde::Serializer>(a: &[AggregateSpec], s: S) -> Result<S::Ok, S::Error> {
@@ -211,6 +280,8 @@ pub struct Derived {
     pub grace_ms: i64,
     /// What goes to the result topic.
     pub emit: Emit,
+    /// How people see it.
+    pub display: Display,
 }
 
 fn duration(key: String, text: &str) -> Result<i64, ConfigError> {
@@ -371,7 +442,9 @@ impl Topology {
                 ));
             }
             let emit = emit(format!("derived[{i}].emit"), d.emit, a, cfg.state.changelog)?;
-            derived.push(Derived { name: d.name.clone(), numerator: num, denominator: den, grace_ms: a.grace_ms.max(b.grace_ms), emit });
+            let text = DisplayText { name: &d.name, title: &d.title, description: &d.description, hint: d.display, labels: &d.labels };
+            let display = Display::compile(&format!("derived[{i}]"), text, !a.group_by.is_empty())?;
+            derived.push(Derived { name: d.name.clone(), numerator: num, denominator: den, grace_ms: a.grace_ms.max(b.grace_ms), emit, display });
         }
 
         let mut exported = Vec::new();
@@ -657,6 +730,11 @@ fn metric(i: usize, m: &MetricConfig, src: usize, s: &SourceConfig, table: &mut 
             Some(f)
         }
     };
+    let display = Display::compile(
+        &format!("metrics[{i}]"),
+        DisplayText { name: &m.name, title: &m.title, description: &m.description, hint: m.display, labels: &m.labels },
+        !m.group_by.is_empty() || aggregates.iter().any(|a| matches!(a.kind, AggKind::TopN { .. })),
+    )?;
     Ok(Metric {
         name: m.name.clone(),
         source: src,
@@ -671,6 +749,7 @@ fn metric(i: usize, m: &MetricConfig, src: usize, s: &SourceConfig, table: &mut 
         having_text: m.having.clone(),
         having,
         emit: Emit::None,
+        display,
     })
 }
 

@@ -368,7 +368,14 @@ impl QueryEngine {
             .iter()
             .map(|d| {
                 let side = |(m, a): (usize, usize)| format!("{}.{}", self.topo.metrics[m].name, self.topo.metrics[m].aggregates[a].name);
-                json!({ "name": d.name, "kind": "ratio", "numerator": side(d.numerator), "denominator": side(d.denominator) })
+                json!({
+                    "name": d.name,
+                    "kind": "ratio",
+                    "numerator": side(d.numerator),
+                    "denominator": side(d.denominator),
+                    "group_by": self.topo.metrics[d.numerator.0].group_by,
+                    "display": d.display,
+                })
             })
             .collect();
         json!({ "metrics": metrics, "derived": derived })
