@@ -307,6 +307,10 @@ pub struct MetricConfig {
     /// Names for group keys on the screen, e.g. `{ "0" = "click", "2" = "buy" }`.
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// The screen shows the total over this last stretch of event time (a span query, e.g.
+    /// `6h`) instead of the newest window.
+    #[serde(default)]
+    pub display_span: Option<String>,
 }
 
 /// Which rows of a metric go to the result topic.

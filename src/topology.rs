@@ -211,6 +211,9 @@ pub struct Display {
     /// Group key → label.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub labels: BTreeMap<String, String>,
+    /// Show the total over this last stretch (`/span?last=`), as written, e.g. `6h`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub span: Option<String>,
 }
 
 /// The display fields as written under one metric or ratio.
@@ -254,6 +257,7 @@ impl Display {
                 description: d.description.clone(),
                 hint,
                 labels: d.labels.clone(),
+                span: None,
             }),
         }
     }
@@ -730,11 +734,18 @@ fn metric(i: usize, m: &MetricConfig, src: usize, s: &SourceConfig, table: &mut 
             Some(f)
         }
     };
-    let display = Display::compile(
+    let mut display = Display::compile(
         &format!("metrics[{i}]"),
         DisplayText { name: &m.name, title: &m.title, description: &m.description, hint: m.display, labels: &m.labels },
         !m.group_by.is_empty() || aggregates.iter().any(|a| matches!(a.kind, AggKind::TopN { .. })),
     )?;
+    if let Some(text) = &m.display_span {
+        let ms = duration(key("display_span"), text)?;
+        if ms == 0 || ms > retention_ms {
+            return Err(ConfigError::new(key("display_span"), format!("`{text}` must be positive and within the retention ({retention_ms} ms)")));
+        }
+        display.span = Some(text.clone());
+    }
     Ok(Metric {
         name: m.name.clone(),
         source: src,
