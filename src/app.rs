@@ -17,12 +17,14 @@ use crate::http::{self, ApiState};
 use crate::kafka::consumer::SourceConsumer;
 use crate::kafka::members::{Announcer, Identity, Standbys, MEMBER_TTL};
 use crate::kafka::side::SideOutputs;
+use crate::kafka::tables::TableLoader;
 use crate::kafka::topics;
 use crate::metrics::Metrics;
 use crate::ownership::Ownership;
 use crate::query::fetch::LocalFetch;
 use crate::query::QueryEngine;
 use crate::store::Store;
+use crate::table::Tables;
 use crate::task::TaskSet;
 use crate::topology::Topology;
 
@@ -68,8 +70,11 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'stati
         dir.push(".results");
         std::path::PathBuf::from(dir)
     });
-    let consumer =
-        SourceConsumer::new(&kafka, TaskSet::new(Arc::clone(&topo), store.clone()), side, metrics.clone(), Arc::clone(&owned), results_dir)?;
+    let tables = Arc::new(Tables::open(&topo, &store).context("opening the global tables")?);
+    metrics.init_tables(topo.tables.iter().map(|t| t.name.as_str()));
+    let loader = TableLoader::start(&kafka, Arc::clone(&topo), Arc::clone(&tables), metrics.clone())?;
+    let tasks = TaskSet::with_tables(Arc::clone(&topo), store.clone(), Arc::clone(&tables));
+    let consumer = SourceConsumer::new(&kafka, tasks, side, metrics.clone(), Arc::clone(&owned), results_dir)?;
     let members = Arc::new(Members::new(MEMBER_TTL));
     let counts: BTreeMap<String, i32> = topo.sources.iter().zip(&partitions).map(|(s, n)| (s.name.clone(), *n)).collect();
     let standbys = match (topo.cluster.num_standby_replicas, consumer.state_updater()) {
@@ -93,7 +98,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'stati
     let local = LocalFetch::new(Arc::clone(&topo), store.clone(), Arc::clone(&owned), me.replica.clone()).caching();
     let timeout = Duration::from_millis(topo.cluster.query_timeout_ms);
     let cluster = ClusterFetch::new(local.clone(), members, counts, timeout, topo.cluster.max_standby_lag, tokio::runtime::Handle::current());
-    let api = ApiState { engine: QueryEngine::new(Arc::clone(&topo), Arc::new(cluster)), local, metrics: metrics.clone(), owned };
+    let api = ApiState { engine: QueryEngine::new(Arc::clone(&topo), Arc::new(cluster)), local, metrics: metrics.clone(), owned, tables };
     let server = tokio::spawn(http::serve(api, listener, async {
         let _ = http_stop_rx.await;
     }));
@@ -115,9 +120,15 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'stati
         }
     });
 
+    let loader_failed = async {
+        while !loader.is_finished() {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    };
     tokio::select! {
         _ = shutdown => tracing::info!("shutting down"),
         _ = done_rx => tracing::error!("the consumer stopped on its own"),
+        _ = loader_failed => tracing::error!("the table loader stopped on its own"),
     }
     stop.store(true, Ordering::Relaxed);
     let result = tokio::task::spawn_blocking(move || consumer_thread.join()).await?;
@@ -127,8 +138,9 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'stati
     gauges.abort();
     let _ = http_stop_tx.send(());
     let _ = server.await;
+    let loaded = tokio::task::spawn_blocking(move || loader.stop()).await?;
     match result {
-        Ok(r) => r,
+        Ok(r) => r.and(loaded),
         Err(_) => Err(anyhow::anyhow!("the consumer thread panicked")),
     }
 }

@@ -23,7 +23,7 @@
 use std::collections::HashMap;
 
 use crate::hash::KeyHash;
-use crate::store::{self, PartitionMeta, Store, StoreError, WriteBatch, STATE_FORMAT};
+use crate::store::{self, PartitionMeta, Store, StoreError, StoredAggregate, WriteBatch, STATE_FORMAT};
 use crate::topology::Topology;
 
 /// One record of the changelog: a store key and its new value (`None`: deleted).
@@ -123,6 +123,9 @@ pub struct Restoration {
     /// Following (a standby): keys are written only together with the position record that
     /// ends their flush, in one atomic batch, so what queries read is always a flush's cut.
     following: bool,
+    /// The highest source offset any aggregate read holds: beyond the position when a flush
+    /// was torn, and then the position's pin must stay until the replay passes it.
+    high_water: i64,
     /// What was read so far.
     pub stats: RestoreStats,
 }
@@ -173,6 +176,7 @@ impl Restoration {
             buffered_bytes: 0,
             position,
             following: false,
+            high_water: -1,
             stats: RestoreStats::default(),
         })
     }
@@ -189,8 +193,9 @@ impl Restoration {
     /// record's offset) as the checkpoint, in one atomic batch. Not following, or before any
     /// position was read, it does nothing: [`Restoration::finish`] writes what is left.
     pub fn commit(&mut self, last: i64) -> Result<(), StoreError> {
-        let Some(mut position) = self.position.filter(|_| self.following) else { return Ok(()) };
+        let Some(mut position) = self.position.clone().filter(|_| self.following) else { return Ok(()) };
         position.changelog_offset = Some(last);
+        position.replay_until = position.replay_until.max(self.high_water + 1);
         let mut batch = WriteBatch::default();
         let n = self.buffer.len() as u64;
         for (k, v) in self.buffer.drain() {
@@ -230,6 +235,9 @@ impl Restoration {
             if value.is_some_and(|v| v.first() != Some(&STATE_FORMAT)) {
                 self.stats.rejected += 1;
                 return Ok(false);
+            }
+            if let Some(offset) = value.and_then(StoredAggregate::max_offset_of) {
+                self.high_water = self.high_water.max(offset);
             }
             // Most records are newer versions of a buffered key: replace in place, without
             // allocating the key again.
@@ -281,6 +289,7 @@ impl Restoration {
         self.write_buffer()?;
         if let Some(p) = &mut self.position {
             p.changelog_offset = Some(last);
+            p.replay_until = p.replay_until.max(self.high_water + 1);
             self.store.put_encoded(&self.meta_key, Some(&p.encode()))?;
         }
         Ok((self.position, self.stats))
@@ -292,7 +301,7 @@ mod tests {
     use super::*;
 
     fn meta(c: Option<i64>) -> Option<PartitionMeta> {
-        Some(PartitionMeta { next_offset: 10, watermark: 0, max_event_time: 0, changelog_offset: c })
+        Some(PartitionMeta { next_offset: 10, changelog_offset: c, ..PartitionMeta::default() })
     }
 
     #[test]
@@ -324,7 +333,7 @@ mod tests {
         let mut old_value = crate::store::StoredAggregate { max_offset: 3, states: vec![crate::aggregate::AggState::Count(7)] }.encode();
         old_value[0] = 1;
         r.apply(&old_key, Some(&old_value)).unwrap();
-        let mut old_meta = PartitionMeta { next_offset: 4, watermark: 0, max_event_time: 0, changelog_offset: None }.encode();
+        let mut old_meta = PartitionMeta { next_offset: 4, ..PartitionMeta::default() }.encode();
         old_meta[0] = 1;
         r.apply(&store::meta_key("s", 0), Some(&old_meta)).unwrap();
         let (position, stats) = r.finish(1).unwrap();

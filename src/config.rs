@@ -61,6 +61,9 @@ pub struct Config {
     pub http: HttpConfig,
     /// Topics read, and how their records are decoded.
     pub sources: Vec<SourceConfig>,
+    /// Global tables: compacted topics every replica keeps whole, for lookups.
+    #[serde(default)]
+    pub tables: Vec<TableConfig>,
     /// Aggregations kept per key and window.
     #[serde(default)]
     pub metrics: Vec<MetricConfig>,
@@ -223,6 +226,9 @@ pub struct SourceConfig {
     /// delay (Flink's `source.idle-timeout`). Default: never.
     #[serde(default)]
     pub idle_timeout: Option<String>,
+    /// Global tables this source's records are looked up in.
+    #[serde(default)]
+    pub lookups: Vec<LookupConfig>,
 }
 
 fn default_max_ahead() -> String {
@@ -231,6 +237,56 @@ fn default_max_ahead() -> String {
 
 fn zero_duration() -> String {
     "0s".into()
+}
+
+/// A global table: a compacted topic (key → JSON object) that every replica materializes
+/// whole, and that sources look records up in (Kafka Streams' GlobalKTable).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TableConfig {
+    /// Name lookups and looked-up fields (`name.field`) refer to.
+    pub name: String,
+    /// Kafka topic; the record key is the table key, a null value deletes it.
+    pub topic: String,
+    /// The fields of the value kept (dotted names read nested fields), e.g. `["module_id"]`.
+    pub fields: Vec<String>,
+    /// Declared types of those fields, as for a source; a table record that breaks them is
+    /// dead-lettered and leaves the table as it was.
+    #[serde(default)]
+    pub types: BTreeMap<String, String>,
+    /// How long a replaced value is kept (so a record replayed after a crash joins with the
+    /// value it joined with the first time); default `1d`.
+    #[serde(default)]
+    pub history: Option<String>,
+}
+
+/// A lookup of a source's records in a global table: the key is a field of the record, the
+/// table's fields become `table.field` of the record.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct LookupConfig {
+    /// The table's name.
+    pub table: String,
+    /// The record's field holding the table key.
+    pub key: String,
+    /// A record whose key is not in the table: `skip` (metrics reading the table's fields
+    /// do not count it; the others do), `null` (the fields are null) or `dead_letter` (the
+    /// record goes to the dead-letter topic and counts nowhere). Default `skip`.
+    #[serde(default)]
+    pub missing: Missing,
+}
+
+/// What a lookup does with a record whose key is not in the table.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Missing {
+    /// Metrics reading the table's fields leave the record out (an inner join).
+    #[default]
+    Skip,
+    /// The table's fields are null (a left join).
+    Null,
+    /// The record is dead-lettered (`lookup_missing`).
+    DeadLetter,
 }
 
 /// How the event time of a record is found.

@@ -33,6 +33,9 @@ pub enum Scenario {
     S1,
     /// Game spend per app key and day: topic `game_consume_log`.
     S2a,
+    /// Live streaming: viewers (`live_streaming_log`), gifts (`live_gift_total`) and the
+    /// room → module table (`live_room_module`, a compacted topic).
+    S3,
     /// Shop PV/UV as a running daily total: topic `pv-uv`.
     S2b,
     /// Taobao user behaviour, event time from `month`/`day`: topic `user-behavior`.
@@ -65,6 +68,9 @@ pub struct GenRecord {
     pub key: Vec<u8>,
     /// Record value: the JSON event, or a malformed one for [`RecordKind::Bad`].
     pub payload: Vec<u8>,
+    /// The topic, for a scenario with several ([`Scenario::S3`]); `None`: the scenario's one
+    /// ([`topic`]).
+    pub topic: Option<&'static str>,
     /// What the record is meant to be.
     pub kind: RecordKind,
 }
@@ -150,6 +156,16 @@ impl GenOptions {
             Scenario::S4 => {
                 GenOptions { start_ms: shanghai_ms(2021, 11, 1, 0), step_ms: 20 * DAY / 10_000, ooo_max_ms: DAY, late_min_ms: 3 * DAY, ..common }
             }
+            // One event per 3 s for ~8 hours of the seed's day, so the last 6 hours are a real
+            // span; out of order within the 1-minute watermark, late is an hour or more back.
+            Scenario::S3 => GenOptions {
+                start_ms: shanghai_ms(2021, 8, 16, 8),
+                step_ms: 3 * SECOND,
+                ooo_max_ms: 50 * SECOND,
+                late_min_ms: 60 * MINUTE,
+                cardinality: 2_000,
+                ..common
+            },
             // The seed's own example time (2022-12-27 16:50:00 Asia/Shanghai); 2 events/s for
             // ~83 minutes so one full hour of top-N; out of order stays under the 5-second
             // watermark, late is 2+ minutes back, past the end of its 1-minute window.
@@ -183,10 +199,26 @@ pub fn topic(scenario: Scenario) -> &'static str {
         Scenario::S1 => "uvpv-demo",
         Scenario::S2a => "game_consume_log",
         Scenario::S2b => "pv-uv",
+        Scenario::S3 => S3_GIFTS,
         Scenario::S4 => "user-behavior",
         Scenario::S5 => "user-clicks",
     }
 }
+
+/// Every topic the scenario's records go to (S3: viewers, gifts, then the room table).
+pub fn topics(scenario: Scenario) -> Vec<&'static str> {
+    match scenario {
+        Scenario::S3 => vec![S3_VIEWS, S3_GIFTS, S3_ROOMS],
+        s => vec![topic(s)],
+    }
+}
+
+/// S3's viewer events.
+pub const S3_VIEWS: &str = "live_streaming_log";
+/// S3's gift events.
+pub const S3_GIFTS: &str = "live_gift_total";
+/// S3's room → module table (compacted; key = room id).
+pub const S3_ROOMS: &str = "live_room_module";
 
 /// Epoch ms of a whole hour of Asia/Shanghai local time (the seeds' zone; it has no DST, so
 /// every local time is unambiguous).
@@ -279,16 +311,34 @@ impl Iterator for Stream {
         };
 
         let dims = Dims { seed: o.seed, cardinality: o.cardinality.max(1) };
+        let mut topic = None;
         let (key, fields) = match self.scenario {
             Scenario::S1 => s1(&mut self.rng, &dims, event_ms),
             Scenario::S2a => s2a(&mut self.rng, &dims, event_ms),
             Scenario::S2b => s2b(&mut self.rng, &dims, event_ms),
+            Scenario::S3 => {
+                let (t, key, fields) = s3(&mut self.rng, &dims, event_ms, self.index - 1);
+                topic = Some(t);
+                if t == S3_ROOMS {
+                    // Table records are never moved in time nor spoiled.
+                    let partition = partition_for(key.as_bytes(), self.opts.partitions);
+                    return Some(GenRecord {
+                        partition,
+                        key: key.into_bytes(),
+                        payload: encode(&fields).into_bytes(),
+                        kind: RecordKind::InOrder,
+                        topic,
+                    });
+                }
+                (key, fields)
+            }
             Scenario::S4 => s4(&mut self.rng, &dims, event_ms),
             Scenario::S5 => s5(&mut self.rng, &dims, event_ms),
         };
         // A bad record starts as a good one so it keeps a realistic key and partition.
         let payload = if kind == RecordKind::Bad { spoil(self.scenario, &mut self.rng, fields, event_ms) } else { encode(&fields) };
-        Some(GenRecord { partition: partition_for(key.as_bytes(), self.opts.partitions), key: key.into_bytes(), payload: payload.into_bytes(), kind })
+        let partition = partition_for(key.as_bytes(), self.opts.partitions);
+        Some(GenRecord { partition, key: key.into_bytes(), payload: payload.into_bytes(), kind, topic })
     }
 }
 
@@ -398,6 +448,72 @@ fn s2b(rng: &mut Rng, d: &Dims, ms: i64) -> (String, Fields) {
         ("c_time", Value::from(t.format(TIME_FORMAT).to_string())),
     ];
     (account_id, fields)
+}
+
+/// S3's rooms: the first nine tenths are in the room table from the start, the rest join it
+/// later (their early events find no module); a hot few get most of the traffic.
+fn s3_rooms(d: &Dims) -> (u64, u64) {
+    let rooms = d.scaled(40, 10, 10_000);
+    (rooms, rooms - rooms / 10)
+}
+
+fn s3_room_id(room: u64) -> i64 {
+    20_210_800 + room as i64
+}
+
+/// S3: the room table first (one record per listed room), then viewer events (~70 %), gift
+/// events (~29 %) and room updates (~1 %: a room moves to another module, or an unlisted
+/// room is listed). Returns (topic, key, fields); viewers and gifts are keyed by user, the
+/// table by room id.
+fn s3(rng: &mut Rng, d: &Dims, ms: i64, index: i64) -> (&'static str, String, Fields) {
+    let (rooms, listed) = s3_rooms(d);
+    let table = |room: u64, module: u64| {
+        let fields = vec![("module_id", Value::from(100 + module)), ("room_name", Value::from(format!("room {room}")))];
+        (S3_ROOMS, s3_room_id(room).to_string(), fields)
+    };
+    if let Ok(room) = u64::try_from(index) {
+        if room < listed {
+            return table(room, 1 + d.attr(room, 11) % 6);
+        }
+    }
+    let r = rng.unit();
+    if r < 0.01 {
+        return table(rng.below(rooms), 1 + rng.below(6));
+    }
+    let user = 1 + rng.below(d.cardinality);
+    let u = rng.unit();
+    let room = s3_room_id(((u * u * rooms as f64) as u64).min(rooms - 1));
+    let u = (d.attr(user, 9) >> 11) as f64 / (1u64 << 53) as f64;
+    let province = PROVINCES[(u * u * PROVINCES.len() as f64) as usize];
+    let ip = format!("123.0.{}.{}", d.attr(user, 12) % 256, d.attr(user, 13) % 256);
+    let t = local(ms).format(TIME_FORMAT).to_string();
+    let fields = if r < 0.71 {
+        let leave = local(ms + rng.between(0, 30 * MINUTE)).format(TIME_FORMAT).to_string();
+        vec![
+            ("user_id", Value::from(user)),
+            ("ip", Value::from(ip)),
+            ("room_id", Value::from(room)),
+            ("arrive_time", Value::from(t.clone())),
+            ("create_time", Value::from(t)),
+            ("leave_time", Value::from(leave)),
+            ("region", Value::from(1100 + d.attr(user, 14) % 100)),
+            ("grade", Value::from(1 + d.attr(user, 15) % 5)),
+            ("province", Value::from(province)),
+        ]
+    } else {
+        let g = rng.unit();
+        vec![
+            ("user_id", Value::from(user)),
+            ("gift_type", Value::from(1 + (g * g * 6.0) as u64)),
+            ("gift_total_amount", Value::from(1 + rng.below(20) * rng.below(25))),
+            ("room_id", Value::from(room)),
+            ("ip", Value::from(ip)),
+            ("create_time", Value::from(t.clone())),
+            ("update_time", Value::from(t)),
+        ]
+    };
+    let topic = if r < 0.71 { S3_VIEWS } else { S3_GIFTS };
+    (topic, user.to_string(), fields)
 }
 
 /// The provinces of S4, most populous online-shopping regions first (the skew favours the
@@ -511,6 +627,7 @@ fn time_field(scenario: Scenario) -> &'static str {
         Scenario::S1 => "create_time",
         Scenario::S2a => "servertime",
         Scenario::S2b => "c_time",
+        Scenario::S3 => "create_time",
         Scenario::S4 => "day",
         Scenario::S5 => "event_time",
     }
@@ -556,6 +673,7 @@ fn spoil(scenario: Scenario, rng: &mut Rng, mut fields: Fields, ms: i64) -> Stri
             Scenario::S1 => ("record_type", Value::from("zero")),
             Scenario::S2a => ("consumenum", Value::from("n/a")),
             Scenario::S4 => ("action", Value::from("buy")),
+            Scenario::S3 => ("room_id", Value::from("room-9")),
             Scenario::S2b | Scenario::S5 => (time_field(scenario), Value::Null),
         },
     };
@@ -703,6 +821,36 @@ mod tests {
     }
 
     #[test]
+    fn s3_lists_its_rooms_then_mixes_views_gifts_and_updates() {
+        let o = opts(Scenario::S3, 20_000);
+        let records = generate(Scenario::S3, &o);
+        let (rooms, listed) = s3_rooms(&Dims { seed: o.seed, cardinality: o.cardinality });
+        assert!(records[..listed as usize].iter().all(|r| r.topic == Some(S3_ROOMS)));
+        let count =
+            |t: &str| records[listed as usize..].iter().filter(|r| r.topic == Some(t)).count() as f64 / (records.len() - listed as usize) as f64;
+        assert!((count(S3_VIEWS) - 0.70).abs() < 0.02 && (count(S3_GIFTS) - 0.29).abs() < 0.02 && (count(S3_ROOMS) - 0.01).abs() < 0.005);
+        let mut rooms_seen = std::collections::BTreeSet::new();
+        for r in records.iter().filter(|r| r.kind != RecordKind::Bad) {
+            let m = object(r).expect("a good record is a JSON object");
+            match r.topic {
+                Some(S3_ROOMS) => {
+                    assert!((101..=106).contains(&m["module_id"].as_i64().unwrap()));
+                    rooms_seen.insert(String::from_utf8(r.key.clone()).unwrap());
+                }
+                Some(S3_VIEWS) => assert!(m["province"].is_string() && (1..=5).contains(&m["grade"].as_i64().unwrap())),
+                Some(S3_GIFTS) => assert!((1..=6).contains(&m["gift_type"].as_i64().unwrap()) && m["gift_total_amount"].as_i64().unwrap() > 0),
+                other => panic!("{other:?}"),
+            }
+            if r.topic != Some(S3_ROOMS) {
+                let room = m["room_id"].as_i64().unwrap();
+                assert!((s3_room_id(0)..s3_room_id(rooms)).contains(&room));
+                assert_eq!(String::from_utf8(r.key.clone()).unwrap(), m["user_id"].to_string());
+            }
+        }
+        assert!(rooms_seen.len() as u64 > listed, "later updates list rooms that were not listed at first");
+    }
+
+    #[test]
     fn bad_records_are_a_mix() {
         for s in ALL {
             let records = generate(s, &opts(s, 20_000));
@@ -760,6 +908,8 @@ mod tests {
                         assert_eq!(key, text("account_id"));
                         assert_eq!(names.len(), 5);
                     }
+                    // Three topics: see `s3_lists_its_rooms_then_mixes_views_gifts_and_updates`.
+                    Scenario::S3 => {}
                     Scenario::S4 => {
                         for f in ["user_id", "item_id", "cat_id", "merchant_id", "brand_id"] {
                             assert!(text(f).parse::<u64>().is_ok(), "{f}");

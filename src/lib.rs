@@ -8,6 +8,7 @@
 //!
 //! * [`config`] — the TOML config file; [`topology`] — the config compiled and validated;
 //! * [`event`] — JSON records decoded into slots, with their event time;
+//! * [`table`] — global tables, and which of their values a record joins with;
 //! * [`filter`], [`window`], [`aggregate`] — which records count, where they fall, what is kept;
 //! * [`task`] — the processing core: per-partition tasks and the write-back cache;
 //! * [`store`] — the sled layout of partial aggregates and partition positions;
@@ -37,6 +38,7 @@ pub mod ownership;
 pub mod query;
 pub mod results;
 pub mod store;
+pub mod table;
 pub mod task;
 pub mod topology;
 pub mod window;

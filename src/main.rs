@@ -125,14 +125,25 @@ fn main() -> anyhow::Result<()> {
             if let Some(s) = bad {
                 opts.bad_share = s;
             }
+            let topics = gen::topics(scenario);
+            if topic.is_some() && topics.len() > 1 {
+                anyhow::bail!("--topic: scenario {scenario:?} writes to several topics ({topics:?}); they cannot be renamed");
+            }
             let topic = topic.unwrap_or_else(|| gen::topic(scenario).to_string());
             let kafka = KafkaConfig { bootstrap_servers: brokers, application_id: "tally-gen".into(), properties: Default::default() };
             let rt = tokio::runtime::Runtime::new()?;
-            rt.block_on(tally::kafka::topics::ensure_source(&kafka, &topic, partitions))?;
+            for t in topics.iter().filter(|t| **t != gen::S3_ROOMS) {
+                let t = if topics.len() == 1 { topic.as_str() } else { t };
+                rt.block_on(tally::kafka::topics::ensure_source(&kafka, t, partitions))?;
+            }
+            if topics.contains(&gen::S3_ROOMS) {
+                rt.block_on(tally::kafka::topics::ensure_table(&kafka, gen::S3_ROOMS, partitions))?;
+            }
             let feed = tally::kafka::feed::Feed::new(&kafka, &topic)?;
             let sent = feed.send_all(gen::generate(scenario, &opts), rate, || false).context("producing events")?;
             feed.flush()?;
-            eprintln!("produced {sent} {scenario:?} events to {topic}");
+            let to = if topics.len() == 1 { topic } else { topics.join(", ") };
+            eprintln!("produced {sent} {scenario:?} records to {to}");
             Ok(())
         }
         Command::Bench(opts) => tally::bench::run(opts),

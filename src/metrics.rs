@@ -87,6 +87,19 @@ pub struct Metrics {
     pub build_info: IntGaugeVec,
     /// Newest window's value of each exported metric aggregate (opt-in per metric).
     pub metric_value: GaugeVec,
+    /// Records whose key a lookup did not find, by source, table and what was done
+    /// (`skip`, `null`, `dead_letter`).
+    pub lookups_missing: IntCounterVec,
+    /// Keys with a value, per global table.
+    pub table_entries: IntGaugeVec,
+    /// Table records applied, per table.
+    pub table_records: IntCounterVec,
+    /// Table records set aside (dead-lettered), per table and reason.
+    pub table_invalid: IntCounterVec,
+    /// How long each table's first load took, seconds (0 until done).
+    pub table_load_seconds: GaugeVec,
+    /// Tables whose first load is not done: the replica processes nothing until it is 0.
+    pub tables_loading: IntGauge,
 }
 
 fn reg<T: prometheus::core::Collector + Clone + 'static>(r: &Registry, c: T) -> T {
@@ -186,6 +199,23 @@ impl Metrics {
                 GaugeVec::new(Opts::new("tally_metric_value", "Newest window's value of an exported metric aggregate."), &["metric", "aggregate"])
                     .expect("valid metric"),
             ),
+            lookups_missing: counter(
+                "tally_lookups_missing_total",
+                "Records whose key a table lookup did not find, by what was done with them.",
+                &["source", "table", "action"],
+            ),
+            table_entries: gauge("tally_table_entries", "Keys with a value in a global table.", &["table"]),
+            table_records: counter("tally_table_records_total", "Records of a global table's topic applied.", &["table"]),
+            table_invalid: counter("tally_table_invalid_total", "Records of a global table's topic dead-lettered.", &["table", "reason"]),
+            table_load_seconds: reg(
+                &r,
+                GaugeVec::new(Opts::new("tally_table_load_seconds", "Duration of a global table's first load (0 until done)."), &["table"])
+                    .expect("valid metric"),
+            ),
+            tables_loading: reg(
+                &r,
+                IntGauge::new("tally_tables_loading", "Global tables still loading; nothing is processed until none is.").expect("valid metric"),
+            ),
             registry: r,
         };
         m.build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
@@ -207,6 +237,15 @@ impl Metrics {
             ] {
                 c.with_label_values(&[s]);
             }
+        }
+    }
+
+    /// Creates the series of each table at zero (see [`Metrics::init_sources`]).
+    pub fn init_tables<'a>(&self, tables: impl IntoIterator<Item = &'a str>) {
+        for t in tables {
+            self.table_entries.with_label_values(&[t]);
+            self.table_records.with_label_values(&[t]);
+            self.table_load_seconds.with_label_values(&[t]);
         }
     }
 

@@ -48,7 +48,8 @@ pub const STATE_FORMAT: u8 = 2;
 /// Version of [`PartitionMeta`]'s encoding. 2 with [`STATE_FORMAT`]: a previous version's
 /// position must not be restored without the aggregates it stands for (the partition is then
 /// recomputed from the source topic instead).
-pub const META_FORMAT: u8 = 2;
+/// 3 adds the tables' pin and `replay_until`; 2 is still read (no pin).
+pub const META_FORMAT: u8 = 3;
 
 const STATE_TAG: u8 = b'S';
 const META_TAG: u8 = b'P';
@@ -129,7 +130,7 @@ pub struct StoredAggregate {
 }
 
 /// Where a source partition's state stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PartitionMeta {
     /// Offset of the next record to process: all before it are in the state.
     pub next_offset: i64,
@@ -141,6 +142,32 @@ pub struct PartitionMeta {
     /// of the changelog up to it, so a restore need read only what follows. `None` in the
     /// changelog's own copy, and locally when there is no changelog.
     pub changelog_offset: Option<i64>,
+    /// The global tables' position the records from `next_offset` on join with (see
+    /// [`crate::table`]); empty without tables.
+    pub pin: Vec<TablePin>,
+    /// Until the partition reaches this offset, its pin stays: aggregates hold records up to
+    /// just before it from a flush whose position was never written (a torn flush), and
+    /// their replay must join as they did.
+    pub replay_until: i64,
+}
+
+/// One table's part of a pin: its name and, per partition of its topic, the next offset
+/// visible.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TablePin {
+    /// The table's name.
+    pub table: String,
+    /// Next offset visible, per partition.
+    pub next: Vec<i64>,
+}
+
+/// [`PartitionMeta`] as [`META_FORMAT`] 2 wrote it (before tables).
+#[derive(Deserialize)]
+struct PartitionMetaV2 {
+    next_offset: i64,
+    watermark: i64,
+    max_event_time: i64,
+    changelog_offset: Option<i64>,
 }
 
 fn encode<T: Serialize>(version: u8, v: &T) -> Vec<u8> {
@@ -171,6 +198,13 @@ impl StoredAggregate {
     pub fn decode(key: &[u8], bytes: &[u8]) -> Result<Self, StoreError> {
         decode(STATE_FORMAT, key, bytes)
     }
+    /// Reads only `max_offset` (the first field) of encoded bytes; `None` if unreadable.
+    pub fn max_offset_of(bytes: &[u8]) -> Option<i64> {
+        if bytes.first() != Some(&STATE_FORMAT) {
+            return None;
+        }
+        bincode::serde::decode_from_slice::<i64, _>(&bytes[1..], bincode::config::standard()).ok().map(|(v, _)| v)
+    }
 }
 
 impl PartitionMeta {
@@ -178,8 +212,13 @@ impl PartitionMeta {
     pub fn encode(&self) -> Vec<u8> {
         encode(META_FORMAT, self)
     }
-    /// Reads [`PartitionMeta::encode`]'s bytes.
+    /// Reads [`PartitionMeta::encode`]'s bytes, and the previous format's.
     pub fn decode(key: &[u8], bytes: &[u8]) -> Result<Self, StoreError> {
+        if bytes.first() == Some(&2) {
+            let v: PartitionMetaV2 = decode(2, key, bytes)?;
+            let PartitionMetaV2 { next_offset, watermark, max_event_time, changelog_offset } = v;
+            return Ok(PartitionMeta { next_offset, watermark, max_event_time, changelog_offset, pin: vec![], replay_until: 0 });
+        }
         decode(META_FORMAT, key, bytes)
     }
 }
@@ -347,6 +386,12 @@ impl Store {
         Ok(Store { db, tree })
     }
 
+    /// Another tree of the same database (a global table's), made durable by the same
+    /// [`Store::flush`].
+    pub fn open_tree(&self, name: &str) -> Result<sled::Tree, StoreError> {
+        Ok(self.db.open_tree(name)?)
+    }
+
     /// Reads one aggregate.
     pub fn get(&self, key: &[u8]) -> Result<Option<StoredAggregate>, StoreError> {
         match self.tree.get(key)? {
@@ -511,7 +556,7 @@ mod tests {
             k.extend_from_slice(b"101");
             batch.put(&k, &StoredAggregate { max_offset: slice, states: vec![AggState::Count(1)] });
         }
-        batch.put_meta("src", 3, &PartitionMeta { next_offset: 9, watermark: 5, max_event_time: 6, changelog_offset: None });
+        batch.put_meta("src", 3, &PartitionMeta { next_offset: 9, watermark: 5, max_event_time: 6, ..PartitionMeta::default() });
         store.apply(batch).unwrap();
         let slices: Vec<i64> = store.scan("pv", 3, -60_000, 60_001).map(|r| r.unwrap().slice).collect();
         assert_eq!(slices, vec![-60_000, 0, 60_000]);
@@ -519,7 +564,7 @@ mod tests {
         assert!(store.scan("pv", 4, i64::MIN, i64::MAX).next().is_none(), "partitions are separate");
         assert_eq!(
             store.partitions("src").unwrap(),
-            vec![(3, PartitionMeta { next_offset: 9, watermark: 5, max_event_time: 6, changelog_offset: None })]
+            vec![(3, PartitionMeta { next_offset: 9, watermark: 5, max_event_time: 6, ..PartitionMeta::default() })]
         );
     }
 

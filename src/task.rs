@@ -21,9 +21,11 @@ use std::sync::Arc;
 
 use crate::aggregate::AggState;
 use crate::changelog::{Change, ChangeSink, ChangelogError};
+use crate::config::Missing;
 use crate::event::{DecodeError, Record};
 use crate::hash::KeyHash;
-use crate::store::{self, PartitionMeta, Store, StoreError, StoredAggregate, WriteBatch, GROUP_SEPARATOR};
+use crate::store::{self, PartitionMeta, Store, StoreError, StoredAggregate, TablePin, WriteBatch, GROUP_SEPARATOR};
+use crate::table::{Positions, Tables};
 use crate::topology::Topology;
 use crate::window::Admit;
 
@@ -31,7 +33,7 @@ use crate::window::Admit;
 pub const NO_WATERMARK: i64 = i64::MIN;
 
 /// Position and event-time progress of one owned source partition.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PartitionTask {
     /// Next offset to process; everything before it is in the state.
     pub next_offset: i64,
@@ -43,12 +45,24 @@ pub struct PartitionTask {
     flushed_watermark: i64,
     /// Whether the position moved since the last flush.
     dirty: bool,
+    /// The tables' position its records join as of (see [`crate::table`]).
+    pub pin: Arc<Positions>,
+    /// The pin stays until `next_offset` reaches this (a torn flush's records are replayed).
+    pub replay_until: i64,
 }
 
 impl PartitionTask {
-    /// A partition that has seen nothing.
-    fn new() -> PartitionTask {
-        PartitionTask { next_offset: 0, max_event_time: NO_WATERMARK, watermark: NO_WATERMARK, flushed_watermark: NO_WATERMARK, dirty: false }
+    /// A partition that has seen nothing, joining as of `pin`.
+    fn new(pin: Arc<Positions>) -> PartitionTask {
+        PartitionTask {
+            next_offset: 0,
+            max_event_time: NO_WATERMARK,
+            watermark: NO_WATERMARK,
+            flushed_watermark: NO_WATERMARK,
+            dirty: false,
+            pin,
+            replay_until: 0,
+        }
     }
 }
 
@@ -61,6 +75,8 @@ pub enum Outcome {
         late: Vec<usize>,
         /// Indices of the metrics for which some, not all, windows holding it had closed.
         partly_late: Vec<usize>,
+        /// Indices (in its source's lookups) of the lookups that did not find its key.
+        missing: Vec<usize>,
     },
     /// It could not be decoded.
     Invalid(DecodeError),
@@ -108,6 +124,7 @@ const CACHE_LIMIT: usize = 500_000;
 pub struct TaskSet {
     topo: Arc<Topology>,
     store: Store,
+    tables: Arc<Tables>,
     tasks: HashMap<(usize, i32), PartitionTask>,
     cache: HashMap<Vec<u8>, CacheEntry, KeyHash>,
     record: Record,
@@ -115,9 +132,19 @@ pub struct TaskSet {
 }
 
 impl TaskSet {
-    /// Tasks over `store`, owning no partition yet.
+    /// Tasks over `store`, owning no partition yet, for a topology without tables.
     pub fn new(topo: Arc<Topology>, store: Store) -> TaskSet {
-        TaskSet { topo, store, tasks: HashMap::new(), cache: HashMap::default(), record: Record::default(), key: Vec::new() }
+        Self::with_tables(topo, store, Arc::new(Tables::none()))
+    }
+
+    /// Tasks over `store` looking records up in `tables`.
+    pub fn with_tables(topo: Arc<Topology>, store: Store, tables: Arc<Tables>) -> TaskSet {
+        TaskSet { topo, store, tables, tasks: HashMap::new(), cache: HashMap::default(), record: Record::default(), key: Vec::new() }
+    }
+
+    /// The tables looked up in.
+    pub fn tables(&self) -> &Arc<Tables> {
+        &self.tables
     }
 
     /// The topology run.
@@ -134,6 +161,7 @@ impl TaskSet {
     /// the offset to resume consuming at, or `None` when the store has never seen it.
     pub fn assign(&mut self, source: usize, partition: i32) -> Result<Option<i64>, StoreError> {
         let meta = self.store.partition_meta(&self.topo.sources[source].name, partition)?;
+        let resume = meta.as_ref().map(|m| m.next_offset);
         let task = match meta {
             Some(m) => PartitionTask {
                 next_offset: m.next_offset,
@@ -141,11 +169,42 @@ impl TaskSet {
                 watermark: m.watermark,
                 flushed_watermark: m.watermark,
                 dirty: false,
+                pin: self.stored_pin(source, partition, &m.pin),
+                replay_until: m.replay_until,
             },
-            None => PartitionTask::new(),
+            None => PartitionTask::new(self.tables.position()),
         };
         self.tasks.insert((source, partition), task);
-        Ok(meta.map(|m| m.next_offset))
+        Ok(resume)
+    }
+
+    /// The pin a stored position names, table by table; a table it does not name (added
+    /// since) joins as of now, and so does one whose history no longer reaches back to it.
+    fn stored_pin(&self, source: usize, partition: i32, stored: &[TablePin]) -> Arc<Positions> {
+        let now = self.tables.position();
+        if self.topo.tables.is_empty() {
+            return now;
+        }
+        let mut pin: Positions = self
+            .topo
+            .tables
+            .iter()
+            .enumerate()
+            .map(|(t, table)| stored.iter().find(|p| p.table == table.name).map_or_else(|| now[t].clone(), |p| p.next.clone()))
+            .collect();
+        for name in self.tables.inexact_at(&pin) {
+            tracing::warn!(source = %self.topo.sources[source].name, partition, table = name,
+                "the stored position joins as of a table version older than the table's history: it joins as of now instead (raise the table's history)");
+            if let Some(t) = self.topo.tables.iter().position(|t| t.name == name) {
+                pin[t] = now[t].clone();
+            }
+        }
+        Arc::new(pin)
+    }
+
+    /// The pin of an owned partition.
+    pub fn pin(&self, source: usize, partition: i32) -> Option<&Arc<Positions>> {
+        self.tasks.get(&(source, partition)).map(|t| &t.pin)
     }
 
     /// Gives a partition up. Flush first: its unflushed updates are dropped.
@@ -182,6 +241,30 @@ impl TaskSet {
                 return Ok(Outcome::Invalid(DecodeError::TooFarAhead { time_ms: t, limit_ms: src.max_ahead_ms }));
             }
         }
+        let mut missing = Vec::new();
+        for (li, l) in src.lookups.iter().enumerate() {
+            self.key.clear();
+            let key = &self.record.values[l.key_slot];
+            let found = match key {
+                crate::event::Value::Null => None,
+                _ => {
+                    key.write_text(&mut self.key);
+                    self.tables.lookup(l.table, &self.key, task.pin.get(l.table).map_or(&[][..], Vec::as_slice))?
+                }
+            };
+            match found {
+                Some(values) => {
+                    for &(f, slot) in &l.slots {
+                        self.record.values[slot] = values.get(f).cloned().unwrap_or_default();
+                    }
+                }
+                None if l.missing == Missing::DeadLetter => {
+                    let key = String::from_utf8_lossy(&self.key).chars().take(64).collect();
+                    return Ok(Outcome::Invalid(DecodeError::LookupMissing { table: topo.tables[l.table].name.clone(), key }));
+                }
+                None => missing.push(li),
+            }
+        }
         // Lateness is judged against the watermark before this record, as a record cannot
         // make itself late.
         let watermark = task.watermark;
@@ -193,6 +276,10 @@ impl TaskSet {
         let (mut late, mut partly_late) = (Vec::new(), Vec::new());
         for &mi in &src.metrics {
             let m = &topo.metrics[mi];
+            let skipped = |li: &usize| missing.contains(li) && src.lookups[*li].missing == Missing::Skip;
+            if m.lookups.iter().any(skipped) {
+                continue;
+            }
             if let Some(f) = &m.filter {
                 if !f.matches(&self.record.values) {
                     continue;
@@ -212,7 +299,7 @@ impl TaskSet {
             };
             self.fold(mi, partition, slice, from_end, offset)?;
         }
-        Ok(Outcome::Processed { late, partly_late })
+        Ok(Outcome::Processed { late, partly_late, missing })
     }
 
     /// Folds the current record into metric `mi`'s aggregate of (partition, slice,
@@ -314,16 +401,25 @@ impl TaskSet {
                 }
             }
         }
+        // The pin each partition's next records join as of: the tables' position now, except
+        // while a torn flush's records are replayed. Adopted once this flush is durable.
+        let now = self.tables.position();
+        let mut pins: HashMap<(usize, i32), Arc<Positions>> = HashMap::new();
         let mut metas = Vec::new();
         for (&(source, partition), task) in &self.tasks {
-            if task.dirty || touched.contains(&(source, partition)) {
+            let pin = if task.next_offset >= task.replay_until { &now } else { &task.pin };
+            let moved = !topo.tables.is_empty() && *pin != task.pin;
+            if task.dirty || moved || touched.contains(&(source, partition)) {
                 let meta = PartitionMeta {
                     next_offset: task.next_offset,
                     watermark: task.watermark,
                     max_event_time: task.max_event_time,
                     changelog_offset: None,
+                    pin: topo.tables.iter().zip(pin.iter()).map(|(t, next)| TablePin { table: t.name.clone(), next: next.clone() }).collect(),
+                    replay_until: task.replay_until,
                 };
                 metas.push((source, partition, meta));
+                pins.insert((source, partition), Arc::clone(pin));
             }
         }
         if let Some(sink) = changelog {
@@ -355,9 +451,12 @@ impl TaskSet {
         self.store.flush()?;
         self.cache.retain(|_, e| !expired(e));
         self.cache.values_mut().for_each(|e| e.dirty = false);
-        for t in self.tasks.values_mut() {
+        for (at, t) in self.tasks.iter_mut() {
             t.dirty = false;
             t.flushed_watermark = t.watermark;
+            if let Some(pin) = pins.remove(at) {
+                t.pin = pin;
+            }
         }
         if self.cache.len() > CACHE_LIMIT {
             self.cache.clear();
@@ -407,10 +506,19 @@ mod tests {
         let store = Store::open(dir.path()).unwrap();
         let mut tasks = TaskSet::new(topo(), store.clone());
         assert_eq!(tasks.assign(0, 0).unwrap(), None);
-        assert_eq!(tasks.process(0, 0, 0, None, &rec(65, "a", 1)).unwrap(), Outcome::Processed { late: vec![], partly_late: vec![] });
-        assert_eq!(tasks.process(0, 0, 1, None, &rec(130, "a", 2)).unwrap(), Outcome::Processed { late: vec![], partly_late: vec![] });
+        assert_eq!(
+            tasks.process(0, 0, 0, None, &rec(65, "a", 1)).unwrap(),
+            Outcome::Processed { late: vec![], partly_late: vec![], missing: vec![] }
+        );
+        assert_eq!(
+            tasks.process(0, 0, 1, None, &rec(130, "a", 2)).unwrap(),
+            Outcome::Processed { late: vec![], partly_late: vec![], missing: vec![] }
+        );
         // Watermark is 120: the [60,120) slice has closed.
-        assert_eq!(tasks.process(0, 0, 2, None, &rec(100, "a", 1)).unwrap(), Outcome::Processed { late: vec![0], partly_late: vec![] });
+        assert_eq!(
+            tasks.process(0, 0, 2, None, &rec(100, "a", 1)).unwrap(),
+            Outcome::Processed { late: vec![0], partly_late: vec![], missing: vec![] }
+        );
         assert!(matches!(tasks.process(0, 0, 3, None, b"{oops").unwrap(), Outcome::Invalid(_)));
         assert_eq!(tasks.process(0, 0, 1, None, &rec(130, "a", 2)).unwrap(), Outcome::AlreadyApplied);
         // Ten days ahead of its Kafka timestamp: dead-lettered, the watermark stays put.
@@ -451,7 +559,7 @@ mod tests {
         tasks.flush(None).unwrap();
         // Lose the position but keep the aggregates: a replay from 0 must not double count.
         let mut fresh = TaskSet::new(topo(), store.clone());
-        fresh.tasks.insert((0, 0), PartitionTask::new());
+        fresh.tasks.insert((0, 0), PartitionTask::new(Arc::default()));
         for (o, ts) in [10, 20, 30, 40].into_iter().enumerate() {
             fresh.process(0, 0, o as i64, None, &rec(ts, "a", 1)).unwrap();
         }

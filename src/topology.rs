@@ -22,6 +22,8 @@ pub struct Topology {
     pub application_id: String,
     /// Sources, in config order.
     pub sources: Vec<Source>,
+    /// Global tables, in config order.
+    pub tables: Vec<Table>,
     /// Metrics, in config order.
     pub metrics: Vec<Metric>,
     /// Derived metrics.
@@ -124,13 +126,15 @@ pub enum TopicKind {
     Results,
     /// The replicas' membership records: one partition, compacted (each replica's latest).
     Members,
+    /// A global table's topic (the user's; `tally gen` creates one): compacted.
+    Table,
 }
 
 impl TopicKind {
     /// The source whose topic's partition count this topic takes (`None`: one partition).
     pub fn partitions_like(self) -> Option<usize> {
         match self {
-            TopicKind::SideOutput | TopicKind::Members => None,
+            TopicKind::SideOutput | TopicKind::Members | TopicKind::Table => None,
             TopicKind::Changelog { source } => Some(source),
             TopicKind::Results => Some(0),
         }
@@ -156,6 +160,36 @@ pub struct Source {
     pub idle_timeout_ms: Option<i64>,
     /// Indices of the metrics reading this source.
     pub metrics: Vec<usize>,
+    /// Lookups in global tables, in config order: done after decoding, before anything else.
+    pub lookups: Vec<Lookup>,
+}
+
+/// A compiled global table.
+#[derive(Debug, Clone)]
+pub struct Table {
+    /// Name.
+    pub name: String,
+    /// Kafka topic.
+    pub topic: String,
+    /// The fields kept, as written.
+    pub fields: Vec<String>,
+    /// Decoder of a value into one slot per field.
+    pub decoder: Decoder,
+    /// How long a replaced value is kept, ms.
+    pub history_ms: i64,
+}
+
+/// A compiled lookup of a source's records in a table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lookup {
+    /// Index of the table.
+    pub table: usize,
+    /// The record's slot holding the key.
+    pub key_slot: usize,
+    /// (field index in the table, the record's slot it fills), for the fields metrics read.
+    pub slots: Vec<(usize, usize)>,
+    /// What a missing key does.
+    pub missing: crate::config::Missing,
 }
 
 /// A compiled metric.
@@ -176,6 +210,10 @@ pub struct Metric {
     /// Slots of the group-by fields.
     #[serde(skip)]
     pub group_slots: Vec<usize>,
+    /// Indices (in its source's lookups) of the lookups whose fields it reads: a record whose
+    /// key one of them misses (`missing = "skip"`) is left out of this metric.
+    #[serde(skip)]
+    pub lookups: Vec<usize>,
     /// Aggregates, in order.
     #[serde(serialize_with = "aggregate_names")]
     pub aggregates: Vec<AggregateSpec>,
@@ -296,27 +334,67 @@ fn duration(key: String, text: &str) -> Result<i64, ConfigError> {
     Ok(ms)
 }
 
-/// Slots of one source: field name → slot, with the JSON path of each.
+/// Slots of one source: field name → slot, with the JSON path of each. A name
+/// `table.field` of a table the source looks up is a looked-up field: its slot is filled
+/// by the lookup, not read from the record.
 struct SlotTable<'a> {
     source: &'a SourceConfig,
     names: Vec<String>,
+    /// Per lookup: the table's name and fields.
+    lookups: Vec<(&'a str, &'a [String])>,
+    /// Per slot: the (lookup, field) filling it.
+    looked_up: Vec<Option<(usize, usize)>>,
+    /// Lookups whose fields were asked for since [`SlotTable::take_touched`].
+    touched: Vec<usize>,
 }
 
-impl SlotTable<'_> {
+impl<'a> SlotTable<'a> {
+    fn new(source: &'a SourceConfig, tables: &'a [crate::config::TableConfig]) -> SlotTable<'a> {
+        let lookups = source
+            .lookups
+            .iter()
+            .map(|l| tables.iter().find(|t| t.name == l.table).map_or((l.table.as_str(), &[][..]), |t| (t.name.as_str(), &t.fields[..])))
+            .collect();
+        SlotTable { source, names: vec![], lookups, looked_up: vec![], touched: vec![] }
+    }
+
+    /// The (lookup, field) a name refers to, if it is a looked-up field.
+    fn lookup_of(&self, name: &str) -> Option<(usize, usize)> {
+        let (table, field) = name.split_once('.')?;
+        let li = self.lookups.iter().position(|(t, _)| *t == table)?;
+        let fi = self.lookups[li].1.iter().position(|f| f == field)?;
+        Some((li, fi))
+    }
+
     fn slot(&mut self, name: &str) -> usize {
+        let looked_up = self.lookup_of(name);
+        if let Some((li, _)) = looked_up {
+            if !self.touched.contains(&li) {
+                self.touched.push(li);
+            }
+        }
         if let Some(i) = self.names.iter().position(|n| n == name) {
             return i;
         }
         self.names.push(name.to_string());
+        self.looked_up.push(looked_up);
         self.names.len() - 1
+    }
+
+    /// The lookups touched since the last call.
+    fn take_touched(&mut self) -> Vec<usize> {
+        let mut t = std::mem::take(&mut self.touched);
+        t.sort_unstable();
+        t
     }
 
     fn paths(&self) -> Vec<Vec<String>> {
         self.names
             .iter()
-            .map(|n| {
-                let path = self.source.fields.get(n).map_or(n.as_str(), String::as_str);
-                path.split('.').map(str::to_string).collect()
+            .zip(&self.looked_up)
+            .map(|(n, looked_up)| match looked_up {
+                Some(_) => vec![],
+                None => self.source.fields.get(n).map_or(n.as_str(), String::as_str).split('.').map(str::to_string).collect(),
             })
             .collect()
     }
@@ -370,7 +448,12 @@ impl Topology {
             return Err(ConfigError::new("state.commit_interval", "must be positive, e.g. `200ms`"));
         }
 
-        let mut tables: Vec<SlotTable> = cfg.sources.iter().map(|s| SlotTable { source: s, names: vec![] }).collect();
+        let global = compile_tables(cfg)?;
+        let mut tables: Vec<SlotTable> = cfg.sources.iter().map(|s| SlotTable::new(s, &cfg.tables)).collect();
+        let mut keys = Vec::new();
+        for (i, s) in cfg.sources.iter().enumerate() {
+            keys.push(lookup_keys(i, s, &global, &mut tables[i])?);
+        }
         let mut times = Vec::new();
         let mut types = Vec::new();
         for (i, s) in cfg.sources.iter().enumerate() {
@@ -384,14 +467,28 @@ impl Topology {
                 let names: Vec<&str> = cfg.sources.iter().map(|s| s.name.as_str()).collect();
                 ConfigError::new(format!("metrics[{i}].source"), format!("`{}` is not a source; sources are {names:?}", m.source))
             })?;
+            tables[src].take_touched();
             let mut compiled = metric(i, m, src, &cfg.sources[src], &mut tables[src])?;
+            compiled.lookups = tables[src].take_touched();
             compiled.emit = emit(format!("metrics[{i}].emit"), m.emit, &compiled, cfg.state.changelog)?;
             metrics.push(compiled);
         }
 
         let mut sources = Vec::new();
-        for (i, ((s, time), types)) in cfg.sources.iter().zip(times).zip(types).enumerate() {
+        for (i, (((s, time), types), keys)) in cfg.sources.iter().zip(times).zip(types).zip(keys).enumerate() {
             let table = &tables[i];
+            let lookups = s
+                .lookups
+                .iter()
+                .zip(keys)
+                .enumerate()
+                .map(|(li, (l, (ti, key_slot)))| Lookup {
+                    table: ti,
+                    key_slot,
+                    slots: table.looked_up.iter().enumerate().filter_map(|(slot, lf)| lf.filter(|(x, _)| *x == li).map(|(_, f)| (f, slot))).collect(),
+                    missing: l.missing,
+                })
+                .collect();
             let idle_timeout_ms = s.idle_timeout.as_deref().map(|t| duration(format!("sources[{i}].idle_timeout"), t)).transpose()?;
             if idle_timeout_ms == Some(0) {
                 return Err(ConfigError::new(
@@ -408,6 +505,7 @@ impl Topology {
                 max_ahead_ms: duration(format!("sources[{i}].max_ahead"), &s.max_ahead)?,
                 idle_timeout_ms,
                 metrics: metrics.iter().enumerate().filter(|(_, m)| m.source == i).map(|(j, _)| j).collect(),
+                lookups,
             });
         }
 
@@ -477,6 +575,7 @@ impl Topology {
         Ok(Topology {
             application_id: cfg.kafka.application_id.clone(),
             sources,
+            tables: global,
             metrics,
             derived,
             commit_interval_ms: commit_interval_ms as u64,
@@ -554,12 +653,27 @@ impl Topology {
             self.late_topic()
         );
         let _ = writeln!(out, "flush + commit every {} ms", self.commit_interval_ms);
+        for t in &self.tables {
+            let _ = writeln!(
+                out,
+                "table `{}` reads compacted topic `{}` whole (key → {:?}), keeping replaced values {} ms",
+                t.name, t.topic, t.fields, t.history_ms
+            );
+        }
         for s in &self.sources {
             let _ = writeln!(
                 out,
                 "source `{}` reads topic `{}`, watermark = max event time - {} ms, fields {:?}",
                 s.name, s.topic, s.watermark_delay_ms, s.slot_names
             );
+            for l in &s.lookups {
+                let t = &self.tables[l.table];
+                let _ = writeln!(
+                    out,
+                    "  looks up field {:?} in table `{}` (fields {:?}); a key not in it: {:?}",
+                    s.slot_names[l.key_slot], t.name, t.fields, l.missing
+                );
+            }
             for &mi in &s.metrics {
                 let m = &self.metrics[mi];
                 let aggs: Vec<&str> = m.aggregates.iter().map(|a| a.name.as_str()).collect();
@@ -600,6 +714,66 @@ impl Topology {
         }
         out
     }
+}
+
+/// Compiles `[[tables]]`: names, topics (no source's), fields and their types.
+fn compile_tables(cfg: &Config) -> Result<Vec<Table>, ConfigError> {
+    let mut taken: HashSet<String> = cfg.sources.iter().map(|s| s.name.clone()).collect();
+    check_names("tables", cfg.tables.iter().map(|t| t.name.as_str()), &mut taken)?;
+    let mut out = Vec::new();
+    for (i, t) in cfg.tables.iter().enumerate() {
+        let key = |k: &str| format!("tables[{i}].{k}");
+        if cfg.sources.iter().any(|s| s.topic == t.topic) || cfg.tables[..i].iter().any(|o| o.topic == t.topic) {
+            return Err(ConfigError::new(key("topic"), format!("topic `{}` is read by a source or another table", t.topic)));
+        }
+        if t.fields.is_empty() || t.fields.len() > 64 {
+            return Err(ConfigError::new(key("fields"), "list 1 to 64 fields of the table's values, e.g. [\"module_id\"]"));
+        }
+        let mut paths: Vec<Vec<String>> = Vec::new();
+        for (j, f) in t.fields.iter().enumerate() {
+            if f.is_empty() || f.split('.').any(str::is_empty) || t.fields[..j].contains(f) {
+                return Err(ConfigError::new(format!("tables[{i}].fields[{j}]"), format!("`{f}` is empty, malformed or listed twice")));
+            }
+            paths.push(f.split('.').map(str::to_string).collect());
+        }
+        let mut types = Vec::new();
+        for (field, decl) in &t.types {
+            let slot = t.fields.iter().position(|f| f == field).ok_or_else(|| {
+                ConfigError::new(format!("tables[{i}].types.{field}"), format!("`{field}` is not one of the table's fields {:?}", t.fields))
+            })?;
+            let (ty, required) = field_type(format!("tables[{i}].types.{field}"), decl)?;
+            types.push(TypedField { slot, ty, required });
+        }
+        let history_ms = duration(key("history"), t.history.as_deref().unwrap_or("1d"))?;
+        out.push(Table {
+            name: t.name.clone(),
+            topic: t.topic.clone(),
+            fields: t.fields.clone(),
+            decoder: Decoder::without_time(paths, types),
+            history_ms,
+        });
+    }
+    Ok(out)
+}
+
+/// The (table, key slot) of each lookup of source `i`.
+fn lookup_keys(i: usize, s: &SourceConfig, tables: &[Table], slots: &mut SlotTable) -> Result<Vec<(usize, usize)>, ConfigError> {
+    let mut out = Vec::new();
+    for (j, l) in s.lookups.iter().enumerate() {
+        let key = |k: &str| format!("sources[{i}].lookups[{j}].{k}");
+        let ti = tables.iter().position(|t| t.name == l.table).ok_or_else(|| {
+            let names: Vec<&str> = tables.iter().map(|t| t.name.as_str()).collect();
+            ConfigError::new(key("table"), format!("`{}` is not a table; tables are {names:?}", l.table))
+        })?;
+        if s.lookups[..j].iter().any(|o| o.table == l.table) {
+            return Err(ConfigError::new(key("table"), format!("table `{}` is looked up twice by this source", l.table)));
+        }
+        if slots.lookup_of(&l.key).is_some() {
+            return Err(ConfigError::new(key("key"), format!("`{}` is a looked-up field; a key must be a field of the record", l.key)));
+        }
+        out.push((ti, slots.slot(&l.key)));
+    }
+    Ok(out)
 }
 
 fn event_time(i: usize, s: &SourceConfig, table: &mut SlotTable) -> Result<EventTime, ConfigError> {
@@ -650,18 +824,23 @@ fn event_time(i: usize, s: &SourceConfig, table: &mut SlotTable) -> Result<Event
 fn field_types(i: usize, s: &SourceConfig, table: &mut SlotTable) -> Result<Vec<TypedField>, ConfigError> {
     let mut out = Vec::new();
     for (field, decl) in &s.types {
-        let key = format!("sources[{i}].types.{field}");
-        let lower = decl.trim().to_ascii_lowercase();
-        let (name, required) = match lower.strip_suffix("not null") {
-            Some(rest) => (rest.trim_end(), true),
-            None => (lower.as_str(), false),
-        };
-        let ty = FieldType::parse(name).ok_or_else(|| {
-            ConfigError::new(&key, format!("`{decl}` is not a type; allowed: int, float, string, bool (or BIGINT, DOUBLE, VARCHAR, BOOLEAN, …), optionally followed by `not null`"))
-        })?;
+        let (ty, required) = field_type(format!("sources[{i}].types.{field}"), decl)?;
         out.push(TypedField { slot: table.slot(field), ty, required });
     }
     Ok(out)
+}
+
+/// A declared type: `int`, `BIGINT not null`, …
+fn field_type(key: String, decl: &str) -> Result<(FieldType, bool), ConfigError> {
+    let lower = decl.trim().to_ascii_lowercase();
+    let (name, required) = match lower.strip_suffix("not null") {
+        Some(rest) => (rest.trim_end(), true),
+        None => (lower.as_str(), false),
+    };
+    let ty = FieldType::parse(name).ok_or_else(|| {
+        ConfigError::new(key, format!("`{decl}` is not a type; allowed: int, float, string, bool (or BIGINT, DOUBLE, VARCHAR, BOOLEAN, …), optionally followed by `not null`"))
+    })?;
+    Ok((ty, required))
 }
 
 fn window(key: String, w: &WindowConfig) -> Result<WindowSpec, ConfigError> {
@@ -753,6 +932,7 @@ fn metric(i: usize, m: &MetricConfig, src: usize, s: &SourceConfig, table: &mut 
         filter,
         group_by: m.group_by.clone(),
         group_slots,
+        lookups: vec![],
         aggregates,
         window,
         grace_ms,

@@ -436,7 +436,7 @@ impl Tally {
 fn outcome_of(o: &Outcome) -> Option<model::Outcome> {
     match o {
         Outcome::Invalid(e) => Some(model::Outcome::Invalid(e.reason())),
-        Outcome::Processed { late, partly_late } => Some(model::Outcome::Counted { late: late.clone(), partly: partly_late.clone() }),
+        Outcome::Processed { late, partly_late, .. } => Some(model::Outcome::Counted { late: late.clone(), partly: partly_late.clone() }),
         _ => None,
     }
 }

@@ -57,7 +57,7 @@ fn an_idle_partition_stops_holding_windows_open() {
     let records: Vec<GenRecord> = (0..500)
         .map(|i| {
             let payload = format!(r#"{{"ts":{},"k":"k{}"}}"#, start + i * 10, i % 3).into_bytes();
-            GenRecord { partition: 0, key: b"k".to_vec(), payload, kind: RecordKind::InOrder }
+            GenRecord { partition: 0, key: b"k".to_vec(), payload, kind: RecordKind::InOrder, topic: None }
         })
         .collect();
     let states = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];

@@ -31,7 +31,7 @@ use crate::hash::KeyHash;
 
 /// A field value as tally sees it. JSON objects and arrays are kept as their JSON text, so
 /// they can still be grouped on or counted distinct.
-#[derive(Debug, Clone, PartialEq, Default)]
+#[derive(Debug, Clone, PartialEq, Default, serde::Serialize, serde::Deserialize)]
 pub enum Value {
     /// Absent, or JSON `null`.
     #[default]
@@ -143,6 +143,14 @@ pub enum DecodeError {
     /// A field declared `not null` is missing or null.
     #[error("field `{0}` is declared not null but is missing")]
     MissingField(String),
+    /// The record's key is not in a table it is looked up in (with `missing = "dead_letter"`).
+    #[error("key `{key}` is not in table `{table}`")]
+    LookupMissing {
+        /// The table.
+        table: String,
+        /// The key looked up (cut short).
+        key: String,
+    },
     /// The event-time field is there but does not parse.
     #[error("event time field `{field}` has `{value}`: {why}")]
     BadTime {
@@ -166,6 +174,7 @@ impl DecodeError {
             DecodeError::TooFarAhead { .. } => "event_time_too_far_ahead",
             DecodeError::WrongType { .. } => "wrong_type",
             DecodeError::MissingField(_) => "missing_field",
+            DecodeError::LookupMissing { .. } => "lookup_missing",
         }
     }
 }
@@ -254,17 +263,32 @@ pub struct Decoder {
     paths: Vec<Vec<String>>,
     /// Top-level key → the slots whose path starts there.
     top: KeySlots,
-    time: EventTime,
+    /// `None`: the records carry no event time (a table's).
+    time: Option<EventTime>,
     types: Vec<TypedField>,
 }
 
 impl Decoder {
     /// A decoder filling one slot per path, checking the declared `types`, reading the
     /// event time as `time` says.
+    ///
+    /// A slot with an empty path is not read from the record (it is filled later, by a
+    /// table lookup).
     pub fn new(paths: Vec<Vec<String>>, time: EventTime, types: Vec<TypedField>) -> Decoder {
+        Self::build(paths, Some(time), types)
+    }
+
+    /// A decoder of records without an event time (a table's values); their `time_ms` is 0.
+    pub fn without_time(paths: Vec<Vec<String>>, types: Vec<TypedField>) -> Decoder {
+        Self::build(paths, None, types)
+    }
+
+    fn build(paths: Vec<Vec<String>>, time: Option<EventTime>, types: Vec<TypedField>) -> Decoder {
         let mut top = KeySlots::default();
         for (slot, path) in paths.iter().enumerate() {
-            top.entry(path[0].clone()).or_default().push(slot);
+            if let Some(first) = path.first() {
+                top.entry(first.clone()).or_default().push(slot);
+            }
         }
         Decoder { paths, top, time, types }
     }
@@ -298,7 +322,10 @@ impl Decoder {
                 }
             }
         }
-        out.time_ms = self.time.extract(&out.values, &self.paths, kafka_ts)?;
+        out.time_ms = match &self.time {
+            Some(t) => t.extract(&out.values, &self.paths, kafka_ts)?,
+            None => 0,
+        };
         Ok(())
     }
 }

@@ -50,6 +50,8 @@ pub struct ApiState {
     pub metrics: Metrics,
     /// The partitions this replica owns; readiness.
     pub owned: Arc<Ownership>,
+    /// The global tables: ready once loaded.
+    pub tables: Arc<crate::table::Tables>,
 }
 
 fn error(status: StatusCode, msg: impl Into<String>) -> Response {
@@ -249,13 +251,28 @@ pub fn routes(state: ApiState) -> impl Filter<Extract = (Response,), Error = Inf
         .map(|r| ("openapi", r));
     let health = warp::path!("health").map(|| warp::reply::json(&json!({ "status": "ok" })).into_response()).map(|r| ("health", r));
     let ready = warp::path!("ready").and(with.clone()).map(|s: ApiState| {
-        let ready = s.owned.ready();
+        let loaded = s.tables.loaded();
+        let ready = s.owned.ready() && loaded;
         let (owned, restoring) = s.owned.counts();
         let standbys = s.owned.standbys();
         let queryable = standbys.iter().filter(|(_, c)| c.queryable).count();
         let code = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-        let body =
-            json!({ "ready": ready, "partitions": owned, "restoring": restoring, "standbys": standbys.len(), "standbys_queryable": queryable });
+        let tables: Vec<_> = s
+            .tables
+            .names()
+            .iter()
+            .zip(s.tables.metas())
+            .map(|(name, m)| json!({ "name": name, "entries": m.entries, "position": m.next }))
+            .collect();
+        let body = json!({
+            "ready": ready,
+            "partitions": owned,
+            "restoring": restoring,
+            "standbys": standbys.len(),
+            "standbys_queryable": queryable,
+            "tables_loaded": loaded,
+            "tables": tables,
+        });
         warp::reply::with_status(warp::reply::json(&body), code).into_response()
     });
     let ready = ready.map(|r| ("ready", r));

@@ -365,6 +365,13 @@ impl Shared {
                 continue;
             }
             self.start_task(s, p)?;
+            let tasks = self.tasks();
+            if tasks.pin(s, p).is_some_and(|pin| !tasks.tables().covers(pin)) {
+                // Its pin names table records this replica has not read yet: stay paused.
+                again.push((s, p, n));
+                continue;
+            }
+            drop(tasks);
             let mut tpl = TopicPartitionList::new();
             tpl.add_partition(topic, p);
             consumer.resume(&tpl).map_err(|e| anyhow::anyhow!("resuming {topic} partition {p}: {e}"))?;
@@ -528,8 +535,6 @@ impl SourceConsumer {
         )
         .create_with_context(SourceContext { shared: Arc::clone(&shared) })
         .map_err(|e| anyhow::anyhow!("creating the consumer for {}: {e}", kafka.bootstrap_servers))?;
-        let topics: Vec<&str> = topo.sources.iter().map(|s| s.topic.as_str()).collect();
-        consumer.subscribe(&topics).map_err(|e| anyhow::anyhow!("subscribing to {topics:?}: {e}"))?;
         Ok(SourceConsumer { consumer, shared })
     }
 
@@ -540,7 +545,19 @@ impl SourceConsumer {
 
     /// Polls and processes until `stop` is set, flushing and committing every commit
     /// interval; on stop, flushes, commits and leaves the group.
+    ///
+    /// It joins the group (subscribes) only once the global tables are loaded: a replica
+    /// takes no partition it could not join the records of.
     pub fn run(self, stop: &AtomicBool) -> anyhow::Result<()> {
+        let tables = Arc::clone(self.shared.tasks().tables());
+        while !tables.loaded() {
+            if stop.load(Ordering::Relaxed) {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let topics: Vec<&str> = self.shared.topo.sources.iter().map(|s| s.topic.as_str()).collect();
+        self.consumer.subscribe(&topics).map_err(|e| anyhow::anyhow!("subscribing to {topics:?}: {e}"))?;
         let interval = Duration::from_millis(self.shared.topo.commit_interval_ms);
         let mut last_flush = Instant::now();
         let sources: HashMap<String, usize> = self.shared.topo.sources.iter().enumerate().map(|(i, s)| (s.topic.clone(), i)).collect();
@@ -600,8 +617,14 @@ impl SourceConsumer {
         local.consumed[source] += 1;
         let origin = || Origin { topic: msg.topic(), partition, offset, key: msg.key(), payload };
         match outcome {
-            Outcome::Processed { late, partly_late } => {
+            Outcome::Processed { late, partly_late, missing } => {
                 local.processed[source] += 1;
+                for li in missing {
+                    let l = &shared.topo.sources[source].lookups[li];
+                    let action = if l.missing == crate::config::Missing::Null { "null" } else { "skip" };
+                    let labels = [shared.topo.sources[source].name.as_str(), shared.topo.tables[l.table].name.as_str(), action];
+                    shared.metrics.lookups_missing.with_label_values(&labels).inc();
+                }
                 if let Some(ts) = kafka_ts {
                     local.processing.observe((now_ms() - ts).max(0) as f64 / 1000.0);
                     local.timestamps.push(ts);
@@ -618,6 +641,9 @@ impl SourceConsumer {
                 }
             }
             Outcome::Invalid(e) => {
+                if let crate::event::DecodeError::LookupMissing { table, .. } = &e {
+                    shared.metrics.lookups_missing.with_label_values(&[&shared.topo.sources[source].name, table, "dead_letter"]).inc();
+                }
                 shared.metrics.records_invalid.with_label_values(&[&shared.topo.sources[source].name, e.reason()]).inc();
                 shared.side.dead_letter(&origin(), e.reason(), &e.to_string());
             }

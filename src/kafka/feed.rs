@@ -25,9 +25,11 @@ impl Feed {
         Ok(Feed { producer, topic: topic.to_string() })
     }
 
-    /// Sends one record to its partition, waiting while the local queue is full.
+    /// Sends one record to its partition (of its own topic, if it names one), waiting while
+    /// the local queue is full.
     pub fn send(&self, r: &GenRecord) -> anyhow::Result<()> {
-        let mut rec = BaseRecord::to(&self.topic).partition(r.partition).key(&r.key[..]).payload(&r.payload[..]);
+        let topic = r.topic.unwrap_or(&self.topic);
+        let mut rec = BaseRecord::to(topic).partition(r.partition).key(&r.key[..]).payload(&r.payload[..]);
         loop {
             match self.producer.send(rec) {
                 Ok(()) => return Ok(()),
@@ -35,7 +37,7 @@ impl Feed {
                     rec = back;
                     std::thread::sleep(Duration::from_millis(1));
                 }
-                Err((e, _)) => return Err(anyhow::anyhow!("producing to {}: {e}", self.topic)),
+                Err((e, _)) => return Err(anyhow::anyhow!("producing to {topic}: {e}")),
             }
         }
     }

@@ -1,8 +1,8 @@
 //! The edges to Kafka: client settings, the source consumer loop ([`consumer`]), the
 //! dead-letter and late-record outputs ([`side`]), changelogs ([`changelog`]) and reading
 //! them back ([`state_updater`]), the result topic ([`results`]), acknowledged producing
-//! ([`delivery`]), internal topics ([`topics`]), membership ([`members`]) and the producer
-//! of generated events ([`feed`]).
+//! ([`delivery`]), internal topics ([`topics`]), membership ([`members`]), global tables ([`tables`])
+//! and the producer of generated events ([`feed`]).
 
 pub mod changelog;
 pub mod consumer;
@@ -12,6 +12,7 @@ pub mod members;
 pub mod results;
 pub mod side;
 pub mod state_updater;
+pub mod tables;
 pub mod topics;
 
 use rdkafka::ClientConfig;

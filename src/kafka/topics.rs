@@ -10,7 +10,7 @@ use rdkafka::types::RDKafkaErrorCode;
 use crate::config::KafkaConfig;
 use crate::topology::{InternalTopic, TopicKind, Topology};
 
-/// Creates the source topics of `topo` (`partitions` each) and its internal topics on
+/// Creates the source and table topics of `topo` (`partitions` each) and its internal topics on
 /// librdkafka's mock cluster, which has no admin API (`tally demo`, `tally bench`, tests).
 pub fn create_on_mock<C: rdkafka::ClientContext>(
     mock: &rdkafka::mocking::MockCluster<'_, C>,
@@ -18,6 +18,7 @@ pub fn create_on_mock<C: rdkafka::ClientContext>(
     partitions: i32,
 ) -> anyhow::Result<()> {
     let mut topics: Vec<(String, i32)> = topo.sources.iter().map(|s| (s.topic.clone(), partitions)).collect();
+    topics.extend(topo.tables.iter().map(|t| (t.topic.clone(), partitions)));
     topics.extend(topo.internal_topics().into_iter().map(|t| (t.name, if t.kind.partitions_like().is_some() { partitions } else { 1 })));
     for (topic, parts) in topics {
         mock.create_topic(&topic, parts, 1).map_err(|e| anyhow::anyhow!("creating topic {topic} on the mock cluster: {e}"))?;
@@ -109,6 +110,17 @@ pub async fn ensure_source(kafka: &KafkaConfig, topic: &str, partitions: i32) ->
     create(&admin, &[Spec { name: topic.to_string(), partitions, kind: None }]).await
 }
 
+/// Creates a global table's topic (compacted; replaced values kept a day before compaction
+/// may drop them, which is what a table's default `history` needs) unless it exists
+/// (`tally gen`).
+pub async fn ensure_table(kafka: &KafkaConfig, topic: &str, partitions: i32) -> anyhow::Result<()> {
+    let (admin, existing) = admin_and_topics(kafka)?;
+    if existing.contains_key(topic) {
+        return Ok(());
+    }
+    create(&admin, &[Spec { name: topic.to_string(), partitions, kind: Some(TopicKind::Table) }]).await
+}
+
 /// Creates `specs`. A changelog that cannot be created is an error; other topics are then
 /// left to auto-creation on first use (brokers without the admin API).
 async fn create(admin: &AdminClient<DefaultClientContext>, specs: &[Spec]) -> anyhow::Result<()> {
@@ -126,6 +138,7 @@ async fn create(admin: &AdminClient<DefaultClientContext>, specs: &[Spec]) -> an
                 Some(TopicKind::Results) => topic.set("cleanup.policy", "compact,delete").set("retention.ms", WEEK_MS),
                 // A stopped replica leaves a tombstone; a killed one's record ages out on read.
                 Some(TopicKind::Members) => topic.set("cleanup.policy", "compact").set("retention.ms", "-1"),
+                Some(TopicKind::Table) => topic.set("cleanup.policy", "compact").set("retention.ms", "-1").set("min.compaction.lag.ms", "86400000"),
                 None => topic,
             }
         })
