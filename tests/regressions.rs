@@ -243,3 +243,105 @@ fn a_mistyped_record_is_invalid_and_leaves_the_watermark() {
     c.flush();
     assert_eq!(c.value("views", (0, MIN), "count"), Some(json!(2)));
 }
+
+/// A changelog kept in memory that can tear a flush: its changes are written, its positions
+/// are not (a crash between the two).
+#[derive(Default)]
+struct TearingLog {
+    records: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+    tear: bool,
+}
+
+impl tally::changelog::ChangeSink for TearingLog {
+    fn write(
+        &mut self,
+        changes: &[tally::changelog::Change],
+        positions: &[tally::changelog::Change],
+    ) -> Result<Vec<i64>, tally::changelog::ChangelogError> {
+        self.records.extend(changes.iter().map(|c| (c.key.clone(), c.value.clone())));
+        if self.tear {
+            return Err(tally::changelog::ChangelogError("torn on purpose".into()));
+        }
+        let mut offsets = Vec::new();
+        for c in positions {
+            self.records.push((c.key.clone(), c.value.clone()));
+            offsets.push(self.records.len() as i64 - 1);
+        }
+        Ok(offsets)
+    }
+}
+
+/// Kafka Streams' GlobalKTable joins a replayed record with the table as it is at the
+/// replay: a gift whose room moved to another module between its first pass and its replay
+/// counts under both. Here it joins as of the pin stored with its partition's position, and
+/// after a torn flush the pin stays until the replay has passed every record the torn
+/// changes hold: each module's total is the one of the first pass.
+#[test]
+fn a_replayed_record_joins_with_the_table_version_of_its_first_pass() {
+    use tally::table::store::{TableChange, TableRecord};
+    use tally::table::Tables;
+    let topo = topology(
+        &format!("{EPOCH_MS}\nlookups = [{{ table = \"rooms\", key = \"room\", missing = \"null\" }}]"),
+        "[[tables]]\nname = \"rooms\"\ntopic = \"rooms\"\nfields = [\"module\"]\n\
+         [[metrics]]\nname = \"by_module\"\nsource = \"s\"\ngroup_by = [\"rooms.module\"]\naggregates = [\"count\"]\nwindow = { type = \"global\" }\n",
+    );
+    let room = |offset: i64, module: i64| TableRecord {
+        partition: 0,
+        offset,
+        timestamp: 0,
+        key: b"7".to_vec(),
+        change: TableChange::Put(vec![tally::event::Value::Int(module)]),
+    };
+    let gift = |i: i64| json!({ "ts": i * 1000, "room": 7 }).to_string().into_bytes();
+    let first = tempfile::tempdir().unwrap();
+    let store = Store::open(first.path()).unwrap();
+    let tables = Arc::new(Tables::open(&topo, &store).unwrap());
+    tables.set_partitions(0, 1);
+    tables.apply(0, &[room(0, 101)], 0).unwrap();
+    let mut tasks = TaskSet::with_tables(Arc::clone(&topo), store.clone(), Arc::clone(&tables));
+    tasks.assign(0, 0).unwrap();
+    let mut log = TearingLog::default();
+    for i in 0..2 {
+        tasks.process(0, 0, i, None, &gift(i)).unwrap();
+    }
+    tasks.flush(Some(&mut log)).unwrap();
+    // The room moves to module 102; gifts 2 and 3 still join as of the flush's pin (101),
+    // and their flush is torn: their aggregate reaches the changelog, the position does not.
+    tables.apply(0, &[room(1, 102)], 0).unwrap();
+    for i in 2..4 {
+        tasks.process(0, 0, i, None, &gift(i)).unwrap();
+    }
+    log.tear = true;
+    assert!(tasks.flush(Some(&mut log)).is_err());
+
+    // Another replica restores the partition from that changelog, its table already at 102.
+    let second = tempfile::tempdir().unwrap();
+    let store = Store::open(second.path()).unwrap();
+    let mut restore = tally::changelog::Restoration::begin(&store, &topo, 0, 0, true).unwrap();
+    for (k, v) in &log.records {
+        restore.apply(k, v.as_deref()).unwrap();
+    }
+    let (position, _) = restore.finish(log.records.len() as i64 - 1).unwrap();
+    assert_eq!(position.map(|p| (p.next_offset, p.replay_until)), Some((2, 4)), "resumes at 2, holding the pin until past offset 3");
+    let tables = Arc::new(Tables::open(&topo, &store).unwrap());
+    tables.set_partitions(0, 1);
+    tables.apply(0, &[room(0, 101), room(1, 102)], 0).unwrap();
+    let mut tasks = TaskSet::with_tables(Arc::clone(&topo), store.clone(), tables);
+    tasks.assign(0, 0).unwrap();
+    // Replayed one at a time with a flush between: a flush must not move the pin yet.
+    for i in 2..6 {
+        tasks.process(0, 0, i, None, &gift(i)).unwrap();
+        tasks.flush(None).unwrap();
+    }
+    let owned = Arc::new(Ownership::default());
+    owned.set(0, 0, PartitionState::Active);
+    let engine = QueryEngine::local(Arc::clone(&topo), store, owned);
+    let a = engine.windows("by_module", None, Range::default(), usize::MAX, false, &Ask::default()).unwrap();
+    let counts: Vec<(String, i64)> = a["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r["key"]["rooms.module"].as_str().unwrap_or_default().to_string(), r["values"]["count"].as_i64().unwrap()))
+        .collect();
+    assert_eq!(counts, vec![("101".to_string(), 4), ("102".to_string(), 2)], "{a}");
+}
