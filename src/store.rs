@@ -145,6 +145,9 @@ pub struct PartitionMeta {
     /// The global tables' position the records from `next_offset` on join with (see
     /// [`crate::table`]); empty without tables.
     pub pin: Vec<TablePin>,
+    /// The position the records since the previous position record joined with (the pin of
+    /// that record, or where the partition started): the join of every record is on record.
+    pub joined: Vec<TablePin>,
     /// Until the partition reaches this offset, its pin stays: aggregates hold records up to
     /// just before it from a flush whose position was never written (a torn flush), and
     /// their replay must join as they did.
@@ -217,7 +220,7 @@ impl PartitionMeta {
         if bytes.first() == Some(&2) {
             let v: PartitionMetaV2 = decode(2, key, bytes)?;
             let PartitionMetaV2 { next_offset, watermark, max_event_time, changelog_offset } = v;
-            return Ok(PartitionMeta { next_offset, watermark, max_event_time, changelog_offset, pin: vec![], replay_until: 0 });
+            return Ok(PartitionMeta { next_offset, watermark, max_event_time, changelog_offset, pin: vec![], joined: vec![], replay_until: 0 });
         }
         decode(META_FORMAT, key, bytes)
     }

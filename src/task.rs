@@ -66,6 +66,11 @@ impl PartitionTask {
     }
 }
 
+/// A pin with its tables' names, as stored.
+fn named_pin(topo: &Topology, pin: &Positions) -> Vec<TablePin> {
+    topo.tables.iter().zip(pin).map(|(t, next)| TablePin { table: t.name.clone(), next: next.clone() }).collect()
+}
+
 /// What became of a record.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
@@ -415,7 +420,8 @@ impl TaskSet {
                     watermark: task.watermark,
                     max_event_time: task.max_event_time,
                     changelog_offset: None,
-                    pin: topo.tables.iter().zip(pin.iter()).map(|(t, next)| TablePin { table: t.name.clone(), next: next.clone() }).collect(),
+                    pin: named_pin(&topo, pin),
+                    joined: named_pin(&topo, &task.pin),
                     replay_until: task.replay_until,
                 };
                 metas.push((source, partition, meta));

@@ -74,12 +74,15 @@ impl Rng {
 }
 
 /// A record read back from a topic.
-struct Drained {
-    partition: i32,
-    offset: i64,
-    timestamp: Option<i64>,
-    key: Vec<u8>,
-    payload: Vec<u8>,
+pub struct Drained {
+    pub partition: i32,
+    pub offset: i64,
+    pub timestamp: Option<i64>,
+    pub key: Vec<u8>,
+    /// Empty for a tombstone (see `null`).
+    pub payload: Vec<u8>,
+    /// A tombstone (null value).
+    pub null: bool,
 }
 
 /// A free loopback port.
@@ -167,6 +170,10 @@ impl Cluster {
         for s in &topo.sources {
             rt.block_on(tally::kafka::topics::ensure_source(&cluster.kafka(), &s.topic, partitions)).expect("creating the source topic");
         }
+        // Tables' topics without compaction: tests read every record back.
+        for t in &topo.tables {
+            rt.block_on(tally::kafka::topics::ensure_source(&cluster.kafka(), &t.topic, partitions)).expect("creating the table topic");
+        }
         cluster
     }
 
@@ -227,7 +234,7 @@ impl Cluster {
     }
 
     /// Every record of `topic` now, partition by partition in offset order.
-    fn drain(&self, topic: &str) -> Vec<Drained> {
+    pub fn drain(&self, topic: &str) -> Vec<Drained> {
         let (c, partitions) = self.reader(topic, true);
         let mut open: std::collections::HashSet<i32> = partitions.into_iter().collect();
         let mut out = Vec::new();
@@ -240,6 +247,7 @@ impl Cluster {
                     timestamp: m.timestamp().to_millis(),
                     key: m.key().unwrap_or_default().to_vec(),
                     payload: m.payload().unwrap_or_default().to_vec(),
+                    null: m.payload().is_none(),
                 }),
                 Some(Err(rdkafka::error::KafkaError::PartitionEOF(p))) => {
                     open.remove(&p);

@@ -79,6 +79,34 @@ pub struct Model {
     pub recs: Vec<Vec<Rec>>,
     /// Per source: outcome of each record, in feeding order, with (partition, offset).
     pub outcomes: Vec<Vec<(i32, i64, Outcome)>>,
+    /// Per table: key → its versions (partition, offset, timestamp, fields or deleted).
+    pub tables: Vec<BTreeMap<String, Vec<Version>>>,
+    /// Per source, per partition: the table positions its records joined as of, as
+    /// (end offset, pin): records before `end` since the previous entry joined as of `pin`
+    /// (per table, per table partition, the next offset visible).
+    pub joins: Vec<BTreeMap<i32, Vec<(i64, Vec<Vec<i64>>)>>>,
+    /// Per source, per lookup: records whose key was not found.
+    pub missing: Vec<Vec<u64>>,
+}
+
+/// One value a table key had from a record on.
+#[derive(Debug, Clone)]
+pub struct Version {
+    pub partition: i32,
+    pub offset: i64,
+    pub timestamp: i64,
+    pub fields: Option<Vec<Val>>,
+}
+
+/// The table key a record key stands for (README: a key that is a JSON number or string is
+/// that value's text, any other key its text); `None` for no usable key.
+pub fn table_key(key: &[u8]) -> Option<String> {
+    let text = std::str::from_utf8(key).ok()?.trim();
+    let k = match serde_json::from_str::<Json>(text) {
+        Ok(v @ (Json::String(_) | Json::Number(_))) => Val::from_json(&v).text(),
+        _ => text.to_string(),
+    };
+    (!k.is_empty()).then_some(k)
 }
 
 /// An accumulator of one aggregate over the records counting for one window and key.
@@ -171,6 +199,20 @@ fn field(src: &Source, obj: &serde_json::Map<String, Json>, name: &str) -> Val {
     v.map_or(Val::Null, Val::from_json)
 }
 
+/// Every field name a metric reads: filter, group-by and aggregate fields.
+fn names_read(m: &Metric) -> Vec<String> {
+    let mut names: Vec<String> = m.group_by.clone();
+    names.extend(m.filter.as_ref().map(|f| f.names()).unwrap_or_default());
+    for (_, a) in &m.aggs {
+        match a {
+            Agg::Count => {}
+            Agg::Sum(f) | Agg::Distinct(f, _) | Agg::Latest(f) => names.push(f.clone()),
+            Agg::TopN { item, by, .. } => names.extend(std::iter::once(item.clone()).chain(by.clone())),
+        }
+    }
+    names
+}
+
 fn local_to_utc(tz: chrono_tz::Tz, local: NaiveDateTime) -> Option<i64> {
     match tz.from_local_datetime(&local) {
         LocalResult::Single(t) => Some(t.timestamp_millis()),
@@ -238,13 +280,71 @@ impl Model {
     pub fn new(spec: Spec, partitions: &[i32]) -> Model {
         let (n, m) = (spec.sources.len(), spec.metrics.len());
         Model {
-            spec,
             partitions: partitions.to_vec(),
             progress: vec![BTreeMap::new(); n],
             next: vec![BTreeMap::new(); n],
             recs: vec![Vec::new(); m],
             outcomes: vec![Vec::new(); n],
+            tables: vec![BTreeMap::new(); spec.tables.len()],
+            joins: vec![BTreeMap::new(); n],
+            missing: spec.sources.iter().map(|s| vec![0; s.lookups.len()]).collect(),
+            spec,
         }
+    }
+
+    /// Feeds one record of table `t`'s topic (`payload` `None`: a tombstone). A record
+    /// without a usable key, or whose value is not an object of the declared types, changes
+    /// nothing.
+    pub fn table_record(&mut self, t: usize, partition: i32, offset: i64, timestamp: i64, key: &[u8], payload: Option<&[u8]>) {
+        let Some(key) = table_key(key) else { return };
+        let fields = match payload {
+            None => None,
+            Some(p) => {
+                let Ok(Json::Object(obj)) = serde_json::from_slice::<Json>(p) else { return };
+                let spec = &self.spec.tables[t];
+                let mut vals = Vec::new();
+                for f in &spec.fields {
+                    let mut v = obj.get(f.split('.').next().unwrap());
+                    for part in f.split('.').skip(1) {
+                        v = v.and_then(|x| x.get(part));
+                    }
+                    let v = v.map_or(Val::Null, Val::from_json);
+                    let v = match spec.types.iter().find(|(n, _, _)| n == f) {
+                        Some((_, _, true)) if v == Val::Null => return,
+                        Some((_, ty, _)) if v != Val::Null => match v.typed(*ty) {
+                            Some(t) => t,
+                            None => return,
+                        },
+                        _ => v,
+                    };
+                    vals.push(v);
+                }
+                Some(vals)
+            }
+        };
+        self.tables[t].entry(key).or_default().push(Version { partition, offset, timestamp, fields });
+    }
+
+    /// The fields of `key` in table `t` as of `pin` (README: per table partition the last
+    /// version before its pinned offset; of those, the latest timestamp, then the higher
+    /// partition).
+    pub fn table_at(&self, t: usize, key: &str, pin: &[i64]) -> Option<Vec<Val>> {
+        let versions = self.tables[t].get(key)?;
+        let visible = |v: &&Version| v.offset < pin.get(v.partition as usize).copied().unwrap_or(0);
+        let mut last: BTreeMap<i32, &Version> = BTreeMap::new();
+        for v in versions.iter().filter(visible) {
+            if last.get(&v.partition).is_none_or(|l| l.offset < v.offset) {
+                last.insert(v.partition, v);
+            }
+        }
+        let best = last.values().max_by_key(|v| (v.timestamp, v.partition))?;
+        best.fields.clone()
+    }
+
+    /// The pin the record at `offset` of `source`'s `partition` joined as of.
+    fn pin_of(&self, source: usize, partition: i32, offset: i64) -> &Vec<Vec<i64>> {
+        let joins = self.joins[source].get(&partition).unwrap_or_else(|| panic!("no join positions for source {source} partition {partition}"));
+        &joins.iter().find(|(end, _)| *end > offset).unwrap_or_else(|| panic!("no join position after offset {offset} of partition {partition}")).1
     }
 
     /// Feeds one step of source `s`.
@@ -298,6 +398,29 @@ impl Model {
         if kafka_ts.is_some_and(|ts| t > ts.saturating_add(src.max_ahead_ms)) {
             return Outcome::Invalid("event_time_too_far_ahead");
         }
+        // Lookups: `table.field` values, and the lookups whose key was not found.
+        let mut looked: BTreeMap<String, Val> = BTreeMap::new();
+        let mut skipped: Vec<String> = Vec::new();
+        for (li, l) in src.lookups.iter().enumerate() {
+            let table = &self.spec.tables[l.table];
+            let key = get(&l.key);
+            let found = if key == Val::Null { None } else { self.table_at(l.table, &key.text(), &self.pin_of(s, partition, offset)[l.table]) };
+            match found {
+                Some(vals) => {
+                    for (f, v) in table.fields.iter().zip(vals) {
+                        looked.insert(format!("{}.{f}", table.name), v);
+                    }
+                }
+                None if l.missing == spec::Missing::DeadLetter => return Outcome::Invalid("lookup_missing"),
+                None => {
+                    self.missing[s][li] += 1;
+                    if l.missing == spec::Missing::Skip {
+                        skipped.push(format!("{}.", table.name));
+                    }
+                }
+            }
+        }
+        let get = |name: &str| looked.get(name).cloned().unwrap_or_else(|| get(name));
         let p = self.progress[s].entry(partition).or_insert(Progress { max_t: NONE, watermark: NONE });
         let wm_before = p.watermark;
         if t > p.max_t {
@@ -306,6 +429,9 @@ impl Model {
         }
         let (mut late, mut partly) = (Vec::new(), Vec::new());
         for (mi, m) in self.spec.metrics.iter().enumerate().filter(|(_, m)| m.source == s) {
+            if names_read(m).iter().any(|n| skipped.iter().any(|t| n.starts_with(t.as_str()))) {
+                continue;
+            }
             if m.filter.as_ref().is_some_and(|f| !f.eval(&get)) {
                 continue;
             }

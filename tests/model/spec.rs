@@ -49,6 +49,32 @@ pub struct Source {
     pub aliases: BTreeMap<String, String>,
     /// (field, type, not null).
     pub types: Vec<(String, Ty, bool)>,
+    /// Lookups in tables, in order.
+    pub lookups: Vec<LookupSpec>,
+}
+
+/// A global table: the fields it keeps, with their declared types.
+#[derive(Debug, Clone)]
+pub struct TableSpec {
+    pub name: String,
+    pub fields: Vec<String>,
+    pub types: Vec<(String, Ty, bool)>,
+}
+
+/// What a lookup does with a key the table does not have.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Missing {
+    Skip,
+    Null,
+    DeadLetter,
+}
+
+#[derive(Debug, Clone)]
+pub struct LookupSpec {
+    /// Index into [`Spec::tables`].
+    pub table: usize,
+    pub key: String,
+    pub missing: Missing,
 }
 
 /// Window lengths are on the local clock of `tz` (`None`: UTC).
@@ -105,6 +131,7 @@ pub struct Ratio {
 #[derive(Debug, Clone)]
 pub struct Spec {
     pub sources: Vec<Source>,
+    pub tables: Vec<TableSpec>,
     pub metrics: Vec<Metric>,
     pub ratios: Vec<Ratio>,
 }
@@ -137,7 +164,7 @@ fn table(v: Option<&Toml>) -> BTreeMap<String, String> {
     v.and_then(Toml::as_table).map(|t| t.iter().map(|(k, v)| (k.clone(), v.as_str().unwrap().to_string())).collect()).unwrap_or_default()
 }
 
-fn source(v: &Toml) -> Source {
+fn source(v: &Toml, tables: &[TableSpec]) -> Source {
     let et = &v["event_time"];
     let zone = || tz(s(et, "timezone")).unwrap_or(chrono_tz::UTC);
     let field = || s(et, "field").unwrap().to_string();
@@ -152,7 +179,39 @@ fn source(v: &Toml) -> Source {
         }
         k => panic!("event time kind {k}"),
     };
-    let types = table(v.get("types"))
+    let lookups = v
+        .get("lookups")
+        .and_then(Toml::as_array)
+        .map(|ls| {
+            ls.iter()
+                .map(|l| LookupSpec {
+                    table: tables.iter().position(|t| Some(t.name.as_str()) == s(l, "table")).unwrap(),
+                    key: s(l, "key").unwrap().to_string(),
+                    missing: match s(l, "missing").unwrap_or("skip") {
+                        "skip" => Missing::Skip,
+                        "null" => Missing::Null,
+                        "dead_letter" => Missing::DeadLetter,
+                        other => panic!("missing = {other}"),
+                    },
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let types = types(v);
+    Source {
+        name: s(v, "name").unwrap().to_string(),
+        time,
+        delay_ms: s(v, "watermark_delay").map_or(0, duration),
+        max_ahead_ms: s(v, "max_ahead").map_or(86_400_000, duration),
+        aliases: table(v.get("fields")),
+        types,
+        lookups,
+    }
+}
+
+/// The `types` of a source or table: (field, type, not null).
+fn types(v: &Toml) -> Vec<(String, Ty, bool)> {
+    table(v.get("types"))
         .into_iter()
         .map(|(f, decl)| {
             let lower = decl.to_ascii_lowercase();
@@ -167,15 +226,7 @@ fn source(v: &Toml) -> Source {
             };
             (f, ty, required)
         })
-        .collect();
-    Source {
-        name: s(v, "name").unwrap().to_string(),
-        time,
-        delay_ms: s(v, "watermark_delay").map_or(0, duration),
-        max_ahead_ms: s(v, "max_ahead").map_or(86_400_000, duration),
-        aliases: table(v.get("fields")),
-        types,
-    }
+        .collect()
 }
 
 fn window(v: &Toml) -> (WindowSpec, Option<Tz>) {
@@ -249,9 +300,20 @@ impl Spec {
     pub fn parse(text: &str) -> Spec {
         let doc: Toml = toml::from_str(text).expect("TOML");
         let changelog = doc.get("state").and_then(|s| s.get("changelog")).and_then(Toml::as_bool).unwrap_or(true);
-        let srcs: Vec<&Toml> = doc["sources"].as_array().unwrap().iter().collect();
-        let sources: Vec<Source> = srcs.iter().map(|v| source(v)).collect();
         let empty = vec![];
+        let tables: Vec<TableSpec> = doc
+            .get("tables")
+            .and_then(Toml::as_array)
+            .unwrap_or(&empty)
+            .iter()
+            .map(|t| TableSpec {
+                name: s(t, "name").unwrap().to_string(),
+                fields: t["fields"].as_array().unwrap().iter().map(|f| f.as_str().unwrap().to_string()).collect(),
+                types: types(t),
+            })
+            .collect();
+        let srcs: Vec<&Toml> = doc["sources"].as_array().unwrap().iter().collect();
+        let sources: Vec<Source> = srcs.iter().map(|v| source(v, &tables)).collect();
         let metrics: Vec<Metric> = doc
             .get("metrics")
             .and_then(Toml::as_array)
@@ -313,6 +375,6 @@ impl Spec {
                 }
             })
             .collect();
-        Spec { sources, metrics, ratios }
+        Spec { sources, tables, metrics, ratios }
     }
 }
