@@ -17,9 +17,11 @@
 //!
 //! Every figure is read from tally's `/metrics` over HTTP, as an operator would.
 //! `--cluster` runs the cluster phases of `bench/cluster.rs` instead: queries through one
-//! replica of three, failover with a standby, availability under repeated SIGKILLs.
+//! replica of three, failover with a standby, availability under repeated SIGKILLs;
+//! `--tables` the table phases of `bench/tables.rs`: S3's table loaded, its lookup's cost.
 
 mod cluster;
+mod tables;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -93,6 +95,13 @@ pub struct BenchOptions {
     /// Cluster phases: keep the replicas' configs, logs and state (the directory is printed).
     #[arg(long)]
     pub keep: bool,
+    /// Run the table phases instead: S3's global table loaded, and the cost of its lookup.
+    #[arg(long)]
+    pub tables: bool,
+    /// Table phases: entries of the table loaded (its lookup cost is measured on a table
+    /// this big too; `--events` gift events).
+    #[arg(long, default_value_t = 1_000_000)]
+    pub table_entries: u64,
 }
 
 /// GET over loopback: (status, body).
@@ -209,9 +218,17 @@ fn wait_for(addr: SocketAddr, what: &str, target: f64, limit: Duration) -> anyho
 fn core_only(records: &[crate::gen::GenRecord], cfg: &Config) -> anyhow::Result<(f64, usize, Duration)> {
     let dir = tempfile::Builder::new().prefix("tally-bench-core-").tempdir()?;
     let topo = std::sync::Arc::new(crate::topology::Topology::compile(cfg)?);
-    let mut tasks = crate::task::TaskSet::new(topo.clone(), crate::store::Store::open(dir.path())?);
-    for p in 0..records.iter().map(|r| r.partition + 1).max().unwrap_or(0) {
-        tasks.assign(0, p)?;
+    let tasks = crate::task::TaskSet::new(topo, crate::store::Store::open(dir.path())?);
+    let payloads: Vec<(i32, Vec<u8>)> = records.iter().map(|r| (r.partition, r.payload.clone())).collect();
+    core_run(tasks, 0, &payloads)
+}
+
+/// `payloads` (partition, bytes) of `source` through `tasks`, flushing every commit interval:
+/// (events/s, aggregate writes, time in flushes).
+fn core_run(mut tasks: crate::task::TaskSet, source: usize, payloads: &[(i32, Vec<u8>)]) -> anyhow::Result<(f64, usize, Duration)> {
+    let topo = std::sync::Arc::clone(tasks.topology());
+    for p in 0..payloads.iter().map(|r| r.0 + 1).max().unwrap_or(0) {
+        tasks.assign(source, p)?;
     }
     let mut offsets = vec![0i64; 1024];
     let start = Instant::now();
@@ -223,9 +240,9 @@ fn core_only(records: &[crate::gen::GenRecord], cfg: &Config) -> anyhow::Result<
         flushing += t.elapsed();
         Ok(())
     };
-    for r in records {
-        let o = &mut offsets[r.partition as usize];
-        tasks.process(0, r.partition, *o, None, &r.payload)?;
+    for (partition, payload) in payloads {
+        let o = &mut offsets[*partition as usize];
+        tasks.process(source, *partition, *o, None, payload)?;
         *o += 1;
         if last_flush.elapsed() >= Duration::from_millis(topo.commit_interval_ms) {
             flush(&mut tasks)?;
@@ -233,7 +250,7 @@ fn core_only(records: &[crate::gen::GenRecord], cfg: &Config) -> anyhow::Result<
         }
     }
     flush(&mut tasks)?;
-    Ok((records.len() as f64 / start.elapsed().as_secs_f64(), puts, flushing))
+    Ok((payloads.len() as f64 / start.elapsed().as_secs_f64(), puts, flushing))
 }
 
 /// The Kafka side alone: a bare librdkafka consumer reading the pre-filled topic with
@@ -533,6 +550,9 @@ fn failover(
 pub fn run(opts: BenchOptions) -> anyhow::Result<()> {
     if opts.cluster {
         return cluster::run(&opts);
+    }
+    if opts.tables {
+        return tables::run(&opts);
     }
     let mock = MockCluster::new(1).map_err(|e| anyhow::anyhow!("starting the mock cluster: {e}"))?;
     let topic = gen::topic(Scenario::S1);
