@@ -786,3 +786,29 @@ fn screen_without_an_api_shows_the_error() {
     assert!(state.has_class("error") && state.text.starts_with("cannot list metrics"), "{state:?}");
     assert!(panels(&tags).is_empty());
 }
+
+/// S3: viewers by province (bars) and grade (pie), gifts by type (pie) and by module (bars,
+/// through the room table), the last six hours' gifts (a span tile) and the top givers
+/// (a table), every number the API's.
+#[test]
+fn s3_screen_shows_the_join_the_span_and_the_top_givers() {
+    use tally::gen::{S3_GIFTS, S3_ROOMS, S3_VIEWS};
+    let opts = GenOptions { count: 8_000, ..GenOptions::for_scenario(Scenario::S3) };
+    let all = generate(Scenario::S3, &opts);
+    let of = |topic: &'static str| (topic, all.iter().filter(|r| r.topic == Some(topic)).cloned().collect::<Vec<_>>());
+    let feed = Feed { partitions: opts.partitions, topics: vec![of(S3_ROOMS), of(S3_VIEWS), of(S3_GIFTS)] };
+    let screen = check_screen("s3-live-streaming.toml", feed, "s3-screen");
+    for (metric, kind) in
+        [("viewers_by_province", "bar"), ("viewers_by_grade", "pie"), ("gifts_by_type", "pie"), ("gifts_by_module", "bar"), ("top_givers", "table")]
+    {
+        let panel = screen.panel(metric);
+        assert_eq!(panel[0].attr("data-kind"), Some(kind), "{metric}");
+        assert!(!items(panel).is_empty(), "{metric}: nothing shown");
+    }
+    let modules = items(screen.panel("gifts_by_module")).len();
+    assert!(modules >= 6, "gifts of all six modules (and of rooms not listed yet): {modules}");
+    let gift = items(screen.panel("gifts_by_type")).into_iter().find(|i| i[0].attr("data-key") == Some("3")).expect("rockets shown");
+    assert_eq!(gift[0].attr("data-label"), Some("rocket 火箭"));
+    assert!(screen.panel("gifts_hourly").iter().any(|t| t.text.contains("last 6 h")), "the span tile says what it spans");
+    screen.tally.stop();
+}
