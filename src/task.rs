@@ -250,24 +250,22 @@ impl TaskSet {
         for (li, l) in src.lookups.iter().enumerate() {
             self.key.clear();
             let key = &self.record.values[l.key_slot];
-            let found = match key {
-                crate::event::Value::Null => None,
-                _ => {
-                    key.write_text(&mut self.key);
-                    self.tables.lookup(l.table, &self.key, task.pin.get(l.table).map_or(&[][..], Vec::as_slice))?
-                }
-            };
-            match found {
-                Some(values) => {
+            let found = *key != crate::event::Value::Null && {
+                key.write_text(&mut self.key);
+                let values = &mut self.record.values;
+                let pin = task.pin.get(l.table).map_or(&[][..], Vec::as_slice);
+                self.tables.lookup(l.table, &self.key, pin, |fields| {
                     for &(f, slot) in &l.slots {
-                        self.record.values[slot] = values.get(f).cloned().unwrap_or_default();
+                        values[slot] = fields.get(f).cloned().unwrap_or_default();
                     }
-                }
-                None if l.missing == Missing::DeadLetter => {
-                    let key = String::from_utf8_lossy(&self.key).chars().take(64).collect();
-                    return Ok(Outcome::Invalid(DecodeError::LookupMissing { table: topo.tables[l.table].name.clone(), key }));
-                }
-                None => missing.push(li),
+                })?
+            };
+            if !found && l.missing == Missing::DeadLetter {
+                let key = String::from_utf8_lossy(&self.key).chars().take(64).collect();
+                return Ok(Outcome::Invalid(DecodeError::LookupMissing { table: topo.tables[l.table].name.clone(), key }));
+            }
+            if !found {
+                missing.push(li);
             }
         }
         // Lateness is judged against the watermark before this record, as a record cannot

@@ -47,9 +47,9 @@ fn feed(cluster: &Cluster, records: &[GenRecord], chunks: usize, pause: Duration
 
 /// Per partition of `source`, in changelog order: (next offset, the pin the records before
 /// it joined as of, per table of the topology) from its position records.
-fn joins(cluster: &Cluster, topo: &Topology, source: usize) -> BTreeMap<i32, Vec<(i64, Vec<Vec<i64>>)>> {
+fn joins(cluster: &Cluster, topo: &Topology, source: usize) -> model::Joins {
     let name = &topo.sources[source].name;
-    let mut out: BTreeMap<i32, Vec<(i64, Vec<Vec<i64>>)>> = BTreeMap::new();
+    let mut out = model::Joins::new();
     for r in cluster.drain(&topo.changelog_topic(source)) {
         if r.key != meta_key(name, r.partition) {
             continue;

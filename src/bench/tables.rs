@@ -5,9 +5,11 @@
 //!    `tally_table_load_seconds` (from the loader's start to the table read to its end), read
 //!    over HTTP as an operator would, and the rate is entries over that time.
 //! 2. **Lookup cost**: S3 gift events through the processing core (tasks and sled, no Kafka)
-//!    with S3's gift metrics, with the join metric and its lookup and without them (the same
-//!    config less `gifts_by_module` and the lookup): with S3's few dozen rooms, and with the
-//!    gifts' rooms spread over the million-entry table.
+//!    with S3's gift metrics, with the lookup and without it (`gifts_by_module` grouped by the
+//!    record's six-valued `gift_type` instead of the looked-up module: the same work but the
+//!    lookup): with
+//!    S3's few dozen rooms, and with the gifts' rooms spread evenly over the million-entry
+//!    table (the worst case for the lookup cache, which holds 250,000 keys).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -33,9 +35,13 @@ fn s3_config(brokers: &str, state: &std::path::Path) -> anyhow::Result<Config> {
     Ok(cfg)
 }
 
-/// The S3 config without the join: no lookup, no `gifts_by_module`.
+/// The S3 config without the lookup: `gifts_by_module` grouped by the record's `gift_type`
+/// (six values, as many as the modules) instead of the room's module, so only the lookup
+/// differs.
 fn without_lookup(mut cfg: Config) -> anyhow::Result<Config> {
-    cfg.metrics.retain(|m| m.name != "gifts_by_module");
+    for m in cfg.metrics.iter_mut().filter(|m| m.name == "gifts_by_module") {
+        m.group_by = vec!["gift_type".into()];
+    }
     cfg.sources.iter_mut().for_each(|s| s.lookups.clear());
     cfg.validate()?;
     Ok(cfg)
@@ -151,7 +157,7 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<()> {
         entries as f64 / secs
     );
     println!("lookup cost (core: tasks and sled, no Kafka; {} gift events, S3's gift metrics)", few.len());
-    println!("  S3's rooms         {a:.0} events/s without the join, {b:.0} with it ({:.0} % less)", (1.0 - b / a) * 100.0);
-    println!("  {entries} rooms  {c:.0} events/s without the join, {d:.0} with it ({:.0} % less)", (1.0 - d / c) * 100.0);
+    println!("  S3's {rooms} rooms      {a:.0} events/s without the lookup, {b:.0} with it ({:.0} % less)", (1.0 - b / a) * 100.0);
+    println!("  {entries} rooms  {c:.0} events/s without the lookup, {d:.0} with it ({:.0} % less; keys spread evenly)", (1.0 - d / c) * 100.0);
     Ok(())
 }

@@ -30,7 +30,10 @@ use crate::event::{DecodeError, Record, Value};
 use crate::store::{Store, StoreError};
 use crate::topology::{Table, Topology};
 
-use self::store::{TableChange, TableMeta, TableRecord, TableStore};
+use std::collections::HashMap;
+
+use self::store::{value_at, TableChange, TableMeta, TableRecord, TableStore, Version};
+use crate::hash::KeyHash;
 
 /// Per table of the topology, per partition of its topic, the next offset visible.
 pub type Positions = Vec<Vec<i64>>;
@@ -110,7 +113,21 @@ pub struct Tables {
     names: Vec<String>,
     published: RwLock<Published>,
     loaded: AtomicBool,
+    /// Per table, decoded versions of keys looked up lately (sled and decoding are most of a
+    /// lookup's cost).
+    caches: Vec<RwLock<Cache>>,
 }
+
+/// Keys' versions as read from a table's store (`[]`: not in it). An entry is dropped when
+/// its key is written; `generation` counts writes, so a read that raced one is not cached.
+#[derive(Default)]
+struct Cache {
+    entries: HashMap<Vec<u8>, Arc<[Version]>, KeyHash>,
+    generation: u64,
+}
+
+/// Keys cached per table at most.
+const CACHE_LIMIT: usize = 250_000;
 
 impl Tables {
     /// Opens the tables of `topo` in `store`'s database.
@@ -124,6 +141,7 @@ impl Tables {
         }
         let position = Arc::new(metas.iter().map(|m| m.next.clone()).collect());
         Ok(Tables {
+            caches: stores.iter().map(|_| RwLock::default()).collect(),
             stores,
             names: topo.tables.iter().map(|t| t.name.clone()).collect(),
             published: RwLock::new(Published { metas, position }),
@@ -138,6 +156,7 @@ impl Tables {
             names: vec![],
             published: RwLock::new(Published { metas: vec![], position: Arc::default() }),
             loaded: AtomicBool::new(true),
+            caches: vec![],
         }
     }
 
@@ -160,12 +179,28 @@ impl Tables {
         self.read().metas.clone()
     }
 
-    /// The fields of `key` in table `table` as of `pin`.
-    pub fn lookup(&self, table: usize, key: &[u8], pin: &[i64]) -> Result<Option<Vec<Value>>, StoreError> {
-        match self.stores.get(table) {
-            Some(s) => s.lookup(key, pin),
-            None => Ok(None),
+    /// Looks `key` up in table `table` as of `pin`: `found` gets its fields and the result is
+    /// `true`, or it is not in the table then and the result is `false`.
+    pub fn lookup(&self, table: usize, key: &[u8], pin: &[i64], found: impl FnOnce(&[Value])) -> Result<bool, StoreError> {
+        let (Some(store), Some(cache)) = (self.stores.get(table), self.caches.get(table)) else { return Ok(false) };
+        let (generation, full) = {
+            let c = cache.read().unwrap_or_else(|e| e.into_inner());
+            if let Some(versions) = c.entries.get(key) {
+                return Ok(value_at(versions, pin).map(found).is_some());
+            }
+            (c.generation, c.entries.len() >= CACHE_LIMIT)
+        };
+        let versions = store.versions(key)?;
+        let hit = value_at(&versions, pin).map(found).is_some();
+        // A full cache keeps what it has (the keys looked up first, often the hot ones): a
+        // table much larger than it would only be churned.
+        if !full {
+            let mut c = cache.write().unwrap_or_else(|e| e.into_inner());
+            if c.generation == generation {
+                c.entries.insert(key.to_vec(), versions.into());
+            }
         }
+        Ok(hit)
     }
 
     /// Whether every table has been read up to `pin` (lookups as of it see all they should).
@@ -192,6 +227,15 @@ impl Tables {
         let Some(store) = self.stores.get(table) else { return Ok(()) };
         let before = self.read().metas[table].clone();
         let meta = store.apply(&before, records, now_ms)?;
+        {
+            // Before the position is published: no lookup as of it may see a cached entry
+            // that lacks its records.
+            let mut c = self.caches[table].write().unwrap_or_else(|e| e.into_inner());
+            for r in records {
+                c.entries.remove(r.key.as_slice());
+            }
+            c.generation += 1;
+        }
         let mut w = self.published.write().unwrap_or_else(|e| e.into_inner());
         let mut position = (*w.position).clone();
         position[table] = meta.next.clone();

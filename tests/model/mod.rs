@@ -84,10 +84,13 @@ pub struct Model {
     /// Per source, per partition: the table positions its records joined as of, as
     /// (end offset, pin): records before `end` since the previous entry joined as of `pin`
     /// (per table, per table partition, the next offset visible).
-    pub joins: Vec<BTreeMap<i32, Vec<(i64, Vec<Vec<i64>>)>>>,
+    pub joins: Vec<Joins>,
     /// Per source, per lookup: records whose key was not found.
     pub missing: Vec<Vec<u64>>,
 }
+
+/// Per partition of a source, in order: (end offset, pin per table and table partition).
+pub type Joins = BTreeMap<i32, Vec<(i64, Vec<Vec<i64>>)>>;
 
 /// One value a table key had from a record on.
 #[derive(Debug, Clone)]
