@@ -345,3 +345,64 @@ fn a_replayed_record_joins_with_the_table_version_of_its_first_pass() {
         .collect();
     assert_eq!(counts, vec![("101".to_string(), 4), ("102".to_string(), 2)], "{a}");
 }
+
+/// A key the table lacks: `skip` leaves the record out of the metrics reading the table's
+/// fields only, `dead_letter` makes it invalid (`lookup_missing`) and counts it nowhere, a
+/// null key is missing too; a tombstone removes a key for the records after it.
+#[test]
+fn keys_missing_from_a_table_are_skipped_or_dead_lettered_as_configured() {
+    use tally::table::store::{TableChange, TableRecord};
+    use tally::table::Tables;
+    let topo = topology(
+        &format!(
+            "{EPOCH_MS}\nlookups = [{{ table = \"rooms\", key = \"room\", missing = \"skip\" }}, {{ table = \"users\", key = \"user\", missing = \"dead_letter\" }}]"
+        ),
+        "[[tables]]\nname = \"rooms\"\ntopic = \"rooms\"\nfields = [\"module\"]\n\
+         [[tables]]\nname = \"users\"\ntopic = \"users\"\nfields = [\"vip\"]\n\
+         [[metrics]]\nname = \"by_module\"\nsource = \"s\"\ngroup_by = [\"rooms.module\"]\naggregates = [\"count\"]\nwindow = { type = \"global\" }\n\
+         [[metrics]]\nname = \"all\"\nsource = \"s\"\naggregates = [\"count\"]\nwindow = { type = \"global\" }\n",
+    );
+    let put = |offset: i64, key: &str, v: i64| TableRecord {
+        partition: 0,
+        offset,
+        timestamp: 0,
+        key: key.as_bytes().to_vec(),
+        change: TableChange::Put(vec![tally::event::Value::Int(v)]),
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let tables = Arc::new(Tables::open(&topo, &store).unwrap());
+    tables.set_partitions(0, 1);
+    tables.set_partitions(1, 1);
+    tables.apply(0, &[put(0, "7", 101)], 0).unwrap();
+    tables.apply(1, &[put(0, "u1", 1)], 0).unwrap();
+    let mut tasks = TaskSet::with_tables(Arc::clone(&topo), store.clone(), Arc::clone(&tables));
+    tasks.assign(0, 0).unwrap();
+    let mut offset = 0;
+    let mut send = |tasks: &mut TaskSet, v: Value| {
+        offset += 1;
+        tasks.process(0, 0, offset - 1, None, v.to_string().as_bytes()).unwrap()
+    };
+    let counted = |missing: Vec<usize>| Outcome::Processed { late: vec![], partly_late: vec![], missing };
+    assert_eq!(send(&mut tasks, json!({ "ts": 1, "room": 7, "user": "u1" })), counted(vec![]));
+    assert_eq!(send(&mut tasks, json!({ "ts": 2, "room": "7", "user": "u1" })), counted(vec![]), "\"7\" and 7 are one key");
+    assert_eq!(send(&mut tasks, json!({ "ts": 3, "room": 8, "user": "u1" })), counted(vec![0]), "not in the table: skipped by by_module");
+    assert_eq!(send(&mut tasks, json!({ "ts": 4, "user": "u1" })), counted(vec![0]), "a null key is missing");
+    let dead = send(&mut tasks, json!({ "ts": 5, "room": 7, "user": "u2" }));
+    assert!(matches!(&dead, Outcome::Invalid(e) if e.reason() == "lookup_missing"), "{dead:?}");
+    // A tombstone: from the next flush on, room 7 is not in the table.
+    tables.apply(0, &[TableRecord { partition: 0, offset: 1, timestamp: 0, key: b"7".to_vec(), change: TableChange::Delete }], 0).unwrap();
+    assert_eq!(send(&mut tasks, json!({ "ts": 6, "room": 7, "user": "u1" })), counted(vec![]), "the pin holds until the flush");
+    tasks.flush(None).unwrap();
+    assert_eq!(send(&mut tasks, json!({ "ts": 7, "room": 7, "user": "u1" })), counted(vec![0]));
+    tasks.flush(None).unwrap();
+    let owned = Arc::new(Ownership::default());
+    owned.set(0, 0, PartitionState::Active);
+    let engine = QueryEngine::local(Arc::clone(&topo), store, owned);
+    let count = |metric: &str| {
+        let a = engine.windows(metric, None, Range::default(), usize::MAX, false, &Ask::default()).unwrap();
+        a["rows"].as_array().unwrap().iter().map(|r| (r["key"].to_string(), r["values"]["count"].as_i64().unwrap())).collect::<Vec<_>>()
+    };
+    assert_eq!(count("by_module"), vec![(r#"{"rooms.module":"101"}"#.to_string(), 3)]);
+    assert_eq!(count("all"), vec![("{}".to_string(), 6)], "every record but the dead-lettered one");
+}

@@ -206,6 +206,14 @@ impl Cluster {
         feed.flush().expect("flush");
     }
 
+    /// Produces a tombstone (a null value) for `key` to `topic`'s `partition`.
+    pub fn tombstone(&self, topic: &str, partition: i32, key: &[u8]) {
+        use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+        let p: BaseProducer = ClientConfig::new().set("bootstrap.servers", &self.brokers).create().expect("producer");
+        p.send(BaseRecord::<[u8], [u8]>::to(topic).partition(partition).key(key)).map_err(|(e, _)| e).expect("tombstone");
+        p.flush(Duration::from_secs(10)).expect("flush");
+    }
+
     /// The high watermark (next offset) of every partition of `topic`.
     pub fn high_watermarks(&self, topic: &str) -> Vec<i64> {
         let c: BaseConsumer = ClientConfig::new().set("bootstrap.servers", &self.brokers).set("group.id", "test-offsets").create().expect("consumer");
