@@ -163,7 +163,8 @@ impl TaskSet {
     }
 
     /// Takes ownership of a source partition, resuming from its stored position. Returns
-    /// the offset to resume consuming at, or `None` when the store has never seen it.
+    /// the offset to resume consuming at, or `None` when the store has never seen it — with
+    /// tables, flush before processing it then, so its pin is on record.
     pub fn assign(&mut self, source: usize, partition: i32) -> Result<Option<i64>, StoreError> {
         let meta = self.store.partition_meta(&self.topo.sources[source].name, partition)?;
         let resume = meta.as_ref().map(|m| m.next_offset);
@@ -177,7 +178,10 @@ impl TaskSet {
                 pin: self.stored_pin(source, partition, &m.pin),
                 replay_until: m.replay_until,
             },
-            None => PartitionTask::new(self.tables.position()),
+            // Its first records' pin must be on record before they are processed (a replay
+            // after a crash would take a newer one): the first flush writes the position
+            // even with nothing processed, and the consumer flushes before it takes records.
+            None => PartitionTask { dirty: !self.topo.tables.is_empty(), ..PartitionTask::new(self.tables.position()) },
         };
         self.tasks.insert((source, partition), task);
         Ok(resume)

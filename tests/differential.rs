@@ -25,6 +25,8 @@ use tally::ownership::{Ownership, PartitionState};
 use tally::query::{Ask, QueryEngine, Range};
 use tally::results::ResultView;
 use tally::store::Store;
+use tally::table::store::{TableChange, TableRecord};
+use tally::table::{decode_record, Tables};
 use tally::task::{Outcome, TaskSet};
 use tally::topology::Topology;
 
@@ -59,7 +61,13 @@ struct Case {
     toml: String,
     partitions: i32,
     steps: Vec<(Step, Action)>,
+    /// Records of the table `tt` (key, value; `None`: a tombstone) produced before each
+    /// step, by step index: table updates interleaved with the stream.
+    table: BTreeMap<usize, Vec<TableUpdate>>,
 }
+
+/// A record of the table's topic: key and value (`None`: a tombstone).
+type TableUpdate = (Vec<u8>, Option<Vec<u8>>);
 
 const ZONES: [&str; 6] = ["UTC", "America/New_York", "Europe/Berlin", "Asia/Shanghai", "Australia/Lord_Howe", "Antarctica/Casey"];
 /// Stream starts: around New York's and Berlin's changes of 2021, Casey's three-hour one of
@@ -131,6 +139,10 @@ fn config(r: &mut Rng, time_kind: u64, unit: i64) -> String {
     if !types.is_empty() {
         let _ = writeln!(t, "types = {{ {} }}", types.join(", "));
     }
+    let lookup = r.chance(0.3);
+    if lookup {
+        let _ = writeln!(t, "lookups = [{{ table = \"tt\", key = \"k\", missing = \"{}\" }}]", r.pick(&["skip", "null", "dead_letter"]));
+    }
     let metrics = r.range(1, 4);
     let mut windowed = Vec::new();
     for i in 0..metrics {
@@ -148,11 +160,13 @@ fn config(r: &mut Rng, time_kind: u64, unit: i64) -> String {
             Some(z) if !global => format!("{{ {window}, timezone = \"{z}\" }}"),
             _ => format!("{{ {window} }}"),
         };
-        let group = match r.below(4) {
+        let group = match r.below(if lookup { 6 } else { 4 }) {
             0 => "[]",
             1 => "[\"k\"]",
             2 => "[\"g\"]",
-            _ => "[\"k\", \"g\"]",
+            3 => "[\"k\", \"g\"]",
+            4 => "[\"tt.cat\"]",
+            _ => "[\"tt.cat\", \"g\"]",
         };
         let mut aggs = vec!["count as n".to_string()];
         let choices = [
@@ -172,7 +186,9 @@ fn config(r: &mut Rng, time_kind: u64, unit: i64) -> String {
         }
         let _ = writeln!(t, "[[metrics]]\nname = \"m{i}\"\nsource = \"s\"\nwindow = {window}\ngroup_by = {group}");
         let _ = writeln!(t, "aggregates = [{}]", aggs.iter().map(|a| format!("\"{a}\"")).collect::<Vec<_>>().join(", "));
-        if r.chance(0.4) {
+        if lookup && r.chance(0.2) {
+            let _ = writeln!(t, "filter = \"tt.cat != 'x'\"");
+        } else if r.chance(0.4) {
             let _ = writeln!(t, "filter = \"{}\"", filter(r, 2));
         }
         let grace = unit / 2 * r.range(0, 2);
@@ -201,7 +217,23 @@ fn config(r: &mut Rng, time_kind: u64, unit: i64) -> String {
         let _ =
             writeln!(t, "[[derived]]\nname = \"share\"\nratio = {{ numerator = \"part.{}\", denominator = \"m{i}.n\" }}", r.pick(&["n", "total"]));
     }
+    if lookup {
+        let _ = writeln!(t, "[[tables]]\nname = \"tt\"\ntopic = \"tt\"\nfields = [\"cat\"]");
+    }
     t
+}
+
+/// A random record of the table `tt`: a key the stream's `k` takes (as text or a number),
+/// a category, sometimes a tombstone or a value that is not an object.
+fn table_update(r: &mut Rng) -> TableUpdate {
+    let key = r.pick(&["a", "b", "c", "1", "2", "\"a\""]).as_bytes().to_vec();
+    let value = match r.below(10) {
+        0 => None,
+        1 => Some(b"[1]".to_vec()),
+        2 => Some(br#"{"cat": 7}"#.to_vec()),
+        _ => Some(format!(r#"{{"cat": "{}"}}"#, r.pick(&["x", "y", "z"])).into_bytes()),
+    };
+    (key, value)
 }
 
 /// Local text of instant `t` in `zone`, as the `when` field carries it.
@@ -282,8 +314,15 @@ fn generate(seed: u64) -> Case {
     let base = *r.pick(&BASES) + r.range(-3, 3) * unit;
     let step = (unit * r.range(10, 40)) / n;
     let mut steps = Vec::new();
+    let mut table: BTreeMap<usize, Vec<TableUpdate>> = BTreeMap::new();
+    if toml.contains("[[tables]]") {
+        table.insert(0, (0..3).map(|_| table_update(&mut r)).collect());
+    }
     let mut highest = i64::MIN;
     for i in 0..n {
+        if !table.is_empty() && r.chance(0.05) {
+            table.entry(steps.len()).or_default().push(table_update(&mut r));
+        }
         let mut t = base + i * step + r.range(0, step.max(1));
         if r.chance(0.2) {
             t -= r.range(0, 3 * delay + 2 * unit);
@@ -310,7 +349,7 @@ fn generate(seed: u64) -> Case {
             steps.push((Step::Idle { partition, watermark: highest - delay }, Action::Nothing));
         }
     }
-    Case { seed, toml, partitions, steps }
+    Case { seed, toml, partitions, steps, table }
 }
 
 /// A changelog record: store key, value (`None`: a tombstone).
@@ -348,6 +387,10 @@ struct Tally {
     dir: tempfile::TempDir,
     disks: u32,
     store: Store,
+    /// The global tables, in the store; a lost disk loses them too, and they are read again
+    /// from `table_log` (the table's topic) as a fresh replica would.
+    tables: Arc<Tables>,
+    table_log: Vec<TableRecord>,
     tasks: TaskSet,
     log: Log,
     view: ResultView,
@@ -363,13 +406,36 @@ impl Tally {
         let mut view = ResultView::open(Arc::clone(&topo), &dir.path().join("view"), &[partitions]).map_err(|e| e.to_string())?;
         // Built along with the changelog: nothing of it is missing.
         view.caught_up().map_err(|e| e.to_string())?;
-        let tasks = TaskSet::new(Arc::clone(&topo), store.clone());
+        let tables = open_tables(&topo, &store, &[])?;
+        let tasks = TaskSet::with_tables(Arc::clone(&topo), store.clone(), Arc::clone(&tables));
         let log = Log { parts: vec![Vec::new(); partitions as usize], tear: false };
-        let mut t = Tally { topo, dir, disks: 0, store, tasks, log, view, read: vec![0; partitions as usize], rows: Vec::new(), partitions };
+        let read = vec![0; partitions as usize];
+        let mut t = Tally { topo, dir, disks: 0, store, tables, table_log: vec![], tasks, log, view, read, rows: Vec::new(), partitions };
         for p in 0..partitions {
             t.tasks.assign(0, p).map_err(|e| e.to_string())?;
         }
+        // As the consumer does: the pin of a partition without a position goes on record first.
+        t.flush()?;
         Ok(t)
+    }
+
+    /// Produces `updates` to the table's topic; the table loader decodes and applies them.
+    fn table(&mut self, updates: &[TableUpdate]) -> Result<(), String> {
+        let Some(table) = self.topo.tables.first() else { return Ok(()) };
+        let mut scratch = tally::event::Record::default();
+        let start = self.table_log.len();
+        for (key, value) in updates {
+            let at = (0, self.table_log.len() as i64, 0);
+            let record = decode_record(table, at, Some(key), value.as_deref(), &mut scratch).unwrap_or(TableRecord {
+                partition: 0,
+                offset: at.1,
+                timestamp: 0,
+                key: vec![],
+                change: TableChange::Nothing,
+            });
+            self.table_log.push(record);
+        }
+        self.tables.apply(0, &self.table_log[start..], 0).map_err(|e| e.to_string())
     }
 
     /// Flushes; the result view then reads the new changelog records and sends its rows.
@@ -416,10 +482,14 @@ impl Tally {
             }
         }
         self.store.flush().map_err(|e| e.to_string())?;
-        self.tasks = TaskSet::new(Arc::clone(&self.topo), self.store.clone());
+        if lose_disk {
+            self.tables = open_tables(&self.topo, &self.store, &self.table_log)?;
+        }
+        self.tasks = TaskSet::with_tables(Arc::clone(&self.topo), self.store.clone(), Arc::clone(&self.tables));
         for p in 0..self.partitions {
             resume.push(self.tasks.assign(0, p).map_err(|e| e.to_string())?.unwrap_or(0));
         }
+        self.flush()?;
         Ok(resume)
     }
 
@@ -430,6 +500,47 @@ impl Tally {
         }
         QueryEngine::local(Arc::clone(&self.topo), self.store.clone(), owned)
     }
+}
+
+/// The tables of `topo` in `store`, loaded with `records` (the table's topic so far).
+fn open_tables(topo: &Topology, store: &Store, records: &[TableRecord]) -> Result<Arc<Tables>, String> {
+    let tables = Tables::open(topo, store).map_err(|e| e.to_string())?;
+    if !topo.tables.is_empty() {
+        tables.set_partitions(0, 1);
+        tables.apply(0, records, 0).map_err(|e| e.to_string())?;
+    }
+    tables.set_loaded();
+    Ok(Arc::new(tables))
+}
+
+/// The model of the whole case, for a config with a table: the table's records, the joins on
+/// record in the changelog's position records, then every step (a model fed as the case runs
+/// cannot know the joins: they are on record only once their flush is).
+fn joined_model(case: &Case, tally: &Tally) -> Model {
+    let mut model = Model::new(Spec::parse(&case.toml), &[case.partitions]);
+    for r in &tally.table_log {
+        let value = match &r.change {
+            TableChange::Nothing => continue,
+            TableChange::Delete => None,
+            TableChange::Put(_) => case.table.values().flatten().nth(r.offset as usize).and_then(|u| u.1.clone()),
+        };
+        let key = &case.table.values().flatten().nth(r.offset as usize).expect("a produced table record").0;
+        model.table_record(0, 0, r.offset, 0, key, value.as_deref());
+    }
+    for p in 0..case.partitions {
+        let meta = tally::store::meta_key("s", p);
+        let joins = tally.log.parts[p as usize]
+            .iter()
+            .filter(|(k, _)| *k == meta)
+            .filter_map(|(k, v)| tally::store::PartitionMeta::decode(k, v.as_deref()?).ok())
+            .map(|m| (m.next_offset, vec![m.joined.first().map(|j| j.next.clone()).unwrap_or_default()]))
+            .collect();
+        model.joins[0].insert(p, joins);
+    }
+    for (step, _) in &case.steps {
+        model.feed(0, step);
+    }
+    model
 }
 
 /// A record's outcome as the model names it.
@@ -470,6 +581,9 @@ struct Seen {
     torn_flushes: usize,
     idle_steps: usize,
     final_rows: usize,
+    /// Cases with a table looked up, and the table records they produced.
+    table_cases: usize,
+    table_records: usize,
 }
 
 impl std::ops::AddAssign for Seen {
@@ -484,12 +598,20 @@ impl std::ops::AddAssign for Seen {
         self.torn_flushes += o.torn_flushes;
         self.idle_steps += o.idle_steps;
         self.final_rows += o.final_rows;
+        self.table_cases += o.table_cases;
+        self.table_records += o.table_records;
     }
 }
 
 impl Seen {
     fn of(case: &Case, model: &Model, tally: &Tally, answers: usize) -> Seen {
-        let mut s = Seen { answers, final_rows: tally.rows.iter().filter(|r| r["final"] == json!(true)).count(), ..Seen::default() };
+        let mut s = Seen {
+            answers,
+            final_rows: tally.rows.iter().filter(|r| r["final"] == json!(true)).count(),
+            table_cases: usize::from(!case.table.is_empty()),
+            table_records: tally.table_log.len(),
+            ..Seen::default()
+        };
         for (_, _, o) in &model.outcomes[0] {
             s.records += 1;
             match o {
@@ -515,6 +637,7 @@ fn run(case: &Case) -> Result<Seen, Diffs> {
     let one = |e: String| vec![e];
     let cfg = Config::from_toml_str(&case.toml).map_err(|e| one(format!("config refused: {e:#}")))?;
     let topo = Arc::new(Topology::compile(&cfg).map_err(|e| one(e.to_string()))?);
+    let joins = !topo.tables.is_empty();
     let mut model = Model::new(Spec::parse(&case.toml), &[case.partitions]);
     let mut tally = Tally::new(Arc::clone(&topo), case.partitions).map_err(one)?;
     let per = partition_steps(case);
@@ -526,7 +649,14 @@ fn run(case: &Case) -> Result<Seen, Diffs> {
         let p = match step {
             Step::Record { partition, .. } | Step::Idle { partition, .. } => *partition as usize,
         };
-        model.feed(0, step);
+        if !done[i] {
+            if let Some(updates) = case.table.get(&i) {
+                tally.table(updates).map_err(one)?;
+            }
+        }
+        if !joins {
+            model.feed(0, step);
+        }
         // Catch the partition up to this step (after a restart), then take it.
         let j = per[p].iter().position(|(x, _)| *x == i).unwrap();
         while cursor[p] <= j {
@@ -535,12 +665,19 @@ fn run(case: &Case) -> Result<Seen, Diffs> {
                 Step::Record { partition, kafka_ts, payload } => {
                     let got = tally.tasks.process(0, *partition, offset, *kafka_ts, payload).map_err(|e| one(e.to_string()))?;
                     if let Some(o) = outcome_of(&got) {
-                        if let Some(first) = outcomes.get(&(*partition, offset)) {
-                            if *first != o {
-                                diffs.push(format!("partition {partition} offset {offset}: replayed as {o:?}, first {first:?}"));
+                        match outcomes.get(&(*partition, offset)) {
+                            // A pass lost with the cache left nothing a join must agree with:
+                            // with a table, the last pass's outcome is the one on record.
+                            _ if joins => {
+                                outcomes.insert((*partition, offset), o);
                             }
-                        } else {
-                            outcomes.insert((*partition, offset), o);
+                            Some(first) if *first != o => {
+                                diffs.push(format!("partition {partition} offset {offset}: replayed as {o:?}, first {first:?}"))
+                            }
+                            Some(_) => {}
+                            None => {
+                                outcomes.insert((*partition, offset), o);
+                            }
                         }
                     }
                 }
@@ -584,7 +721,11 @@ fn run(case: &Case) -> Result<Seen, Diffs> {
             let (si, offset) = per[p][cursor[p]];
             if let Step::Record { partition, kafka_ts, payload } = &case.steps[si].0 {
                 let got = tally.tasks.process(0, *partition, offset, *kafka_ts, payload).map_err(|e| one(e.to_string()))?;
-                if outcome_of(&got).as_ref() != outcomes.get(&(*partition, offset)) {
+                if joins {
+                    if let Some(o) = outcome_of(&got) {
+                        outcomes.insert((*partition, offset), o);
+                    }
+                } else if outcome_of(&got).as_ref() != outcomes.get(&(*partition, offset)) {
                     diffs.push(format!("partition {partition} offset {offset}: replayed as {got:?}"));
                 }
             } else if let Step::Idle { partition, watermark } = &case.steps[si].0 {
@@ -595,6 +736,9 @@ fn run(case: &Case) -> Result<Seen, Diffs> {
     }
     tally.flush().map_err(one)?;
     tally.flush().map_err(one)?;
+    if joins {
+        model = joined_model(case, &tally);
+    }
 
     for (partition, offset, want) in &model.outcomes[0] {
         match outcomes.get(&(*partition, *offset)) {
@@ -718,7 +862,11 @@ fn report(case: &Case, diffs: &Diffs) -> String {
         "seed {} (rerun: TALLY_DIFF_SEED={} cargo test --test differential)\n--- config ---\n{}--- steps ---\n",
         case.seed, case.seed, case.toml
     );
-    for (s, a) in &case.steps {
+    for (i, (s, a)) in case.steps.iter().enumerate() {
+        for (key, value) in case.table.get(&i).into_iter().flatten() {
+            let value = value.as_deref().map_or("null".into(), String::from_utf8_lossy);
+            let _ = writeln!(out, "table tt: {} = {value}", String::from_utf8_lossy(key));
+        }
         match s {
             Step::Record { partition, kafka_ts, payload } => {
                 let _ = writeln!(out, "p{partition} ts={kafka_ts:?} {} {a:?}", String::from_utf8_lossy(payload));

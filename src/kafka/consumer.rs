@@ -77,6 +77,9 @@ pub struct Shared {
     restoring: Mutex<BTreeMap<(usize, i32), u64>>,
     /// Numbers the assignments (a partition revoked and assigned again gets a new one).
     assignments: std::sync::atomic::AtomicU64,
+    /// A partition without a stored position was taken: with tables, its pin must be flushed
+    /// before its first record is processed.
+    first_position_due: AtomicBool,
     /// Restored partitions whose fetch position is still to be set.
     restored: Mutex<Vec<(usize, i32, u64)>>,
     /// Whether some of them failed to seek and are to be tried again.
@@ -321,7 +324,10 @@ impl Shared {
     fn start_task(&self, source: usize, partition: i32) -> anyhow::Result<Offset> {
         let offset = match self.tasks().assign(source, partition) {
             Ok(Some(off)) => Offset::Offset(off),
-            Ok(None) => Offset::Beginning,
+            Ok(None) => {
+                self.first_position_due.store(!self.topo.tables.is_empty(), Ordering::Relaxed);
+                Offset::Beginning
+            }
             Err(err) => {
                 let topic = &self.topo.sources[source].topic;
                 return Err(anyhow::Error::new(err).context(format!("reading the stored position of {topic} partition {partition}")));
@@ -507,6 +513,7 @@ impl SourceConsumer {
             assignments: std::sync::atomic::AtomicU64::new(0),
             restored: Mutex::new(Vec::new()),
             seek_again: AtomicBool::new(false),
+            first_position_due: AtomicBool::new(false),
         });
         let consumer: BaseConsumer<SourceContext> = super::client_config(
             kafka,
@@ -570,6 +577,9 @@ impl SourceConsumer {
                 return Err(e);
             }
             self.shared.resume_restored(&self.consumer)?;
+            if self.shared.first_position_due.swap(false, Ordering::Relaxed) {
+                self.shared.flush_and_commit(&self.consumer, None)?;
+            }
             match polled {
                 None => {}
                 Some(Err(e)) => {
