@@ -98,7 +98,14 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'stati
     let local = LocalFetch::new(Arc::clone(&topo), store.clone(), Arc::clone(&owned), me.replica.clone()).caching();
     let timeout = Duration::from_millis(topo.cluster.query_timeout_ms);
     let cluster = ClusterFetch::new(local.clone(), members, counts, timeout, topo.cluster.max_standby_lag, tokio::runtime::Handle::current());
-    let api = ApiState { engine: QueryEngine::new(Arc::clone(&topo), Arc::new(cluster)), local, metrics: metrics.clone(), owned, tables };
+    let api = ApiState {
+        engine: QueryEngine::new(Arc::clone(&topo), Arc::new(cluster)),
+        local,
+        metrics: metrics.clone(),
+        owned,
+        tables,
+        export_failing: Default::default(),
+    };
     let server = tokio::spawn(http::serve(api, listener, async {
         let _ = http_stop_rx.await;
     }));

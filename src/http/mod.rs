@@ -52,6 +52,9 @@ pub struct ApiState {
     pub owned: Arc<Ownership>,
     /// The global tables: ready once loaded.
     pub tables: Arc<crate::table::Tables>,
+    /// Exported metrics whose value could not be read at the last scrape (logged once per
+    /// failing stretch: while partitions move, every scrape would fail again).
+    pub export_failing: Arc<std::sync::Mutex<std::collections::BTreeSet<String>>>,
 }
 
 fn error(status: StatusCode, msg: impl Into<String>) -> Response {
@@ -196,14 +199,21 @@ fn partials(local: &LocalFetch, body: &[u8]) -> Response {
 
 /// Refreshes `tally_metric_value` for the exported metrics, just before a scrape renders.
 fn export_values(s: &ApiState) {
+    let mut failing = s.export_failing.lock().unwrap_or_else(|e| e.into_inner());
     for name in s.engine.exported() {
         match s.engine.current_values(name) {
             Ok(values) => {
                 for (aggregate, v) in values {
                     s.metrics.metric_value.with_label_values(&[name, &aggregate]).set(v);
                 }
+                if failing.remove(name) {
+                    tracing::info!(metric = %name, "exporting the metric's value again");
+                }
             }
-            Err(e) => tracing::warn!(metric = %name, error = %e, "could not export metric value"),
+            Err(e) if failing.insert(name.clone()) => {
+                tracing::warn!(metric = %name, error = %e, "could not export metric value (not logged again until it can be)")
+            }
+            Err(e) => tracing::debug!(metric = %name, error = %e, "could not export metric value"),
         }
     }
 }
