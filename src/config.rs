@@ -258,6 +258,10 @@ pub struct TableConfig {
     /// value it joined with the first time); default `1d`.
     #[serde(default)]
     pub history: Option<String>,
+    /// Keys whose decoded values are kept in memory for lookups (default 250000): a table
+    /// looked up evenly and larger than this reads the rest from sled.
+    #[serde(default)]
+    pub cache_keys: Option<usize>,
 }
 
 /// A lookup of a source's records in a global table: the key is a field of the record, the

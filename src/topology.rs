@@ -177,6 +177,8 @@ pub struct Table {
     pub decoder: Decoder,
     /// How long a replaced value is kept, ms.
     pub history_ms: i64,
+    /// Keys kept decoded in memory for lookups.
+    pub cache_keys: usize,
 }
 
 /// A compiled lookup of a source's records in a table.
@@ -745,12 +747,17 @@ fn compile_tables(cfg: &Config) -> Result<Vec<Table>, ConfigError> {
             types.push(TypedField { slot, ty, required });
         }
         let history_ms = duration(key("history"), t.history.as_deref().unwrap_or("1d"))?;
+        let cache_keys = t.cache_keys.unwrap_or(250_000);
+        if cache_keys > 100_000_000 {
+            return Err(ConfigError::new(key("cache_keys"), format!("`{cache_keys}`: at most 100000000 (0 turns the cache off)")));
+        }
         out.push(Table {
             name: t.name.clone(),
             topic: t.topic.clone(),
             fields: t.fields.clone(),
             decoder: Decoder::without_time(paths, types),
             history_ms,
+            cache_keys,
         });
     }
     Ok(out)

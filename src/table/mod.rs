@@ -124,10 +124,9 @@ pub struct Tables {
 struct Cache {
     entries: HashMap<Vec<u8>, Arc<[Version]>, KeyHash>,
     generation: u64,
+    /// Keys kept at most (the table's `cache_keys`).
+    limit: usize,
 }
-
-/// Keys cached per table at most.
-const CACHE_LIMIT: usize = 250_000;
 
 impl Tables {
     /// Opens the tables of `topo` in `store`'s database.
@@ -141,7 +140,7 @@ impl Tables {
         }
         let position = Arc::new(metas.iter().map(|m| m.next.clone()).collect());
         Ok(Tables {
-            caches: stores.iter().map(|_| RwLock::default()).collect(),
+            caches: topo.tables.iter().map(|t| RwLock::new(Cache { limit: t.cache_keys, ..Cache::default() })).collect(),
             stores,
             names: topo.tables.iter().map(|t| t.name.clone()).collect(),
             published: RwLock::new(Published { metas, position }),
@@ -188,7 +187,7 @@ impl Tables {
             if let Some(versions) = c.entries.get(key) {
                 return Ok(value_at(versions, pin).map(found).is_some());
             }
-            (c.generation, c.entries.len() >= CACHE_LIMIT)
+            (c.generation, c.entries.len() >= c.limit)
         };
         let versions = store.versions(key)?;
         let hit = value_at(&versions, pin).map(found).is_some();
