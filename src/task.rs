@@ -66,6 +66,29 @@ impl PartitionTask {
     }
 }
 
+/// `value`, read from the store for metric `m`, if its states are the metric's aggregates
+/// (kinds, sketch precisions, count); else an error naming the metric: bytes of another
+/// layout (a changed metric's old changelog restored into an empty store) are never folded
+/// into.
+fn fitting(m: &crate::topology::Metric, key: &[u8], value: StoredAggregate) -> Result<StoredAggregate, StoreError> {
+    let fits = value.states.len() == m.aggregates.len() && value.states.iter().zip(&m.aggregates).all(|(s, a)| s.fits(&a.kind));
+    if fits {
+        return Ok(value);
+    }
+    let stored: Vec<&str> = value.states.iter().map(AggState::kind_name).collect();
+    Err(misfit(m, key, &format!("it holds {stored:?}, which is not the configured layout `{}`", m.layout())))
+}
+
+fn misfit(m: &crate::topology::Metric, key: &[u8], why: &str) -> StoreError {
+    StoreError::Corrupt {
+        key: String::from_utf8_lossy(key).into_owned(),
+        why: format!(
+            "metric `{}`: {why}. The store or its changelog holds another layout of this metric: give the changed metric a new name (its old state stays readable under the old one)",
+            m.name
+        ),
+    }
+}
+
 /// A pin with its tables' names, as stored.
 fn named_pin(topo: &Topology, pin: &Positions) -> Vec<TablePin> {
     topo.tables.iter().zip(pin).map(|(t, next)| TablePin { table: t.name.clone(), next: next.clone() }).collect()
@@ -331,7 +354,7 @@ impl TaskSet {
             Some(e) => e,
             None => {
                 let value = match self.store.get(&self.key)? {
-                    Some(v) => v,
+                    Some(v) => fitting(m, &self.key, v)?,
                     None => StoredAggregate { max_offset: -1, states: m.aggregates.iter().map(|a| AggState::new(&a.kind)).collect() },
                 };
                 self.cache.entry(self.key.clone()).or_insert(CacheEntry { metric: mi, partition, slice, value, dirty: false })
@@ -341,7 +364,8 @@ impl TaskSet {
             return Ok(());
         }
         for (state, spec) in entry.value.states.iter_mut().zip(&m.aggregates) {
-            state.update(&spec.kind, &self.record, partition, offset);
+            // `fitting` checked the kinds when the value was read: this cannot fail.
+            state.update(&spec.kind, &self.record, partition, offset).map_err(|e| misfit(m, &self.key, &e.to_string()))?;
         }
         entry.value.max_offset = offset;
         entry.dirty = true;
@@ -552,6 +576,26 @@ mod tests {
         assert_eq!(stats.deletes, 2);
         assert!(stored(&store, "per_min", 60_000, "a").is_none());
         assert_eq!(stored(&store, "ones", 0, "").unwrap().states, vec![AggState::Count(3)]);
+    }
+
+    /// A metric changed from `sum` to `count` whose old states come back (a wiped disk
+    /// restored from the changelog): processing refuses them with a message naming the
+    /// metric and its layout, and panics nowhere.
+    #[test]
+    fn states_of_another_layout_are_refused_not_folded_into() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let mut k = Vec::new();
+        store::state_key_prefix(&mut k, "ones", 0, 0, store::EVERY_WINDOW);
+        let mut batch = WriteBatch::default();
+        batch.put(&k, &StoredAggregate { max_offset: 0, states: vec![AggState::Sum(2_000_000)] });
+        store.apply(batch).unwrap();
+        let mut tasks = TaskSet::new(topo(), store);
+        tasks.assign(0, 0).unwrap();
+        let err = tasks.process(0, 0, 1, None, &rec(10, "a", 1)).unwrap_err().to_string();
+        assert!(err.contains("metric `ones`") && err.contains("sum") && err.contains("new name"), "{err}");
+        let mut a = AggState::Count(1);
+        assert!(a.merge(&AggState::Sum(1)).is_err(), "partials of two kinds do not merge");
     }
 
     #[test]

@@ -13,8 +13,8 @@
 //! let kind = AggKind::Sum { slot: 0 };
 //! let mut a = AggState::new(&kind);
 //! let mut b = AggState::new(&kind);
-//! a.update(&kind, &Record { time_ms: 0, values: vec![Value::Float(0.1)] }, 0, 0);
-//! b.update(&kind, &Record { time_ms: 0, values: vec![Value::Float(0.2)] }, 1, 0);
+//! a.update(&kind, &Record { time_ms: 0, values: vec![Value::Float(0.1)] }, 0, 0).unwrap();
+//! b.update(&kind, &Record { time_ms: 0, values: vec![Value::Float(0.2)] }, 1, 0).unwrap();
 //! a.merge(&b).unwrap();
 //! assert_eq!(a.number(), Some(0.3));
 //! ```
@@ -222,6 +222,23 @@ pub enum AggState {
     TopN(BTreeMap<String, i128>),
 }
 
+/// A state that is not of its aggregate's kind: bytes stored or restored under another
+/// layout of the metric (or another aggregate's partial), never applied.
+#[derive(Debug, thiserror::Error)]
+pub enum AggregateError {
+    /// A state of one kind met an aggregate (or a partial) of another.
+    #[error("a {found} state where a {expected} is configured")]
+    Mismatch {
+        /// What the configuration (or the other partial) says.
+        expected: &'static str,
+        /// What the state is.
+        found: &'static str,
+    },
+    /// Two sketches that cannot merge (different precisions).
+    #[error(transparent)]
+    Sketch(#[from] SketchError),
+}
+
 /// Largest magnitude a summed value may have; larger ones are skipped like nulls, so a
 /// hostile value cannot overflow a sum.
 pub const MAX_SUMMAND: f64 = 1.0e18;
@@ -243,11 +260,35 @@ impl AggState {
         }
     }
 
-    /// Absorbs one record (from `partition` at `offset`). Null fields are skipped, as SQL
-    /// aggregates skip NULL.
-    pub fn update(&mut self, kind: &AggKind, rec: &Record, partition: i32, offset: i64) {
+    /// The kind's name, for messages.
+    pub fn kind_name(&self) -> &'static str {
+        match self {
+            AggState::Count(_) => "count",
+            AggState::Sum(_) => "sum",
+            AggState::Distinct(_) => "distinct",
+            AggState::Latest(_) => "latest",
+            AggState::TopN(_) => "top_n",
+        }
+    }
+
+    /// Whether this state is one of `kind` (a sketch of its precision): what a state read
+    /// back from the store or the changelog must be before anything is folded into it.
+    pub fn fits(&self, kind: &AggKind) -> bool {
         match (self, kind) {
-            (AggState::Count(c), _) => *c += 1,
+            (AggState::Distinct(sk), AggKind::Distinct { precision, .. }) => sk.precision() == *precision,
+            (AggState::Count(_), AggKind::Count)
+            | (AggState::Sum(_), AggKind::Sum { .. })
+            | (AggState::Latest(_), AggKind::Latest { .. })
+            | (AggState::TopN(_), AggKind::TopN { .. }) => true,
+            _ => false,
+        }
+    }
+
+    /// Absorbs one record (from `partition` at `offset`). Null fields are skipped, as SQL
+    /// aggregates skip NULL. A state of another kind than `kind` is an error, and unchanged.
+    pub fn update(&mut self, kind: &AggKind, rec: &Record, partition: i32, offset: i64) -> Result<(), AggregateError> {
+        match (self, kind) {
+            (AggState::Count(c), AggKind::Count) => *c += 1,
             (AggState::Sum(s), AggKind::Sum { slot }) => {
                 if let Some(u) = rec.values[*slot].as_f64().and_then(to_units) {
                     *s = s.saturating_add(u);
@@ -264,7 +305,7 @@ impl AggState {
             (AggState::Latest(l), AggKind::Latest { slot }) => {
                 let v = &rec.values[*slot];
                 if *v == Value::Null {
-                    return;
+                    return Ok(());
                 }
                 let cand = Latest { time_ms: rec.time_ms, partition, offset, value: v.to_json().to_string() };
                 if l.as_ref().is_none_or(|cur| cand.order() > cur.order()) {
@@ -274,24 +315,35 @@ impl AggState {
             (AggState::TopN(m), AggKind::TopN { item, by, .. }) => {
                 let it = &rec.values[*item];
                 if *it == Value::Null {
-                    return;
+                    return Ok(());
                 }
                 let add = match by {
                     None => 1,
                     Some(b) => match rec.values[*b].as_f64().and_then(to_units) {
                         Some(u) => u,
-                        None => return,
+                        None => return Ok(()),
                     },
                 };
                 let total = m.entry(it.to_text()).or_insert(0);
                 *total = total.saturating_add(add);
             }
-            (state, kind) => unreachable!("state {state:?} does not belong to {kind:?}"),
+            (state, kind) => return Err(AggregateError::Mismatch { expected: AggState::new_name(kind), found: state.kind_name() }),
+        }
+        Ok(())
+    }
+
+    fn new_name(kind: &AggKind) -> &'static str {
+        match kind {
+            AggKind::Count => "count",
+            AggKind::Sum { .. } => "sum",
+            AggKind::Distinct { .. } => "distinct",
+            AggKind::Latest { .. } => "latest",
+            AggKind::TopN { .. } => "top_n",
         }
     }
 
     /// Merges another partial of the same aggregate into this one.
-    pub fn merge(&mut self, other: &AggState) -> Result<(), SketchError> {
+    pub fn merge(&mut self, other: &AggState) -> Result<(), AggregateError> {
         match (self, other) {
             (AggState::Count(a), AggState::Count(b)) => *a = a.saturating_add(*b),
             (AggState::Sum(a), AggState::Sum(b)) => *a = a.saturating_add(*b),
@@ -308,7 +360,7 @@ impl AggState {
                     *total = total.saturating_add(*v);
                 }
             }
-            (a, b) => unreachable!("cannot merge {b:?} into {a:?}"),
+            (a, b) => return Err(AggregateError::Mismatch { expected: a.kind_name(), found: b.kind_name() }),
         }
         Ok(())
     }
@@ -409,28 +461,28 @@ mod tests {
         let vals = [0.1, 0.2, 33.8, -5.5, 1e-7, 12345.678901];
         let mut one = AggState::new(&kind);
         for v in vals {
-            one.update(&kind, &rec(0, &[Value::Float(v)]), 0, 0);
+            one.update(&kind, &rec(0, &[Value::Float(v)]), 0, 0).unwrap();
         }
         let mut merged = AggState::new(&kind);
         for v in vals.iter().rev() {
             let mut p = AggState::new(&kind);
-            p.update(&kind, &rec(0, &[Value::Float(*v)]), 0, 0);
+            p.update(&kind, &rec(0, &[Value::Float(*v)]), 0, 0).unwrap();
             merged.merge(&p).unwrap();
         }
         assert_eq!(one, merged);
         assert_eq!(one, AggState::Sum(vals.iter().map(|v| to_units(*v).unwrap()).sum()));
         // Hostile magnitudes are skipped, and sums saturate instead of wrapping.
         let before = one.clone();
-        one.update(&kind, &rec(0, &[Value::Float(1e300)]), 0, 0);
+        one.update(&kind, &rec(0, &[Value::Float(1e300)]), 0, 0).unwrap();
         assert_eq!(one, before);
         let mut big = AggState::Sum(i128::MAX - 1);
         big.merge(&AggState::Sum(5)).unwrap();
         assert_eq!(big, AggState::Sum(i128::MAX));
         // Nulls and text that is no number are skipped; numeric text counts.
-        one.update(&kind, &rec(0, &[Value::Null]), 0, 0);
-        one.update(&kind, &rec(0, &[Value::Str("x".into())]), 0, 0);
+        one.update(&kind, &rec(0, &[Value::Null]), 0, 0).unwrap();
+        one.update(&kind, &rec(0, &[Value::Str("x".into())]), 0, 0).unwrap();
         let before = one.clone();
-        one.update(&kind, &rec(0, &[Value::Str("1.5".into())]), 0, 0);
+        one.update(&kind, &rec(0, &[Value::Str("1.5".into())]), 0, 0).unwrap();
         assert_eq!(one.number().unwrap() - before.number().unwrap(), 1.5);
     }
 
@@ -441,9 +493,9 @@ mod tests {
         let mut fwd = AggState::new(&kind);
         let mut parts: Vec<AggState> = vec![];
         for (t, p, o, v) in events {
-            fwd.update(&kind, &rec(t, &[Value::Str(v.into())]), p, o);
+            fwd.update(&kind, &rec(t, &[Value::Str(v.into())]), p, o).unwrap();
             let mut s = AggState::new(&kind);
-            s.update(&kind, &rec(t, &[Value::Str(v.into())]), p, o);
+            s.update(&kind, &rec(t, &[Value::Str(v.into())]), p, o).unwrap();
             parts.push(s);
         }
         let mut back = AggState::new(&kind);
@@ -460,10 +512,10 @@ mod tests {
         let mut a = AggState::new(&kind);
         let mut b = AggState::new(&kind);
         for it in ["x", "x", "y"] {
-            a.update(&kind, &rec(0, &[Value::Str(it.into())]), 0, 0);
+            a.update(&kind, &rec(0, &[Value::Str(it.into())]), 0, 0).unwrap();
         }
         for it in ["z", "z", "z", "y", "y"] {
-            b.update(&kind, &rec(0, &[Value::Str(it.into())]), 1, 0);
+            b.update(&kind, &rec(0, &[Value::Str(it.into())]), 1, 0).unwrap();
         }
         a.merge(&b).unwrap();
         assert_eq!(
@@ -478,7 +530,7 @@ mod tests {
         let kind = AggKind::Distinct { slot: 0, precision: 14 };
         let mut s = AggState::new(&kind);
         for v in [Value::Int(6), Value::Str("6".into()), Value::Float(6.0), Value::Null, Value::Int(7)] {
-            s.update(&kind, &rec(0, &[v]), 0, 0);
+            s.update(&kind, &rec(0, &[v]), 0, 0).unwrap();
         }
         assert_eq!(s.number(), Some(2.0));
     }
