@@ -45,18 +45,22 @@ fn feed(cluster: &Cluster, records: &[GenRecord], chunks: usize, pause: Duration
     })
 }
 
-/// Per partition of `source`, in changelog order: (next offset, the pin the records before
-/// it joined as of, per table of the topology) from its position records.
-fn joins(cluster: &Cluster, topo: &Topology, source: usize) -> model::Joins {
+/// Every position record of `source`'s changelog: (partition, position), partition by
+/// partition in changelog order.
+fn positions(cluster: &Cluster, topo: &Topology, source: usize) -> Vec<(i32, PartitionMeta)> {
     let name = &topo.sources[source].name;
+    let records = cluster.drain(&topo.changelog_topic(source));
+    let metas = records.into_iter().filter(|r| r.key == meta_key(name, r.partition));
+    metas.map(|r| (r.partition, PartitionMeta::decode(&r.key, &r.payload).expect("a position record"))).collect()
+}
+
+/// Per partition, in changelog order: (next offset, the pin the records before it joined as
+/// of, per table of the topology) — the joins on record.
+fn joins(positions: &[(i32, PartitionMeta)], topo: &Topology) -> model::Joins {
     let mut out = model::Joins::new();
-    for r in cluster.drain(&topo.changelog_topic(source)) {
-        if r.key != meta_key(name, r.partition) {
-            continue;
-        }
-        let meta = PartitionMeta::decode(&r.key, &r.payload).expect("a position record");
-        let pin = topo.tables.iter().map(|t| meta.joined.iter().find(|p| p.table == t.name).map(|p| p.next.clone()).unwrap_or_default()).collect();
-        out.entry(r.partition).or_default().push((meta.next_offset, pin));
+    for (p, meta) in positions {
+        let pin = topo.tables.iter().map(|t| meta.joined.iter().find(|j| j.table == t.name).map(|j| j.next.clone()).unwrap_or_default()).collect();
+        out.entry(*p).or_default().push((meta.next_offset, pin));
     }
     out
 }
@@ -71,7 +75,7 @@ fn model_of_run(cluster: &Cluster, cfg: &Config, partitions: i32) -> Model {
         m.table_record(0, r.partition, r.offset, r.timestamp.unwrap_or(0), &r.key, (!r.null).then_some(&r.payload[..]));
     }
     for s in 0..topo.sources.len() {
-        m.joins[s] = joins(cluster, &topo, s);
+        m.joins[s] = joins(&positions(cluster, &topo, s), &topo);
     }
     for (s, topic) in [S3_VIEWS, S3_GIFTS].into_iter().enumerate() {
         for (partition, kafka_ts, payload) in cluster.records_of(topic) {
@@ -125,20 +129,19 @@ fn check(addr: std::net::SocketAddr, m: &Model, what: &str, counters: bool) -> B
 fn check_pins(cluster: &Cluster, cfg: &Config) -> usize {
     let topo = Topology::compile(cfg).unwrap();
     let end = cluster.high_watermarks(S3_ROOMS);
+    let gifts = positions(cluster, &topo, 1);
     let mut distinct = 0;
-    for (p, entries) in joins(cluster, &topo, 1) {
+    for (p, entries) in joins(&gifts, &topo) {
         for w in entries.windows(2) {
             let (a, b) = (&w[0].1[0], &w[1].1[0]);
             assert!(a.iter().zip(b).all(|(x, y)| x <= y), "gifts partition {p}: a join position went back, {a:?} then {b:?}");
         }
         distinct = distinct.max(entries.iter().map(|e| &e.1).collect::<std::collections::BTreeSet<_>>().len());
     }
-    let name = &topo.sources[1].name;
-    let mut last: BTreeMap<i32, PartitionMeta> = BTreeMap::new();
-    for r in cluster.drain(&topo.changelog_topic(1)).iter().filter(|r| r.key == meta_key(name, r.partition)) {
-        let meta = PartitionMeta::decode(&r.key, &r.payload).unwrap();
+    let mut last: BTreeMap<i32, &PartitionMeta> = BTreeMap::new();
+    for (p, meta) in &gifts {
         assert!(meta.pin[0].next.iter().zip(&end).all(|(x, y)| x <= y), "a pin beyond the table's end");
-        last.insert(r.partition, meta);
+        last.insert(*p, meta);
     }
     assert_eq!(last.len(), cluster.high_watermarks(S3_GIFTS).len());
     for (p, meta) in last {
@@ -239,12 +242,7 @@ fn sigkills_keep_every_module_total_exact(cluster: Cluster, mut cfg: Config, par
     assert_eq!(moduled, typed, "every gift under exactly one module");
     assert!(tally.log().matches("table loaded").count() >= 11, "each start loaded the table first");
     let topo = Topology::compile(&cfg).unwrap();
-    let held = cluster
-        .drain(&topo.changelog_topic(1))
-        .iter()
-        .filter(|r| r.key == meta_key("gifts", r.partition))
-        .filter(|r| PartitionMeta::decode(&r.key, &r.payload).is_ok_and(|m| m.replay_until > m.next_offset))
-        .count();
+    let held = positions(&cluster, &topo, 1).iter().filter(|(_, m)| m.replay_until > m.next_offset).count();
     eprintln!("positions that held their pin through a torn flush's replay: {held}");
 }
 

@@ -76,6 +76,19 @@ pub enum AggKind {
     },
 }
 
+impl AggKind {
+    /// The kind's name, for messages.
+    pub fn name(&self) -> &'static str {
+        match self {
+            AggKind::Count => "count",
+            AggKind::Sum { .. } => "sum",
+            AggKind::Distinct { .. } => "distinct",
+            AggKind::Latest { .. } => "latest",
+            AggKind::TopN { .. } => "top_n",
+        }
+    }
+}
+
 impl AggregateSpec {
     /// Parses `count`, `sum(f)`, `distinct(f[, precision])`, `latest(f)`,
     /// `top_n(f, n[, sum(g)])`, optionally followed by `as alias`. `slot_of` gives (and
@@ -327,19 +340,9 @@ impl AggState {
                 let total = m.entry(it.to_text()).or_insert(0);
                 *total = total.saturating_add(add);
             }
-            (state, kind) => return Err(AggregateError::Mismatch { expected: AggState::new_name(kind), found: state.kind_name() }),
+            (state, kind) => return Err(AggregateError::Mismatch { expected: kind.name(), found: state.kind_name() }),
         }
         Ok(())
-    }
-
-    fn new_name(kind: &AggKind) -> &'static str {
-        match kind {
-            AggKind::Count => "count",
-            AggKind::Sum { .. } => "sum",
-            AggKind::Distinct { .. } => "distinct",
-            AggKind::Latest { .. } => "latest",
-            AggKind::TopN { .. } => "top_n",
-        }
     }
 
     /// Merges another partial of the same aggregate into this one.

@@ -630,10 +630,7 @@ impl SourceConsumer {
             Outcome::Processed { late, partly_late, missing } => {
                 local.processed[source] += 1;
                 for li in missing {
-                    let l = &shared.topo.sources[source].lookups[li];
-                    let action = if l.missing == crate::config::Missing::Null { "null" } else { "skip" };
-                    let labels = [shared.topo.sources[source].name.as_str(), shared.topo.tables[l.table].name.as_str(), action];
-                    shared.metrics.lookups_missing.with_label_values(&labels).inc();
+                    local.missing[source][li] += 1;
                 }
                 if let Some(ts) = kafka_ts {
                     local.processing.observe((now_ms() - ts).max(0) as f64 / 1000.0);
@@ -672,6 +669,8 @@ struct Batch {
     replayed: Vec<u64>,
     late: Vec<u64>,
     partly_late: Vec<u64>,
+    /// Per source, per lookup: records whose key it did not find (skipped or null).
+    missing: Vec<Vec<u64>>,
     timestamps: Vec<i64>,
     processing: prometheus::local::LocalHistogram,
 }
@@ -685,6 +684,7 @@ impl Batch {
             replayed: vec![0; s],
             late: vec![0; m],
             partly_late: vec![0; m],
+            missing: shared.topo.sources.iter().map(|s| vec![0; s.lookups.len()]).collect(),
             timestamps: Vec::new(),
             processing: shared.metrics.processing_latency.local(),
         }
@@ -696,6 +696,14 @@ impl Batch {
             shared.metrics.records_consumed.with_label_values(&l).inc_by(std::mem::take(&mut self.consumed[i]));
             shared.metrics.records_processed.with_label_values(&l).inc_by(std::mem::take(&mut self.processed[i]));
             shared.metrics.records_replayed.with_label_values(&l).inc_by(std::mem::take(&mut self.replayed[i]));
+            for (lookup, n) in src.lookups.iter().zip(&mut self.missing[i]) {
+                let n = std::mem::take(n);
+                if n > 0 {
+                    let action = if lookup.missing == crate::config::Missing::Null { "null" } else { "skip" };
+                    let labels = [src.name.as_str(), shared.topo.tables[lookup.table].name.as_str(), action];
+                    shared.metrics.lookups_missing.with_label_values(&labels).inc_by(n);
+                }
+            }
         }
         for (i, m) in shared.topo.metrics.iter().enumerate() {
             for (counter, n) in [(&shared.metrics.records_late, &mut self.late[i]), (&shared.metrics.records_partly_late, &mut self.partly_late[i])] {

@@ -125,6 +125,9 @@ impl Loader {
             }
             self.targets.push(ends);
         }
+        for (t, meta) in metas.iter().enumerate() {
+            self.metrics.table_entries.with_label_values(&[&self.topo.tables[t].name]).set(meta.entries as i64);
+        }
         self.done = vec![false; self.topo.tables.len()];
         self.metrics.tables_loading.set(self.topo.tables.len() as i64);
         self.consumer.assign(&tpl).map_err(|e| anyhow::anyhow!("assigning the table topics: {e}"))?;
@@ -159,10 +162,10 @@ impl Loader {
                 self.metrics.table_records.with_label_values(&[&self.topo.tables[t].name]).inc_by(batch.len() as u64);
                 batch.clear();
             }
-            for (t, meta) in self.tables.metas().iter().enumerate() {
-                self.metrics.table_entries.with_label_values(&[&self.topo.tables[t].name]).set(meta.entries as i64);
-            }
             if n > 0 {
+                for (t, meta) in self.tables.metas().iter().enumerate() {
+                    self.metrics.table_entries.with_label_values(&[&self.topo.tables[t].name]).set(meta.entries as i64);
+                }
                 if let Err(e) = self.side.flush(TIMEOUT) {
                     tracing::warn!(error = %e, "dead letters of table records not acknowledged");
                 }

@@ -102,7 +102,20 @@ pub fn decode_record(
 
 struct Published {
     metas: Vec<TableMeta>,
+    /// The metas' `next`, as one snapshot pins share (cheap to clone and compare).
     position: Arc<Positions>,
+}
+
+impl Published {
+    fn new(metas: Vec<TableMeta>) -> Published {
+        let position = Arc::new(metas.iter().map(|m| m.next.clone()).collect());
+        Published { metas, position }
+    }
+
+    fn set(&mut self, table: usize, meta: TableMeta) {
+        self.metas[table] = meta;
+        self.position = Arc::new(self.metas.iter().map(|m| m.next.clone()).collect());
+    }
 }
 
 /// The tables of one replica: their stores, where they stand, and whether the first load
@@ -138,25 +151,18 @@ impl Tables {
             stores.push(s);
             metas.push(m);
         }
-        let position = Arc::new(metas.iter().map(|m| m.next.clone()).collect());
         Ok(Tables {
             caches: topo.tables.iter().map(|t| RwLock::new(Cache { limit: t.cache_keys, ..Cache::default() })).collect(),
             stores,
             names: topo.tables.iter().map(|t| t.name.clone()).collect(),
-            published: RwLock::new(Published { metas, position }),
+            published: RwLock::new(Published::new(metas)),
             loaded: AtomicBool::new(topo.tables.is_empty()),
         })
     }
 
     /// No tables (nothing to load or look up).
     pub fn none() -> Tables {
-        Tables {
-            stores: vec![],
-            names: vec![],
-            published: RwLock::new(Published { metas: vec![], position: Arc::default() }),
-            loaded: AtomicBool::new(true),
-            caches: vec![],
-        }
+        Tables { stores: vec![], names: vec![], published: RwLock::new(Published::new(vec![])), loaded: AtomicBool::new(true), caches: vec![] }
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, Published> {
@@ -235,11 +241,7 @@ impl Tables {
             }
             c.generation += 1;
         }
-        let mut w = self.published.write().unwrap_or_else(|e| e.into_inner());
-        let mut position = (*w.position).clone();
-        position[table] = meta.next.clone();
-        w.position = Arc::new(position);
-        w.metas[table] = meta;
+        self.published.write().unwrap_or_else(|e| e.into_inner()).set(table, meta);
         Ok(())
     }
 
@@ -247,14 +249,12 @@ impl Tables {
     /// never had a record is part of every pin, at offset 0).
     pub fn set_partitions(&self, table: usize, partitions: usize) {
         let mut w = self.published.write().unwrap_or_else(|e| e.into_inner());
-        let Some(meta) = w.metas.get_mut(table) else { return };
+        let Some(mut meta) = w.metas.get(table).cloned() else { return };
         if meta.next.len() < partitions {
             meta.next.resize(partitions, 0);
             meta.exact_from.resize(partitions, 0);
         }
-        let mut position = (*w.position).clone();
-        position[table] = w.metas[table].next.clone();
-        w.position = Arc::new(position);
+        w.set(table, meta);
     }
 
     /// Whether every table has been read to the end it had when the replica started.
