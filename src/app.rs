@@ -35,10 +35,9 @@ const STATE_GAUGE_INTERVAL: Duration = Duration::from_secs(10);
 /// the HTTP address once bound (useful with port 0).
 pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'static, on_listening: impl FnOnce(SocketAddr)) -> anyhow::Result<()> {
     let topo = Arc::new(Topology::compile(&cfg)?);
-    let store = Store::open(&cfg.state.dir).with_context(|| format!("opening the state store in {}", cfg.state.dir.display()))?;
-    for m in &topo.metrics {
-        store.check_layout(&m.name, &m.layout())?;
-    }
+    let migrate = cfg.state.migrate == crate::config::MigrateMode::Auto;
+    let store =
+        Store::open_current(&cfg.state.dir, &topo, migrate).with_context(|| format!("opening the state store in {}", cfg.state.dir.display()))?;
     let metrics = Metrics::new();
     metrics.init_sources(topo.sources.iter().map(|s| s.name.as_str()));
     metrics.init_metrics(topo.metrics.iter().map(|m| m.name.as_str()));
@@ -73,7 +72,9 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'stati
     let tables = Arc::new(Tables::open(&topo, &store).context("opening the global tables")?);
     metrics.init_tables(topo.tables.iter().map(|t| t.name.as_str()));
     let loader = TableLoader::start(&kafka, Arc::clone(&topo), Arc::clone(&tables), metrics.clone())?;
-    let tasks = TaskSet::with_tables(Arc::clone(&topo), store.clone(), Arc::clone(&tables));
+    let mut tasks = TaskSet::with_tables(Arc::clone(&topo), store.clone(), Arc::clone(&tables));
+    remember_metrics(&topo, &store, &mut tasks)?;
+    let refusals = Arc::clone(tasks.refusals());
     let consumer = SourceConsumer::new(&kafka, tasks, side, metrics.clone(), Arc::clone(&owned), results_dir)?;
     let members = Arc::new(Members::new(MEMBER_TTL));
     let counts: BTreeMap<String, i32> = topo.sources.iter().zip(&partitions).map(|(s, n)| (s.name.clone(), *n)).collect();
@@ -95,7 +96,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'stati
     };
 
     let (http_stop_tx, http_stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let local = LocalFetch::new(Arc::clone(&topo), store.clone(), Arc::clone(&owned), me.replica.clone()).caching();
+    let local = LocalFetch::new(Arc::clone(&topo), store.clone(), Arc::clone(&owned), me.replica.clone()).caching().refusing(Arc::clone(&refusals));
     let timeout = Duration::from_millis(topo.cluster.query_timeout_ms);
     let cluster = ClusterFetch::new(local.clone(), members, counts, timeout, topo.cluster.max_standby_lag, tokio::runtime::Handle::current());
     let api = ApiState {
@@ -150,6 +151,25 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'stati
         Ok(r) => r.and(loaded),
         Err(_) => Err(anyhow::anyhow!("the consumer thread panicked")),
     }
+}
+
+/// Records what each metric is in the store, refusing one the store remembers with another
+/// layout (its states are another metric's); the others go on.
+fn remember_metrics(topo: &Topology, store: &Store, tasks: &mut TaskSet) -> anyhow::Result<()> {
+    for (mi, m) in topo.metrics.iter().enumerate() {
+        match store.manifest(&m.name)? {
+            Some(stored) if stored.layout != m.layout.text => tasks.refuse(
+                mi,
+                &crate::store::StoreError::Layout {
+                    metric: m.name.clone(),
+                    stored: format!("layout `{}`", stored.layout),
+                    configured: m.layout.text.clone(),
+                },
+            ),
+            _ => store.put_manifest(m)?,
+        }
+    }
+    Ok(())
 }
 
 /// Who this replica is to the others: its configured name and URL, by default named after

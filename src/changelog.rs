@@ -23,7 +23,8 @@
 use std::collections::HashMap;
 
 use crate::hash::KeyHash;
-use crate::store::{self, PartitionMeta, Store, StoreError, StoredAggregate, WriteBatch, STATE_FORMAT};
+use crate::migrations::{upcast_state, Upcast};
+use crate::store::{self, PartitionMeta, Store, StoreError, WriteBatch, STATE_FORMAT};
 use crate::topology::Topology;
 
 /// One record of the changelog: a store key and its new value (`None`: deleted).
@@ -219,6 +220,7 @@ impl Restoration {
         if key == self.meta_key.as_slice() {
             match value.map(|v| PartitionMeta::decode(key, v)) {
                 Some(Ok(meta)) => self.position = Some(meta),
+                Some(Err(e @ StoreError::Newer { .. })) => return Err(e),
                 _ => {
                     self.stats.rejected += 1;
                     return Ok(false);
@@ -232,11 +234,16 @@ impl Restoration {
             }
             return Ok(true);
         } else if self.metric_prefixes.iter().any(|p| key.len() >= p.len() + store::SLICE_KEY_BYTES && key.starts_with(p)) {
-            if value.is_some_and(|v| v.first() != Some(&STATE_FORMAT)) {
-                self.stats.rejected += 1;
-                return Ok(false);
+            // Kept as written (the store mirrors the changelog); the layout gate reads them.
+            match value.map(upcast_state) {
+                Some(Err(Upcast::Newer(found))) => return Err(StoreError::Newer { what: "changelog state", found, supported: STATE_FORMAT }),
+                Some(Err(Upcast::Unknown(_))) => {
+                    self.stats.rejected += 1;
+                    return Ok(false);
+                }
+                _ => {}
             }
-            if let Some(offset) = value.and_then(StoredAggregate::max_offset_of) {
+            if let Some(offset) = value.and_then(crate::layout::max_offset_of) {
                 self.high_water = self.high_water.max(offset);
             }
             // Most records are newer versions of a buffered key: replace in place, without
@@ -330,7 +337,8 @@ mod tests {
         let mut old_key = Vec::new();
         store::slice_prefix(&mut old_key, "m", 0, 60_000);
         old_key.extend_from_slice(b"product-101");
-        let mut old_value = crate::store::StoredAggregate { max_offset: 3, states: vec![crate::aggregate::AggState::Count(7)] }.encode();
+        let mut old_value =
+            topo.metrics[0].layout.seal(&crate::store::StoredAggregate { max_offset: 3, states: vec![crate::aggregate::AggState::Count(7)] });
         old_value[0] = 1;
         r.apply(&old_key, Some(&old_value)).unwrap();
         let mut old_meta = PartitionMeta { next_offset: 4, ..PartitionMeta::default() }.encode();
@@ -338,6 +346,28 @@ mod tests {
         r.apply(&store::meta_key("s", 0), Some(&old_meta)).unwrap();
         let (position, stats) = r.finish(1).unwrap();
         assert_eq!((position, stats.rejected, stats.keys_written), (None, 2, 0));
-        assert!(store.is_empty());
+        assert!(!store.has_states("m", 0).unwrap() && store.partition_meta("s", 0).unwrap().is_none());
+    }
+
+    /// A record written by a newer tally stops the restore with a message: skipping it would
+    /// lose state, reading it would misread it.
+    #[test]
+    fn a_newer_versions_records_stop_the_restore() {
+        let topo = crate::topology::test_topology(
+            "[[metrics]]\nname = \"m\"\nsource = \"s\"\naggregates = [\"count\"]\nwindow = { type = \"tumbling\", size = \"1m\" }\n",
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let mut r = Restoration::begin(&store, &topo, 0, 0, true).unwrap();
+        let mut key = Vec::new();
+        store::state_key_prefix(&mut key, "m", 0, 60_000, store::EVERY_WINDOW);
+        let mut value =
+            topo.metrics[0].layout.seal(&crate::store::StoredAggregate { max_offset: 3, states: vec![crate::aggregate::AggState::Count(7)] });
+        value[0] = STATE_FORMAT + 1;
+        assert!(matches!(r.apply(&key, Some(&value)), Err(StoreError::Newer { .. })));
+        let mut meta = PartitionMeta::default().encode();
+        meta[0] = store::META_FORMAT + 1;
+        let err = r.apply(&store::meta_key("s", 0), Some(&meta)).unwrap_err().to_string();
+        assert!(err.contains("newer tally"), "{err}");
     }
 }

@@ -145,6 +145,22 @@ pub struct StateConfig {
     /// partition with no local state is recomputed from the source topic's beginning.
     #[serde(default = "StateConfig::default_changelog")]
     pub changelog: bool,
+    /// What `tally run` does with a store written by an older tally: `auto` (default) runs
+    /// the pending migrations at start; `refuse` stops with a message, for
+    /// `tally migrate --config FILE` to run them.
+    #[serde(default)]
+    pub migrate: MigrateMode,
+}
+
+/// See [`StateConfig::migrate`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MigrateMode {
+    /// Migrate at start.
+    #[default]
+    Auto,
+    /// Refuse to start until `tally migrate` has run.
+    Refuse,
 }
 
 impl StateConfig {
@@ -161,7 +177,12 @@ impl StateConfig {
 
 impl Default for StateConfig {
     fn default() -> Self {
-        StateConfig { dir: Self::default_dir(), commit_interval: Self::default_commit_interval(), changelog: Self::default_changelog() }
+        StateConfig {
+            dir: Self::default_dir(),
+            commit_interval: Self::default_commit_interval(),
+            changelog: Self::default_changelog(),
+            migrate: MigrateMode::Auto,
+        }
     }
 }
 
@@ -486,6 +507,15 @@ pub fn parse_duration_ms(text: &str) -> Result<i64, String> {
         other => return Err(format!("`{text}`: unknown unit `{other}`; allowed units: ms, s, m, h, d")),
     };
     n.checked_mul(mult).ok_or_else(|| format!("`{text}` is too long"))
+}
+
+/// A duration in the largest unit that divides it (`90000` → `90s`), as a config writes it.
+pub fn format_duration_ms(ms: i64) -> String {
+    let units = [("d", 86_400_000), ("h", 3_600_000), ("m", 60_000), ("s", 1_000)];
+    match units.iter().find(|(_, n)| ms != 0 && ms % n == 0) {
+        Some((u, n)) => format!("{}{u}", ms / n),
+        None => format!("{ms}ms"),
+    }
 }
 
 impl Config {

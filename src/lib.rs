@@ -12,11 +12,14 @@
 //! * [`filter`], [`window`], [`aggregate`] — which records count, where they fall, what is kept;
 //! * [`task`] — the processing core: per-partition tasks and the write-back cache;
 //! * [`store`] — the sled layout of partial aggregates and partition positions;
+//!   [`layout`] — what a metric's states are, and the gate every state read back passes;
+//!   [`migrations`] — every persisted format, and the steps from each to the next;
 //! * [`query`] — answers: merging partials over partitions and slices;
 //! * [`cluster`] — any replica answers any query: membership, fan-out to the owners;
 //! * [`results`] — window rows over every partition, from the changelogs, for the result topic;
 //! * [`kafka`] — the edges to Kafka: consumer loop, dead-letter/late producer, topics;
 //! * [`http`] — the query API and `/metrics`; [`metrics`] — the Prometheus registry;
+//! * [`upgrade`] — what a restart with a new config would do to a stored state;
 //! * [`app`] — wiring for `tally run`; [`gen`], [`demo`], [`bench`](mod@bench) — tools around it;
 //!   [`hash`] — the hasher of the in-memory maps.
 
@@ -33,7 +36,10 @@ pub mod gen;
 pub mod hash;
 pub mod http;
 pub mod kafka;
+pub mod layout;
 pub mod metrics;
+#[path = "../migrations/mod.rs"]
+pub mod migrations;
 pub mod ownership;
 pub mod query;
 pub mod results;
@@ -41,4 +47,5 @@ pub mod store;
 pub mod table;
 pub mod task;
 pub mod topology;
+pub mod upgrade;
 pub mod window;

@@ -32,8 +32,18 @@ enum Command {
         #[arg(long)]
         advertised_url: Option<String>,
     },
-    /// Validate a config file and explain what it computes.
+    /// Validate a config file and explain what it computes; with `--against`, what a
+    /// restart with it would do to a stored state, metric by metric.
     Check {
+        /// The config file (TOML).
+        #[arg(long)]
+        config: PathBuf,
+        /// A state directory (`state.dir` of the running config).
+        #[arg(long)]
+        against: Option<PathBuf>,
+    },
+    /// Run the pending migrations of the config's state store (idempotent), then exit.
+    Migrate {
         /// The config file (TOML).
         #[arg(long)]
         config: PathBuf,
@@ -90,6 +100,12 @@ enum Command {
     Bench(tally::bench::BenchOptions),
 }
 
+/// The store in `dir`, which must exist (a check or a migration never creates one).
+fn open_existing(dir: &std::path::Path) -> anyhow::Result<tally::store::Store> {
+    anyhow::ensure!(dir.join("conf").exists(), "no state store in {}", dir.display());
+    tally::store::Store::open(dir).with_context(|| format!("opening the state store in {}", dir.display()))
+}
+
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("RUST_LOG").unwrap_or_else(|_| "info,librdkafka=warn,rdkafka=warn".into()))
@@ -104,10 +120,35 @@ fn main() -> anyhow::Result<()> {
             let rt = tokio::runtime::Runtime::new()?;
             rt.block_on(tally::app::run(cfg, tally::app::shutdown_signal(), |_| {}))
         }
-        Command::Check { config } => {
+        Command::Check { config, against } => {
             let cfg = Config::load(&config)?;
-            print!("{}", tally::topology::Topology::compile(&cfg)?.explain());
+            let topo = tally::topology::Topology::compile(&cfg)?;
+            print!("{}", topo.explain());
             println!("config OK");
+            if let Some(dir) = against {
+                let store = open_existing(&dir)?;
+                let pending: Vec<&str> = store.pending()?.iter().map(|s| s.name).collect();
+                if !pending.is_empty() {
+                    println!("a restart migrates the store first: {}", pending.join(", "));
+                }
+                let plans = tally::upgrade::plan(&topo, &store)?;
+                print!("{}", tally::upgrade::render(&dir.display().to_string(), store.version()?, &plans));
+            }
+            Ok(())
+        }
+        Command::Migrate { config } => {
+            let cfg = Config::load(&config)?;
+            let topo = tally::topology::Topology::compile(&cfg)?;
+            let store = open_existing(&cfg.state.dir)?;
+            let from = store.version()?;
+            let applied = store.migrate(&topo)?;
+            for a in &applied {
+                println!("{}: {} values rewritten, {} already current, {:.2} s", a.name, a.report.rewritten, a.report.unchanged, a.seconds);
+            }
+            match applied.is_empty() {
+                true => println!("{}: store version {from}, up to date", cfg.state.dir.display()),
+                false => println!("{}: store version {from} → {}", cfg.state.dir.display(), store.version()?),
+            }
             Ok(())
         }
         Command::Demo { http, rate, partitions } => tally::demo::run(tally::demo::DemoOptions { http, rate, partitions }),

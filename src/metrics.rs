@@ -19,6 +19,8 @@ pub struct Metrics {
     pub records_processed: IntCounterVec,
     /// Records late for a metric (its slice had closed), by metric.
     pub records_late: IntCounterVec,
+    /// 1 for a metric this replica refuses (its state is of another layout, or misses records).
+    pub metric_refused: IntGaugeVec,
     /// Records dropped from some windows of a metric (closed) but counted in its others.
     pub records_partly_late: IntCounterVec,
     /// Owned partitions counted idle (see `idle_timeout`).
@@ -124,6 +126,11 @@ impl Metrics {
         let m = Metrics {
             records_consumed: counter("tally_records_consumed_total", "Records read from Kafka.", &["source"]),
             records_processed: counter("tally_records_processed_total", "Records decoded and folded into state.", &["source"]),
+            metric_refused: gauge(
+                "tally_metric_refused",
+                "1 while a metric is refused: its stored state is of another layout than configured, or misses records (see /ready).",
+                &["metric"],
+            ),
             records_late: counter(
                 "tally_records_late_total",
                 "Records that arrived after every window holding them had closed, per metric.",
@@ -255,6 +262,7 @@ impl Metrics {
         for m in metrics {
             self.records_late.with_label_values(&[m]);
             self.records_partly_late.with_label_values(&[m]);
+            self.metric_refused.with_label_values(&[m]);
         }
     }
 

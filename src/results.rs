@@ -60,7 +60,7 @@ use serde_json::json;
 use crate::config::Emit;
 use crate::ownership::{Ownership, PartitionState};
 use crate::query::{Ask, QueryEngine, QueryError, Range, WindowRow, WindowRows};
-use crate::store::{parse_key, KeyRef, PartitionMeta, Store, StoreError, STATE_FORMAT};
+use crate::store::{parse_key, KeyRef, PartitionMeta, Store, StoreError};
 use crate::task::NO_WATERMARK;
 use crate::topology::Topology;
 use crate::window::{WindowKind, GLOBAL};
@@ -209,7 +209,7 @@ impl ResultView {
                     }
                     false
                 }
-                (Some(m), Some(v)) if v.first() == Some(&STATE_FORMAT) => {
+                (Some(m), Some(v)) if crate::migrations::upcast_state(v).is_ok() => {
                     self.store.put_encoded(key, Some(v))?;
                     if self.wants_updates[m] {
                         self.touched[m].insert((at.slice, at.from_end, at.group.to_vec()));

@@ -6,8 +6,6 @@
 //! |---------------------------------------------------------|-----------------------------|
 //! | `S` · len · metric · partition u32 · slice i64 · from_end i64 · group | [`StoredAggregate`] |
 //! | `P` · len · source · partition u32                      | [`PartitionMeta`]           |
-//! | `L` · len · metric                                      | the metric's layout (text)  |
-//!
 //! Integers are big-endian (signed ones with the sign bit flipped) so sled's byte order is
 //! numeric order: one metric-partition's slices are contiguous and sorted, so a window is a
 //! range scan, expiry is a range delete, and a partition can be handed over or dropped on
@@ -19,9 +17,12 @@
 //! goes to an aggregate of its own, tagged with the end of the first window it counts for,
 //! so windows that have closed never change (see [`crate::window::WindowSpec::place`]).
 //!
-//! Every value starts with a format version byte. bincode decodes a mismatched layout into
-//! garbage without complaint; the version byte turns that into an error (and is where
-//! `migrations/` will hook in).
+//! | `L` · len · metric                                      | its [`crate::layout::Manifest`] |
+//!
+//! Every value starts with a format version byte, and a state value then with its layout's
+//! fingerprint: bincode decodes a mismatched layout into garbage without complaint, so every
+//! state read back passes [`crate::layout::Layout::open`], and every value of an older
+//! format is brought to the current one by [`crate::migrations`].
 //!
 //! Aggregates and the partition positions they correspond to are written in one atomic
 //! batch: after a crash the store holds a consistent cut — the state of exactly the records
@@ -31,7 +32,8 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use crate::aggregate::AggState;
+use crate::layout::{Manifest, MetricMark};
+use crate::topology::Metric;
 
 /// Version of the state key layout above; part of every metric's recorded layout, so a
 /// store written with another layout is refused, not misread.
@@ -41,15 +43,13 @@ pub const KEY_FORMAT: u8 = 2;
 pub const SLICE_KEY_BYTES: usize = 16;
 /// `from_end` of an aggregate that every window holding its slice takes.
 pub const EVERY_WINDOW: i64 = i64::MIN;
-/// Version of [`StoredAggregate`]'s encoding. 2 since the key format 2: the changelog
-/// carries no layout, so the version byte is what keeps a restore from reading a previous
-/// version's records under the new keys (they are rejected and counted instead).
-pub const STATE_FORMAT: u8 = 2;
-/// Version of [`PartitionMeta`]'s encoding. 2 with [`STATE_FORMAT`]: a previous version's
-/// position must not be restored without the aggregates it stands for (the partition is then
-/// recomputed from the source topic instead).
-/// 3 adds the tables' pin and `replay_until`; 2 is still read (no pin).
-pub const META_FORMAT: u8 = 3;
+/// Version of a state value's encoding ([`crate::layout::Layout::seal`]): 3 carries the
+/// layout's fingerprint; 2 (without) is still read. Format 1 (key format 1) is not: its
+/// records are rejected and counted, never read under the new keys.
+pub const STATE_FORMAT: u8 = 3;
+/// Version of [`PartitionMeta`]'s encoding: 4 adds the metrics' marks; 3 (the tables' pin)
+/// and 2 are still read ([`crate::migrations::upcast_meta`]).
+pub const META_FORMAT: u8 = 4;
 
 const STATE_TAG: u8 = b'S';
 const META_TAG: u8 = b'P';
@@ -118,6 +118,29 @@ pub enum StoreError {
         /// What failed.
         why: String,
     },
+    /// A value written by a newer tally: never read, never overwritten.
+    #[error("a stored {what} is of format {found}, written by a newer tally (this one reads up to {supported}): run that version or a newer one")]
+    Newer {
+        /// What kind of value.
+        what: &'static str,
+        /// Its format.
+        found: u8,
+        /// The newest format this tally reads.
+        supported: u8,
+    },
+    /// States of another layout of a metric: never folded into, never answered from.
+    #[error("metric `{metric}`: the state holds {stored}, but the metric is configured as `{configured}`; give the changed metric a new name (the old state stays readable under the old one); see the README's \"Changing a running config\"")]
+    Layout {
+        /// The metric.
+        metric: String,
+        /// What the state is.
+        stored: String,
+        /// The configured layout.
+        configured: String,
+    },
+    /// The store's version cannot be run as it is.
+    #[error(transparent)]
+    Version(#[from] crate::migrations::MigrationError),
 }
 
 /// The partial aggregates of one metric, partition, slice and group.
@@ -126,7 +149,7 @@ pub struct StoredAggregate {
     /// Highest source offset absorbed (-1: none). Lets a replay skip what is already in.
     pub max_offset: i64,
     /// One state per aggregate of the metric, in config order.
-    pub states: Vec<AggState>,
+    pub states: Vec<crate::aggregate::AggState>,
 }
 
 /// Where a source partition's state stands.
@@ -152,6 +175,9 @@ pub struct PartitionMeta {
     /// just before it from a flush whose position was never written (a torn flush), and
     /// their replay must join as they did.
     pub replay_until: i64,
+    /// The metrics this position's state is complete for, with their layouts and expiry
+    /// horizons; `None` in a position written before marks existed (format 3 and older).
+    pub marks: Option<Vec<MetricMark>>,
 }
 
 /// One table's part of a pin: its name and, per partition of its topic, the next offset
@@ -162,15 +188,6 @@ pub struct TablePin {
     pub table: String,
     /// Next offset visible, per partition.
     pub next: Vec<i64>,
-}
-
-/// [`PartitionMeta`] as [`META_FORMAT`] 2 wrote it (before tables).
-#[derive(Deserialize)]
-struct PartitionMetaV2 {
-    next_offset: i64,
-    watermark: i64,
-    max_event_time: i64,
-    changelog_offset: Option<i64>,
 }
 
 fn encode<T: Serialize>(version: u8, v: &T) -> Vec<u8> {
@@ -192,37 +209,23 @@ fn decode<T: for<'de> Deserialize<'de>>(version: u8, key: &[u8], bytes: &[u8]) -
     Ok(v)
 }
 
-impl StoredAggregate {
-    /// Versioned bytes.
-    pub fn encode(&self) -> Vec<u8> {
-        encode(STATE_FORMAT, self)
-    }
-    /// Reads [`StoredAggregate::encode`]'s bytes.
-    pub fn decode(key: &[u8], bytes: &[u8]) -> Result<Self, StoreError> {
-        decode(STATE_FORMAT, key, bytes)
-    }
-    /// Reads only `max_offset` (the first field) of encoded bytes; `None` if unreadable.
-    pub fn max_offset_of(bytes: &[u8]) -> Option<i64> {
-        if bytes.first() != Some(&STATE_FORMAT) {
-            return None;
-        }
-        bincode::serde::decode_from_slice::<i64, _>(&bytes[1..], bincode::config::standard()).ok().map(|(v, _)| v)
-    }
-}
-
 impl PartitionMeta {
     /// Versioned bytes.
     pub fn encode(&self) -> Vec<u8> {
         encode(META_FORMAT, self)
     }
-    /// Reads [`PartitionMeta::encode`]'s bytes, and the previous format's.
+    /// Reads [`PartitionMeta::encode`]'s bytes, and those of the formats before.
     pub fn decode(key: &[u8], bytes: &[u8]) -> Result<Self, StoreError> {
-        if bytes.first() == Some(&2) {
-            let v: PartitionMetaV2 = decode(2, key, bytes)?;
-            let PartitionMetaV2 { next_offset, watermark, max_event_time, changelog_offset } = v;
-            return Ok(PartitionMeta { next_offset, watermark, max_event_time, changelog_offset, pin: vec![], joined: vec![], replay_until: 0 });
-        }
-        decode(META_FORMAT, key, bytes)
+        let bytes = crate::migrations::upcast_meta(bytes).map_err(|e| match e {
+            crate::migrations::Upcast::Newer(found) => StoreError::Newer { what: "position", found, supported: META_FORMAT },
+            e => StoreError::Corrupt { key: String::from_utf8_lossy(key).into_owned(), why: e.to_string() },
+        })?;
+        decode(META_FORMAT, key, &bytes)
+    }
+
+    /// This position's mark of `metric`, if it has marks and one for it.
+    pub fn mark(&self, metric: &str) -> Option<&MetricMark> {
+        self.marks.as_ref()?.iter().find(|m| m.metric == metric)
     }
 }
 
@@ -352,17 +355,12 @@ pub struct WriteBatch {
 }
 
 impl WriteBatch {
-    /// Writes an aggregate.
-    pub fn put(&mut self, key: &[u8], value: &StoredAggregate) {
-        self.batch.insert(key, value.encode());
-        self.puts += 1;
-    }
     /// Removes a key.
     pub fn delete(&mut self, key: &[u8]) {
         self.batch.remove(key);
         self.deletes += 1;
     }
-    /// Writes bytes already encoded (by [`StoredAggregate::encode`], or read from the
+    /// Writes bytes already encoded (by [`crate::layout::Layout::seal`], or read from the
     /// changelog).
     pub fn put_encoded(&mut self, key: &[u8], value: &[u8]) {
         self.batch.insert(key, value);
@@ -379,14 +377,52 @@ impl WriteBatch {
 pub struct Store {
     db: sled::Db,
     tree: sled::Tree,
+    dir: std::path::PathBuf,
 }
 
 impl Store {
-    /// Opens (or creates) the store in `dir`.
+    /// Opens (or creates) the store in `dir`, of this version or an older one (see
+    /// [`Store::open_current`]); a store of a newer version is refused before sled touches it.
     pub fn open(dir: &Path) -> Result<Store, StoreError> {
+        let version = crate::migrations::stored_version(dir)?;
+        if version > crate::migrations::STORE_VERSION {
+            return Err(crate::migrations::MigrationError::Newer { found: version }.into());
+        }
         let db = sled::Config::new().path(dir).cache_capacity(256 << 20).mode(sled::Mode::HighThroughput).open()?;
         let tree = db.open_tree("state")?;
-        Ok(Store { db, tree })
+        if !dir.join(crate::migrations::VERSION_FILE).exists() && version == crate::migrations::STORE_VERSION {
+            crate::migrations::write_version(dir, version)?;
+        }
+        Ok(Store { db, tree, dir: dir.to_path_buf() })
+    }
+
+    /// Opens the store in `dir` for running `topo`: a store of an older version is migrated
+    /// first (`migrate`), or refused; one of a newer version is refused before anything is
+    /// written to it.
+    pub fn open_current(dir: &Path, topo: &crate::topology::Topology, migrate: bool) -> Result<Store, StoreError> {
+        let store = Store::open(dir)?;
+        if !store.pending()?.is_empty() && !migrate {
+            return Err(crate::migrations::MigrationError::Pending { found: store.version()? }.into());
+        }
+        for done in store.migrate(topo)? {
+            tracing::info!(step = done.name, rewritten = done.report.rewritten, seconds = done.seconds, "migrated the state store");
+        }
+        Ok(store)
+    }
+
+    /// Runs the pending migrations of this store (none: nothing happens).
+    pub fn migrate(&self, topo: &crate::topology::Topology) -> Result<Vec<crate::migrations::Applied>, StoreError> {
+        Ok(crate::migrations::migrate(&self.dir, &self.db, &self.tree, topo)?)
+    }
+
+    /// The migrations this store needs to run (an error for a store of a newer version).
+    pub fn pending(&self) -> Result<Vec<&'static crate::migrations::Step>, StoreError> {
+        Ok(crate::migrations::pending(&self.dir)?)
+    }
+
+    /// The store's version.
+    pub fn version(&self) -> Result<u32, StoreError> {
+        Ok(crate::migrations::stored_version(&self.dir)?)
     }
 
     /// Another tree of the same database (a global table's), made durable by the same
@@ -395,11 +431,11 @@ impl Store {
         Ok(self.db.open_tree(name)?)
     }
 
-    /// Reads one aggregate.
-    pub fn get(&self, key: &[u8]) -> Result<Option<StoredAggregate>, StoreError> {
+    /// Reads one aggregate of `m`, through its layout's gate.
+    pub fn get(&self, m: &Metric, key: &[u8]) -> Result<Option<StoredAggregate>, StoreError> {
         match self.tree.get(key)? {
             None => Ok(None),
-            Some(v) => StoredAggregate::decode(key, &v).map(Some),
+            Some(v) => m.layout.open(&m.name, key, &v).map(Some),
         }
     }
 
@@ -447,16 +483,17 @@ impl Store {
         Ok(out)
     }
 
-    /// Aggregates of one metric-partition with slices in `[from, to)`.
-    pub fn scan(&self, metric: &str, partition: i32, from: i64, to: i64) -> impl Iterator<Item = Result<ScanEntry, StoreError>> + '_ {
+    /// Aggregates of metric `m`'s partition with slices in `[from, to)`, through its layout's
+    /// gate.
+    pub fn scan<'a>(&'a self, m: &'a Metric, partition: i32, from: i64, to: i64) -> impl Iterator<Item = Result<ScanEntry, StoreError>> + 'a {
         let mut lo = Vec::new();
-        slice_prefix(&mut lo, metric, partition, from);
+        slice_prefix(&mut lo, &m.name, partition, from);
         let mut hi = Vec::new();
-        slice_prefix(&mut hi, metric, partition, to);
-        self.tree.range(lo..hi).map(|kv| {
+        slice_prefix(&mut hi, &m.name, partition, to);
+        self.tree.range(lo..hi).map(move |kv| {
             let (k, v) = kv?;
             let at = split_state_key(&k).ok_or_else(|| StoreError::Corrupt { key: String::from_utf8_lossy(&k).into(), why: "short key".into() })?;
-            Ok(ScanEntry { slice: at.slice, from_end: at.from_end, group: at.group.to_vec(), value: StoredAggregate::decode(&k, &v)? })
+            Ok(ScanEntry { slice: at.slice, from_end: at.from_end, group: at.group.to_vec(), value: m.layout.open(&m.name, &k, &v)? })
         })
     }
 
@@ -518,23 +555,43 @@ impl Store {
         self.tree.is_empty()
     }
 
-    /// Records `layout` (what a metric's stored states are, in order) on first use, and
-    /// refuses a different one later: states are positional, and reading them as another
-    /// list of aggregates would misattribute or panic.
-    pub fn check_layout(&self, metric: &str, layout: &str) -> Result<(), StoreError> {
+    /// What the store remembers of `metric` (its layout record), if anything: a record it
+    /// cannot read is reported as a manifest of that layout text.
+    pub fn manifest(&self, metric: &str) -> Result<Option<Manifest>, StoreError> {
         let mut k = Vec::new();
         push_name(&mut k, LAYOUT_TAG, metric);
-        match self.tree.compare_and_swap(&k, None as Option<&[u8]>, Some(layout.as_bytes()))? {
-            Ok(()) => Ok(()),
-            Err(e) if e.current.as_deref() == Some(layout.as_bytes()) => Ok(()),
-            Err(e) => Err(StoreError::Corrupt {
-                key: metric.to_string(),
-                why: format!(
-                    "metric `{metric}` was stored as `{}` and is now configured as `{layout}`; give the changed metric a new name (or delete the state directory)",
-                    String::from_utf8_lossy(e.current.as_deref().unwrap_or_default())
-                ),
-            }),
+        Ok(self
+            .tree
+            .get(&k)?
+            .map(|v| Manifest::decode(&v).unwrap_or_else(|| Manifest { layout: String::from_utf8_lossy(&v).into_owned(), ..Manifest::default() })))
+    }
+
+    /// Every metric the store remembers, with its manifest.
+    pub fn manifests(&self) -> Result<Vec<(String, Manifest)>, StoreError> {
+        let mut out = Vec::new();
+        for kv in self.tree.scan_prefix([LAYOUT_TAG]) {
+            let (k, _) = kv?;
+            let name = String::from_utf8_lossy(k.get(2..).unwrap_or_default()).into_owned();
+            if let Some(m) = self.manifest(&name)? {
+                out.push((name, m));
+            }
         }
+        Ok(out)
+    }
+
+    /// Records what `m` is now.
+    pub fn put_manifest(&self, m: &Metric) -> Result<(), StoreError> {
+        let mut k = Vec::new();
+        push_name(&mut k, LAYOUT_TAG, &m.name);
+        self.tree.insert(k, Manifest::of(m).encode())?;
+        Ok(())
+    }
+
+    /// Whether any state of `metric`'s `partition` is stored.
+    pub fn has_states(&self, metric: &str, partition: i32) -> Result<bool, StoreError> {
+        let mut prefix = Vec::new();
+        partition_prefix(&mut prefix, metric, partition);
+        Ok(self.tree.scan_prefix(&prefix).next().transpose()?.is_some())
     }
 
     /// Bytes the store takes on disk.
@@ -548,23 +605,32 @@ mod tests {
     use super::*;
     use crate::aggregate::AggState;
 
+    fn pv() -> std::sync::Arc<crate::topology::Topology> {
+        crate::topology::test_topology(
+            "[[metrics]]\nname = \"pv\"\nsource = \"s\"\naggregates = [\"count\"]\nwindow = { type = \"tumbling\", size = \"1m\" }\n",
+        )
+    }
+
     #[test]
     fn keys_sort_numerically_and_round_trip() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
+        let topo = pv();
+        let m = &topo.metrics[0];
         let mut batch = WriteBatch::default();
         for slice in [-120_000i64, -60_000, 0, 60_000, 1_630_915_200_000] {
             let mut k = Vec::new();
             state_key_prefix(&mut k, "pv", 3, slice, EVERY_WINDOW);
             k.extend_from_slice(b"101");
-            batch.put(&k, &StoredAggregate { max_offset: slice, states: vec![AggState::Count(1)] });
+            batch.put_encoded(&k, &m.layout.seal(&StoredAggregate { max_offset: slice, states: vec![AggState::Count(1)] }));
         }
         batch.put_meta("src", 3, &PartitionMeta { next_offset: 9, watermark: 5, max_event_time: 6, ..PartitionMeta::default() });
         store.apply(batch).unwrap();
-        let slices: Vec<i64> = store.scan("pv", 3, -60_000, 60_001).map(|r| r.unwrap().slice).collect();
+        let slices: Vec<i64> = store.scan(m, 3, -60_000, 60_001).map(|r| r.unwrap().slice).collect();
         assert_eq!(slices, vec![-60_000, 0, 60_000]);
         assert_eq!(store.keys_before("pv", 3, 0).unwrap().len(), 2);
-        assert!(store.scan("pv", 4, i64::MIN, i64::MAX).next().is_none(), "partitions are separate");
+        assert!(store.scan(m, 4, i64::MIN, i64::MAX).next().is_none(), "partitions are separate");
+        assert!(store.has_states("pv", 3).unwrap() && !store.has_states("pv", 4).unwrap());
         assert_eq!(
             store.partitions("src").unwrap(),
             vec![(3, PartitionMeta { next_offset: 9, watermark: 5, max_event_time: 6, ..PartitionMeta::default() })]
@@ -573,13 +639,14 @@ mod tests {
 
     #[test]
     fn wrong_versions_are_errors_not_garbage() {
-        let v = StoredAggregate { max_offset: 1, states: vec![AggState::Sum(5)] }.encode();
-        assert!(StoredAggregate::decode(b"k", &v).is_ok());
-        let mut bumped = v.clone();
-        bumped[0] = STATE_FORMAT + 1;
-        assert!(matches!(StoredAggregate::decode(b"k", &bumped), Err(StoreError::Corrupt { .. })));
-        assert!(StoredAggregate::decode(b"k", &v[..v.len() - 1]).is_err());
-        assert!(PartitionMeta::decode(b"k", &v).is_err());
+        let meta = PartitionMeta { next_offset: 3, ..PartitionMeta::default() }.encode();
+        assert!(PartitionMeta::decode(b"k", &meta).is_ok());
+        let mut bumped = meta.clone();
+        bumped[0] = META_FORMAT + 1;
+        assert!(matches!(PartitionMeta::decode(b"k", &bumped), Err(StoreError::Newer { .. })));
+        assert!(PartitionMeta::decode(b"k", &meta[..meta.len() - 1]).is_err());
+        let state = pv().metrics[0].layout.seal(&StoredAggregate { max_offset: 1, states: vec![AggState::Sum(5)] });
+        assert!(PartitionMeta::decode(b"k", &state).is_err());
     }
 
     #[test]
@@ -592,12 +659,13 @@ mod tests {
     }
 
     #[test]
-    fn a_metric_keeps_its_layout() {
+    fn a_metric_is_remembered_with_its_layout() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
-        store.check_layout("m", "count,sum").unwrap();
-        store.check_layout("m", "count,sum").unwrap();
-        let err = store.check_layout("m", "sum,count").unwrap_err().to_string();
-        assert!(err.contains("new name"), "{err}");
+        let topo = pv();
+        assert_eq!(store.manifest("pv").unwrap(), None);
+        store.put_manifest(&topo.metrics[0]).unwrap();
+        assert_eq!(store.manifest("pv").unwrap().unwrap().layout, topo.metrics[0].layout.text);
+        assert_eq!(store.manifests().unwrap().len(), 1);
     }
 }

@@ -24,6 +24,7 @@ use crate::changelog::{Change, ChangeSink, ChangelogError};
 use crate::config::Missing;
 use crate::event::{DecodeError, Record};
 use crate::hash::KeyHash;
+use crate::layout::{MetricMark, Refusals};
 use crate::store::{self, PartitionMeta, Store, StoreError, StoredAggregate, TablePin, WriteBatch, GROUP_SEPARATOR};
 use crate::table::{Positions, Tables};
 use crate::topology::Topology;
@@ -66,27 +67,8 @@ impl PartitionTask {
     }
 }
 
-/// `value`, read from the store for metric `m`, if its states are the metric's aggregates
-/// (kinds, sketch precisions, count); else an error naming the metric: bytes of another
-/// layout (a changed metric's old changelog restored into an empty store) are never folded
-/// into.
-fn fitting(m: &crate::topology::Metric, key: &[u8], value: StoredAggregate) -> Result<StoredAggregate, StoreError> {
-    let fits = value.states.len() == m.aggregates.len() && value.states.iter().zip(&m.aggregates).all(|(s, a)| s.fits(&a.kind));
-    if fits {
-        return Ok(value);
-    }
-    let stored: Vec<&str> = value.states.iter().map(AggState::kind_name).collect();
-    Err(misfit(m, key, &format!("it holds {stored:?}, which is not the configured layout `{}`", m.layout())))
-}
-
-fn misfit(m: &crate::topology::Metric, key: &[u8], why: &str) -> StoreError {
-    StoreError::Corrupt {
-        key: String::from_utf8_lossy(key).into_owned(),
-        why: format!(
-            "metric `{}`: {why}. The store or its changelog holds another layout of this metric: give the changed metric a new name (its old state stays readable under the old one)",
-            m.name
-        ),
-    }
+fn misfit(m: &crate::topology::Metric, why: &str) -> StoreError {
+    StoreError::Layout { metric: m.name.clone(), stored: why.to_string(), configured: m.layout.text.clone() }
 }
 
 /// A pin with its tables' names, as stored.
@@ -157,6 +139,11 @@ pub struct TaskSet {
     cache: HashMap<Vec<u8>, CacheEntry, KeyHash>,
     record: Record,
     key: Vec<u8>,
+    /// Metrics refused (by index): never processed here again, named in every answer.
+    refused: Vec<bool>,
+    refusals: Arc<Refusals>,
+    /// Per (metric, partition), the expiry horizon: slices before it are gone for good.
+    horizons: HashMap<(usize, i32), i64>,
 }
 
 impl TaskSet {
@@ -167,7 +154,61 @@ impl TaskSet {
 
     /// Tasks over `store` looking records up in `tables`.
     pub fn with_tables(topo: Arc<Topology>, store: Store, tables: Arc<Tables>) -> TaskSet {
-        TaskSet { topo, store, tables, tasks: HashMap::new(), cache: HashMap::default(), record: Record::default(), key: Vec::new() }
+        let refused = vec![false; topo.metrics.len()];
+        TaskSet {
+            topo,
+            store,
+            tables,
+            tasks: HashMap::new(),
+            cache: HashMap::default(),
+            record: Record::default(),
+            key: Vec::new(),
+            refused,
+            refusals: Arc::default(),
+            horizons: HashMap::new(),
+        }
+    }
+
+    /// The metrics refused so far, shared with whoever answers queries.
+    pub fn refusals(&self) -> &Arc<Refusals> {
+        &self.refusals
+    }
+
+    /// Refuses metric `mi` from now on: its states are of another layout than configured,
+    /// or miss records. The other metrics go on.
+    pub fn refuse(&mut self, mi: usize, why: &StoreError) {
+        if !std::mem::replace(&mut self.refused[mi], true) {
+            let metric = &self.topo.metrics[mi].name;
+            tracing::error!(metric = %metric, "{why}; this metric is not processed or answered, the others are");
+            self.refusals.refuse(metric, why.to_string());
+        }
+    }
+
+    /// Judges what the stored position of `source`'s `partition` says of each metric: a
+    /// mark of another layout, or states without a mark (they miss the records processed
+    /// while the metric was not), refuse the metric; a mark's expiry horizon is kept.
+    fn judge(&mut self, source: usize, partition: i32, meta: &PartitionMeta) -> Result<(), StoreError> {
+        let topo = Arc::clone(&self.topo);
+        for &mi in &topo.sources[source].metrics {
+            let m = &topo.metrics[mi];
+            match (meta.marks.as_ref(), meta.mark(&m.name)) {
+                (_, Some(mark)) if mark.layout != m.layout.text => {
+                    self.refuse(mi, &misfit(m, &format!("layout `{}` on partition {partition}", mark.layout)))
+                }
+                (_, Some(mark)) => {
+                    if let Some(h) = mark.expired_before {
+                        self.horizons.insert((mi, partition), h);
+                    }
+                }
+                (Some(_), None) if self.store.has_states(&m.name, partition)? => {
+                    let why =
+                        format!("states on partition {partition} that stop before offset {} (records since were not counted)", meta.next_offset);
+                    self.refuse(mi, &misfit(m, &why));
+                }
+                _ => {}
+            }
+        }
+        Ok(())
     }
 
     /// The tables looked up in.
@@ -190,6 +231,9 @@ impl TaskSet {
     /// tables, flush before processing it then, so its pin is on record.
     pub fn assign(&mut self, source: usize, partition: i32) -> Result<Option<i64>, StoreError> {
         let meta = self.store.partition_meta(&self.topo.sources[source].name, partition)?;
+        if let Some(meta) = &meta {
+            self.judge(source, partition, meta)?;
+        }
         let resume = meta.as_ref().map(|m| m.next_offset);
         let task = match meta {
             Some(m) => PartitionTask {
@@ -307,7 +351,7 @@ impl TaskSet {
         for &mi in &src.metrics {
             let m = &topo.metrics[mi];
             let skipped = |li: &usize| missing.contains(li) && src.lookups[*li].missing == Missing::Skip;
-            if m.lookups.iter().any(skipped) {
+            if self.refused[mi] || m.lookups.iter().any(skipped) {
                 continue;
             }
             if let Some(f) = &m.filter {
@@ -316,7 +360,12 @@ impl TaskSet {
                 }
             }
             let (slice, admit) = m.window.place(t, watermark, m.grace_ms);
+            let gone = self.horizons.get(&(mi, partition)).is_some_and(|h| slice < *h);
             let from_end = match admit {
+                _ if gone => {
+                    late.push(mi);
+                    continue;
+                }
                 Admit::All => store::EVERY_WINDOW,
                 Admit::From(end) => {
                     partly_late.push(mi);
@@ -353,9 +402,14 @@ impl TaskSet {
         let entry = match self.cache.get_mut(self.key.as_slice()) {
             Some(e) => e,
             None => {
-                let value = match self.store.get(&self.key)? {
-                    Some(v) => fitting(m, &self.key, v)?,
-                    None => StoredAggregate { max_offset: -1, states: m.aggregates.iter().map(|a| AggState::new(&a.kind)).collect() },
+                let value = match self.store.get(m, &self.key) {
+                    Ok(Some(v)) => v,
+                    Ok(None) => StoredAggregate { max_offset: -1, states: m.aggregates.iter().map(|a| AggState::new(&a.kind)).collect() },
+                    Err(e @ StoreError::Layout { .. }) => {
+                        self.refuse(mi, &e);
+                        return Ok(());
+                    }
+                    Err(e) => return Err(e),
                 };
                 self.cache.entry(self.key.clone()).or_insert(CacheEntry { metric: mi, partition, slice, value, dirty: false })
             }
@@ -364,8 +418,8 @@ impl TaskSet {
             return Ok(());
         }
         for (state, spec) in entry.value.states.iter_mut().zip(&m.aggregates) {
-            // `fitting` checked the kinds when the value was read: this cannot fail.
-            state.update(&spec.kind, &self.record, partition, offset).map_err(|e| misfit(m, &self.key, &e.to_string()))?;
+            // The gate checked the kinds when the value was read: this cannot fail.
+            state.update(&spec.kind, &self.record, partition, offset).map_err(|e| misfit(m, &e.to_string()))?;
         }
         entry.value.max_offset = offset;
         entry.dirty = true;
@@ -381,6 +435,21 @@ impl TaskSet {
             task.watermark = watermark;
             task.dirty = true;
         }
+    }
+
+    /// The marks of a position of `source`'s `partition`: every metric not refused, its
+    /// layout, and its horizon once this flush's expiry (`expiring`) is applied.
+    fn marks(&self, source: usize, partition: i32, expiring: &HashMap<(usize, i32), i64>) -> Vec<MetricMark> {
+        let horizon = |mi: usize| {
+            let now = expiring.get(&(mi, partition)).copied();
+            self.horizons.get(&(mi, partition)).copied().max(now)
+        };
+        let live = self.topo.sources[source].metrics.iter().filter(|&&mi| !self.refused[mi]);
+        live.map(|&mi| {
+            let m = &self.topo.metrics[mi];
+            MetricMark { metric: m.name.clone(), layout: m.layout.text.clone(), expired_before: horizon(mi) }
+        })
+        .collect()
     }
 
     /// Writes dirty aggregates, positions and expiry deletions — first to `changelog` when
@@ -424,7 +493,7 @@ impl TaskSet {
                 // reached the store needs no tombstone.
                 batch.delete(k);
             } else if e.dirty {
-                let bytes = e.value.encode();
+                let bytes = topo.metrics[e.metric].layout.seal(&e.value);
                 batch.put_encoded(k, &bytes);
                 if logged {
                     let source = topo.metrics[e.metric].source;
@@ -449,6 +518,7 @@ impl TaskSet {
                     pin: named_pin(&topo, pin),
                     joined: named_pin(&topo, &task.pin),
                     replay_until: task.replay_until,
+                    marks: Some(self.marks(source, partition, &expired_before)),
                 };
                 metas.push((source, partition, meta));
                 pins.insert((source, partition), Arc::clone(pin));
@@ -483,6 +553,10 @@ impl TaskSet {
         self.store.flush()?;
         self.cache.retain(|_, e| !expired(e));
         self.cache.values_mut().for_each(|e| e.dirty = false);
+        for (at, before) in expired_before {
+            let h = self.horizons.entry(at).or_insert(before);
+            *h = (*h).max(before);
+        }
         for (at, t) in self.tasks.iter_mut() {
             t.dirty = false;
             t.flushed_watermark = t.watermark;
@@ -529,7 +603,8 @@ mod tests {
         let mut k = Vec::new();
         store::state_key_prefix(&mut k, metric, 0, slice, store::EVERY_WINDOW);
         k.extend_from_slice(group.as_bytes());
-        store.get(&k).unwrap()
+        let topo = topo();
+        store.get(topo.metric(metric).unwrap().1, &k).unwrap()
     }
 
     #[test]
@@ -588,12 +663,29 @@ mod tests {
         let mut k = Vec::new();
         store::state_key_prefix(&mut k, "ones", 0, 0, store::EVERY_WINDOW);
         let mut batch = WriteBatch::default();
-        batch.put(&k, &StoredAggregate { max_offset: 0, states: vec![AggState::Sum(2_000_000)] });
+        let mut v2 = vec![2];
+        bincode::serde::encode_into_std_write(
+            StoredAggregate { max_offset: 0, states: vec![AggState::Sum(2_000_000)] },
+            &mut v2,
+            bincode::config::standard(),
+        )
+        .unwrap();
+        batch.put_encoded(&k, &v2);
         store.apply(batch).unwrap();
-        let mut tasks = TaskSet::new(topo(), store);
+        let mut tasks = TaskSet::new(topo(), store.clone());
         tasks.assign(0, 0).unwrap();
-        let err = tasks.process(0, 0, 1, None, &rec(10, "a", 1)).unwrap_err().to_string();
+        let processed = tasks.process(0, 0, 1, None, &rec(10, "a", 1)).unwrap();
+        assert!(matches!(processed, Outcome::Processed { .. }), "the other metrics go on");
+        let err = tasks.refusals().get("ones").expect("refused");
         assert!(err.contains("metric `ones`") && err.contains("sum") && err.contains("new name"), "{err}");
+        tasks.flush(None).unwrap();
+        let marks = store.partition_meta("s", 0).unwrap().unwrap().marks.unwrap();
+        assert_eq!(marks.iter().map(|m| m.metric.as_str()).collect::<Vec<_>>(), vec!["per_min"], "a refused metric's state is not complete");
+        assert_eq!(stored(&store, "per_min", 0, "a").unwrap().states[0], AggState::Count(1));
+        // A later run finds the gap and refuses the metric again.
+        let mut again = TaskSet::new(topo(), store);
+        again.assign(0, 0).unwrap();
+        assert!(again.refusals().get("ones").is_some());
         let mut a = AggState::Count(1);
         assert!(a.merge(&AggState::Sum(1)).is_err(), "partials of two kinds do not merge");
     }

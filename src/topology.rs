@@ -234,6 +234,8 @@ pub struct Metric {
     pub emit: Emit,
     /// How people see it.
     pub display: Display,
+    /// What its stored states are.
+    pub layout: crate::layout::Layout,
 }
 
 /// What the live screen shows of a metric or ratio: its title, description, how to draw
@@ -399,26 +401,6 @@ impl<'a> SlotTable<'a> {
                 None => self.source.fields.get(n).map_or(n.as_str(), String::as_str).split('.').map(str::to_string).collect(),
             })
             .collect()
-    }
-}
-
-impl Metric {
-    /// What this metric's stored states are, in order, its window and the key layout: a
-    /// change here makes stored state unreadable as this metric.
-    pub fn layout(&self) -> String {
-        let aggs: Vec<String> = self
-            .aggregates
-            .iter()
-            .map(|a| match a.kind {
-                AggKind::Count => "count".to_string(),
-                AggKind::Sum { .. } => "sum".to_string(),
-                AggKind::Distinct { precision, .. } => format!("distinct/{precision}"),
-                AggKind::Latest { .. } => "latest".to_string(),
-                AggKind::TopN { by, .. } => format!("top_n/{}", if by.is_some() { "sum" } else { "count" }),
-            })
-            .collect();
-        let zone = serde_json::to_value(self.window.zone).unwrap_or_default();
-        format!("{} | {:?} {} | keys/{}", aggs.join(","), self.window.kind, zone.as_str().unwrap_or_default(), crate::store::KEY_FORMAT)
     }
 }
 
@@ -899,6 +881,7 @@ fn metric(i: usize, m: &MetricConfig, src: usize, s: &SourceConfig, table: &mut 
         aggregates.push(a);
     }
     let window = window(key("window"), &m.window)?;
+    let layout = crate::layout::Layout::describe(&aggregates, &m.group_by, &window, |slot| table.names.get(slot).cloned().unwrap_or_default());
     let grace_ms = duration(key("grace"), m.grace.as_deref().unwrap_or(&s.grace))?;
     let retention_ms = match &m.retention {
         Some(r) => duration(key("retention"), r)?,
@@ -948,6 +931,7 @@ fn metric(i: usize, m: &MetricConfig, src: usize, s: &SourceConfig, table: &mut 
         having,
         emit: Emit::None,
         display,
+        layout,
     })
 }
 

@@ -103,3 +103,179 @@ fn write_fixtures() {
             .map(|r| json!({ "partition": r.partition, "offset": r.offset, "key": hex(&r.key), "value": (!r.null).then(|| hex(&r.payload)) })),
     );
 }
+
+fn unhex(text: &str) -> Vec<u8> {
+    (0..text.len()).step_by(2).map(|i| u8::from_str_radix(&text[i..i + 2], 16).expect("hex")).collect()
+}
+
+fn lines(version: &str, file: &str) -> Vec<Value> {
+    let text = std::fs::read_to_string(Path::new(FIXTURES).join(version).join(file)).expect("fixture file");
+    text.lines().map(|l| serde_json::from_str(l).expect("fixture line")).collect()
+}
+
+/// The fixture's events, as they were produced (partition by partition in the same order,
+/// so each lands at the offset it had).
+fn fixture_events(version: &str) -> Vec<GenRecord> {
+    lines(version, "events.jsonl")
+        .into_iter()
+        .map(|l| GenRecord {
+            partition: l["partition"].as_i64().unwrap() as i32,
+            key: l["key"].as_str().unwrap().as_bytes().to_vec(),
+            payload: l["value"].as_str().unwrap().as_bytes().to_vec(),
+            topic: None,
+            kind: RecordKind::InOrder,
+        })
+        .collect()
+}
+
+/// The model of the fixture's config over its events: the answers recomputed from the
+/// definitions, independent of any stored byte.
+fn fixture_model(version: &str, events: &[GenRecord]) -> model::Model {
+    let text = std::fs::read_to_string(Path::new(FIXTURES).join(version).join("config.toml")).unwrap();
+    let mut m = model::Model::new(model::spec::Spec::parse(&text), &[PARTITIONS]);
+    for r in events {
+        m.feed(0, &model::Step::Record { partition: r.partition, kafka_ts: None, payload: r.payload.clone() });
+    }
+    m
+}
+
+/// Every metric's answer equals what the old tally answered and what the model recomputes.
+fn assert_answers_as_before(version: &str, addr: std::net::SocketAddr, events: &[GenRecord]) {
+    let before: Value = serde_json::from_str(&std::fs::read_to_string(Path::new(FIXTURES).join(version).join("answers.json")).unwrap()).unwrap();
+    for (metric, rows) in before.as_object().unwrap() {
+        let now = get(addr, &format!("/api/v1/metrics/{metric}?sketch=canonical"));
+        assert_eq!(&now["rows"], rows, "{metric}: answered otherwise than before the upgrade");
+    }
+    assert_no_diffs(&check_answers(addr, &fixture_model(version, events)), "after the upgrade");
+}
+
+/// Loads the fixture's store into `dir` as a sled store, byte for byte.
+fn load_store(version: &str, dir: &Path) {
+    let db = sled::open(dir).unwrap();
+    let tree = db.open_tree("state").unwrap();
+    for l in lines(version, "store.jsonl") {
+        tree.insert(unhex(l["key"].as_str().unwrap()), unhex(l["value"].as_str().unwrap())).unwrap();
+    }
+    db.flush().unwrap();
+}
+
+/// Produces the fixture's changelog records (tombstones included) to `topic`, in order.
+fn load_changelog(cluster: &Cluster, version: &str, topic: &str) -> usize {
+    use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+    let p: BaseProducer = rdkafka::ClientConfig::new().set("bootstrap.servers", &cluster.brokers).set("enable.idempotence", "true").create().unwrap();
+    let records = lines(version, "changelog.jsonl");
+    for l in &records {
+        let key = unhex(l["key"].as_str().unwrap());
+        let value = l["value"].as_str().map(unhex);
+        let mut rec = BaseRecord::<[u8], [u8]>::to(topic).partition(l["partition"].as_i64().unwrap() as i32).key(&key[..]);
+        if let Some(v) = &value {
+            rec = rec.payload(&v[..]);
+        }
+        p.send(rec).map_err(|(e, _)| e).unwrap();
+        p.poll(std::time::Duration::ZERO);
+    }
+    p.flush(std::time::Duration::from_secs(30)).unwrap();
+    records.len()
+}
+
+fn processed(t: &Tally) -> f64 {
+    metric_sum(&t.metrics(), "tally_records_processed_total")
+}
+
+/// A store written by the previous format, migrated (`state.migrate = "refuse"` refuses to
+/// run it before), answers exactly as that version did, without recomputing anything.
+#[test]
+fn a_migrated_store_answers_as_before() {
+    let version = "v2";
+    let state = tempfile::tempdir().unwrap();
+    load_store(version, state.path());
+    let cfg = fixture_config(version, "", state.path());
+    let cluster = Cluster::for_config(&cfg, PARTITIONS);
+    let mut cfg = fixture_config(version, &cluster.brokers, state.path());
+    cfg.state.changelog = false;
+    let events = fixture_events(version);
+    cluster.produce(&cfg.sources[0].topic, &events);
+
+    let mut refusing = cfg.clone();
+    refusing.state.migrate = tally::config::MigrateMode::Refuse;
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let err = rt.block_on(tally::app::run(refusing, async {}, |_| {})).unwrap_err();
+    assert!(format!("{err:#}").contains("tally migrate"), "{err:#}");
+
+    let topo = tally::topology::Topology::compile(&cfg).unwrap();
+    let store = tally::store::Store::open(state.path()).unwrap();
+    assert_eq!(store.version().unwrap(), 2);
+    let applied = store.migrate(&topo).unwrap();
+    assert_eq!(applied.len(), 1);
+    assert_eq!(applied[0].report.rewritten as usize, lines(version, "store.jsonl").len(), "every stored value rewritten");
+    assert_eq!(store.version().unwrap(), tally::migrations::STORE_VERSION);
+    assert!(store.migrate(&topo).unwrap().is_empty(), "a second run has nothing to do");
+    drop(store);
+
+    let tally = Tally::start(cfg);
+    wait_caught_up(tally.addr, "/api/v1/metrics/views", &ends(&events));
+    assert_answers_as_before(version, tally.addr, &events);
+    assert_eq!(processed(&tally), 0.0, "the answers came from the migrated store, not from recomputing the source");
+    tally.stop();
+}
+
+/// A wiped disk restored from a changelog the previous format wrote answers as that version
+/// did: its records are read through the current gate, not recomputed.
+#[test]
+fn a_changelog_of_the_previous_format_restores_exactly() {
+    let version = "v2";
+    let state = tempfile::tempdir().unwrap();
+    let cfg = fixture_config(version, "", state.path());
+    let cluster = Cluster::for_config(&cfg, PARTITIONS);
+    let cfg = fixture_config(version, &cluster.brokers, state.path());
+    let topo = tally::topology::Topology::compile(&cfg).unwrap();
+    let events = fixture_events(version);
+    cluster.produce(&cfg.sources[0].topic, &events);
+    let written = load_changelog(&cluster, version, &topo.changelog_topic(0));
+
+    let tally = Tally::start(cfg);
+    wait_caught_up(tally.addr, "/api/v1/metrics/views", &ends(&events));
+    assert_answers_as_before(version, tally.addr, &events);
+    assert_eq!(metric_sum(&tally.metrics(), "tally_restore_records_total") as usize, written);
+    assert_eq!(processed(&tally), 0.0, "restored, not recomputed");
+    tally.stop();
+}
+
+/// Every file of a directory, with its bytes.
+fn snapshot(dir: &Path) -> std::collections::BTreeMap<PathBuf, Vec<u8>> {
+    let mut out = std::collections::BTreeMap::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                todo.push(p);
+            } else {
+                out.insert(p.clone(), std::fs::read(&p).unwrap());
+            }
+        }
+    }
+    out
+}
+
+/// A store written by a newer tally is refused by `run`, `migrate` and `check --against`
+/// alike, and not a byte of it changes.
+#[test]
+fn a_store_of_a_newer_version_is_refused_and_left_as_it_was() {
+    let state = tempfile::tempdir().unwrap();
+    load_store("v2", state.path());
+    tally::migrations::write_version(state.path(), tally::migrations::STORE_VERSION + 1).unwrap();
+    let before = snapshot(state.path());
+    let cfg = fixture_config("v2", "127.0.0.1:1", state.path());
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let err = format!("{:#}", rt.block_on(tally::app::run(cfg.clone(), async {}, |_| {})).unwrap_err());
+    assert!(err.contains("newer tally") && err.contains("nothing was changed"), "{err}");
+    let cfg_file = state.path().with_extension("toml");
+    std::fs::write(&cfg_file, toml::to_string(&cfg).unwrap()).unwrap();
+    for args in [vec!["migrate", "--config"], vec!["check", "--against", state.path().to_str().unwrap(), "--config"]] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_tally")).args(&args).arg(&cfg_file).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && stderr.contains("newer tally"), "tally {args:?}: {stderr}");
+    }
+    assert!(snapshot(state.path()) == before, "the newer store changed on disk");
+}

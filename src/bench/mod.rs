@@ -408,7 +408,7 @@ fn synthetic_changelog(mock: &MockCluster<'_, rdkafka::producer::DefaultProducer
         crate::store::state_key_prefix(&mut key, &metric.name, p, (k / partitions as usize) as i64 * 60_000, crate::store::EVERY_WINDOW);
         key.extend_from_slice(format!("product-{}", k % 1000).as_bytes());
         let states = metric.aggregates.iter().map(|a| crate::aggregate::AggState::new(&a.kind)).collect();
-        let value = crate::store::StoredAggregate { max_offset: i as i64, states }.encode();
+        let value = metric.layout.seal(&crate::store::StoredAggregate { max_offset: i as i64, states });
         while producer.send(BaseRecord::to(&topic).partition(p).key(&key).payload(&value)).is_err() {
             std::thread::sleep(Duration::from_millis(5));
         }

@@ -68,6 +68,7 @@ fn query_reply(r: Result<serde_json::Value, QueryError>) -> Response {
         Err(e @ QueryError::UnknownMetric(_)) => error(StatusCode::NOT_FOUND, e.to_string()),
         Err(e @ QueryError::BadParam { .. }) => error(StatusCode::BAD_REQUEST, e.to_string()),
         Err(e @ QueryError::Expired { .. }) => error(StatusCode::GONE, e.to_string()),
+        Err(e @ QueryError::Refused(_)) => error(StatusCode::CONFLICT, e.to_string()),
         Err(ref e @ QueryError::Unavailable { ref missing, .. }) => {
             let list: Vec<serde_json::Value> =
                 missing.iter().map(|(p, why)| json!({ "partition": p, "reason": why.reason(), "detail": why.to_string() })).collect();
@@ -252,6 +253,9 @@ pub fn routes(state: ApiState) -> impl Filter<Extract = (Response,), Error = Inf
     let prom = warp::path!("metrics").and(with.clone()).and_then(|s: ApiState| {
         blocking(move || {
             export_values(&s);
+            for m in s.local.refusals().all().keys() {
+                s.metrics.metric_refused.with_label_values(&[m]).set(1);
+            }
             warp::reply::with_header(s.metrics.render(), "content-type", "text/plain; version=0.0.4").into_response()
         })
     });
@@ -282,6 +286,7 @@ pub fn routes(state: ApiState) -> impl Filter<Extract = (Response,), Error = Inf
             "standbys_queryable": queryable,
             "tables_loaded": loaded,
             "tables": tables,
+            "refused": s.local.refusals().all(),
         });
         warp::reply::with_status(warp::reply::json(&body), code).into_response()
     });

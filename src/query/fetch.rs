@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use super::QueryError;
 use crate::aggregate::AggState;
+use crate::layout::Refusals;
 use crate::ownership::{Ownership, PartitionState};
 use crate::store::{PartitionMeta, Store, StoreError};
 use crate::task::NO_WATERMARK;
@@ -112,6 +113,9 @@ pub struct MetricPartials {
     pub newest: Option<i64>,
     /// Merged reads: the first slice's start and the last slice's end among the entries.
     pub bounds: Option<(i64, i64)>,
+    /// The partition's expiry horizon of the metric: slices before it are deleted, whatever
+    /// the retention is now (see [`crate::layout::MetricMark`]).
+    pub expired_before: Option<i64>,
 }
 
 /// One partition's answer to a [`FetchRequest`].
@@ -158,6 +162,9 @@ pub enum Unavailable {
     /// Its owner runs another version or config of the metric.
     #[error("its owner's config differs: {0}")]
     Mismatch(String),
+    /// The metric is refused there: its state is of another layout, or misses records.
+    #[error("{0}")]
+    Refused(String),
 }
 
 impl Unavailable {
@@ -170,6 +177,7 @@ impl Unavailable {
             Unavailable::NoOwner => "no_owner",
             Unavailable::Unreachable(_) => "unreachable",
             Unavailable::Mismatch(_) => "config_mismatch",
+            Unavailable::Refused(_) => "metric_refused",
         }
     }
 }
@@ -285,6 +293,8 @@ pub struct LocalFetch {
     owned: std::sync::Arc<Ownership>,
     /// With [`LocalFetch::caching`].
     cache: Option<std::sync::Arc<std::sync::Mutex<ReadCache>>>,
+    /// The metrics this replica refuses (see [`LocalFetch::refusing`]).
+    refusals: std::sync::Arc<Refusals>,
     /// This replica's name, as answers report it.
     pub replica: String,
 }
@@ -292,7 +302,17 @@ pub struct LocalFetch {
 impl LocalFetch {
     /// Reads `store` for the partitions `owned` says are this replica's.
     pub fn new(topo: std::sync::Arc<Topology>, store: Store, owned: std::sync::Arc<Ownership>, replica: String) -> LocalFetch {
-        LocalFetch { topo, store, owned, cache: None, replica }
+        LocalFetch { topo, store, owned, cache: None, refusals: Default::default(), replica }
+    }
+
+    /// The metrics this replica refuses.
+    pub fn refusals(&self) -> &std::sync::Arc<Refusals> {
+        &self.refusals
+    }
+
+    /// The same, answering the metrics `refusals` names with why they are refused.
+    pub fn refusing(self, refusals: std::sync::Arc<Refusals>) -> LocalFetch {
+        LocalFetch { refusals, ..self }
     }
 
     /// The same, keeping recent reads while their partition's position stands still. Only
@@ -363,8 +383,9 @@ impl LocalFetch {
     fn read_partition(&self, req: &FetchRequest, p: i32, deadline: Instant) -> Result<Result<PartitionPartials, Unavailable>, StoreError> {
         let generation = self.owned.generation();
         let wanted = req.min_offsets.iter().find(|(q, _)| *q == p).map(|(_, o)| *o);
-        let position = loop {
-            let position = Position::of(self.store.partition_meta(&req.source, p)?);
+        let (position, meta) = loop {
+            let meta = self.store.partition_meta(&req.source, p)?;
+            let position = Position::of(meta.clone());
             match wanted {
                 Some(w) if position.next_offset < w => {
                     if Instant::now() >= deadline {
@@ -372,15 +393,15 @@ impl LocalFetch {
                     }
                     std::thread::sleep(POSITION_POLL);
                 }
-                _ => break position,
+                _ => break (position, meta),
             }
         };
         // A flush applied between reading the position and the partials would make them
         // newer than it says; every flush of the partition moves its position, so read again
         // until the position stands still around the partials.
-        let mut position = position;
+        let (mut position, mut meta) = (position, meta);
         for _ in 0..CONSISTENT_READ_TRIES {
-            let reads = match self.read_metrics(req, p, position, generation)? {
+            let reads = match self.read_metrics(req, p, (position, meta.as_ref()), generation)? {
                 Ok(reads) => reads,
                 Err(why) => return Ok(Err(why)),
             };
@@ -395,16 +416,18 @@ impl LocalFetch {
                 return Ok(Ok(PartitionPartials { partition: p, position, reads, standby_lag: None }));
             }
             position = after;
+            meta = self.store.partition_meta(&req.source, p)?;
         }
         Ok(Err(Unavailable::Unreachable(format!("its state kept changing during {CONSISTENT_READ_TRIES} reads"))))
     }
 
-    /// Reads `req`'s metrics of partition `p`, which was at `position` just before.
+    /// Reads `req`'s metrics of partition `p`, which was at `position` (stored as `meta`)
+    /// just before.
     fn read_metrics(
         &self,
         req: &FetchRequest,
         p: i32,
-        position: Position,
+        (position, meta): (Position, Option<&PartitionMeta>),
         generation: u64,
     ) -> Result<Result<Vec<MetricPartials>, Unavailable>, StoreError> {
         let mut reads = Vec::with_capacity(req.reads.len());
@@ -416,14 +439,20 @@ impl LocalFetch {
             let Some((_, m)) = self.topo.metric(&r.metric) else {
                 return Ok(Err(Unavailable::Mismatch(format!("no metric `{}` here", r.metric))));
             };
-            if m.layout() != r.layout {
-                return Ok(Err(Unavailable::Mismatch(format!("metric `{}` has layout `{}` here, `{}` there", r.metric, m.layout(), r.layout))));
+            if let Some(why) = self.refusals.get(&m.name) {
+                return Ok(Err(Unavailable::Refused(why)));
+            }
+            if m.layout.text != r.layout {
+                return Ok(Err(Unavailable::Mismatch(format!("metric `{}` has layout `{}` here, `{}` there", r.metric, m.layout.text, r.layout))));
             }
             let mut entries: Vec<Entry> = Vec::new();
             let mut bounds: Option<(i64, i64)> = None;
             let mut merged: std::collections::BTreeMap<Vec<u8>, Vec<AggState>> = std::collections::BTreeMap::new();
-            for e in self.store.scan(&m.name, p, r.lo, r.hi) {
-                let e = e?;
+            for e in self.store.scan(m, p, r.lo, r.hi) {
+                let e = match e {
+                    Err(e @ StoreError::Layout { .. }) => return Ok(Err(Unavailable::Refused(e.to_string()))),
+                    e => e?,
+                };
                 if r.group.as_ref().is_some_and(|g| *g != e.group) {
                     continue;
                 }
@@ -447,7 +476,8 @@ impl LocalFetch {
             // One key for every partition's merged entry, so they merge with each other.
             entries.extend(merged.into_iter().map(|(group, states)| Entry { group, slice: r.lo, from_end: i64::MIN, states }));
             let newest = if r.newest { self.store.last_slice(&m.name, p)? } else { None };
-            reads.push(MetricPartials { entries, newest, bounds });
+            let expired_before = meta.and_then(|mt| mt.mark(&m.name)).and_then(|mk| mk.expired_before);
+            reads.push(MetricPartials { entries, newest, bounds, expired_before });
         }
         Ok(Ok(reads))
     }
@@ -480,6 +510,7 @@ mod tests {
                     entries: vec![Entry { group: b"101".to_vec(), slice: 60_000, from_end: i64::MIN, states: vec![AggState::Count(5)] }],
                     newest: Some(60_000),
                     bounds: None,
+                    expired_before: Some(0),
                 }],
                 standby_lag: Some(12),
             }),

@@ -61,6 +61,10 @@ pub enum QueryError {
         /// The earliest time still answered in full.
         earliest: i64,
     },
+    /// A metric this answer needs is refused: its state is of another layout than
+    /// configured, or misses records (the message says which, and what to do).
+    #[error("{0}")]
+    Refused(String),
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -131,12 +135,19 @@ struct Coverage {
     highest_watermark: Option<i64>,
     /// Whether expiry applies (see [`QueryEngine::keeping_expired`]).
     expiry: bool,
+    /// Per metric, the latest expiry horizon of any covered partition.
+    horizons: std::collections::HashMap<String, i64>,
 }
 
 use fetch::Position;
 
 impl Coverage {
-    fn of(source: &str, fetched: &Fetched, expiry: bool) -> Coverage {
+    fn of(source: &str, fetched: &Fetched, reads: &[MetricRead], expiry: bool) -> Coverage {
+        let mut horizons: std::collections::HashMap<String, i64> = Default::default();
+        for (r, h) in fetched.parts.iter().flat_map(|a| reads.iter().zip(&a.partials.reads).filter_map(|(r, mp)| Some((r, mp.expired_before?)))) {
+            let at = horizons.entry(r.metric.clone()).or_insert(h);
+            *at = (*at).max(h);
+        }
         let positions: Vec<Position> = fetched.parts.iter().map(|a| a.partials.position).collect();
         let open = !fetched.missing.is_empty() || positions.iter().any(|p| p.watermark.is_none());
         Coverage {
@@ -147,13 +158,15 @@ impl Coverage {
             latest_event: positions.iter().filter_map(|p| p.max_event_time).max(),
             highest_watermark: positions.iter().filter_map(|p| p.watermark).max(),
             expiry,
+            horizons,
         }
     }
 
     /// Whether some partition may already have deleted part of `w` (it is past the
     /// retention there): such a window is no longer answered, rather than answered short.
     fn expired(&self, m: &Metric, w: Window) -> bool {
-        self.expiry && self.highest_watermark.is_some_and(|wm| m.window.expired(w, wm, m.retention_ms))
+        let gone = self.horizons.get(&m.name).is_some_and(|h| w.start < *h);
+        self.expiry && (gone || self.highest_watermark.is_some_and(|wm| m.window.expired(w, wm, m.retention_ms)))
     }
 
     /// The windows of `m` answered from `slices`, for an output closing with `grace_ms` (see
@@ -167,7 +180,8 @@ impl Coverage {
 
     /// The first slice start not deleted on any partition (`None`: nothing deleted).
     fn retained_from(&self, m: &Metric) -> Option<i64> {
-        self.highest_watermark.filter(|_| self.expiry).and_then(|wm| m.window.expired_before(wm, m.retention_ms))
+        let by_retention = self.highest_watermark.filter(|_| self.expiry).and_then(|wm| m.window.expired_before(wm, m.retention_ms));
+        by_retention.max(self.horizons.get(&m.name).copied().filter(|_| self.expiry))
     }
 
     /// Refuses an answer over slices starting at `lo` or later if some may be deleted.
@@ -322,7 +336,7 @@ fn overlaps(range: Range, w: Window) -> bool {
 
 /// What to read of `m`: slices in `[lo, hi)`, of `group` only if given.
 fn read(m: &Metric, lo: i64, hi: i64, group: Option<&[u8]>, newest: bool) -> MetricRead {
-    MetricRead { metric: m.name.clone(), layout: m.layout(), lo, hi, group: group.map(<[u8]>::to_vec), newest, merged: false }
+    MetricRead { metric: m.name.clone(), layout: m.layout.text.clone(), lo, hi, group: group.map(<[u8]>::to_vec), newest, merged: false }
 }
 
 impl QueryEngine {
@@ -393,10 +407,14 @@ impl QueryEngine {
         let wait_ms = if min_offsets.is_empty() { 0 } else { self.topo.cluster.position_wait_ms };
         let req = FetchRequest { source: name.clone(), partitions: None, reads, min_offsets, wait_ms, max_standby_lag: None };
         let fetched = self.fetch.fetch(&req)?;
+        // A refused metric is not answered, not even in part: what it holds is another metric's.
+        if let Some((_, Unavailable::Refused(why))) = fetched.missing.iter().find(|(_, w)| matches!(w, Unavailable::Refused(_))) {
+            return Err(QueryError::Refused(why.clone()));
+        }
         if !fetched.missing.is_empty() && !ask.partial {
             return Err(QueryError::Unavailable { source_name: name.clone(), missing: fetched.missing });
         }
-        let cov = Coverage::of(name, &fetched, self.expiry);
+        let cov = Coverage::of(name, &fetched, &req.reads, self.expiry);
         let mut partials = vec![Partials::new(); req.reads.len()];
         let mut newest = vec![None; req.reads.len()];
         let mut bounds: Vec<Option<(i64, i64)>> = vec![None; req.reads.len()];

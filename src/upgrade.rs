@@ -1,0 +1,234 @@
+//! Config changes as a plan: what a restart with a new config would do to a stored state,
+//! metric by metric (`tally check --config NEW --against STATE_DIR`).
+//!
+//! A metric is compared with what the store remembers of it (its
+//! [`crate::layout::Manifest`]) and with the positions' marks:
+//!
+//! * **unchanged**, or **compatible** — filter, `having`, titles, emit: the state is read as
+//!   it is (a changed filter applies to records from the stored positions on);
+//! * **changes windows** — grace or retention: the state is kept, and the plan says which
+//!   windows the change reaches (expired slices never come back: see the horizons);
+//! * **incompatible** — the layout (aggregates, fields, group-by, window, zone): a restart
+//!   refuses the metric, the others go on; the safe route is a new name;
+//! * **new** or **removed**.
+
+use std::fmt::Write as _;
+
+use crate::layout::Manifest;
+use crate::store::{Store, StoreError};
+use crate::topology::{Metric, Topology};
+
+/// What a restart does to one metric.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Nothing that matters to the state changed.
+    Unchanged,
+    /// Read as stored; only what counts from now on changes.
+    Compatible,
+    /// Kept, but which windows stay open or stored changes.
+    ChangesWindows,
+    /// Refused at restart: the stored states are another layout.
+    Incompatible,
+    /// Not in the store: counted from the source's stored positions on.
+    New,
+    /// In the store, not in the config: its state stays, unused.
+    Removed,
+}
+
+impl Verdict {
+    fn word(self) -> &'static str {
+        match self {
+            Verdict::Unchanged => "unchanged",
+            Verdict::Compatible => "compatible",
+            Verdict::ChangesWindows => "changes windows",
+            Verdict::Incompatible => "incompatible",
+            Verdict::New => "new",
+            Verdict::Removed => "removed",
+        }
+    }
+}
+
+/// One metric's plan.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MetricPlan {
+    /// The metric.
+    pub metric: String,
+    /// What happens to it.
+    pub verdict: Verdict,
+    /// Why, and what to do, one line each.
+    pub notes: Vec<String>,
+}
+
+/// The plan of running `topo` on `store`.
+pub fn plan(topo: &Topology, store: &Store) -> Result<Vec<MetricPlan>, StoreError> {
+    let stored = store.manifests()?;
+    let mut out = Vec::new();
+    for m in &topo.metrics {
+        let plan = match stored.iter().find(|(n, _)| *n == m.name) {
+            None => MetricPlan {
+                metric: m.name.clone(),
+                verdict: Verdict::New,
+                notes: vec!["no stored state: counts from the source's stored positions on".into()],
+            },
+            Some((_, was)) => compare(topo, store, m, was)?,
+        };
+        out.push(plan);
+    }
+    for (name, _) in stored.iter().filter(|(n, _)| topo.metric(n).is_none()) {
+        out.push(MetricPlan {
+            metric: name.clone(),
+            verdict: Verdict::Removed,
+            notes: vec![
+                "not in the config: its state stays in the store, unread (a metric of this name later reads it if its layout is the same)".into()
+            ],
+        });
+    }
+    Ok(out)
+}
+
+fn compare(topo: &Topology, store: &Store, m: &Metric, was: &Manifest) -> Result<MetricPlan, StoreError> {
+    let mut notes = Vec::new();
+    if was.layout != m.layout.text {
+        notes.push(format!("stored as   `{}`", was.layout));
+        notes.push(format!("configured  `{}`", m.layout.text));
+        notes.push(format!(
+            "a restart refuses `{}` (answers 409 naming both layouts); the other metrics go on. Safe route: give the changed metric a new name \
+             (it counts from the source's stored positions on; the old state stays under `{}`)",
+            m.name, m.name
+        ));
+        return Ok(MetricPlan { metric: m.name.clone(), verdict: Verdict::Incompatible, notes });
+    }
+    let mut verdict = Verdict::Unchanged;
+    if was.filter.is_some() && was.filter != m.filter_text {
+        verdict = Verdict::Compatible;
+        notes.push(format!(
+            "filter {} → {}: records from the stored positions on are filtered the new way; stored windows keep what the old filter let in",
+            shown(&was.filter),
+            shown(&m.filter_text)
+        ));
+    }
+    let (horizon, watermark) = progress(topo, store, m)?;
+    if let Some(g) = was.grace_ms.filter(|g| *g != m.grace_ms) {
+        verdict = Verdict::ChangesWindows;
+        notes.push(grace_note(g, m.grace_ms, watermark));
+    }
+    if let Some(r) = was.retention_ms.filter(|r| *r != m.retention_ms) {
+        verdict = Verdict::ChangesWindows;
+        notes.push(retention_note(r, m, horizon, watermark));
+    }
+    Ok(MetricPlan { metric: m.name.clone(), verdict, notes })
+}
+
+fn shown(f: &Option<String>) -> String {
+    f.as_deref().map_or("(none)".into(), |f| format!("`{f}`"))
+}
+
+/// The metric's expiry horizon (latest over partitions) and highest watermark, as stored.
+fn progress(topo: &Topology, store: &Store, m: &Metric) -> Result<(Option<i64>, Option<i64>), StoreError> {
+    let mut horizon: Option<i64> = None;
+    let mut watermark: Option<i64> = None;
+    for (_, meta) in store.partitions(&topo.sources[m.source].name)? {
+        horizon = horizon.max(meta.mark(&m.name).and_then(|mk| mk.expired_before));
+        watermark = watermark.max(Some(meta.watermark).filter(|w| *w != crate::task::NO_WATERMARK));
+    }
+    Ok((horizon, watermark))
+}
+
+fn time(ms: i64) -> String {
+    chrono::DateTime::from_timestamp_millis(ms).map_or(ms.to_string(), |t| t.format("%Y-%m-%d %H:%M:%S UTC").to_string())
+}
+
+fn duration(ms: i64) -> String {
+    crate::config::format_duration_ms(ms)
+}
+
+fn grace_note(was: i64, now: i64, watermark: Option<i64>) -> String {
+    let at = watermark.map_or(String::new(), |w| format!(" (stored watermark {})", time(w)));
+    if now > was {
+        format!(
+            "grace {} → {}: windows that closed under the old grace but end within {} of the watermark{at} take records again; \
+             records dropped as late while they were closed are not counted (they went to the late topic)",
+            duration(was),
+            duration(now),
+            duration(now)
+        )
+    } else {
+        format!("grace {} → {}: windows close sooner; records later than the new grace go to the late topic", duration(was), duration(now))
+    }
+}
+
+fn retention_note(was: i64, m: &Metric, horizon: Option<i64>, watermark: Option<i64>) -> String {
+    let kept =
+        horizon.map_or("nothing has expired yet".to_string(), |h| format!("slices before {} are already deleted and stay unanswered", time(h)));
+    if m.retention_ms > was {
+        format!(
+            "retention {} → {}: {kept}; windows after that are kept {} after they end",
+            duration(was),
+            duration(m.retention_ms),
+            duration(m.retention_ms)
+        )
+    } else {
+        let cut = watermark.and_then(|w| m.window.expired_before(w, m.retention_ms));
+        let cut = cut.map_or(String::new(), |c| format!(" (at the stored watermark: slices before {})", time(c)));
+        format!(
+            "retention {} → {}: windows ending more than {} ago are deleted at the first flush{cut}",
+            duration(was),
+            duration(m.retention_ms),
+            duration(m.retention_ms)
+        )
+    }
+}
+
+/// The plan in words, for `tally check --against`.
+pub fn render(against: &str, version: u32, plans: &[MetricPlan]) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "against {against} (store version {version}):");
+    let width = plans.iter().map(|p| p.metric.len()).max().unwrap_or(0);
+    for p in plans {
+        let _ = writeln!(out, "  {:width$}  {}", p.metric, p.verdict.word());
+        for n in &p.notes {
+            let _ = writeln!(out, "  {:width$}    {n}", "");
+        }
+    }
+    let refused = plans.iter().filter(|p| p.verdict == Verdict::Incompatible).count();
+    let _ = match refused {
+        0 => writeln!(out, "a restart with this config keeps every stored metric"),
+        n => writeln!(out, "a restart with this config refuses {n} metric(s); the others run"),
+    };
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::topology::test_topology;
+
+    const BASE: &str =
+        "[[metrics]]\nname = \"m\"\nsource = \"s\"\naggregates = [\"count\"]\nwindow = { type = \"tumbling\", size = \"1m\" }\nretention = \"1h\"\n";
+
+    fn plan_of(before: &str, after: &str) -> Vec<MetricPlan> {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        for m in &test_topology(before).metrics {
+            store.put_manifest(m).unwrap();
+        }
+        plan(&test_topology(after), &store).unwrap()
+    }
+
+    #[test]
+    fn each_kind_of_change_gets_its_verdict() {
+        assert_eq!(plan_of(BASE, BASE)[0].verdict, Verdict::Unchanged);
+        assert_eq!(plan_of(BASE, &BASE.replace("\"count\"", "\"count as n\"")).remove(0).verdict, Verdict::Unchanged, "an alias");
+        let changed = plan_of(BASE, &BASE.replace("\"count\"", "\"sum(v)\"")).remove(0);
+        assert_eq!(changed.verdict, Verdict::Incompatible);
+        assert!(changed.notes.iter().any(|n| n.contains("new name")), "{changed:?}");
+        assert_eq!(plan_of(BASE, &BASE.replace("1m", "5m"))[0].verdict, Verdict::Incompatible, "a window");
+        let longer = plan_of(BASE, &BASE.replace("1h", "1d")).remove(0);
+        assert_eq!(longer.verdict, Verdict::ChangesWindows);
+        assert!(longer.notes[0].contains("retention 1h → 1d"), "{longer:?}");
+        let filtered = plan_of(&format!("{BASE}filter = \"v = 1\"\n"), &format!("{BASE}filter = \"v = 2\"\n")).remove(0);
+        assert_eq!(filtered.verdict, Verdict::Compatible);
+        let renamed = plan_of(BASE, &BASE.replace("name = \"m\"", "name = \"m2\""));
+        assert_eq!(renamed.iter().map(|p| p.verdict).collect::<Vec<_>>(), vec![Verdict::New, Verdict::Removed]);
+    }
+}
