@@ -45,7 +45,7 @@ struct MetaV2 {
 }
 
 /// [`PartitionMeta`] as format 3 wrote it (with tables, before marks).
-#[derive(Deserialize)]
+#[derive(Deserialize, serde::Serialize)]
 struct MetaV3 {
     next_offset: i64,
     watermark: i64,
@@ -54,6 +54,16 @@ struct MetaV3 {
     pin: Vec<TablePin>,
     joined: Vec<TablePin>,
     replay_until: i64,
+}
+
+/// `meta` in format 3, for a replica still running store version 2 (`state.upgrade_from`):
+/// its marks are left out.
+pub fn meta_v3(meta: &PartitionMeta) -> Vec<u8> {
+    let PartitionMeta { next_offset, watermark, max_event_time, changelog_offset, pin, joined, replay_until, marks: _ } = meta.clone();
+    let v3 = MetaV3 { next_offset, watermark, max_event_time, changelog_offset, pin, joined, replay_until };
+    let mut out = vec![3];
+    bincode::serde::encode_into_std_write(&v3, &mut out, bincode::config::standard()).expect("writing to a Vec cannot fail");
+    out
 }
 
 fn decode_exact<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Option<T> {
@@ -150,4 +160,34 @@ pub fn run(tree: &sled::Tree, topo: &Topology) -> Result<StepReport, MigrationEr
         }
     }
     Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What `state.upgrade_from = 2` writes is what version 2 reads: a format 3 position
+    /// (marks left out) and format 2 states.
+    #[test]
+    fn the_bridge_writes_what_version_2_reads() {
+        let meta = PartitionMeta {
+            next_offset: 7,
+            watermark: 5,
+            pin: vec![TablePin { table: "t".into(), next: vec![3] }],
+            marks: Some(vec![crate::layout::MetricMark { metric: "m".into(), layout: "count".into(), expired_before: Some(1) }]),
+            ..PartitionMeta::default()
+        };
+        let bridged = meta_v3(&meta);
+        assert_eq!(bridged[0], 3);
+        let back = PartitionMeta::decode(b"k", &bridged).unwrap();
+        assert_eq!(back, PartitionMeta { marks: None, ..meta });
+        assert!(decode_exact::<MetaV3>(&bridged[1..]).is_some(), "version 2's own decoder reads it whole");
+        let topo = crate::topology::test_topology(
+            "[state]\nupgrade_from = 2\n[[metrics]]\nname = \"m\"\nsource = \"s\"\naggregates = [\"count\"]\nwindow = { type = \"global\" }\n",
+        );
+        let sealed =
+            topo.metrics[0].layout.seal(&crate::store::StoredAggregate { max_offset: 1, states: vec![crate::aggregate::AggState::Count(2)] });
+        assert_eq!(sealed[0], 2, "format 2, without the fingerprint");
+        assert_eq!(state(&sealed, 9)[1..9], 9u64.to_be_bytes(), "and it migrates like any other");
+    }
 }

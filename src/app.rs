@@ -100,7 +100,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'stati
     let timeout = Duration::from_millis(topo.cluster.query_timeout_ms);
     let cluster = ClusterFetch::new(local.clone(), members, counts, timeout, topo.cluster.max_standby_lag, tokio::runtime::Handle::current());
     let api = ApiState {
-        engine: QueryEngine::new(Arc::clone(&topo), Arc::new(cluster)),
+        engine: QueryEngine::new(Arc::clone(&topo), Arc::new(cluster)).refusing(Arc::clone(&refusals)),
         local,
         metrics: metrics.clone(),
         owned,

@@ -148,8 +148,21 @@ pub struct StateConfig {
     /// What `tally run` does with a store written by an older tally: `auto` (default) runs
     /// the pending migrations at start; `refuse` stops with a message, for
     /// `tally migrate --config FILE` to run them.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "MigrateMode::is_auto")]
     pub migrate: MigrateMode,
+    /// During a rolling upgrade from an older tally, the store version that tally writes
+    /// (only `2` is known): the changelog is written in the formats it reads, so a partition
+    /// that moves back to an old replica restores whole. Remove it, and restart the replicas
+    /// one at a time again, once every replica runs this version (Kafka Streams'
+    /// `upgrade.from`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upgrade_from: Option<u32>,
+}
+
+impl MigrateMode {
+    fn is_auto(&self) -> bool {
+        *self == MigrateMode::Auto
+    }
 }
 
 /// See [`StateConfig::migrate`].
@@ -182,6 +195,7 @@ impl Default for StateConfig {
             commit_interval: Self::default_commit_interval(),
             changelog: Self::default_changelog(),
             migrate: MigrateMode::Auto,
+            upgrade_from: None,
         }
     }
 }
@@ -512,7 +526,10 @@ pub fn parse_duration_ms(text: &str) -> Result<i64, String> {
 /// A duration in the largest unit that divides it (`90000` → `90s`), as a config writes it.
 pub fn format_duration_ms(ms: i64) -> String {
     let units = [("d", 86_400_000), ("h", 3_600_000), ("m", 60_000), ("s", 1_000)];
-    match units.iter().find(|(_, n)| ms != 0 && ms % n == 0) {
+    if ms == 0 {
+        return "0s".into();
+    }
+    match units.iter().find(|(_, n)| ms % n == 0) {
         Some((u, n)) => format!("{}{u}", ms / n),
         None => format!("{ms}ms"),
     }

@@ -42,6 +42,9 @@ pub struct Layout {
     /// The aggregates' kinds, in order (what each state must be).
     #[serde(skip)]
     kinds: Vec<AggKind>,
+    /// Seal states in format 2, without the fingerprint (`state.upgrade_from = 2`).
+    #[serde(skip)]
+    pub legacy: bool,
 }
 
 impl Layout {
@@ -68,14 +71,18 @@ impl Layout {
             zone.as_str().unwrap_or_default(),
             crate::store::KEY_FORMAT
         );
-        Layout { fingerprint: fingerprint(&text), text, kinds: aggregates.iter().map(|a| a.kind.clone()).collect() }
+        Layout { fingerprint: fingerprint(&text), text, kinds: aggregates.iter().map(|a| a.kind.clone()).collect(), legacy: false }
     }
 
-    /// Encodes `value` as a state of this layout.
+    /// Encodes `value` as a state of this layout (in format 2 when `legacy`).
     pub fn seal(&self, value: &StoredAggregate) -> Vec<u8> {
         let mut out = Vec::with_capacity(64);
-        out.push(STATE_FORMAT);
-        out.extend_from_slice(&self.fingerprint.to_be_bytes());
+        if self.legacy {
+            out.push(2);
+        } else {
+            out.push(STATE_FORMAT);
+            out.extend_from_slice(&self.fingerprint.to_be_bytes());
+        }
         bincode::serde::encode_into_std_write(value, &mut out, bincode::config::standard()).expect("writing to a Vec cannot fail");
         out
     }

@@ -587,6 +587,16 @@ impl Store {
         Ok(())
     }
 
+    /// The first stored state of `m`'s `partition`, through its layout's gate (`None`: none).
+    pub fn first_state(&self, m: &Metric, partition: i32) -> Result<Option<StoredAggregate>, StoreError> {
+        let mut prefix = Vec::new();
+        partition_prefix(&mut prefix, &m.name, partition);
+        match self.tree.scan_prefix(&prefix).next().transpose()? {
+            None => Ok(None),
+            Some((k, v)) => m.layout.open(&m.name, &k, &v).map(Some),
+        }
+    }
+
     /// Whether any state of `metric`'s `partition` is stored.
     pub fn has_states(&self, metric: &str, partition: i32) -> Result<bool, StoreError> {
         let mut prefix = Vec::new();

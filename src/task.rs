@@ -186,7 +186,8 @@ impl TaskSet {
 
     /// Judges what the stored position of `source`'s `partition` says of each metric: a
     /// mark of another layout, or states without a mark (they miss the records processed
-    /// while the metric was not), refuse the metric; a mark's expiry horizon is kept.
+    /// while the metric was not), refuse the metric; a mark's expiry horizon is kept. A
+    /// position without marks (an older format) is judged by its first state.
     fn judge(&mut self, source: usize, partition: i32, meta: &PartitionMeta) -> Result<(), StoreError> {
         let topo = Arc::clone(&self.topo);
         for &mi in &topo.sources[source].metrics {
@@ -205,7 +206,14 @@ impl TaskSet {
                         format!("states on partition {partition} that stop before offset {} (records since were not counted)", meta.next_offset);
                     self.refuse(mi, &misfit(m, &why));
                 }
-                _ => {}
+                (Some(_), None) => {}
+                // A position from before marks: its states tell their layout only one by one
+                // (each is checked when read); the first one tells the common case at once.
+                (None, _) => {
+                    if let Err(e @ StoreError::Layout { .. }) = self.store.first_state(m, partition) {
+                        self.refuse(mi, &e);
+                    }
+                }
             }
         }
         Ok(())
@@ -479,8 +487,12 @@ impl TaskSet {
                         batch.delete(&k);
                         if logged {
                             changes.push(Change { source, partition, key: k.to_vec(), value: None });
-                            touched.insert((source, partition));
                         }
+                    }
+                    // The position records the horizon: a moved one is written even when
+                    // nothing else changed.
+                    if self.horizons.get(&(mi, partition)).is_none_or(|h| before > *h) {
+                        touched.insert((source, partition));
                     }
                     expired_before.insert((mi, partition), before);
                 }
@@ -531,7 +543,10 @@ impl TaskSet {
                     source: *s,
                     partition: *p,
                     key: store::meta_key(&topo.sources[*s].name, *p),
-                    value: Some(meta.encode()),
+                    value: Some(match topo.upgrade_from {
+                        Some(2) => crate::migrations::store_v2_to_v3::meta_v3(meta),
+                        _ => meta.encode(),
+                    }),
                 })
                 .collect();
             let offsets = sink.write(&changes, &positions)?;

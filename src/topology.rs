@@ -38,6 +38,8 @@ pub struct Topology {
     pub results_topic: String,
     /// How replicas of this application find and ask each other.
     pub cluster: Cluster,
+    /// `state.upgrade_from`: the older store version whose formats the changelog is written in.
+    pub upgrade_from: Option<u32>,
 }
 
 /// The compiled `[cluster]` section and `http.advertised_url`.
@@ -556,7 +558,22 @@ impl Topology {
             exported.push(d.name.clone());
         }
 
+        let upgrade_from = match cfg.state.upgrade_from {
+            Some(v) if v == crate::migrations::STORE_VERSION => None,
+            Some(2) => Some(2),
+            Some(v) => {
+                return Err(ConfigError::new(
+                    "state.upgrade_from",
+                    format!("`{v}`: this tally upgrades from store version 2 only (or give {}, its own)", crate::migrations::STORE_VERSION),
+                ))
+            }
+            None => None,
+        };
+        for m in &mut metrics {
+            m.layout.legacy = upgrade_from.is_some();
+        }
         Ok(Topology {
+            upgrade_from,
             application_id: cfg.kafka.application_id.clone(),
             sources,
             tables: global,

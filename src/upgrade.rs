@@ -74,6 +74,17 @@ pub fn plan(topo: &Topology, store: &Store) -> Result<Vec<MetricPlan>, StoreErro
         };
         out.push(plan);
     }
+    for d in &topo.derived {
+        let over = [d.numerator.0, d.denominator.0].map(|mi| &topo.metrics[mi].name);
+        if let Some(m) = over.iter().find(|m| out.iter().any(|p: &MetricPlan| p.metric.as_str() == m.as_str() && p.verdict == Verdict::Incompatible))
+        {
+            out.push(MetricPlan {
+                metric: d.name.clone(),
+                verdict: Verdict::Incompatible,
+                notes: vec![format!("a ratio over `{m}`: refused with it")],
+            });
+        }
+    }
     for (name, _) in stored.iter().filter(|(n, _)| topo.metric(n).is_none()) {
         out.push(MetricPlan {
             metric: name.clone(),
@@ -158,8 +169,7 @@ fn grace_note(was: i64, now: i64, watermark: Option<i64>) -> String {
 }
 
 fn retention_note(was: i64, m: &Metric, horizon: Option<i64>, watermark: Option<i64>) -> String {
-    let kept =
-        horizon.map_or("nothing has expired yet".to_string(), |h| format!("slices before {} are already deleted and stay unanswered", time(h)));
+    let kept = horizon.map_or("nothing has expired yet".to_string(), |h| format!("slices before {} have expired and stay unanswered", time(h)));
     if m.retention_ms > was {
         format!(
             "retention {} → {}: {kept}; windows after that are kept {} after they end",
@@ -190,10 +200,10 @@ pub fn render(against: &str, version: u32, plans: &[MetricPlan]) -> String {
             let _ = writeln!(out, "  {:width$}    {n}", "");
         }
     }
-    let refused = plans.iter().filter(|p| p.verdict == Verdict::Incompatible).count();
-    let _ = match refused {
+    let refused: Vec<&str> = plans.iter().filter(|p| p.verdict == Verdict::Incompatible).map(|p| p.metric.as_str()).collect();
+    let _ = match refused.len() {
         0 => writeln!(out, "a restart with this config keeps every stored metric"),
-        n => writeln!(out, "a restart with this config refuses {n} metric(s); the others run"),
+        _ => writeln!(out, "a restart with this config refuses {}; the others run", refused.join(", ")),
     };
     out
 }

@@ -297,3 +297,169 @@ fn a_store_of_a_newer_version_is_refused_and_left_as_it_was() {
     }
     assert!(snapshot(state.path()) == before, "the newer store changed on disk");
 }
+
+const SPEND_BEFORE: &str = r#"aggregates = ["count as orders", "sum(amount) as amount"]"#;
+const SPEND_AFTER: &str = r#"aggregates = ["count as orders", "count as amount"]"#;
+
+fn config_text(version: &str) -> String {
+    std::fs::read_to_string(Path::new(FIXTURES).join(version).join("config.toml")).unwrap()
+}
+
+fn config_of(text: &str, brokers: &str, state: &Path) -> Config {
+    let mut cfg = Config::from_toml_str(text).unwrap();
+    cfg.kafka.bootstrap_servers = brokers.to_string();
+    cfg.state.dir = state.to_path_buf();
+    cfg
+}
+
+/// The answers of every metric but `except`, against the model of `text` over `events`.
+fn assert_others_exact(addr: std::net::SocketAddr, text: &str, events: &[GenRecord], except: &str, what: &str) {
+    let mut model = model::Model::new(model::spec::Spec::parse(text), &[PARTITIONS]);
+    for r in events {
+        model.feed(0, &model::Step::Record { partition: r.partition, kafka_ts: None, payload: r.payload.clone() });
+    }
+    let mut diffs = Vec::new();
+    for (mi, m) in model.spec.metrics.iter().enumerate().filter(|(_, m)| m.name != except) {
+        diffs.extend(model.check_windows(mi, &get(addr, &format!("/api/v1/metrics/{}?sketch=canonical", m.name)), Default::default(), None));
+    }
+    assert_no_diffs(&diffs, what);
+}
+
+/// Asserts `spend` is refused with a message naming it and both layouts.
+fn assert_spend_refused(t: &Tally, stored: &str) {
+    let (status, body) = http_get_raw(t.addr, "/api/v1/metrics/spend");
+    assert_eq!(status, 409, "{body}");
+    assert!(body.contains("metric `spend`") && body.contains(stored) && body.contains("count, count | by product"), "{body}");
+    assert!(t.get("/ready")["refused"]["spend"].is_string(), "/ready names the refused metric");
+    assert_eq!(metric_value(&t.metrics(), "tally_metric_refused{metric=\"spend\"}"), 1.0);
+    assert_eq!(metric_value(&t.metrics(), "tally_metric_refused{metric=\"views\"}"), 0.0);
+}
+
+/// A metric changed from `sum` to `count`, the state directory deleted, tally restarted with
+/// the changelog: the changed metric is refused with a message naming both layouts (never a
+/// panic, never the old states read as counts), the others restore and keep running,
+/// exactly. Reverting the config afterwards refuses it too: records were not counted for it
+/// meanwhile.
+fn changed_metric_on_a_wiped_disk(cluster: impl Fn(&Config) -> Cluster) {
+    let before = config_text("v3");
+    let after = before.replace(SPEND_BEFORE, SPEND_AFTER);
+    assert_ne!(before, after);
+    let state = tempfile::tempdir().unwrap();
+    let cluster = cluster(&config_of(&before, "", state.path()));
+    let events = events();
+    let (first, second) = events.split_at(events.len() / 2);
+    let topic = "shop-events";
+    cluster.produce(topic, first);
+    let tally = Tally::start(config_of(&before, &cluster.brokers, state.path()));
+    wait_caught_up(tally.addr, "/api/v1/metrics/views", &ends(first));
+    tally.stop();
+
+    std::fs::remove_dir_all(state.path()).unwrap();
+    let tally = Tally::start(config_of(&after, &cluster.brokers, state.path()));
+    cluster.produce(topic, second);
+    wait_caught_up(tally.addr, "/api/v1/metrics/views", &ends(&events));
+    assert_spend_refused(&tally, "count, sum(amount) | by product");
+    assert_others_exact(tally.addr, &after, &events, "spend", "the other metrics after the change");
+    tally.stop();
+
+    let tally = Tally::start(config_of(&before, &cluster.brokers, state.path()));
+    wait_caught_up(tally.addr, "/api/v1/metrics/views", &ends(&events));
+    let (status, body) = http_get_raw(tally.addr, "/api/v1/metrics/spend");
+    assert_eq!(status, 409, "reverted: the state misses what was processed meanwhile: {body}");
+    assert_others_exact(tally.addr, &before, &events, "spend", "the other metrics after the revert");
+    tally.stop();
+}
+
+/// The same change on a wiped disk, restored from the v2 changelog (written before states
+/// carried their layout): the changed metric is still refused, the others answer as before.
+#[test]
+fn a_changed_metric_restored_from_a_v2_changelog_is_refused() {
+    let state = tempfile::tempdir().unwrap();
+    let after = config_text("v2").replace(SPEND_BEFORE, SPEND_AFTER);
+    let cluster = Cluster::for_config(&config_of(&after, "", state.path()), PARTITIONS);
+    let cfg = config_of(&after, &cluster.brokers, state.path());
+    let events = fixture_events("v2");
+    cluster.produce("shop-events", &events);
+    load_changelog(&cluster, "v2", &tally::topology::Topology::compile(&cfg).unwrap().changelog_topic(0));
+    let tally = Tally::start(cfg);
+    wait_caught_up(tally.addr, "/api/v1/metrics/views", &ends(&events));
+    assert_spend_refused(&tally, "sum");
+    assert_others_exact(tally.addr, &after, &events, "spend", "the other metrics restored from v2");
+    tally.stop();
+}
+
+#[test]
+fn a_changed_metric_on_a_wiped_disk_is_refused_and_the_others_run_on_the_mock() {
+    changed_metric_on_a_wiped_disk(|cfg| Cluster::for_config(cfg, PARTITIONS));
+}
+
+#[test]
+fn a_changed_metric_on_a_wiped_disk_is_refused_and_the_others_run_on_nisshi() {
+    changed_metric_on_a_wiped_disk(|cfg| Cluster::nisshi(cfg, PARTITIONS));
+}
+
+fn topology(grace: &str, retention: &str) -> std::sync::Arc<tally::topology::Topology> {
+    let text = format!(
+        "[kafka]\nbootstrap_servers = \"127.0.0.1:1\"\napplication_id = \"t\"\n[[sources]]\nname = \"s\"\ntopic = \"t\"\n\
+         event_time = {{ field = \"ts\", kind = \"epoch_seconds\" }}\n\
+         [[metrics]]\nname = \"m\"\nsource = \"s\"\naggregates = [\"count\"]\nwindow = {{ type = \"tumbling\", size = \"1m\" }}\ngrace = \"{grace}\"\nretention = \"{retention}\"\n"
+    );
+    std::sync::Arc::new(tally::topology::Topology::compile(&Config::from_toml_str(&text).unwrap()).unwrap())
+}
+
+/// Windows `[start, end)` in seconds with their counts, as the engine answers them.
+fn counts(store: &tally::store::Store, topo: &std::sync::Arc<tally::topology::Topology>) -> Vec<(i64, u64)> {
+    let owned = std::sync::Arc::new(tally::ownership::Ownership::default());
+    owned.set(0, 0, tally::ownership::PartitionState::Active);
+    let engine = tally::query::QueryEngine::local(std::sync::Arc::clone(topo), store.clone(), owned);
+    let a = engine.windows("m", None, Default::default(), usize::MAX, false, &Default::default()).unwrap();
+    let mut rows: Vec<(i64, u64)> = a["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r["window"]["start"].as_i64().unwrap() / 1000, r["values"]["count"].as_u64().unwrap()))
+        .collect();
+    rows.sort_unstable();
+    rows
+}
+
+/// Raising grace and retention on a running metric: slices expiry already deleted stay
+/// deleted — a record for one is late, and its windows are not answered — while the slices
+/// still stored take records for as long as the new grace says.
+#[test]
+fn raising_grace_and_retention_never_answers_a_revived_slice_short() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = tally::store::Store::open(dir.path()).unwrap();
+    let rec = |ts: i64| format!(r#"{{"ts":{ts}}}"#).into_bytes();
+    let short = topology("0s", "2m");
+    let mut tasks = tally::task::TaskSet::new(std::sync::Arc::clone(&short), store.clone());
+    tasks.assign(0, 0).unwrap();
+    for (offset, ts) in [10, 70, 75, 300, 400].into_iter().enumerate() {
+        tasks.process(0, 0, offset as i64, None, &rec(ts)).unwrap();
+    }
+    // Expiry acts on the previous flush's watermark (400 s): slices ending 2 min before it go.
+    tasks.flush(None).unwrap();
+    tasks.flush(None).unwrap();
+    assert_eq!(counts(&store, &short), vec![(300, 1), (360, 1)], "[0,60) and [60,120) expired");
+
+    let long = topology("10m", "20m");
+    let mut tasks = tally::task::TaskSet::new(std::sync::Arc::clone(&long), store.clone());
+    tasks.assign(0, 0).unwrap();
+    // Within the new grace: one for a deleted slice (late: it would revive [60,120) with a
+    // count of 1 where there were 3), one for a slice still stored (counted).
+    let late = tasks.process(0, 0, 5, None, &rec(80)).unwrap();
+    assert!(matches!(&late, tally::task::Outcome::Processed { late, .. } if late == &vec![0]), "{late:?}");
+    let kept = tasks.process(0, 0, 6, None, &rec(310)).unwrap();
+    assert!(matches!(&kept, tally::task::Outcome::Processed { late, .. } if late.is_empty()), "{kept:?}");
+    tasks.flush(None).unwrap();
+    assert_eq!(counts(&store, &long), vec![(300, 2), (360, 1)]);
+    // Asked for directly, the deleted window is not answered, and a span over it is refused.
+    let owned = std::sync::Arc::new(tally::ownership::Ownership::default());
+    owned.set(0, 0, tally::ownership::PartitionState::Active);
+    let engine = tally::query::QueryEngine::local(long, store, owned);
+    let range = tally::query::Range { from: Some(60_000), to: Some(120_000) };
+    let rows = engine.windows("m", None, range, usize::MAX, false, &Default::default()).unwrap();
+    assert_eq!(rows["rows"], json!([]), "{rows}");
+    let err = engine.span("m", None, range, None, false, &Default::default()).unwrap_err();
+    assert!(matches!(err, tally::query::QueryError::Expired { .. }), "{err}");
+}

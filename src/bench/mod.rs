@@ -21,6 +21,7 @@
 //! `--tables` the table phases of `bench/tables.rs`: S3's table loaded, its lookup's cost.
 
 mod cluster;
+mod migrate;
 mod tables;
 
 use std::collections::BTreeMap;
@@ -102,6 +103,10 @@ pub struct BenchOptions {
     /// this big too; `--events` gift events).
     #[arg(long, default_value_t = 1_000_000)]
     pub table_entries: u64,
+    /// Run the migration phase instead: a store of the previous version with this many
+    /// state keys (S1's metrics), migrated to the current one.
+    #[arg(long)]
+    pub migrate: Option<u64>,
 }
 
 /// GET over loopback: (status, body).
@@ -553,6 +558,9 @@ pub fn run(opts: BenchOptions) -> anyhow::Result<()> {
     }
     if opts.tables {
         return tables::run(&opts);
+    }
+    if let Some(keys) = opts.migrate {
+        return migrate::run(keys, opts.partitions);
     }
     let mock = MockCluster::new(1).map_err(|e| anyhow::anyhow!("starting the mock cluster: {e}"))?;
     let topic = gen::topic(Scenario::S1);

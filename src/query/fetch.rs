@@ -22,7 +22,7 @@ use crate::topology::Topology;
 
 /// Version of the wire encoding; a replica refuses another (a rolling upgrade then answers
 /// 503 for the other version's partitions until it is done, never a misread).
-pub const WIRE_FORMAT: u8 = 1;
+pub const WIRE_FORMAT: u8 = 2;
 /// The largest request or reply decoded: bounds what a hostile body can make us allocate.
 pub const MAX_WIRE_BYTES: usize = 512 << 20;
 /// The longest a request may wait for a position (a request asking more is clamped).

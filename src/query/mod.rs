@@ -311,6 +311,8 @@ pub struct QueryEngine {
     fetch: Arc<dyn Fetch>,
     /// Whether windows some partition may have expired are left out (see `Coverage::expired`).
     expiry: bool,
+    /// The metrics this replica refuses: answered with why, whoever owns their partitions.
+    refusals: Arc<crate::layout::Refusals>,
 }
 
 fn merge_into(acc: &mut [AggState], other: &[AggState]) -> Result<(), QueryError> {
@@ -342,7 +344,12 @@ fn read(m: &Metric, lo: i64, hi: i64, group: Option<&[u8]>, newest: bool) -> Met
 impl QueryEngine {
     /// An engine answering from what `fetch` reads.
     pub fn new(topo: Arc<Topology>, fetch: Arc<dyn Fetch>) -> QueryEngine {
-        QueryEngine { topo, fetch, expiry: true }
+        QueryEngine { topo, fetch, expiry: true, refusals: Arc::default() }
+    }
+
+    /// The same engine, refusing the metrics `refusals` names.
+    pub fn refusing(self, refusals: Arc<crate::layout::Refusals>) -> QueryEngine {
+        QueryEngine { refusals, ..self }
     }
 
     /// An engine over one store, answering for the partitions `owned` holds (the result
@@ -402,6 +409,9 @@ impl QueryEngine {
     /// Reads `reads` of every partition of `source` and merges each over the partitions.
     /// Refuses (unless `ask.partial`) when some partition has no answer.
     fn gather(&self, source: usize, reads: Vec<MetricRead>, ask: &Ask) -> Result<Gathered, QueryError> {
+        if let Some(why) = reads.iter().find_map(|r| self.refusals.get(&r.metric)) {
+            return Err(QueryError::Refused(why));
+        }
         let name = &self.topo.sources[source].name;
         let min_offsets = ask.min_position.as_deref().map(|t| parse_position(name, t)).transpose()?.unwrap_or_default();
         let wait_ms = if min_offsets.is_empty() { 0 } else { self.topo.cluster.position_wait_ms };

@@ -18,6 +18,8 @@ pub struct Replica {
     config: PathBuf,
     log: PathBuf,
     child: Option<Child>,
+    /// The tally binary it runs (this build's, unless [`Replica::run_binary`] says otherwise).
+    binary: PathBuf,
 }
 
 impl Replica {
@@ -25,19 +27,39 @@ impl Replica {
     pub fn new(dir: &Path, name: &str, cfg: &Config) -> Replica {
         let home = dir.join(name);
         std::fs::create_dir_all(&home).unwrap();
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let mut r = Replica {
+            name: name.into(),
+            addr,
+            state: home.join("state"),
+            config: home.join("tally.toml"),
+            log: home.join("tally.log"),
+            child: None,
+            binary: env!("CARGO_BIN_EXE_tally").into(),
+        };
+        r.configure(cfg);
+        r
+    }
+
+    /// Rewrites its config file from `cfg` (its own state directory and port kept); the next
+    /// start reads it.
+    pub fn configure(&mut self, cfg: &Config) {
         let mut cfg = cfg.clone();
-        cfg.state.dir = home.join("state");
-        cfg.http.listen = format!("127.0.0.1:{}", free_port());
-        let config = home.join("tally.toml");
-        std::fs::write(&config, toml::to_string(&cfg).unwrap()).unwrap();
-        Replica { name: name.into(), addr: cfg.http.listen.parse().unwrap(), state: cfg.state.dir, config, log: home.join("tally.log"), child: None }
+        cfg.state.dir = self.state.clone();
+        cfg.http.listen = self.addr.to_string();
+        std::fs::write(&self.config, toml::to_string(&cfg).unwrap()).unwrap();
+    }
+
+    /// Runs `binary` from the next start on (another version of tally).
+    pub fn run_binary(&mut self, binary: &Path) {
+        self.binary = binary.to_path_buf();
     }
 
     /// Starts the process (logs append to `tally.log` beside its config).
     pub fn start(&mut self) {
         assert!(self.child.is_none(), "{} is already running", self.name);
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_tally"))
+        let child = Command::new(&self.binary)
             .args(["run", "--config"])
             .arg(&self.config)
             .env("RUST_LOG", std::env::var("TALLY_TEST_LOG").unwrap_or_else(|_| "info".into()))
