@@ -174,7 +174,13 @@ mod tests {
             next_offset: 7,
             watermark: 5,
             pin: vec![TablePin { table: "t".into(), next: vec![3] }],
-            marks: Some(vec![crate::layout::MetricMark { metric: "m".into(), layout: "count".into(), expired_before: Some(1) }]),
+            marks: Some(vec![crate::layout::MetricMark {
+                metric: "m".into(),
+                layout: "count".into(),
+                expired_before: Some(1),
+                rebuild: None,
+                rebuilding: None,
+            }]),
             ..PartitionMeta::default()
         };
         let bridged = meta_v3(&meta);

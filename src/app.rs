@@ -158,7 +158,8 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'stati
 fn remember_metrics(topo: &Topology, store: &Store, tasks: &mut TaskSet) -> anyhow::Result<()> {
     for (mi, m) in topo.metrics.iter().enumerate() {
         match store.manifest(&m.name)? {
-            Some(stored) if stored.layout != m.layout.text => tasks.refuse(
+            // A new rebuild token replaces whatever the store holds.
+            Some(stored) if stored.layout != m.layout.text && (m.rebuild.is_none() || stored.rebuild == m.rebuild) => tasks.refuse(
                 mi,
                 &crate::store::StoreError::Layout {
                     metric: m.name.clone(),

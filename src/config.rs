@@ -406,6 +406,12 @@ pub struct MetricConfig {
     /// `6h`) instead of the newest window.
     #[serde(default)]
     pub display_span: Option<String>,
+    /// A rebuild token: when it differs from the one the stored state was built under (none,
+    /// at first), the metric's state is dropped and recomputed from the source topic's
+    /// retained records, partition by partition, while the other metrics run on. Change it
+    /// (e.g. to a date) to rebuild again; a metric refused for its layout is rebuilt too.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rebuild: Option<String>,
 }
 
 /// Which rows of a metric go to the result topic.

@@ -142,6 +142,22 @@ pub struct MetricMark {
     /// The highest slice start expiry has deleted before, on this partition: slices before
     /// it never take a record again, whatever the retention is raised to.
     pub expired_before: Option<i64>,
+    /// The rebuild token the state was built under.
+    pub rebuild: Option<String>,
+    /// While a rebuild runs: how far it has got (the state is complete only when it is done).
+    pub rebuilding: Option<Rebuilding>,
+}
+
+/// A rebuild of one metric on one partition in progress: the source's records before the
+/// partition's position are read again for that metric alone, with their own watermark.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rebuilding {
+    /// The next offset the rebuild folds in.
+    pub next: i64,
+    /// The rebuild's watermark (the partition's as it was at `next` on the first pass).
+    pub watermark: i64,
+    /// Highest event time the rebuild has seen.
+    pub max_event_time: i64,
 }
 
 /// The metrics a replica refuses, each with why: shared by the tasks, which stop
@@ -180,6 +196,9 @@ pub struct Manifest {
     pub retention_ms: Option<i64>,
     /// Its filter as written.
     pub filter: Option<String>,
+    /// Its rebuild token.
+    #[serde(default)]
+    pub rebuild: Option<String>,
 }
 
 /// Format byte of a [`Manifest`] record.
@@ -188,7 +207,13 @@ const MANIFEST_FORMAT: u8 = 3;
 impl Manifest {
     /// What `m` is now.
     pub fn of(m: &crate::topology::Metric) -> Manifest {
-        Manifest { layout: m.layout.text.clone(), grace_ms: Some(m.grace_ms), retention_ms: Some(m.retention_ms), filter: m.filter_text.clone() }
+        Manifest {
+            layout: m.layout.text.clone(),
+            grace_ms: Some(m.grace_ms),
+            retention_ms: Some(m.retention_ms),
+            filter: m.filter_text.clone(),
+            rebuild: m.rebuild.clone(),
+        }
     }
 
     /// Versioned bytes (JSON, to be read by people too).

@@ -29,6 +29,8 @@ pub struct Metrics {
     pub records_invalid: IntCounterVec,
     /// Records skipped because the state already held them (replays), by source.
     pub records_replayed: IntCounterVec,
+    /// Records read again for metrics being rebuilt.
+    pub records_rebuilt: IntCounterVec,
     /// Records written to the dead-letter or late topics, by topic kind.
     pub records_set_aside: IntCounterVec,
     /// Records that could not be set aside (producer queue full or delivery failed).
@@ -143,6 +145,7 @@ impl Metrics {
             ),
             records_invalid: counter("tally_records_invalid_total", "Records that could not be decoded.", &["source", "reason"]),
             records_replayed: counter("tally_records_replayed_total", "Records skipped because the state already held them.", &["source"]),
+            records_rebuilt: counter("tally_records_rebuilt_total", "Records read again for the metrics being rebuilt (see `rebuild`).", &["source"]),
             records_set_aside: counter("tally_records_set_aside_total", "Records written to the dead-letter or late-records topic.", &["topic"]),
             set_aside_failures: reg(
                 &r,
@@ -237,6 +240,7 @@ impl Metrics {
                 &self.records_consumed,
                 &self.records_processed,
                 &self.records_replayed,
+                &self.records_rebuilt,
                 &self.changelog_records,
                 &self.restore_records,
                 &self.restore_bytes,

@@ -129,7 +129,7 @@ pub enum StoreError {
         supported: u8,
     },
     /// States of another layout of a metric: never folded into, never answered from.
-    #[error("metric `{metric}`: the state holds {stored}, but the metric is configured as `{configured}`; give the changed metric a new name (the old state stays readable under the old one); see the README's \"Changing a running config\"")]
+    #[error("metric `{metric}`: the state holds {stored}, but the metric is configured as `{configured}`; give the changed metric a new name (the old state stays readable under the old one), or rebuild it from the source with `rebuild = \"1\"` on the metric; see the README's \"Changing a running config\"")]
     Layout {
         /// The metric.
         metric: String,
@@ -585,6 +585,33 @@ impl Store {
         push_name(&mut k, LAYOUT_TAG, &m.name);
         self.tree.insert(k, Manifest::of(m).encode())?;
         Ok(())
+    }
+
+    /// Reads one aggregate of `m` only if it is of exactly `m`'s layout and generation (see
+    /// [`crate::config::MetricConfig::rebuild`]): one written before, or of unknown layout,
+    /// reads as none.
+    pub fn get_current(&self, m: &Metric, key: &[u8]) -> Result<Option<StoredAggregate>, StoreError> {
+        match self.tree.get(key)? {
+            Some(v) if crate::layout::header(&v).is_some_and(|(fp, _)| v.first() == Some(&STATE_FORMAT) && fp == m.layout.fingerprint) => {
+                m.layout.open(&m.name, key, &v).map(Some)
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// Keys of `m`'s `partition` whose states are not of `m`'s layout and generation.
+    pub fn stale_states(&self, m: &Metric, partition: i32) -> Result<Vec<sled::IVec>, StoreError> {
+        let mut prefix = Vec::new();
+        partition_prefix(&mut prefix, &m.name, partition);
+        let mut out = Vec::new();
+        for kv in self.tree.scan_prefix(&prefix) {
+            let (k, v) = kv?;
+            let current = v.first() == Some(&STATE_FORMAT) && crate::layout::header(&v).is_some_and(|(fp, _)| fp == m.layout.fingerprint);
+            if !current {
+                out.push(k);
+            }
+        }
+        Ok(out)
     }
 
     /// The first stored state of `m`'s `partition`, through its layout's gate (`None`: none).

@@ -24,7 +24,7 @@ use crate::changelog::{Change, ChangeSink, ChangelogError};
 use crate::config::Missing;
 use crate::event::{DecodeError, Record};
 use crate::hash::KeyHash;
-use crate::layout::{MetricMark, Refusals};
+use crate::layout::{MetricMark, Rebuilding, Refusals};
 use crate::store::{self, PartitionMeta, Store, StoreError, StoredAggregate, TablePin, WriteBatch, GROUP_SEPARATOR};
 use crate::table::{Positions, Tables};
 use crate::topology::Topology;
@@ -50,6 +50,16 @@ pub struct PartitionTask {
     pub pin: Arc<Positions>,
     /// The pin stays until `next_offset` reaches this (a torn flush's records are replayed).
     pub replay_until: i64,
+    /// Metrics being rebuilt on this partition from records before `next_offset`.
+    rebuilds: Vec<Rebuild>,
+}
+
+/// A rebuild in progress: metric `metric` reads the partition's records again from `at.next`,
+/// with its own watermark, until it reaches the partition's position.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Rebuild {
+    metric: usize,
+    at: Rebuilding,
 }
 
 impl PartitionTask {
@@ -63,12 +73,82 @@ impl PartitionTask {
             dirty: false,
             pin,
             replay_until: 0,
+            rebuilds: Vec::new(),
         }
     }
 }
 
 fn misfit(m: &crate::topology::Metric, why: &str) -> StoreError {
     StoreError::Layout { metric: m.name.clone(), stored: why.to_string(), configured: m.layout.text.clone() }
+}
+
+/// The rebuilds a stored position calls for: a metric with a rebuild token its mark does not
+/// carry starts one from the partition's beginning; one the mark says is under way goes on.
+fn rebuilds_of(topo: &Topology, source: usize, meta: &PartitionMeta) -> Vec<Rebuild> {
+    let fresh = Rebuilding { next: 0, watermark: NO_WATERMARK, max_event_time: NO_WATERMARK };
+    topo.sources[source]
+        .metrics
+        .iter()
+        .filter_map(|&mi| {
+            let token = topo.metrics[mi].rebuild.as_ref()?;
+            match meta.mark(&topo.metrics[mi].name) {
+                Some(mark) if mark.rebuild.as_ref() == Some(token) => mark.rebuilding.map(|at| Rebuild { metric: mi, at }),
+                _ => Some(Rebuild { metric: mi, at: fresh }),
+            }
+        })
+        .collect()
+}
+
+/// Where consuming a partition resumes from its stored position: the position, or the
+/// earliest rebuild's next offset.
+pub fn resume_offset(topo: &Topology, source: usize, meta: &PartitionMeta) -> i64 {
+    rebuilds_of(topo, source, meta).iter().map(|r| r.at.next).fold(meta.next_offset, i64::min)
+}
+
+/// Decodes `payload` into `record` and looks its keys up in the tables as of `pin`: the
+/// indices of the lookups that missed, or why the record is invalid.
+fn decode(
+    tables: &Tables,
+    topo: &Topology,
+    source: usize,
+    pin: &Positions,
+    (payload, kafka_ts): (&[u8], Option<i64>),
+    record: &mut Record,
+    key: &mut Vec<u8>,
+) -> Result<Result<Vec<usize>, DecodeError>, StoreError> {
+    let src = &topo.sources[source];
+    if let Err(e) = src.decoder.decode(payload, kafka_ts, record) {
+        return Ok(Err(e));
+    }
+    let t = record.time_ms;
+    if let Some(ts) = kafka_ts {
+        if t > ts.saturating_add(src.max_ahead_ms) {
+            return Ok(Err(DecodeError::TooFarAhead { time_ms: t, limit_ms: src.max_ahead_ms }));
+        }
+    }
+    let mut missing = Vec::new();
+    for (li, l) in src.lookups.iter().enumerate() {
+        key.clear();
+        let k = &record.values[l.key_slot];
+        let found = *k != crate::event::Value::Null && {
+            k.write_text(key);
+            let values = &mut record.values;
+            let pin = pin.get(l.table).map_or(&[][..], Vec::as_slice);
+            tables.lookup(l.table, key, pin, |fields| {
+                for &(f, slot) in &l.slots {
+                    values[slot] = fields.get(f).cloned().unwrap_or_default();
+                }
+            })?
+        };
+        if !found && l.missing == Missing::DeadLetter {
+            let key = String::from_utf8_lossy(key).chars().take(64).collect();
+            return Ok(Err(DecodeError::LookupMissing { table: topo.tables[l.table].name.clone(), key }));
+        }
+        if !found {
+            missing.push(li);
+        }
+    }
+    Ok(Ok(missing))
 }
 
 /// A pin with its tables' names, as stored.
@@ -92,6 +172,8 @@ pub enum Outcome {
     Invalid(DecodeError),
     /// Its offset is already in the state (a replay).
     AlreadyApplied,
+    /// Read again for the metrics being rebuilt only (its side outputs went out the first time).
+    Rebuilt,
     /// Its partition is not assigned to this task set (a record fetched before a
     /// revocation); it is left for the partition's owner.
     NotOwned,
@@ -144,6 +226,8 @@ pub struct TaskSet {
     refusals: Arc<Refusals>,
     /// Per (metric, partition), the expiry horizon: slices before it are gone for good.
     horizons: HashMap<(usize, i32), i64>,
+    /// States of an earlier generation a finished rebuild left, deleted by the next flush.
+    pending_deletes: Vec<(usize, i32, Vec<u8>)>,
 }
 
 impl TaskSet {
@@ -166,6 +250,7 @@ impl TaskSet {
             refused,
             refusals: Arc::default(),
             horizons: HashMap::new(),
+            pending_deletes: Vec::new(),
         }
     }
 
@@ -190,8 +275,12 @@ impl TaskSet {
     /// position without marks (an older format) is judged by its first state.
     fn judge(&mut self, source: usize, partition: i32, meta: &PartitionMeta) -> Result<(), StoreError> {
         let topo = Arc::clone(&self.topo);
+        let rebuilt = rebuilds_of(&topo, source, meta);
         for &mi in &topo.sources[source].metrics {
             let m = &topo.metrics[mi];
+            if rebuilt.iter().any(|r| r.metric == mi) {
+                continue;
+            }
             match (meta.marks.as_ref(), meta.mark(&m.name)) {
                 (_, Some(mark)) if mark.layout != m.layout.text => {
                     self.refuse(mi, &misfit(m, &format!("layout `{}` on partition {partition}", mark.layout)))
@@ -242,9 +331,10 @@ impl TaskSet {
         if let Some(meta) = &meta {
             self.judge(source, partition, meta)?;
         }
-        let resume = meta.as_ref().map(|m| m.next_offset);
+        let resume = meta.as_ref().map(|m| resume_offset(&self.topo, source, m));
         let task = match meta {
             Some(m) => PartitionTask {
+                rebuilds: rebuilds_of(&self.topo, source, &m),
                 next_offset: m.next_offset,
                 max_event_time: m.max_event_time,
                 watermark: m.watermark,
@@ -312,41 +402,24 @@ impl TaskSet {
             return Ok(Outcome::NotOwned);
         };
         if offset < task.next_offset {
+            if task.rebuilds.iter().any(|r| r.at.next <= offset) {
+                return self.rebuild(source, partition, offset, kafka_ts, payload);
+            }
             return Ok(Outcome::AlreadyApplied);
+        }
+        if !task.rebuilds.is_empty() {
+            // Every record before the position has been read again (some offsets may not exist).
+            let done = std::mem::take(&mut task.rebuilds);
+            self.finish_rebuilds(partition, &done)?;
+            return self.process(source, partition, offset, kafka_ts, payload);
         }
         task.next_offset = offset + 1;
         task.dirty = true;
-        if let Err(e) = src.decoder.decode(payload, kafka_ts, &mut self.record) {
-            return Ok(Outcome::Invalid(e));
-        }
+        let missing = match decode(&self.tables, &topo, source, &task.pin, (payload, kafka_ts), &mut self.record, &mut self.key)? {
+            Ok(missing) => missing,
+            Err(e) => return Ok(Outcome::Invalid(e)),
+        };
         let t = self.record.time_ms;
-        if let Some(ts) = kafka_ts {
-            if t > ts.saturating_add(src.max_ahead_ms) {
-                return Ok(Outcome::Invalid(DecodeError::TooFarAhead { time_ms: t, limit_ms: src.max_ahead_ms }));
-            }
-        }
-        let mut missing = Vec::new();
-        for (li, l) in src.lookups.iter().enumerate() {
-            self.key.clear();
-            let key = &self.record.values[l.key_slot];
-            let found = *key != crate::event::Value::Null && {
-                key.write_text(&mut self.key);
-                let values = &mut self.record.values;
-                let pin = task.pin.get(l.table).map_or(&[][..], Vec::as_slice);
-                self.tables.lookup(l.table, &self.key, pin, |fields| {
-                    for &(f, slot) in &l.slots {
-                        values[slot] = fields.get(f).cloned().unwrap_or_default();
-                    }
-                })?
-            };
-            if !found && l.missing == Missing::DeadLetter {
-                let key = String::from_utf8_lossy(&self.key).chars().take(64).collect();
-                return Ok(Outcome::Invalid(DecodeError::LookupMissing { table: topo.tables[l.table].name.clone(), key }));
-            }
-            if !found {
-                missing.push(li);
-            }
-        }
         // Lateness is judged against the watermark before this record, as a record cannot
         // make itself late.
         let watermark = task.watermark;
@@ -367,13 +440,8 @@ impl TaskSet {
                     continue;
                 }
             }
-            let (slice, admit) = m.window.place(t, watermark, m.grace_ms);
-            let gone = self.horizons.get(&(mi, partition)).is_some_and(|h| slice < *h);
+            let (slice, admit) = self.admit(mi, partition, t, watermark);
             let from_end = match admit {
-                _ if gone => {
-                    late.push(mi);
-                    continue;
-                }
                 Admit::All => store::EVERY_WINDOW,
                 Admit::From(end) => {
                     partly_late.push(mi);
@@ -384,14 +452,81 @@ impl TaskSet {
                     continue;
                 }
             };
-            self.fold(mi, partition, slice, from_end, offset)?;
+            self.fold(mi, partition, slice, from_end, offset, false)?;
         }
         Ok(Outcome::Processed { late, partly_late, missing })
     }
 
+    /// Where metric `mi`'s record at event time `t` goes on `partition` at `watermark`: every
+    /// window of its slice still open, only the later ones, or none (late, or in a slice
+    /// expiry has deleted).
+    fn admit(&self, mi: usize, partition: i32, t: i64, watermark: i64) -> (i64, Admit) {
+        let m = &self.topo.metrics[mi];
+        let (slice, admit) = m.window.place(t, watermark, m.grace_ms);
+        match self.horizons.get(&(mi, partition)) {
+            Some(h) if slice < *h => (slice, Admit::Late),
+            _ => (slice, admit),
+        }
+    }
+
+    /// Reads a record before the partition's position again for the metrics being rebuilt
+    /// there, each with its own watermark; no other metric sees it.
+    fn rebuild(&mut self, source: usize, partition: i32, offset: i64, kafka_ts: Option<i64>, payload: &[u8]) -> Result<Outcome, StoreError> {
+        let topo = Arc::clone(&self.topo);
+        let src = &topo.sources[source];
+        let Some(task) = self.tasks.get_mut(&(source, partition)) else { return Ok(Outcome::NotOwned) };
+        task.dirty = true;
+        let mut rebuilds = task.rebuilds.clone();
+        let decoded = decode(&self.tables, &topo, source, &task.pin, (payload, kafka_ts), &mut self.record, &mut self.key)?;
+        let t = self.record.time_ms;
+        for r in rebuilds.iter_mut().filter(|r| r.at.next <= offset) {
+            r.at.next = offset + 1;
+            let Ok(missing) = &decoded else { continue };
+            let watermark = r.at.watermark;
+            if t > r.at.max_event_time {
+                r.at.max_event_time = t;
+                r.at.watermark = r.at.watermark.max(t.saturating_sub(src.watermark_delay_ms));
+            }
+            let m = &topo.metrics[r.metric];
+            let skipped = |li: &usize| missing.contains(li) && src.lookups[*li].missing == Missing::Skip;
+            if m.lookups.iter().any(skipped) || m.filter.as_ref().is_some_and(|f| !f.matches(&self.record.values)) {
+                continue;
+            }
+            let (slice, admit) = self.admit(r.metric, partition, t, watermark);
+            let from_end = match admit {
+                Admit::Late => continue,
+                Admit::All => store::EVERY_WINDOW,
+                Admit::From(end) => end,
+            };
+            self.fold(r.metric, partition, slice, from_end, offset, true)?;
+        }
+        let Some(task) = self.tasks.get_mut(&(source, partition)) else { return Ok(Outcome::NotOwned) };
+        task.rebuilds = rebuilds;
+        if task.rebuilds.iter().all(|r| r.at.next >= task.next_offset) {
+            let done = std::mem::take(&mut task.rebuilds);
+            self.finish_rebuilds(partition, &done)?;
+        }
+        Ok(Outcome::Rebuilt)
+    }
+
+    /// Ends rebuilds that have reached the partition's position: what is left of the metric's
+    /// states from before (no record of the rebuild replaced them) is deleted at the next
+    /// flush, so only the rebuilt generation answers.
+    fn finish_rebuilds(&mut self, partition: i32, done: &[Rebuild]) -> Result<(), StoreError> {
+        for r in done {
+            let m = &self.topo.metrics[r.metric];
+            let stale = self.store.stale_states(m, partition)?;
+            tracing::info!(metric = %m.name, partition, up_to = r.at.next, stale = stale.len(), "rebuilt from the source");
+            let source = m.source;
+            self.pending_deletes.extend(stale.into_iter().map(|k| (source, partition, k.to_vec())));
+        }
+        Ok(())
+    }
+
     /// Folds the current record into metric `mi`'s aggregate of (partition, slice,
     /// from_end, its group key), unless that aggregate holds it already (a replay).
-    fn fold(&mut self, mi: usize, partition: i32, slice: i64, from_end: i64, offset: i64) -> Result<(), StoreError> {
+    /// `rebuilding`: a stored state of an earlier generation is not read but replaced.
+    fn fold(&mut self, mi: usize, partition: i32, slice: i64, from_end: i64, offset: i64, rebuilding: bool) -> Result<(), StoreError> {
         let m = &self.topo.metrics[mi];
         self.key.clear();
         store::state_key_prefix(&mut self.key, &m.name, partition, slice, from_end);
@@ -410,7 +545,8 @@ impl TaskSet {
         let entry = match self.cache.get_mut(self.key.as_slice()) {
             Some(e) => e,
             None => {
-                let value = match self.store.get(m, &self.key) {
+                let stored = if rebuilding { self.store.get_current(m, &self.key) } else { self.store.get(m, &self.key) };
+                let value = match stored {
                     Ok(Some(v)) => v,
                     Ok(None) => StoredAggregate { max_offset: -1, states: m.aggregates.iter().map(|a| AggState::new(&a.kind)).collect() },
                     Err(e @ StoreError::Layout { .. }) => {
@@ -453,9 +589,16 @@ impl TaskSet {
             self.horizons.get(&(mi, partition)).copied().max(now)
         };
         let live = self.topo.sources[source].metrics.iter().filter(|&&mi| !self.refused[mi]);
+        let rebuilds = self.tasks.get(&(source, partition)).map_or(&[][..], |t| t.rebuilds.as_slice());
         live.map(|&mi| {
             let m = &self.topo.metrics[mi];
-            MetricMark { metric: m.name.clone(), layout: m.layout.text.clone(), expired_before: horizon(mi) }
+            MetricMark {
+                metric: m.name.clone(),
+                layout: m.layout.text.clone(),
+                expired_before: horizon(mi),
+                rebuild: m.rebuild.clone(),
+                rebuilding: rebuilds.iter().find(|r| r.metric == mi).map(|r| r.at),
+            }
         })
         .collect()
     }
@@ -475,6 +618,14 @@ impl TaskSet {
         let mut changes = Vec::new();
         let logged = changelog.is_some();
         let mut touched: HashSet<(usize, i32)> = HashSet::new();
+        // Before this flush's writes, which replace some of them.
+        for (source, partition, k) in &self.pending_deletes {
+            batch.delete(k);
+            if logged {
+                changes.push(Change { source: *source, partition: *partition, key: k.clone(), value: None });
+            }
+            touched.insert((*source, *partition));
+        }
         let mut expired_before: HashMap<(usize, i32), i64> = HashMap::new();
         for (&(source, partition), task) in &self.tasks {
             if task.flushed_watermark == NO_WATERMARK {
@@ -568,6 +719,7 @@ impl TaskSet {
         self.store.flush()?;
         self.cache.retain(|_, e| !expired(e));
         self.cache.values_mut().for_each(|e| e.dirty = false);
+        self.pending_deletes.clear();
         for (at, before) in expired_before {
             let h = self.horizons.entry(at).or_insert(before);
             *h = (*h).max(before);

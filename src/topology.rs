@@ -238,6 +238,8 @@ pub struct Metric {
     pub display: Display,
     /// What its stored states are.
     pub layout: crate::layout::Layout,
+    /// Its rebuild token (see [`crate::config::MetricConfig::rebuild`]).
+    pub rebuild: Option<String>,
 }
 
 /// What the live screen shows of a metric or ratio: its title, description, how to draw
@@ -569,8 +571,14 @@ impl Topology {
             }
             None => None,
         };
-        for m in &mut metrics {
+        for (i, m) in metrics.iter_mut().enumerate() {
             m.layout.legacy = upgrade_from.is_some();
+            if upgrade_from.is_some() && m.rebuild.is_some() {
+                return Err(ConfigError::new(
+                    format!("metrics[{i}].rebuild"),
+                    "a rebuild needs positions that record it, which version 2 does not read: finish the rolling upgrade (drop state.upgrade_from) first",
+                ));
+            }
         }
         Ok(Topology {
             upgrade_from,
@@ -898,7 +906,11 @@ fn metric(i: usize, m: &MetricConfig, src: usize, s: &SourceConfig, table: &mut 
         aggregates.push(a);
     }
     let window = window(key("window"), &m.window)?;
-    let layout = crate::layout::Layout::describe(&aggregates, &m.group_by, &window, |slot| table.names.get(slot).cloned().unwrap_or_default());
+    let mut layout = crate::layout::Layout::describe(&aggregates, &m.group_by, &window, |slot| table.names.get(slot).cloned().unwrap_or_default());
+    if let Some(token) = &m.rebuild {
+        // States of a rebuild are another generation: nothing built before it reads as one.
+        layout.fingerprint = crate::layout::fingerprint(&format!("{}\u{0}rebuild {token}", layout.text));
+    }
     let grace_ms = duration(key("grace"), m.grace.as_deref().unwrap_or(&s.grace))?;
     let retention_ms = match &m.retention {
         Some(r) => duration(key("retention"), r)?,
@@ -949,6 +961,7 @@ fn metric(i: usize, m: &MetricConfig, src: usize, s: &SourceConfig, table: &mut 
         emit: Emit::None,
         display,
         layout,
+        rebuild: m.rebuild.clone(),
     })
 }
 

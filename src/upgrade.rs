@@ -29,6 +29,8 @@ pub enum Verdict {
     ChangesWindows,
     /// Refused at restart: the stored states are another layout.
     Incompatible,
+    /// Dropped and recomputed from the source's retained records (a new rebuild token).
+    Rebuilds,
     /// Not in the store: counted from the source's stored positions on.
     New,
     /// In the store, not in the config: its state stays, unused.
@@ -42,6 +44,7 @@ impl Verdict {
             Verdict::Compatible => "compatible",
             Verdict::ChangesWindows => "changes windows",
             Verdict::Incompatible => "incompatible",
+            Verdict::Rebuilds => "rebuilds",
             Verdict::New => "new",
             Verdict::Removed => "removed",
         }
@@ -99,12 +102,24 @@ pub fn plan(topo: &Topology, store: &Store) -> Result<Vec<MetricPlan>, StoreErro
 
 fn compare(topo: &Topology, store: &Store, m: &Metric, was: &Manifest) -> Result<MetricPlan, StoreError> {
     let mut notes = Vec::new();
+    if let Some(token) = m.rebuild.as_ref().filter(|t| was.rebuild.as_ref() != Some(*t)) {
+        if was.layout != m.layout.text {
+            notes.push(format!("layout `{}` → `{}`", was.layout, m.layout.text));
+        }
+        notes.push(format!(
+            "rebuild `{token}`: its state is dropped and recomputed from the records the source topic `{}` still holds, partition by partition \
+             (answers 503 `rebuilding` with the offset reached meanwhile); the other metrics run on",
+            topo.sources[m.source].topic
+        ));
+        return Ok(MetricPlan { metric: m.name.clone(), verdict: Verdict::Rebuilds, notes });
+    }
     if was.layout != m.layout.text {
         notes.push(format!("stored as   `{}`", was.layout));
         notes.push(format!("configured  `{}`", m.layout.text));
         notes.push(format!(
-            "a restart refuses `{}` (answers 409 naming both layouts); the other metrics go on. Safe route: give the changed metric a new name \
-             (it counts from the source's stored positions on; the old state stays under `{}`)",
+            "a restart refuses `{}` (answers 409 naming both layouts); the other metrics go on. Safe routes: give the changed metric a new name \
+             (it counts from the source's stored positions on; the old state stays under `{}`), or set `rebuild = \"1\"` on it \
+             (its state is recomputed from the source topic's retained records)",
             m.name, m.name
         ));
         return Ok(MetricPlan { metric: m.name.clone(), verdict: Verdict::Incompatible, notes });
@@ -238,6 +253,8 @@ mod tests {
         assert!(longer.notes[0].contains("retention 1h → 1d"), "{longer:?}");
         let filtered = plan_of(&format!("{BASE}filter = \"v = 1\"\n"), &format!("{BASE}filter = \"v = 2\"\n")).remove(0);
         assert_eq!(filtered.verdict, Verdict::Compatible);
+        let rebuilt = plan_of(BASE, &format!("{}rebuild = \"1\"\n", BASE.replace("\"count\"", "\"sum(v)\""))).remove(0);
+        assert_eq!(rebuilt.verdict, Verdict::Rebuilds, "{rebuilt:?}");
         let renamed = plan_of(BASE, &BASE.replace("name = \"m\"", "name = \"m2\""));
         assert_eq!(renamed.iter().map(|p| p.verdict).collect::<Vec<_>>(), vec![Verdict::New, Verdict::Removed]);
     }

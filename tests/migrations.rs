@@ -463,3 +463,77 @@ fn raising_grace_and_retention_never_answers_a_revived_slice_short() {
     let err = engine.span("m", None, range, None, false, &Default::default()).unwrap_err();
     assert!(matches!(err, tally::query::QueryError::Expired { .. }), "{err}");
 }
+
+/// Waits until `metric` answers (a rebuild answers 503 `rebuilding` until it is done).
+fn wait_answered(addr: std::net::SocketAddr, metric: &str) -> Vec<String> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    let mut seen = Vec::new();
+    loop {
+        match http_get_raw(addr, &format!("/api/v1/metrics/{metric}")) {
+            (200, _) => return seen,
+            (503, body) => {
+                let v: Value = serde_json::from_str(&body).unwrap();
+                seen.extend(v["missing"].as_array().into_iter().flatten().filter_map(|m| m["reason"].as_str().map(str::to_string)));
+            }
+            (status, body) => panic!("{metric}: {status} {body}"),
+        }
+        assert!(std::time::Instant::now() < deadline, "{metric} never answered");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// The other safe route: the changed metric given a rebuild token is dropped and recomputed
+/// from the source topic's records while the others run on — after which it answers exactly
+/// as the model of the new config over every event, on this replica, after a restart (no
+/// second rebuild) and on an empty disk restored from the changelog.
+#[test]
+fn a_changed_metric_given_a_rebuild_token_is_recomputed_from_the_source() {
+    let before = config_text("v3");
+    let after = before.replace(SPEND_BEFORE, &format!("{SPEND_AFTER}\nrebuild = \"2026-12-01\""));
+    let state = tempfile::tempdir().unwrap();
+    let cluster = Cluster::for_config(&config_of(&before, "", state.path()), PARTITIONS);
+    let events = events();
+    let (first, second) = events.split_at(events.len() / 2);
+    cluster.produce("shop-events", first);
+    let tally = Tally::start(config_of(&before, &cluster.brokers, state.path()));
+    wait_caught_up(tally.addr, "/api/v1/metrics/views", &ends(first));
+    tally.stop();
+
+    let plan = std::process::Command::new(env!("CARGO_BIN_EXE_tally"))
+        .args(["check", "--against"])
+        .arg(state.path())
+        .arg("--config")
+        .arg({
+            let f = state.path().with_extension("toml");
+            std::fs::write(&f, &after).unwrap();
+            f
+        })
+        .output()
+        .unwrap();
+    let plan = String::from_utf8_lossy(&plan.stdout);
+    assert!(plan.contains("spend") && plan.contains("rebuilds"), "{plan}");
+
+    let tally = Tally::start(config_of(&after, &cluster.brokers, state.path()));
+    cluster.produce("shop-events", second);
+    wait_caught_up(tally.addr, "/api/v1/metrics/views", &ends(&events));
+    let seen = wait_answered(tally.addr, "spend");
+    println!("while rebuilding, spend answered 503 with {seen:?}");
+    assert!(seen.iter().all(|r| r == "rebuilding"), "{seen:?}");
+    assert_others_exact(tally.addr, &after, &events, "", "every metric, the rebuilt one too");
+    let rebuilt = metric_sum(&tally.metrics(), "tally_records_rebuilt_total");
+    assert!(rebuilt as usize >= first.len(), "the rebuild read the first half again: {rebuilt}");
+    tally.stop();
+
+    let tally = Tally::start(config_of(&after, &cluster.brokers, state.path()));
+    wait_caught_up(tally.addr, "/api/v1/metrics/views", &ends(&events));
+    assert_others_exact(tally.addr, &after, &events, "", "after a restart");
+    assert_eq!(metric_sum(&tally.metrics(), "tally_records_rebuilt_total"), 0.0, "no second rebuild");
+    tally.stop();
+
+    std::fs::remove_dir_all(state.path()).unwrap();
+    let tally = Tally::start(config_of(&after, &cluster.brokers, state.path()));
+    wait_caught_up(tally.addr, "/api/v1/metrics/views", &ends(&events));
+    assert_others_exact(tally.addr, &after, &events, "", "restored onto an empty disk");
+    assert_eq!(metric_sum(&tally.metrics(), "tally_records_rebuilt_total"), 0.0, "the changelog says it is rebuilt");
+    tally.stop();
+}

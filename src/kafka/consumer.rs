@@ -362,7 +362,7 @@ impl Shared {
             }
             let topic = &self.topo.sources[s].topic;
             let offset = match self.tasks().store().partition_meta(&self.topo.sources[s].name, p)? {
-                Some(m) => Offset::Offset(m.next_offset),
+                Some(m) => Offset::Offset(crate::task::resume_offset(&self.topo, s, &m)),
                 None => Offset::Beginning,
             };
             if let Err(e) = consumer.seek(topic, p, offset, Duration::from_millis(500)) {
@@ -655,6 +655,7 @@ impl SourceConsumer {
                 shared.side.dead_letter(&origin(), e.reason(), &e.to_string());
             }
             Outcome::AlreadyApplied => local.replayed[source] += 1,
+            Outcome::Rebuilt => local.rebuilt[source] += 1,
             Outcome::NotOwned => {}
         }
         Ok(())
@@ -667,6 +668,7 @@ struct Batch {
     consumed: Vec<u64>,
     processed: Vec<u64>,
     replayed: Vec<u64>,
+    rebuilt: Vec<u64>,
     late: Vec<u64>,
     partly_late: Vec<u64>,
     /// Per source, per lookup: records whose key it did not find (skipped or null).
@@ -682,6 +684,7 @@ impl Batch {
             consumed: vec![0; s],
             processed: vec![0; s],
             replayed: vec![0; s],
+            rebuilt: vec![0; s],
             late: vec![0; m],
             partly_late: vec![0; m],
             missing: shared.topo.sources.iter().map(|s| vec![0; s.lookups.len()]).collect(),
@@ -696,6 +699,7 @@ impl Batch {
             shared.metrics.records_consumed.with_label_values(&l).inc_by(std::mem::take(&mut self.consumed[i]));
             shared.metrics.records_processed.with_label_values(&l).inc_by(std::mem::take(&mut self.processed[i]));
             shared.metrics.records_replayed.with_label_values(&l).inc_by(std::mem::take(&mut self.replayed[i]));
+            shared.metrics.records_rebuilt.with_label_values(&l).inc_by(std::mem::take(&mut self.rebuilt[i]));
             for (lookup, n) in src.lookups.iter().zip(&mut self.missing[i]) {
                 let n = std::mem::take(n);
                 if n > 0 {

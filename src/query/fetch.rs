@@ -165,6 +165,16 @@ pub enum Unavailable {
     /// The metric is refused there: its state is of another layout, or misses records.
     #[error("{0}")]
     Refused(String),
+    /// The metric is being rebuilt there from the source's records.
+    #[error("metric `{metric}` is being rebuilt from the source (at offset {at} of {until})")]
+    Rebuilding {
+        /// The metric.
+        metric: String,
+        /// The next offset the rebuild reads.
+        at: i64,
+        /// The partition's position, where the rebuild ends.
+        until: i64,
+    },
 }
 
 impl Unavailable {
@@ -178,6 +188,7 @@ impl Unavailable {
             Unavailable::Unreachable(_) => "unreachable",
             Unavailable::Mismatch(_) => "config_mismatch",
             Unavailable::Refused(_) => "metric_refused",
+            Unavailable::Rebuilding { .. } => "rebuilding",
         }
     }
 }
@@ -442,6 +453,9 @@ impl LocalFetch {
             if let Some(why) = self.refusals.get(&m.name) {
                 return Ok(Err(Unavailable::Refused(why)));
             }
+            if let Some(at) = rebuild_pending(m, meta) {
+                return Ok(Err(Unavailable::Rebuilding { metric: m.name.clone(), at, until: position.next_offset }));
+            }
             if m.layout.text != r.layout {
                 return Ok(Err(Unavailable::Mismatch(format!("metric `{}` has layout `{}` here, `{}` there", r.metric, m.layout.text, r.layout))));
             }
@@ -480,6 +494,16 @@ impl LocalFetch {
             reads.push(MetricPartials { entries, newest, bounds, expired_before });
         }
         Ok(Ok(reads))
+    }
+}
+
+/// Where `m`'s rebuild stands on a partition stored as `meta`: `None` when its state is
+/// of this generation and complete.
+fn rebuild_pending(m: &crate::topology::Metric, meta: Option<&PartitionMeta>) -> Option<i64> {
+    let token = m.rebuild.as_ref()?;
+    match meta?.mark(&m.name) {
+        Some(mark) if mark.rebuild.as_ref() == Some(token) => mark.rebuilding.map(|r| r.next),
+        _ => Some(0),
     }
 }
 
