@@ -124,6 +124,13 @@ fn compare(topo: &Topology, store: &Store, m: &Metric, was: &Manifest) -> Result
         ));
         return Ok(MetricPlan { metric: m.name.clone(), verdict: Verdict::Incompatible, notes });
     }
+    if let Some(p) = gap(topo, store, m)? {
+        notes.push(format!(
+            "its states on partition {p} stop before the stored position (records were processed while it was refused or not configured): \
+             a restart refuses it; give it a new name or a `rebuild` token"
+        ));
+        return Ok(MetricPlan { metric: m.name.clone(), verdict: Verdict::Incompatible, notes });
+    }
     let mut verdict = Verdict::Unchanged;
     if was.filter.is_some() && was.filter != m.filter_text {
         verdict = Verdict::Compatible;
@@ -147,6 +154,16 @@ fn compare(topo: &Topology, store: &Store, m: &Metric, was: &Manifest) -> Result
 
 fn shown(f: &Option<String>) -> String {
     f.as_deref().map_or("(none)".into(), |f| format!("`{f}`"))
+}
+
+/// A partition whose position's marks leave `m` out while states of it are stored.
+fn gap(topo: &Topology, store: &Store, m: &Metric) -> Result<Option<i32>, StoreError> {
+    for (p, meta) in store.partitions(&topo.sources[m.source].name)? {
+        if meta.marks.is_some() && meta.mark(&m.name).is_none() && store.has_states(&m.name, p)? {
+            return Ok(Some(p));
+        }
+    }
+    Ok(None)
 }
 
 /// The metric's expiry horizon (latest over partitions) and highest watermark, as stored.
@@ -257,5 +274,24 @@ mod tests {
         assert_eq!(rebuilt.verdict, Verdict::Rebuilds, "{rebuilt:?}");
         let renamed = plan_of(BASE, &BASE.replace("name = \"m\"", "name = \"m2\""));
         assert_eq!(renamed.iter().map(|p| p.verdict).collect::<Vec<_>>(), vec![Verdict::New, Verdict::Removed]);
+    }
+
+    /// A metric whose states a position's marks leave out missed records: the plan says a
+    /// restart refuses it, though its layout is the same.
+    #[test]
+    fn a_metric_whose_states_miss_records_is_incompatible() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let topo = test_topology(BASE);
+        let m = &topo.metrics[0];
+        store.put_manifest(m).unwrap();
+        let mut batch = crate::store::WriteBatch::default();
+        let mut k = Vec::new();
+        crate::store::state_key_prefix(&mut k, "m", 0, 0, crate::store::EVERY_WINDOW);
+        batch.put_encoded(&k, &m.layout.seal(&crate::store::StoredAggregate { max_offset: 0, states: vec![crate::aggregate::AggState::Count(1)] }));
+        batch.put_meta("s", 0, &crate::store::PartitionMeta { next_offset: 5, marks: Some(vec![]), ..Default::default() });
+        store.apply(batch).unwrap();
+        let plan = plan(&topo, &store).unwrap().remove(0);
+        assert_eq!(plan.verdict, Verdict::Incompatible, "{plan:?}");
     }
 }
