@@ -23,11 +23,15 @@
 //! |------|-----------|------|
 //! | [`store_v2_to_v3`] | 2 → 3 | states carry their layout's fingerprint, positions their metrics' marks, layout records the metric's settings |
 //!
+//! The internal topics' settings that matter are in [`topics`], checked (and altered) at
+//! every start.
+//!
 //! `tally migrate --config FILE` runs the pending steps ([`migrate`]); `tally run` does the
 //! same at start, or refuses with `state.migrate = "refuse"`. Each step is idempotent and
 //! writes the new version last, so a step interrupted halfway runs again whole.
 
 pub mod store_v2_to_v3;
+pub mod topics;
 
 use std::borrow::Cow;
 use std::path::Path;

@@ -537,3 +537,38 @@ fn a_changed_metric_given_a_rebuild_token_is_recomputed_from_the_source() {
     assert_eq!(metric_sum(&tally.metrics(), "tally_records_rebuilt_total"), 0.0, "the changelog says it is rebuilt");
     tally.stop();
 }
+
+/// An internal topic with the wrong settings (a changelog created by hand with
+/// `cleanup.policy=delete`, which would lose state once its retention passed) is altered at
+/// start, its other settings kept. On nisshi, which has the config APIs.
+#[test]
+fn a_changelog_created_without_compaction_is_migrated_at_start() {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, TopicReplication};
+    let state = tempfile::tempdir().unwrap();
+    let text = config_text("v3");
+    let cluster = Cluster::nisshi(&config_of(&text, "", state.path()), PARTITIONS);
+    let cfg = config_of(&text, &cluster.brokers, state.path());
+    let changelog = tally::topology::Topology::compile(&cfg).unwrap().changelog_topic(0);
+    let admin: AdminClient<_> = rdkafka::ClientConfig::new().set("bootstrap.servers", &cluster.brokers).create().unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let opts = AdminOptions::new().request_timeout(Some(std::time::Duration::from_secs(10)));
+    let topic = NewTopic::new(&changelog, PARTITIONS, TopicReplication::Fixed(1)).set("cleanup.policy", "delete").set("retention.ms", "86400000");
+    rt.block_on(admin.create_topics(&[topic], &opts)).unwrap().into_iter().for_each(|r| {
+        r.unwrap();
+    });
+    let settings = |key: &str| -> Option<String> {
+        let described = rt.block_on(admin.describe_configs(&[ResourceSpecifier::Topic(&changelog)], &opts)).unwrap();
+        let resource = described.into_iter().next().unwrap().unwrap();
+        let value = resource.entry_map().get(key).and_then(|e| e.value.clone());
+        value
+    };
+    assert_eq!(settings("cleanup.policy").as_deref(), Some("delete"));
+
+    let events = events();
+    cluster.produce("shop-events", &events);
+    let tally = Tally::start(cfg);
+    wait_caught_up(tally.addr, "/api/v1/metrics/views", &ends(&events));
+    assert_eq!(settings("cleanup.policy").as_deref(), Some("compact"), "the changelog is compacted now");
+    assert_eq!(settings("retention.ms").as_deref(), Some("86400000"), "and keeps its other settings");
+    tally.stop();
+}

@@ -1,9 +1,10 @@
 //! The edges to Kafka: client settings, the source consumer loop ([`consumer`]), the
 //! dead-letter and late-record outputs ([`side`]), changelogs ([`changelog`]) and reading
 //! them back ([`state_updater`]), the result topic ([`results`]), acknowledged producing
-//! ([`delivery`]), internal topics ([`topics`]), membership ([`members`]), global tables ([`tables`])
+//! ([`delivery`]), internal topics ([`topics`]; their settings altered by [`alter_configs`]), membership ([`members`]), global tables ([`tables`])
 //! and the producer of generated events ([`feed`]).
 
+pub mod alter_configs;
 pub mod changelog;
 pub mod consumer;
 pub mod delivery;

@@ -75,7 +75,43 @@ pub async fn ensure(kafka: &KafkaConfig, topo: &Topology) -> anyhow::Result<Vec<
     }
     let specs: Vec<Spec> = wanted.iter().map(|(t, parts)| Spec { name: t.name.clone(), partitions: *parts, kind: Some(t.kind) }).collect();
     create(&admin, &specs).await?;
+    let present: Vec<InternalTopic> = internal.iter().filter(|t| !wanted.iter().any(|(w, _)| w.name == t.name)).cloned().collect();
+    // In the background: nothing depends on it soon (a wrong policy loses data only once its
+    // retention passes), and a broker without the config APIs answers only by a timeout.
+    tokio::spawn(async move { migrate_settings(&admin, &present).await });
     Ok(topo.sources.iter().map(|s| existing.get(s.topic.as_str()).copied()).collect())
+}
+
+/// Alters the existing internal topics whose settings differ from what they must have
+/// ([`crate::migrations::topics`]). A broker without the config APIs (the mock cluster) is
+/// logged and left as it is: the topics tally creates itself are right from the start.
+async fn migrate_settings(admin: &AdminClient<DefaultClientContext>, topics: &[InternalTopic]) {
+    use rdkafka::admin::ResourceSpecifier;
+    let topics: Vec<&InternalTopic> = topics.iter().filter(|t| !crate::migrations::topics::required(t.kind).is_empty()).collect();
+    if topics.is_empty() {
+        return;
+    }
+    let opts = AdminOptions::new().request_timeout(Some(Duration::from_secs(10)));
+    let specifiers: Vec<ResourceSpecifier> = topics.iter().map(|t| ResourceSpecifier::Topic(&t.name)).collect();
+    let described = match admin.describe_configs(&specifiers, &opts).await {
+        Ok(d) => d,
+        Err(e) => return tracing::warn!(error = %e, "could not read the internal topics' settings; they are not checked"),
+    };
+    for (t, resource) in topics.iter().zip(described) {
+        let Ok(resource) = resource else { continue };
+        let current = resource.entry_map();
+        let missing =
+            crate::migrations::topics::missing(crate::migrations::topics::required(t.kind), |k| current.get(k).and_then(|e| e.value.clone()));
+        if missing.is_empty() {
+            continue;
+        }
+        match super::alter_configs::set_topic_settings(admin, &t.name, &missing, Duration::from_secs(10)) {
+            Ok(()) => tracing::warn!(topic = %t.name, settings = ?missing, "migrated an internal topic's settings"),
+            Err(why) => {
+                tracing::error!(topic = %t.name, settings = ?missing, error = %why, "an internal topic has the wrong settings and could not be altered; set them by hand")
+            }
+        }
+    }
 }
 
 /// An admin client, and the existing topics with their partition counts. Looking first
