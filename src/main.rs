@@ -38,7 +38,8 @@ enum Command {
         /// The config file (TOML).
         #[arg(long)]
         config: PathBuf,
-        /// A state directory (`state.dir` of the running config).
+        /// A state directory (`state.dir` of the running config), or `cluster`: the state
+        /// the changelogs on the config's brokers hold.
         #[arg(long)]
         against: Option<PathBuf>,
     },
@@ -125,14 +126,21 @@ fn main() -> anyhow::Result<()> {
             let topo = tally::topology::Topology::compile(&cfg)?;
             print!("{}", topo.explain());
             println!("config OK");
-            if let Some(dir) = against {
+            if let Some(dir) = against.clone().filter(|d| d.as_os_str() != "cluster" || d.is_dir()) {
                 let store = open_existing(&dir)?;
                 let pending: Vec<&str> = store.pending()?.iter().map(|s| s.name).collect();
                 if !pending.is_empty() {
                     println!("a restart migrates the store first: {}", pending.join(", "));
                 }
                 let plans = tally::upgrade::plan(&topo, &store)?;
-                print!("{}", tally::upgrade::render(&dir.display().to_string(), store.version()?, &plans));
+                print!("{}", tally::upgrade::render(&dir.display().to_string(), Some(store.version()?), &plans));
+            } else if against.is_some() {
+                let scratch = tempfile::Builder::new().prefix("tally-check-").tempdir()?;
+                let store = tally::store::Store::open(scratch.path())?;
+                let records = tally::kafka::snapshot::copy_changelogs(&cfg.kafka, &topo, &store).context("reading the changelogs")?;
+                let plans = tally::upgrade::plan(&topo, &store)?;
+                let what = format!("the changelogs on {} ({records} records)", cfg.kafka.bootstrap_servers);
+                print!("{}", tally::upgrade::render(&what, None, &plans));
             }
             Ok(())
         }

@@ -581,9 +581,14 @@ impl Store {
 
     /// Records what `m` is now.
     pub fn put_manifest(&self, m: &Metric) -> Result<(), StoreError> {
+        self.put_manifest_of(&m.name, &Manifest::of(m))
+    }
+
+    /// Records `manifest` as what the store remembers of `metric`.
+    pub fn put_manifest_of(&self, metric: &str, manifest: &Manifest) -> Result<(), StoreError> {
         let mut k = Vec::new();
-        push_name(&mut k, LAYOUT_TAG, &m.name);
-        self.tree.insert(k, Manifest::of(m).encode())?;
+        push_name(&mut k, LAYOUT_TAG, metric);
+        self.tree.insert(k, manifest.encode())?;
         Ok(())
     }
 

@@ -221,10 +221,13 @@ fn retention_note(was: i64, m: &Metric, horizon: Option<i64>, watermark: Option<
     }
 }
 
-/// The plan in words, for `tally check --against`.
-pub fn render(against: &str, version: u32, plans: &[MetricPlan]) -> String {
+/// The plan in words, for `tally check --against`; `version`: the store's, for a state directory.
+pub fn render(against: &str, version: Option<u32>, plans: &[MetricPlan]) -> String {
     let mut out = String::new();
-    let _ = writeln!(out, "against {against} (store version {version}):");
+    let _ = match version {
+        Some(v) => writeln!(out, "against {against} (store version {v}):"),
+        None => writeln!(out, "against {against}:"),
+    };
     let width = plans.iter().map(|p| p.metric.len()).max().unwrap_or(0);
     for p in plans {
         let _ = writeln!(out, "  {:width$}  {}", p.metric, p.verdict.word());

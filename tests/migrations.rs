@@ -354,6 +354,17 @@ fn changed_metric_on_a_wiped_disk(cluster: impl Fn(&Config) -> Cluster) {
     wait_caught_up(tally.addr, "/api/v1/metrics/views", &ends(first));
     tally.stop();
 
+    // The plan against the cluster's changelogs (no state directory needed).
+    let file = state.path().with_extension("toml");
+    std::fs::write(&file, toml::to_string(&config_of(&after, &cluster.brokers, state.path())).unwrap()).unwrap();
+    let out =
+        std::process::Command::new(env!("CARGO_BIN_EXE_tally")).args(["check", "--against", "cluster", "--config"]).arg(&file).output().unwrap();
+    let plan = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{plan}{}", String::from_utf8_lossy(&out.stderr));
+    let line = |m: &str| plan.lines().find(|l| l.trim_start().starts_with(m)).unwrap_or_default().to_string();
+    println!("{plan}");
+    assert!(plan.contains("against the changelogs on") && line("spend").contains("incompatible") && line("views").contains("unchanged"), "{plan}");
+
     std::fs::remove_dir_all(state.path()).unwrap();
     let tally = Tally::start(config_of(&after, &cluster.brokers, state.path()));
     cluster.produce(topic, second);

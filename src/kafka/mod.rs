@@ -1,7 +1,7 @@
 //! The edges to Kafka: client settings, the source consumer loop ([`consumer`]), the
 //! dead-letter and late-record outputs ([`side`]), changelogs ([`changelog`]) and reading
 //! them back ([`state_updater`]), the result topic ([`results`]), acknowledged producing
-//! ([`delivery`]), internal topics ([`topics`]; their settings altered by [`alter_configs`]), membership ([`members`]), global tables ([`tables`])
+//! ([`delivery`]), internal topics ([`topics`]; their settings altered by [`alter_configs`]), membership ([`members`]), global tables ([`tables`]), a copy of the changelogs' state ([`snapshot`])
 //! and the producer of generated events ([`feed`]).
 
 pub mod alter_configs;
@@ -12,6 +12,7 @@ pub mod feed;
 pub mod members;
 pub mod results;
 pub mod side;
+pub mod snapshot;
 pub mod state_updater;
 pub mod tables;
 pub mod topics;
