@@ -160,6 +160,16 @@ pub struct Rebuilding {
     pub max_event_time: i64,
 }
 
+/// Where `m`'s rebuild stands on a partition stored as `meta`: `None` when its state is of
+/// this generation and complete, else the next offset the rebuild reads.
+pub fn rebuild_pending(m: &crate::topology::Metric, meta: Option<&crate::store::PartitionMeta>) -> Option<i64> {
+    let token = m.rebuild.as_ref()?;
+    match meta?.mark(&m.name) {
+        Some(mark) if mark.rebuild.as_ref() == Some(token) => mark.rebuilding.map(|r| r.next),
+        _ => Some(0),
+    }
+}
+
 /// The metrics a replica refuses, each with why: shared by the tasks, which stop
 /// processing them, and the query side, which answers them with the reason.
 #[derive(Debug, Default)]

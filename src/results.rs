@@ -264,7 +264,14 @@ impl ResultView {
             .map(|i| (Output::Metric(i), self.topo.metrics[i].emit))
             .chain(self.topo.derived.iter().enumerate().map(|(i, d)| (Output::Ratio(i), d.emit)))
             .collect();
+        let mut rebuilding = vec![false; self.topo.sources.len()];
         for s in 0..self.topo.sources.len() {
+            // A metric being rebuilt holds its source's final rows back (none is skipped:
+            // the frontier waits), and its updates until its rebuilt states come in.
+            rebuilding[s] = self.rebuilding(s)?;
+            if rebuilding[s] {
+                continue;
+            }
             let since = self.sent[s];
             let Some(f) = self.watermarks(s)?.0.filter(|&f| since.is_none_or(|e| f > e)) else { continue };
             for &(o, emit) in &outputs {
@@ -275,7 +282,7 @@ impl ResultView {
             self.taken[s] = Some(f);
         }
         for &(o, emit) in &outputs {
-            if emit == Emit::Updates {
+            if emit == Emit::Updates && !rebuilding[self.topo.metrics[self.base(o)].source] {
                 self.updated_rows(o, &mut out)?;
             }
         }
@@ -283,6 +290,13 @@ impl ResultView {
             t.clear();
         }
         Ok(out)
+    }
+
+    /// Whether a metric of `source` is being rebuilt on some partition, by the view's positions.
+    fn rebuilding(&self, source: usize) -> Result<bool, ResultsError> {
+        let metas = self.store.partitions(&self.topo.sources[source].name)?;
+        let metrics = self.topo.metrics.iter().filter(|m| m.source == source && m.rebuild.is_some());
+        Ok(metrics.into_iter().any(|m| metas.iter().any(|(_, meta)| crate::layout::rebuild_pending(m, Some(meta)).is_some())))
     }
 
     /// Records that the last take's rows were sent: its windows are done, and their slices

@@ -25,10 +25,15 @@ fn hex(bytes: &[u8]) -> String {
 /// The fixture's events: views and orders of 200 users over 10 products for about two
 /// hours of 2021-09-06, some out of order and some later than watermark and grace.
 fn events() -> Vec<GenRecord> {
+    many_events(3_000)
+}
+
+/// `n` events as [`events`] makes them (the first 3,000 are the fixture's).
+fn many_events(n: usize) -> Vec<GenRecord> {
     let mut rng = Rng(2021);
     let mut out = Vec::new();
     let mut t: i64 = 1_630_886_400_000;
-    for _ in 0..3_000 {
+    for _ in 0..n {
         t += rng.range(500, 4_000);
         let ts = if rng.chance(0.05) { t - rng.range(3 * 60_000, 9 * 60_000) } else { t - rng.range(0, 30_000) };
         let user = format!("u{}", rng.below(200));
@@ -493,6 +498,30 @@ fn wait_answered(addr: std::net::SocketAddr, metric: &str) -> Vec<String> {
     }
 }
 
+/// Waits until `metric`'s rebuild has got past offset `past` on some partition, by the 503
+/// answers' details; `None` if it answered 200 first (the rebuild was done).
+fn wait_rebuilt_past(addr: std::net::SocketAddr, metric: &str, past: i64) -> Option<i64> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while std::time::Instant::now() < deadline {
+        match try_get_raw(addr, &format!("/api/v1/metrics/{metric}")) {
+            Some((200, _)) => return None,
+            Some((503, body)) => {
+                let v: Value = serde_json::from_str(&body).unwrap();
+                let at = v["missing"].as_array().into_iter().flatten().filter(|m| m["reason"] == "rebuilding").filter_map(|m| {
+                    let detail = m["detail"].as_str()?;
+                    detail.split("at offset ").nth(1)?.split(' ').next()?.parse::<i64>().ok()
+                });
+                if let Some(at) = at.max().filter(|a| *a > past) {
+                    return Some(at);
+                }
+            }
+            _ => {}
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    panic!("{metric}: the rebuild never got past offset {past}");
+}
+
 /// The other safe route: the changed metric given a rebuild token is dropped and recomputed
 /// from the source topic's records while the others run on — after which it answers exactly
 /// as the model of the new config over every event, on this replica, after a restart (no
@@ -582,4 +611,53 @@ fn a_changelog_created_without_compaction_is_migrated_at_start() {
     assert_eq!(settings("cleanup.policy").as_deref(), Some("compact"), "the changelog is compacted now");
     assert_eq!(settings("retention.ms").as_deref(), Some("86400000"), "and keeps its other settings");
     tally.stop();
+}
+
+/// A rebuild SIGKILLed again and again resumes from the progress its positions record, and
+/// ends exactly as the model of the new config says: a record read twice by a rebuild is
+/// not counted twice.
+#[test]
+fn a_rebuild_killed_midway_resumes_and_ends_exact() {
+    let before = config_text("v3");
+    let after = before.replace(SPEND_BEFORE, &format!("{SPEND_AFTER}\nrebuild = \"after-kills\""));
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = Cluster::for_config(&config_of(&before, "", dir.path()), PARTITIONS);
+    let events = many_events(60_000);
+    cluster.produce("shop-events", &events);
+    let fast = |text: &str| {
+        let mut cfg = config_of(text, &cluster.brokers, dir.path());
+        cfg.state.commit_interval = "50ms".into();
+        // The broker's minimum session timeout: a killed member is replaced quickly.
+        cfg.kafka.properties.insert("session.timeout.ms".into(), "6000".into());
+        cfg.kafka.properties.insert("heartbeat.interval.ms".into(), "500".into());
+        cfg
+    };
+    let mut replica = common::replica::Replica::new(dir.path(), "r", &fast(&before));
+    replica.start();
+    replica.wait_ready();
+    wait_caught_up(replica.addr, "/api/v1/metrics/views", &ends(&events));
+    replica.terminate();
+
+    replica.configure(&fast(&after));
+    let mut rng = Rng(12);
+    let mut killed_at = Vec::new();
+    for _ in 0..3 {
+        replica.start();
+        // Kill it once the rebuild has got somewhere, at a random moment after.
+        let at = wait_rebuilt_past(replica.addr, "spend", 1);
+        std::thread::sleep(std::time::Duration::from_millis(rng.below(300)));
+        replica.kill();
+        killed_at.push(at);
+    }
+    println!("killed with the rebuild at offsets {killed_at:?}");
+    assert!(killed_at.iter().all(|a| a.is_some()), "every kill came while the rebuild ran: {killed_at:?}");
+    replica.start();
+    replica.wait_ready();
+    wait_caught_up(replica.addr, "/api/v1/metrics/views", &ends(&events));
+    wait_answered(replica.addr, "spend");
+    assert_others_exact(replica.addr, &after, &events, "", "after a rebuild killed four times");
+    let log = replica.log();
+    let resumed = log.lines().filter(|l| l.contains("rebuilt from the source")).count();
+    println!("{resumed} partition rebuilds finished over the runs");
+    assert!(resumed >= PARTITIONS as usize, "every partition's rebuild finished");
 }

@@ -453,7 +453,7 @@ impl LocalFetch {
             if let Some(why) = self.refusals.get(&m.name) {
                 return Ok(Err(Unavailable::Refused(why)));
             }
-            if let Some(at) = rebuild_pending(m, meta) {
+            if let Some(at) = crate::layout::rebuild_pending(m, meta) {
                 return Ok(Err(Unavailable::Rebuilding { metric: m.name.clone(), at, until: position.next_offset }));
             }
             if m.layout.text != r.layout {
@@ -494,16 +494,6 @@ impl LocalFetch {
             reads.push(MetricPartials { entries, newest, bounds, expired_before });
         }
         Ok(Ok(reads))
-    }
-}
-
-/// Where `m`'s rebuild stands on a partition stored as `meta`: `None` when its state is
-/// of this generation and complete.
-fn rebuild_pending(m: &crate::topology::Metric, meta: Option<&PartitionMeta>) -> Option<i64> {
-    let token = m.rebuild.as_ref()?;
-    match meta?.mark(&m.name) {
-        Some(mark) if mark.rebuild.as_ref() == Some(token) => mark.rebuilding.map(|r| r.next),
-        _ => Some(0),
     }
 }
 
