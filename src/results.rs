@@ -264,12 +264,12 @@ impl ResultView {
             .map(|i| (Output::Metric(i), self.topo.metrics[i].emit))
             .chain(self.topo.derived.iter().enumerate().map(|(i, d)| (Output::Ratio(i), d.emit)))
             .collect();
-        let mut rebuilding = vec![false; self.topo.sources.len()];
+        let mut held = Vec::new();
         for s in 0..self.topo.sources.len() {
             // A metric being rebuilt holds its source's final rows back (none is skipped:
             // the frontier waits), and its updates until its rebuilt states come in.
-            rebuilding[s] = self.rebuilding(s)?;
-            if rebuilding[s] {
+            if self.rebuilding(s)? {
+                held.push(s);
                 continue;
             }
             let since = self.sent[s];
@@ -282,7 +282,7 @@ impl ResultView {
             self.taken[s] = Some(f);
         }
         for &(o, emit) in &outputs {
-            if emit == Emit::Updates && !rebuilding[self.topo.metrics[self.base(o)].source] {
+            if emit == Emit::Updates && !held.contains(&self.topo.metrics[self.base(o)].source) {
                 self.updated_rows(o, &mut out)?;
             }
         }
