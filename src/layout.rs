@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::aggregate::{AggKind, AggState, AggregateSpec};
 use crate::store::{StoreError, StoredAggregate, STATE_FORMAT};
-use crate::window::WindowSpec;
+use crate::window::{WindowKind, WindowSpec};
 
 /// Fingerprint of a state whose layout is not known (written before layouts travelled with
 /// states): it is read if its kinds fit.
@@ -34,7 +34,7 @@ pub fn fingerprint(text: &str) -> u64 {
 /// A metric's layout.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Layout {
-    /// What its states are, in words, e.g. `count, sum(amount) | by product | Tumbling { size_ms: 60000 } UTC | keys/2`.
+    /// What its states are, in words, e.g. `count, sum(amount) | by product | tumbling 60000ms UTC | keys/2`.
     pub text: String,
     /// [`fingerprint`] of `text`.
     #[serde(skip)]
@@ -63,11 +63,17 @@ impl Layout {
             })
             .collect();
         let zone = serde_json::to_value(window.zone).unwrap_or_default();
+        // Written out field by field: a persisted identity must not follow a type's Debug form.
+        let windows = match window.kind {
+            WindowKind::Tumbling { size_ms } => format!("tumbling {size_ms}ms"),
+            WindowKind::Hopping { size_ms, slide_ms } => format!("hopping {size_ms}ms/{slide_ms}ms"),
+            WindowKind::Cumulate { step_ms, max_ms } => format!("cumulate {step_ms}ms/{max_ms}ms"),
+            WindowKind::Global => "global".to_string(),
+        };
         let text = format!(
-            "{} | by {} | {:?} {} | keys/{}",
+            "{} | by {} | {windows} {} | keys/{}",
             aggs.join(", "),
             if group_by.is_empty() { "-".to_string() } else { group_by.join(", ") },
-            window.kind,
             zone.as_str().unwrap_or_default(),
             crate::store::KEY_FORMAT
         );
@@ -124,6 +130,11 @@ pub fn header(bytes: &[u8]) -> Option<(u64, &[u8])> {
     Some((fp, &bytes[STATE_HEADER_BYTES..]))
 }
 
+/// Whether `bytes` are a current-format state of exactly `m`'s layout and generation.
+pub fn is_current(m: &crate::topology::Metric, bytes: &[u8]) -> bool {
+    bytes.first() == Some(&STATE_FORMAT) && header(bytes).is_some_and(|(fp, _)| fp == m.layout.fingerprint)
+}
+
 /// Reads only `max_offset` (the first field of the body) of a state of any readable format.
 pub fn max_offset_of(bytes: &[u8]) -> Option<i64> {
     let bytes = crate::migrations::upcast_state(bytes).ok()?;
@@ -154,19 +165,21 @@ pub struct MetricMark {
 pub struct Rebuilding {
     /// The next offset the rebuild folds in.
     pub next: i64,
-    /// The rebuild's watermark (the partition's as it was at `next` on the first pass).
+    /// The rebuild's own watermark, advanced by the records it reads again as the
+    /// partition's was on their first pass.
     pub watermark: i64,
     /// Highest event time the rebuild has seen.
     pub max_event_time: i64,
 }
 
 /// Where `m`'s rebuild stands on a partition stored as `meta`: `None` when its state is of
-/// this generation and complete, else the next offset the rebuild reads.
-pub fn rebuild_pending(m: &crate::topology::Metric, meta: Option<&crate::store::PartitionMeta>) -> Option<i64> {
+/// this generation and complete; a fresh rebuild when the position does not carry the
+/// metric's token; else the progress the position records.
+pub fn rebuild_pending(m: &crate::topology::Metric, meta: &crate::store::PartitionMeta) -> Option<Rebuilding> {
     let token = m.rebuild.as_ref()?;
-    match meta?.mark(&m.name) {
-        Some(mark) if mark.rebuild.as_ref() == Some(token) => mark.rebuilding.map(|r| r.next),
-        _ => Some(0),
+    match meta.mark(&m.name) {
+        Some(mark) if mark.rebuild.as_ref() == Some(token) => mark.rebuilding,
+        _ => Some(Rebuilding { next: 0, watermark: crate::task::NO_WATERMARK, max_event_time: crate::task::NO_WATERMARK }),
     }
 }
 

@@ -296,7 +296,7 @@ impl ResultView {
     fn rebuilding(&self, source: usize) -> Result<bool, ResultsError> {
         let metas = self.store.partitions(&self.topo.sources[source].name)?;
         let metrics = self.topo.metrics.iter().filter(|m| m.source == source && m.rebuild.is_some());
-        Ok(metrics.into_iter().any(|m| metas.iter().any(|(_, meta)| crate::layout::rebuild_pending(m, Some(meta)).is_some())))
+        Ok(metrics.into_iter().any(|m| metas.iter().any(|(_, meta)| crate::layout::rebuild_pending(m, meta).is_some())))
     }
 
     /// Records that the last take's rows were sent: its windows are done, and their slices

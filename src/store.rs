@@ -597,9 +597,7 @@ impl Store {
     /// reads as none.
     pub fn get_current(&self, m: &Metric, key: &[u8]) -> Result<Option<StoredAggregate>, StoreError> {
         match self.tree.get(key)? {
-            Some(v) if crate::layout::header(&v).is_some_and(|(fp, _)| v.first() == Some(&STATE_FORMAT) && fp == m.layout.fingerprint) => {
-                m.layout.open(&m.name, key, &v).map(Some)
-            }
+            Some(v) if crate::layout::is_current(m, &v) => m.layout.open(&m.name, key, &v).map(Some),
             _ => Ok(None),
         }
     }
@@ -611,8 +609,7 @@ impl Store {
         let mut out = Vec::new();
         for kv in self.tree.scan_prefix(&prefix) {
             let (k, v) = kv?;
-            let current = v.first() == Some(&STATE_FORMAT) && crate::layout::header(&v).is_some_and(|(fp, _)| fp == m.layout.fingerprint);
-            if !current {
+            if !crate::layout::is_current(m, &v) {
                 out.push(k);
             }
         }
@@ -627,6 +624,21 @@ impl Store {
             None => Ok(None),
             Some((k, v)) => m.layout.open(&m.name, &k, &v).map(Some),
         }
+    }
+
+    /// Whether some state of `m`'s `partition` holds records only from before `offset` (it
+    /// stopped there: the metric was not processed since), as opposed to states a torn
+    /// flush wrote ahead of their position.
+    pub fn has_states_before(&self, m: &Metric, partition: i32, offset: i64) -> Result<bool, StoreError> {
+        let mut prefix = Vec::new();
+        partition_prefix(&mut prefix, &m.name, partition);
+        for kv in self.tree.scan_prefix(&prefix) {
+            let (_, v) = kv?;
+            if crate::layout::max_offset_of(&v).is_none_or(|o| o < offset) {
+                return Ok(true);
+            }
+        }
+        Ok(false)
     }
 
     /// Whether any state of `metric`'s `partition` is stored.

@@ -110,18 +110,8 @@ fn misfit(m: &crate::topology::Metric, why: &str) -> StoreError {
 /// The rebuilds a stored position calls for: a metric with a rebuild token its mark does not
 /// carry starts one from the partition's beginning; one the mark says is under way goes on.
 fn rebuilds_of(topo: &Topology, source: usize, meta: &PartitionMeta) -> Vec<Rebuild> {
-    let fresh = Rebuilding { next: 0, watermark: NO_WATERMARK, max_event_time: NO_WATERMARK };
-    topo.sources[source]
-        .metrics
-        .iter()
-        .filter_map(|&mi| {
-            let token = topo.metrics[mi].rebuild.as_ref()?;
-            match meta.mark(&topo.metrics[mi].name) {
-                Some(mark) if mark.rebuild.as_ref() == Some(token) => mark.rebuilding.map(|at| Rebuild { metric: mi, at }),
-                _ => Some(Rebuild { metric: mi, at: fresh }),
-            }
-        })
-        .collect()
+    let pending = |mi: usize| crate::layout::rebuild_pending(&topo.metrics[mi], meta).map(|at| Rebuild { metric: mi, at });
+    topo.sources[source].metrics.iter().filter_map(|&mi| pending(mi)).collect()
 }
 
 /// Where consuming a partition resumes from its stored position: the position, or the
@@ -253,6 +243,9 @@ pub struct TaskSet {
     horizons: Horizons,
     /// States of an earlier generation a finished rebuild left, deleted by the next flush.
     pending_deletes: Vec<(usize, i32, Vec<u8>)>,
+    /// (metric, partition) whose rebuild finished since the last flush: read only states of
+    /// the new generation there.
+    fresh: HashSet<(usize, i32)>,
 }
 
 impl TaskSet {
@@ -276,6 +269,7 @@ impl TaskSet {
             refusals: Arc::default(),
             horizons: Horizons::default(),
             pending_deletes: Vec::new(),
+            fresh: HashSet::new(),
         }
     }
 
@@ -315,7 +309,7 @@ impl TaskSet {
                         self.horizons.raise(mi, partition, h);
                     }
                 }
-                (Some(_), None) if self.store.has_states(&m.name, partition)? => {
+                (Some(_), None) if self.store.has_states_before(m, partition, meta.next_offset)? => {
                     let why =
                         format!("states on partition {partition} that stop before offset {} (records since were not counted)", meta.next_offset);
                     self.refuse(mi, &misfit(m, &why));
@@ -374,6 +368,7 @@ impl TaskSet {
             None => PartitionTask { dirty: !self.topo.tables.is_empty(), ..PartitionTask::new(self.tables.position()) },
         };
         self.tasks.insert((source, partition), task);
+        self.caught_up(source, partition, 0)?;
         Ok(resume)
     }
 
@@ -406,9 +401,29 @@ impl TaskSet {
         self.tasks.get(&(source, partition)).map(|t| &t.pin)
     }
 
+    /// Whether a metric is being rebuilt on `source`'s `partition`.
+    pub fn rebuilding(&self, source: usize, partition: i32) -> bool {
+        self.tasks.get(&(source, partition)).is_some_and(|t| !t.rebuilds.is_empty())
+    }
+
+    /// Ends the rebuilds of `source`'s `partition` that have nothing left to read before its
+    /// position: the records before `read` are read or gone, up to the position, or none is
+    /// left between a rebuild and the position.
+    pub fn caught_up(&mut self, source: usize, partition: i32, read: i64) -> Result<(), StoreError> {
+        let Some(task) = self.tasks.get_mut(&(source, partition)) else { return Ok(()) };
+        if task.rebuilds.is_empty() || !(read >= task.next_offset || task.rebuilds.iter().all(|r| r.at.next >= task.next_offset)) {
+            return Ok(());
+        }
+        task.dirty = true;
+        let done = std::mem::take(&mut task.rebuilds);
+        self.finish_rebuilds(partition, &done)
+    }
+
     /// Gives a partition up. Flush first: its unflushed updates are dropped.
     pub fn revoke(&mut self, source: usize, partition: i32) {
         self.tasks.remove(&(source, partition));
+        self.pending_deletes.retain(|(s, p, _)| (*s, *p) != (source, partition));
+        self.fresh.retain(|(mi, p)| !(*p == partition && self.topo.metrics[*mi].source == source));
         let topo = &self.topo;
         self.cache.retain(|_, e| !(e.partition == partition && topo.metrics[e.metric].source == source));
     }
@@ -544,6 +559,8 @@ impl TaskSet {
             tracing::info!(metric = %m.name, partition, up_to = r.at.next, stale = stale.len(), "rebuilt from the source");
             let source = m.source;
             self.pending_deletes.extend(stale.into_iter().map(|k| (source, partition, k.to_vec())));
+            // Until the flush deletes them, the old generation's states are still stored.
+            self.fresh.insert((r.metric, partition));
         }
         Ok(())
     }
@@ -570,7 +587,8 @@ impl TaskSet {
         let entry = match self.cache.get_mut(self.key.as_slice()) {
             Some(e) => e,
             None => {
-                let stored = if rebuilding { self.store.get_current(m, &self.key) } else { self.store.get(m, &self.key) };
+                let current_only = rebuilding || (!self.fresh.is_empty() && self.fresh.contains(&(mi, partition)));
+                let stored = if current_only { self.store.get_current(m, &self.key) } else { self.store.get(m, &self.key) };
                 let value = match stored {
                     Ok(Some(v)) => v,
                     Ok(None) => StoredAggregate { max_offset: -1, states: m.aggregates.iter().map(|a| AggState::new(&a.kind)).collect() },
@@ -745,6 +763,7 @@ impl TaskSet {
         self.cache.retain(|_, e| !expired(e));
         self.cache.values_mut().for_each(|e| e.dirty = false);
         self.pending_deletes.clear();
+        self.fresh.clear();
         for ((mi, partition), before) in expired_before {
             self.horizons.raise(mi, partition, before);
         }

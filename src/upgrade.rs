@@ -8,8 +8,10 @@
 //!   it is (a changed filter applies to records from the stored positions on);
 //! * **changes windows** — grace or retention: the state is kept, and the plan says which
 //!   windows the change reaches (expired slices never come back: see the horizons);
-//! * **incompatible** — the layout (aggregates, fields, group-by, window, zone): a restart
-//!   refuses the metric, the others go on; the safe route is a new name;
+//! * **incompatible** — the layout (aggregates, fields, group-by, window, zone), or states
+//!   that miss records: a restart refuses the metric, the others go on; the safe routes are
+//!   a new name or a rebuild;
+//! * **rebuilds** — a new `rebuild` token: the state is recomputed from the source;
 //! * **new** or **removed**.
 
 use std::fmt::Write as _;
@@ -67,13 +69,30 @@ pub fn plan(topo: &Topology, store: &Store) -> Result<Vec<MetricPlan>, StoreErro
     let stored = store.manifests()?;
     let mut out = Vec::new();
     for m in &topo.metrics {
-        let plan = match stored.iter().find(|(n, _)| *n == m.name) {
+        let was = stored.iter().find(|(n, _)| *n == m.name).map(|(_, w)| w);
+        let plan = match was {
+            Some(was) => compare(topo, store, m, was)?,
             None => MetricPlan {
                 metric: m.name.clone(),
                 verdict: Verdict::New,
-                notes: vec!["no stored state: counts from the source's stored positions on".into()],
+                notes: vec![match m.rebuild {
+                    Some(_) => "no stored state: computed over the records the source still holds (it has a `rebuild` token)".into(),
+                    None => "no stored state: counts from the source's stored positions on".into(),
+                }],
             },
-            Some((_, was)) => compare(topo, store, m, was)?,
+        };
+        let plan = match refused_on(topo, store, m)? {
+            Some(why)
+                if m.rebuild.is_none()
+                    && matches!(plan.verdict, Verdict::Unchanged | Verdict::Compatible | Verdict::ChangesWindows | Verdict::New) =>
+            {
+                MetricPlan {
+                    metric: m.name.clone(),
+                    verdict: Verdict::Incompatible,
+                    notes: vec![format!("{why}: a restart refuses it; give it a new name or a `rebuild` token")],
+                }
+            }
+            _ => plan,
         };
         out.push(plan);
     }
@@ -113,7 +132,9 @@ fn compare(topo: &Topology, store: &Store, m: &Metric, was: &Manifest) -> Result
         ));
         return Ok(MetricPlan { metric: m.name.clone(), verdict: Verdict::Rebuilds, notes });
     }
-    if was.layout != m.layout.text {
+    // An unmigrated store of version 2 holds the layout as version 2 wrote it; its migration
+    // takes it as this metric's.
+    if was.layout != m.layout.text && was.layout != crate::migrations::store_v2_to_v3::layout_v2(m) {
         notes.push(format!("stored as   `{}`", was.layout));
         notes.push(format!("configured  `{}`", m.layout.text));
         notes.push(format!(
@@ -124,15 +145,9 @@ fn compare(topo: &Topology, store: &Store, m: &Metric, was: &Manifest) -> Result
         ));
         return Ok(MetricPlan { metric: m.name.clone(), verdict: Verdict::Incompatible, notes });
     }
-    if let Some(p) = gap(topo, store, m)? {
-        notes.push(format!(
-            "its states on partition {p} stop before the stored position (records were processed while it was refused or not configured): \
-             a restart refuses it; give it a new name or a `rebuild` token"
-        ));
-        return Ok(MetricPlan { metric: m.name.clone(), verdict: Verdict::Incompatible, notes });
-    }
     let mut verdict = Verdict::Unchanged;
-    if was.filter.is_some() && was.filter != m.filter_text {
+    // A store of version 2 recorded no filter (nor grace): no change can be told.
+    if was.grace_ms.is_some() && was.filter != m.filter_text {
         verdict = Verdict::Compatible;
         notes.push(format!(
             "filter {} → {}: records from the stored positions on are filtered the new way; stored windows keep what the old filter let in",
@@ -157,10 +172,19 @@ fn shown(f: &Option<String>) -> String {
 }
 
 /// A partition whose position's marks leave `m` out while states of it are stored.
-fn gap(topo: &Topology, store: &Store, m: &Metric) -> Result<Option<i32>, StoreError> {
+/// Why a restart would refuse `m` by what the positions say, as `TaskSet` judges them: a
+/// mark of another layout, or states a position's marks leave out.
+fn refused_on(topo: &Topology, store: &Store, m: &Metric) -> Result<Option<String>, StoreError> {
     for (p, meta) in store.partitions(&topo.sources[m.source].name)? {
-        if meta.marks.is_some() && meta.mark(&m.name).is_none() && store.has_states(&m.name, p)? {
-            return Ok(Some(p));
+        match meta.mark(&m.name) {
+            Some(mark) if mark.layout != m.layout.text => return Ok(Some(format!("partition {p} holds it as `{}`", mark.layout))),
+            None if meta.marks.is_some() && store.has_states_before(m, p, meta.next_offset)? => {
+                let why = format!(
+                    "its states on partition {p} stop before the stored position (records were processed while it was refused or not configured)"
+                );
+                return Ok(Some(why));
+            }
+            _ => {}
         }
     }
     Ok(None)

@@ -25,6 +25,9 @@ pub fn set_topic_settings(
     // outlive the calls that read them; the client handle is alive as long as `admin`.
     unsafe {
         let resource = rd::rd_kafka_ConfigResource_new(rd::rd_kafka_ResourceType_t::RD_KAFKA_RESOURCE_TOPIC, name.as_ptr());
+        if resource.is_null() {
+            return Err(format!("`{topic}` is not a topic name librdkafka takes"));
+        }
         for (k, v) in &pairs {
             let err = rd::rd_kafka_ConfigResource_add_incremental_config(
                 resource,
@@ -78,7 +81,7 @@ unsafe fn outcome_of(event: *mut rd::rd_kafka_event_t) -> Result<(), String> {
         let r = *resources.add(i);
         let err = rd::rd_kafka_ConfigResource_error(r);
         if err != rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR {
-            return Err(text(rd::rd_kafka_ConfigResource_error_string(r)).to_string() + &format!(" ({})", text(rd::rd_kafka_err2str(err))));
+            return Err(format!("{} ({})", text(rd::rd_kafka_ConfigResource_error_string(r)), text(rd::rd_kafka_err2str(err))));
         }
     }
     Ok(())

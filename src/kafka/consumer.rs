@@ -337,6 +337,21 @@ impl Shared {
         Ok(offset)
     }
 
+    /// A rebuild reads the source from its start: when retention has deleted every record
+    /// before the partition's position, there is nothing for it to read, and it ends now
+    /// (else it would wait for a record that may never come).
+    fn end_rebuilds_of_a_gone_history(&self, consumer: &BaseConsumer<SourceContext>, source: usize, partition: i32) -> anyhow::Result<()> {
+        if !self.tasks().rebuilding(source, partition) {
+            return Ok(());
+        }
+        let topic = &self.topo.sources[source].topic;
+        match consumer.fetch_watermarks(topic, partition, Duration::from_secs(5)) {
+            Ok((low, _)) => self.tasks().caught_up(source, partition, low)?,
+            Err(e) => tracing::debug!(topic, partition, error = %e, "no low watermark: the rebuild ends with the first record at its position"),
+        }
+        Ok(())
+    }
+
     /// Resumes the partitions the state updater has finished: sets each one's fetch position
     /// to its stored position while still paused (records fetched from the group's offset
     /// before the pause are discarded by the seek), then resumes it. A seek that fails is
@@ -371,6 +386,7 @@ impl Shared {
                 continue;
             }
             self.start_task(s, p)?;
+            self.end_rebuilds_of_a_gone_history(consumer, s, p)?;
             let tasks = self.tasks();
             if tasks.pin(s, p).is_some_and(|pin| !tasks.tables().covers(pin)) {
                 // Its pin names table records this replica has not read yet: stay paused.

@@ -78,7 +78,8 @@ pub async fn ensure(kafka: &KafkaConfig, topo: &Topology) -> anyhow::Result<Vec<
     let present: Vec<InternalTopic> = internal.iter().filter(|t| !wanted.iter().any(|(w, _)| w.name == t.name)).cloned().collect();
     // In the background: nothing depends on it soon (a wrong policy loses data only once its
     // retention passes), and a broker without the config APIs answers only by a timeout.
-    tokio::spawn(async move { migrate_settings(&admin, &present).await });
+    // Its own thread: altering a setting waits on librdkafka's queue, not on the runtime.
+    std::thread::Builder::new().name("tally-topic-settings".into()).spawn(move || futures::executor::block_on(migrate_settings(&admin, &present)))?;
     Ok(topo.sources.iter().map(|s| existing.get(s.topic.as_str()).copied()).collect())
 }
 

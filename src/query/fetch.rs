@@ -453,8 +453,8 @@ impl LocalFetch {
             if let Some(why) = self.refusals.get(&m.name) {
                 return Ok(Err(Unavailable::Refused(why)));
             }
-            if let Some(at) = crate::layout::rebuild_pending(m, meta) {
-                return Ok(Err(Unavailable::Rebuilding { metric: m.name.clone(), at, until: position.next_offset }));
+            if let Some(r) = meta.and_then(|meta| crate::layout::rebuild_pending(m, meta)) {
+                return Ok(Err(Unavailable::Rebuilding { metric: m.name.clone(), at: r.next, until: position.next_offset }));
             }
             if m.layout.text != r.layout {
                 return Ok(Err(Unavailable::Mismatch(format!("metric `{}` has layout `{}` here, `{}` there", r.metric, m.layout.text, r.layout))));
