@@ -85,9 +85,23 @@ pub struct Drained {
     pub null: bool,
 }
 
-/// A free loopback port.
+/// A free loopback port, below the kernel's ephemeral range (32768 and up here): a replica
+/// restarted on its port must not find it taken by some outgoing connection meanwhile, which
+/// a port the kernel handed out from that range can be. Never the same port twice in a run.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const LOW: u32 = 20_000;
+    const PORTS: u32 = 12_000;
+    static TAKEN: AtomicU32 = AtomicU32::new(0);
+    // Each test process starts somewhere else in the range, so two at once rarely meet.
+    let start = std::process::id() % PORTS;
+    for _ in 0..PORTS {
+        let port = (LOW + (start + TAKEN.fetch_add(1, Ordering::Relaxed)) % PORTS) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free loopback port below the ephemeral range");
 }
 
 /// Where the nisshi broker binary is: `TALLY_NISSHI`, else where `.ci/install-test-tools`
