@@ -346,7 +346,7 @@ mod tests {
         r.apply(&store::meta_key("s", 0), Some(&old_meta)).unwrap();
         let (position, stats) = r.finish(1).unwrap();
         assert_eq!((position, stats.rejected, stats.keys_written), (None, 2, 0));
-        assert!(!store.has_states("m", 0).unwrap() && store.partition_meta("s", 0).unwrap().is_none());
+        assert!(store.first_state(&topo.metrics[0], 0).unwrap().is_none() && store.partition_meta("s", 0).unwrap().is_none());
     }
 
     /// A record written by a newer tally stops the restore with a message: skipping it would

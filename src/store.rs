@@ -641,13 +641,6 @@ impl Store {
         Ok(false)
     }
 
-    /// Whether any state of `metric`'s `partition` is stored.
-    pub fn has_states(&self, metric: &str, partition: i32) -> Result<bool, StoreError> {
-        let mut prefix = Vec::new();
-        partition_prefix(&mut prefix, metric, partition);
-        Ok(self.tree.scan_prefix(&prefix).next().transpose()?.is_some())
-    }
-
     /// Bytes the store takes on disk.
     pub fn size_on_disk(&self) -> Result<u64, StoreError> {
         Ok(self.db.size_on_disk()?)
@@ -684,7 +677,7 @@ mod tests {
         assert_eq!(slices, vec![-60_000, 0, 60_000]);
         assert_eq!(store.keys_before("pv", 3, 0).unwrap().len(), 2);
         assert!(store.scan(m, 4, i64::MIN, i64::MAX).next().is_none(), "partitions are separate");
-        assert!(store.has_states("pv", 3).unwrap() && !store.has_states("pv", 4).unwrap());
+        assert!(store.has_states_before(m, 3, i64::MAX).unwrap() && !store.has_states_before(m, 4, i64::MAX).unwrap());
         assert_eq!(
             store.partitions("src").unwrap(),
             vec![(3, PartitionMeta { next_offset: 9, watermark: 5, max_event_time: 6, ..PartitionMeta::default() })]

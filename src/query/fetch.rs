@@ -82,7 +82,7 @@ pub struct Position {
 }
 
 impl Position {
-    fn of(meta: Option<PartitionMeta>) -> Position {
+    fn of(meta: Option<&PartitionMeta>) -> Position {
         let known = |t: i64| (t != NO_WATERMARK).then_some(t);
         match meta {
             None => Position { next_offset: 0, watermark: None, max_event_time: None },
@@ -396,7 +396,7 @@ impl LocalFetch {
         let wanted = req.min_offsets.iter().find(|(q, _)| *q == p).map(|(_, o)| *o);
         let (position, meta) = loop {
             let meta = self.store.partition_meta(&req.source, p)?;
-            let position = Position::of(meta.clone());
+            let position = Position::of(meta.as_ref());
             match wanted {
                 Some(w) if position.next_offset < w => {
                     if Instant::now() >= deadline {
@@ -416,7 +416,8 @@ impl LocalFetch {
                 Ok(reads) => reads,
                 Err(why) => return Ok(Err(why)),
             };
-            let after = Position::of(self.store.partition_meta(&req.source, p)?);
+            let after_meta = self.store.partition_meta(&req.source, p)?;
+            let after = Position::of(after_meta.as_ref());
             if after == position {
                 if let Some(cache) = &self.cache {
                     let mut cache = cache.lock().unwrap_or_else(|e| e.into_inner());
@@ -426,8 +427,7 @@ impl LocalFetch {
                 }
                 return Ok(Ok(PartitionPartials { partition: p, position, reads, standby_lag: None }));
             }
-            position = after;
-            meta = self.store.partition_meta(&req.source, p)?;
+            (position, meta) = (after, after_meta);
         }
         Ok(Err(Unavailable::Unreachable(format!("its state kept changing during {CONSISTENT_READ_TRIES} reads"))))
     }
