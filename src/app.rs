@@ -13,6 +13,7 @@ use anyhow::Context;
 use crate::cluster::members::Members;
 use crate::cluster::router::ClusterFetch;
 use crate::config::Config;
+use crate::health::{Faults, Link};
 use crate::http::{self, ApiState};
 use crate::kafka::consumer::SourceConsumer;
 use crate::kafka::members::{Announcer, Identity, Standbys, MEMBER_TTL};
@@ -42,18 +43,18 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'stati
     metrics.init_sources(topo.sources.iter().map(|s| s.name.as_str()));
     metrics.init_metrics(topo.metrics.iter().map(|m| m.name.as_str()));
     metrics.init_results(topo.emitting());
-    let partitions = topics::ensure(&cfg.kafka, &topo).await?;
-    // Every answer covers every partition of its source, so their number must be known.
-    let partitions: Vec<i32> = topo
-        .sources
-        .iter()
-        .zip(partitions)
-        .map(|(s, n)| n.ok_or_else(|| anyhow::anyhow!("source topic `{}` (source `{}`) does not exist; create it first", s.topic, s.name)))
-        .collect::<anyhow::Result<_>>()?;
     let addr: SocketAddr =
         cfg.http.listen.parse().with_context(|| format!("http.listen `{}` is not an address like 127.0.0.1:8080", cfg.http.listen))?;
     let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding the HTTP server to {addr}"))?;
     let bound = listener.local_addr()?;
+    // Listening before the brokers answer: `/health` is up and `/ready` says what is awaited.
+    on_listening(bound);
+    let faults = Arc::new(Faults::new(Some(metrics.clone())));
+    let shutdown = futures::FutureExt::shared(Box::pin(shutdown));
+    let Some((partitions, listener)) = wait_for_brokers(&cfg.kafka, &topo, listener, &metrics, &faults, shutdown.clone()).await? else {
+        tracing::info!("shutting down before the brokers answered");
+        return Ok(());
+    };
     let me = identity(&topo, bound);
     let mut kafka = cfg.kafka.clone();
     if let Some(name) = &topo.cluster.replica {
@@ -106,12 +107,12 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'stati
         owned,
         tables,
         export_failing: Default::default(),
+        faults: Arc::clone(&faults),
     };
     let server = tokio::spawn(http::serve(api, listener, async {
         let _ = http_stop_rx.await;
     }));
     tracing::info!(http = %bound, replica = %me.replica, advertised = %me.url, app = %topo.application_id, "tally is running");
-    on_listening(bound);
 
     let gauges = tokio::spawn(async move {
         loop {
@@ -151,6 +152,73 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'stati
         Ok(r) => r.and(loaded),
         Err(_) => Err(anyhow::anyhow!("the consumer thread panicked")),
     }
+}
+
+/// Backoff between attempts to reach the brokers at start: doubling from the first, capped.
+const BROKER_BACKOFF: (Duration, Duration) = (Duration::from_millis(250), Duration::from_secs(5));
+
+/// Reads the source topics' partition counts (creating missing internal topics), trying
+/// again with capped backoff while the brokers cannot be reached or a source topic does not
+/// exist yet, with a log line per attempt. Meanwhile the HTTP listener serves the
+/// start-up routes ([`http::serve_starting`]). `None`: shut down while waiting.
+async fn wait_for_brokers(
+    kafka: &crate::config::KafkaConfig,
+    topo: &Topology,
+    listener: tokio::net::TcpListener,
+    metrics: &Metrics,
+    faults: &Arc<Faults>,
+    shutdown: impl Future<Output = ()> + Unpin,
+) -> anyhow::Result<Option<(Vec<i32>, tokio::net::TcpListener)>> {
+    let std_listener = listener.into_std()?;
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let starting = tokio::spawn(http::serve_starting(
+        metrics.clone(),
+        Arc::clone(faults),
+        tokio::net::TcpListener::from_std(std_listener.try_clone()?)?,
+        async {
+            let _ = stop_rx.await;
+        },
+    ));
+    let give_up = kafka.exit_on_broker_timeout_ms()?.map(Duration::from_millis);
+    let started = std::time::Instant::now();
+    let mut backoff = BROKER_BACKOFF.0;
+    let mut shutdown = shutdown;
+    let partitions = loop {
+        let why = match topics::ensure(kafka, topo).await {
+            Ok(counts) => match source_partitions(topo, counts) {
+                Ok(p) => break Some(p),
+                Err(missing) => missing,
+            },
+            Err(e) if e.is::<topics::NotYet>() => format!("{e:#}"),
+            Err(e) => return Err(e),
+        };
+        let attempts = faults.failed(Link::Brokers, why.clone());
+        if give_up.is_some_and(|t| started.elapsed() >= t) {
+            anyhow::bail!("the brokers did not answer within --exit-on-broker-timeout ({attempts} attempts): {why}");
+        }
+        tracing::warn!(attempt = attempts, retry_in = ?backoff, error = %why, "waiting for the brokers; tally is up (/health) but not ready");
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = &mut shutdown => break None,
+        }
+        backoff = (backoff * 2).min(BROKER_BACKOFF.1);
+    };
+    let _ = stop_tx.send(());
+    let _ = starting.await;
+    if let Some(f) = faults.recovered(Link::Brokers) {
+        tracing::info!(attempts = f.attempts, "the brokers answered");
+    }
+    Ok(partitions.map(|p| Ok::<_, std::io::Error>((p, tokio::net::TcpListener::from_std(std_listener)?))).transpose()?)
+}
+
+/// Every source's partition count; `Err` names a source topic that does not exist (every
+/// answer covers every partition of its source, so their number must be known).
+fn source_partitions(topo: &Topology, counts: Vec<Option<i32>>) -> Result<Vec<i32>, String> {
+    topo.sources
+        .iter()
+        .zip(counts)
+        .map(|(s, n)| n.ok_or_else(|| format!("source topic `{}` (source `{}`) does not exist; create it first", s.topic, s.name)))
+        .collect()
 }
 
 /// Records what each metric is in the store, refusing one the store remembers with another

@@ -128,6 +128,21 @@ pub struct KafkaConfig {
     /// Any librdkafka property, passed through untouched (e.g. `security.protocol = "SASL_SSL"`).
     #[serde(default)]
     pub properties: BTreeMap<String, String>,
+    /// How long `tally run` waits for the brokers at start before it exits (e.g. `"2m"`;
+    /// also `--exit-on-broker-timeout`). Unset (the default): it waits as long as it takes,
+    /// up but not ready, for supervisors that would rather restart it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_on_broker_timeout: Option<String>,
+}
+
+impl KafkaConfig {
+    /// `exit_on_broker_timeout` in milliseconds.
+    pub fn exit_on_broker_timeout_ms(&self) -> Result<Option<u64>, ConfigError> {
+        self.exit_on_broker_timeout
+            .as_deref()
+            .map(|v| parse_duration_ms(v).map(|ms| ms.max(0) as u64).map_err(|why| ConfigError::new("kafka.exit_on_broker_timeout", why)))
+            .transpose()
+    }
 }
 
 /// State store settings.

@@ -34,6 +34,7 @@ pub mod event;
 pub mod filter;
 pub mod gen;
 pub mod hash;
+pub mod health;
 pub mod http;
 pub mod kafka;
 pub mod layout;

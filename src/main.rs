@@ -31,6 +31,10 @@ enum Command {
         /// The URL other replicas reach this one at (`http.advertised_url`).
         #[arg(long)]
         advertised_url: Option<String>,
+        /// Exit when the brokers have not answered this long after start, e.g. `2m`
+        /// (`kafka.exit_on_broker_timeout`); by default tally waits, up but not ready.
+        #[arg(long, value_name = "DURATION")]
+        exit_on_broker_timeout: Option<String>,
     },
     /// Validate a config file and explain what it computes; with `--against`, what a
     /// restart with it would do to a stored state, metric by metric.
@@ -113,11 +117,12 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().command {
-        Command::Run { config, replica, advertised_url } => {
+        Command::Run { config, replica, advertised_url, exit_on_broker_timeout } => {
             let mut cfg = Config::load(&config)?;
             cfg.cluster.replica = replica.or(cfg.cluster.replica);
             cfg.http.advertised_url = advertised_url.or(cfg.http.advertised_url);
-            cfg.validate().context("with the command line's --replica / --advertised-url")?;
+            cfg.kafka.exit_on_broker_timeout = exit_on_broker_timeout.or(cfg.kafka.exit_on_broker_timeout);
+            cfg.validate().context("with the command line's --replica / --advertised-url / --exit-on-broker-timeout")?;
             let rt = tokio::runtime::Runtime::new()?;
             rt.block_on(tally::app::run(cfg, tally::app::shutdown_signal(), |_| {}))
         }
@@ -179,7 +184,12 @@ fn main() -> anyhow::Result<()> {
                 anyhow::bail!("--topic: scenario {scenario:?} writes to several topics ({topics:?}); they cannot be renamed");
             }
             let topic = topic.unwrap_or_else(|| gen::topic(scenario).to_string());
-            let kafka = KafkaConfig { bootstrap_servers: brokers, application_id: "tally-gen".into(), properties: Default::default() };
+            let kafka = KafkaConfig {
+                bootstrap_servers: brokers,
+                application_id: "tally-gen".into(),
+                properties: Default::default(),
+                exit_on_broker_timeout: None,
+            };
             let rt = tokio::runtime::Runtime::new()?;
             for t in topics.iter().filter(|t| **t != gen::S3_ROOMS) {
                 let t = if topics.len() == 1 { topic.as_str() } else { t };

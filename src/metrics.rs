@@ -23,6 +23,10 @@ pub struct Metrics {
     pub metric_refused: IntGaugeVec,
     /// Records dropped from some windows of a metric (closed) but counted in its others.
     pub records_partly_late: IntCounterVec,
+    /// 1 while a link is failing (`brokers`, `flush`; see `/ready`).
+    pub fault: IntGaugeVec,
+    /// Failed attempts of a link, by link.
+    pub fault_attempts: IntCounterVec,
     /// Owned partitions counted idle (see `idle_timeout`).
     pub partitions_idle: IntGauge,
     /// Records that could not be decoded, by source and reason.
@@ -143,6 +147,8 @@ impl Metrics {
                 "Records counted in some windows of a metric but too late for others (already closed), per metric.",
                 &["metric"],
             ),
+            fault: gauge("tally_fault", "1 while a link fails: `brokers` (unreachable), `flush` (not made durable; processing paused).", &["link"]),
+            fault_attempts: counter("tally_fault_attempts_total", "Failed attempts, by link (`brokers`, `flush`).", &["link"]),
             records_invalid: counter("tally_records_invalid_total", "Records that could not be decoded.", &["source", "reason"]),
             records_replayed: counter("tally_records_replayed_total", "Records skipped because the state already held them.", &["source"]),
             records_rebuilt: counter("tally_records_rebuilt_total", "Records read again for the metrics being rebuilt (see `rebuild`).", &["source"]),

@@ -431,6 +431,7 @@ impl Topology {
                 return Err(ConfigError::new(format!("sources[{i}].topic"), format!("topic `{}` is read by two sources", s.topic)));
             }
         }
+        cfg.kafka.exit_on_broker_timeout_ms()?;
         let commit_interval_ms = duration("state.commit_interval".into(), &cfg.state.commit_interval)?;
         if commit_interval_ms == 0 {
             return Err(ConfigError::new("state.commit_interval", "must be positive, e.g. `200ms`"));

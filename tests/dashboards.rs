@@ -12,8 +12,7 @@ mod common;
 mod model;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -267,35 +266,8 @@ fn dashboards_match_grafana_provisioning_layout() {
 
 // ---- processes and HTTP ----------------------------------------------------------------------
 
-/// GET over HTTP/1.0 on loopback: status and body.
 fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, Vec<u8>)> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
-    s.set_read_timeout(Some(Duration::from_secs(30)))?;
-    s.set_write_timeout(Some(Duration::from_secs(30)))?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\nAccept: */*\r\n\r\n")?;
-    let mut resp = Vec::new();
-    s.read_to_end(&mut resp)?;
-    let split = resp.windows(4).position(|w| w == b"\r\n\r\n").ok_or_else(|| std::io::Error::other("no end of HTTP headers"))?;
-    let head = String::from_utf8_lossy(&resp[..split]).into_owned();
-    let status = head.split(' ').nth(1).and_then(|c| c.parse().ok()).ok_or_else(|| std::io::Error::other(format!("bad status line: {head}")))?;
-    Ok((status, resp[split + 4..].to_vec()))
-}
-
-/// Percent-encodes everything but RFC 3986's unreserved characters.
-fn urlencode(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() * 3);
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    common::http_request(addr, "GET", path, &[], &[])
 }
 
 /// A Prometheus server scraping `targets`; killed (and reaped) when dropped, panics included.
@@ -420,6 +392,7 @@ fn every_dashboard_panel_returns_data() {
             bootstrap_servers: cluster.brokers.clone(),
             application_id: "test".into(),
             properties: [("enable.idempotence".to_string(), "true".to_string())].into(),
+            exit_on_broker_timeout: None,
         };
         std::thread::spawn(move || {
             let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as i64;

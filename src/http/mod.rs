@@ -26,6 +26,7 @@ use warp::reply::Response;
 use warp::{Filter, Reply};
 
 use crate::config::parse_duration_ms;
+use crate::health::Faults;
 use crate::metrics::Metrics;
 use crate::ownership::Ownership;
 use crate::query::fetch::{self, FetchRequest, LocalFetch, Unavailable};
@@ -55,6 +56,8 @@ pub struct ApiState {
     /// Exported metrics whose value could not be read at the last scrape (logged once per
     /// failing stretch: while partitions move, every scrape would fail again).
     pub export_failing: Arc<std::sync::Mutex<std::collections::BTreeSet<String>>>,
+    /// What fails now (brokers, flushes): shown by `/ready`.
+    pub faults: Arc<Faults>,
 }
 
 fn error(status: StatusCode, msg: impl Into<String>) -> Response {
@@ -278,8 +281,12 @@ pub fn routes(state: ApiState) -> impl Filter<Extract = (Response,), Error = Inf
             .zip(s.tables.metas())
             .map(|(name, m)| json!({ "name": name, "entries": m.entries, "position": m.next }))
             .collect();
+        // A failing broker or flush leaves the replica ready: it still answers from its state
+        // (as of its last flush, which the answers' positions say), and taking it out of
+        // service would leave nobody to answer for its partitions.
         let body = json!({
             "ready": ready,
+            "faults": s.faults.current(),
             "partitions": owned,
             "restoring": restoring,
             "standbys": standbys.len(),
@@ -314,6 +321,39 @@ pub fn routes(state: ApiState) -> impl Filter<Extract = (Response,), Error = Inf
         })
         .recover(move |_rej: warp::Rejection| async move { Ok::<_, Infallible>(error(StatusCode::NOT_FOUND, "no such route; see /openapi.json")) })
         .unify()
+}
+
+/// The routes served while tally waits for the brokers at start: `/health` (up), `/ready`
+/// (503, with what is awaited), `/metrics` and `/openapi.json`; anything else is a 503
+/// saying why.
+pub fn starting_routes(metrics: Metrics, faults: Arc<Faults>) -> impl Filter<Extract = (Response,), Error = Infallible> + Clone {
+    let health = warp::path!("health").map(|| warp::reply::json(&json!({ "status": "ok" })).into_response());
+    let ready = {
+        let faults = Arc::clone(&faults);
+        warp::path!("ready").map(move || {
+            let body = json!({ "ready": false, "starting": true, "faults": faults.current() });
+            warp::reply::with_status(warp::reply::json(&body), StatusCode::SERVICE_UNAVAILABLE).into_response()
+        })
+    };
+    let prom =
+        warp::path!("metrics").map(move || warp::reply::with_header(metrics.render(), "content-type", "text/plain; version=0.0.4").into_response());
+    let openapi = warp::path!("openapi.json").map(|| warp::reply::with_header(OPENAPI, "content-type", "application/json").into_response());
+    let rest = warp::any().map(move || {
+        let why = faults.current().first().map_or_else(|| "starting".to_string(), |f| f.detail.clone());
+        let resp = error(StatusCode::SERVICE_UNAVAILABLE, format!("tally is starting: waiting for the brokers ({why})"));
+        warp::reply::with_header(resp, "retry-after", "1").into_response()
+    });
+    warp::get().and(health.or(ready).unify().or(prom).unify().or(openapi).unify()).or(rest).unify()
+}
+
+/// Serves [`starting_routes`] on `listener` until `shutdown` resolves.
+pub fn serve_starting(
+    metrics: Metrics,
+    faults: Arc<Faults>,
+    listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> impl std::future::Future<Output = ()> {
+    warp::serve(starting_routes(metrics, faults)).incoming(listener).graceful(shutdown).run()
 }
 
 /// Serves on `listener` until `shutdown` resolves.

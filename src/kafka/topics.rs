@@ -26,6 +26,12 @@ pub fn create_on_mock<C: rdkafka::ClientContext>(
     Ok(())
 }
 
+/// The cluster cannot give start-up what it needs yet — it does not answer, or a source
+/// topic does not exist — but may soon: worth trying again.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct NotYet(pub String);
+
 /// Side outputs and results keep a week, Kafka's own default, stated so a broker default
 /// cannot shorten it.
 const WEEK_MS: &str = "604800000";
@@ -53,12 +59,10 @@ pub async fn ensure(kafka: &KafkaConfig, topo: &Topology) -> anyhow::Result<Vec<
             Some(s) => {
                 let src = &topo.sources[s];
                 *existing.get(src.topic.as_str()).ok_or_else(|| {
-                    anyhow::anyhow!(
+                    NotYet(format!(
                         "source topic `{}` (source `{}`) does not exist; create it first: its partition count fixes the changelog `{}`",
-                        src.topic,
-                        src.name,
-                        t.name
-                    )
+                        src.topic, src.name, t.name
+                    ))
                 })?
             }
         };
@@ -125,7 +129,7 @@ fn admin_and_topics(kafka: &KafkaConfig) -> anyhow::Result<(AdminClient<DefaultC
     let meta = admin
         .inner()
         .fetch_metadata(None, Duration::from_secs(10))
-        .map_err(|e| anyhow::anyhow!("reading cluster metadata from {}: {e}", kafka.bootstrap_servers))?;
+        .map_err(|e| NotYet(format!("reading cluster metadata from {}: {e}", kafka.bootstrap_servers)))?;
     let existing = meta.topics().iter().filter(|t| t.error().is_none()).map(|t| (t.name().to_string(), t.partitions().len() as i32)).collect();
     Ok((admin, existing))
 }

@@ -196,6 +196,7 @@ impl Cluster {
             bootstrap_servers: self.brokers.clone(),
             application_id: "test".into(),
             properties: [("enable.idempotence".to_string(), "true".to_string())].into(),
+            exit_on_broker_timeout: None,
         }
     }
 
@@ -330,15 +331,45 @@ pub fn log_field(line: &str, name: &str) -> Option<i64> {
     plain[at..].split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
 }
 
+/// One HTTP/1.0 request on loopback (`headers` as `Name: value` lines, `body` for a POST):
+/// status and body. Times out rather than hanging a test on a stalled server.
+pub fn http_request(addr: SocketAddr, method: &str, path: &str, headers: &[&str], body: &[u8]) -> std::io::Result<(u16, Vec<u8>)> {
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    s.set_write_timeout(Some(Duration::from_secs(30)))?;
+    let mut head = format!("{method} {path} HTTP/1.0\r\nHost: {addr}\r\nAccept: */*\r\nContent-Length: {}\r\n", body.len());
+    for h in headers {
+        head.push_str(h);
+        head.push_str("\r\n");
+    }
+    head.push_str("\r\n");
+    s.write_all(head.as_bytes())?;
+    s.write_all(body)?;
+    let mut resp = Vec::new();
+    s.read_to_end(&mut resp)?;
+    let split = resp.windows(4).position(|w| w == b"\r\n\r\n").ok_or_else(|| std::io::Error::other("no end of HTTP headers"))?;
+    let head = String::from_utf8_lossy(&resp[..split]).into_owned();
+    let status = head.split(' ').nth(1).and_then(|c| c.parse().ok()).ok_or_else(|| std::io::Error::other(format!("bad status line: {head}")))?;
+    Ok((status, resp[split + 4..].to_vec()))
+}
+
 /// GET over loopback; returns status and body, or `None` when nothing answers (yet).
 pub fn try_get_raw(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
-    let mut s = std::net::TcpStream::connect(addr).ok()?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
-    let mut resp = String::new();
-    s.read_to_string(&mut resp).ok()?;
-    let (head, body) = resp.split_once("\r\n\r\n")?;
-    let status = head.split(' ').nth(1).and_then(|c| c.parse().ok())?;
-    Some((status, body.to_string()))
+    let (status, body) = http_request(addr, "GET", path, &[], &[]).ok()?;
+    Some((status, String::from_utf8_lossy(&body).into_owned()))
+}
+
+/// Percent-encodes everything but RFC 3986's unreserved characters.
+pub fn urlencode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() * 3);
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 /// GET over loopback; returns status and body.

@@ -1,0 +1,119 @@
+//! What keeps a replica from doing its work right now: the brokers it cannot reach, the
+//! flushes it cannot make durable. Set by the parts that meet the fault, shown by `/ready`
+//! and the metrics, cleared by the first success after it.
+//!
+//! ```
+//! use tally::health::{Faults, Link};
+//! let faults = Faults::new(None);
+//! faults.failed(Link::Brokers, "connection refused");
+//! assert!(!faults.clear());
+//! assert_eq!(faults.current()[0].attempts, 1);
+//! faults.recovered(Link::Brokers);
+//! assert!(faults.clear());
+//! ```
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+
+use crate::metrics::Metrics;
+
+/// What a fault is a fault of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Link {
+    /// The brokers: metadata, topics, the group coordinator (at start, or since).
+    Brokers,
+    /// The flush: the changelog, the side outputs or the store did not take it. Processing
+    /// is paused and the state stays at the last durable flush until one succeeds.
+    Flush,
+}
+
+/// One fault, as `/ready` shows it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Fault {
+    /// What failed.
+    pub link: Link,
+    /// The last error, in words.
+    pub detail: String,
+    /// Since when (wall clock, ms since the epoch): the first failure of this stretch.
+    pub since_ms: i64,
+    /// Failed attempts in this stretch.
+    pub attempts: u64,
+}
+
+impl Link {
+    /// The label of the link's metrics.
+    pub fn label(self) -> &'static str {
+        match self {
+            Link::Brokers => "brokers",
+            Link::Flush => "flush",
+        }
+    }
+}
+
+/// The replica's current faults (shared between the consumer thread, start-up and HTTP),
+/// mirrored in `tally_fault{link}` and `tally_fault_attempts_total{link}`.
+pub struct Faults {
+    faults: Mutex<BTreeMap<Link, Fault>>,
+    metrics: Option<Metrics>,
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
+impl Faults {
+    /// No faults yet; reported in `metrics`, when given.
+    pub fn new(metrics: Option<Metrics>) -> Faults {
+        if let Some(m) = &metrics {
+            for link in [Link::Brokers, Link::Flush] {
+                m.fault.with_label_values(&[link.label()]).set(0);
+                m.fault_attempts.with_label_values(&[link.label()]);
+            }
+        }
+        Faults { faults: Mutex::new(BTreeMap::new()), metrics }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<Link, Fault>> {
+        self.faults.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records a failed attempt; returns the fault's attempts so far (1: a new stretch).
+    pub fn failed(&self, link: Link, detail: impl Into<String>) -> u64 {
+        let mut faults = self.lock();
+        let f = faults.entry(link).or_insert_with(|| Fault { link, detail: String::new(), since_ms: now_ms(), attempts: 0 });
+        f.detail = detail.into();
+        f.attempts += 1;
+        if let Some(m) = &self.metrics {
+            m.fault.with_label_values(&[link.label()]).set(1);
+            m.fault_attempts.with_label_values(&[link.label()]).inc();
+        }
+        f.attempts
+    }
+
+    /// Ends a fault's stretch; returns it, if there was one.
+    pub fn recovered(&self, link: Link) -> Option<Fault> {
+        if let Some(m) = &self.metrics {
+            m.fault.with_label_values(&[link.label()]).set(0);
+        }
+        self.lock().remove(&link)
+    }
+
+    /// Whether `link` is failing now.
+    pub fn failing(&self, link: Link) -> bool {
+        self.lock().contains_key(&link)
+    }
+
+    /// Every current fault.
+    pub fn current(&self) -> Vec<Fault> {
+        self.lock().values().cloned().collect()
+    }
+
+    /// No fault now.
+    pub fn clear(&self) -> bool {
+        self.lock().is_empty()
+    }
+}

@@ -1,0 +1,79 @@
+//! Faults of the world around tally, on the mock cluster (which can take its broker down
+//! and bring it back): each test asserts that nothing crashed, that the answers afterwards
+//! equal the reference model's (nothing lost, nothing counted twice), that the fault was
+//! visible while it lasted (`/ready`, metrics) and that tally recovered by itself.
+
+mod common;
+mod model;
+
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tally::gen::{generate, GenOptions, Scenario};
+
+use common::*;
+
+const PROBE: &str = "/api/v1/metrics/views";
+
+fn s1(count: usize, partitions: i32) -> Vec<tally::gen::GenRecord> {
+    generate(Scenario::S1, &GenOptions { count, partitions, ..GenOptions::for_scenario(Scenario::S1) })
+}
+
+/// `/ready`'s status and body.
+fn ready(addr: std::net::SocketAddr) -> (u16, Value) {
+    let (status, body) = http_get_raw(addr, "/ready");
+    (status, serde_json::from_str(&body).expect("/ready answers JSON"))
+}
+
+/// Polls `what` every 100 ms until it holds (or fails after `secs`).
+fn wait_for(secs: u64, what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !done() {
+        assert!(Instant::now() < deadline, "{what}: not within {secs} s");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn brokers_down_at_start_then_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = Cluster::for_example("s1-uvpv.toml", 2);
+    let mock = cluster.mock.as_ref().unwrap();
+    mock.broker_down(1).unwrap();
+    let tally = Tally::start(example_config("s1-uvpv.toml", &cluster.brokers, dir.path()));
+
+    // Up, not ready, saying what it waits for, and trying again.
+    assert_eq!(http_get_raw(tally.addr, "/health").0, 200);
+    wait_for(60, "a second attempt to reach the brokers", || metric_value(&tally.metrics(), "tally_fault_attempts_total{link=\"brokers\"}") >= 2.0);
+    let (status, body) = ready(tally.addr);
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["faults"][0]["link"], "brokers", "{body}");
+    assert!(body["faults"][0]["detail"].as_str().unwrap().contains(&cluster.brokers), "{body}");
+    let (status, body) = http_get_raw(tally.addr, PROBE);
+    assert_eq!(status, 503, "queries say why they cannot be answered yet: {body}");
+    assert!(body.contains("waiting for the brokers"), "{body}");
+    assert_eq!(metric_value(&tally.metrics(), "tally_fault{link=\"brokers\"}"), 1.0);
+
+    mock.broker_up(1).unwrap();
+    let records = s1(4_000, 2);
+    cluster.produce(tally::gen::topic(Scenario::S1), &records);
+    let up = Instant::now();
+    wait_for(120, "ready after the brokers came back", || ready(tally.addr).0 == 200);
+    wait_caught_up(tally.addr, PROBE, &ends(&records));
+    println!("brokers down at start: ready {:.1} s after they came back, all caught up", up.elapsed().as_secs_f64());
+    assert_eq!(metric_value(&tally.metrics(), "tally_fault{link=\"brokers\"}"), 0.0);
+    s1::assert_exact(tally.addr, &records, "after waiting for the brokers at start");
+    tally.stop();
+}
+
+#[test]
+fn exit_on_broker_timeout_gives_up_when_asked() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = Cluster::for_example("s1-uvpv.toml", 1);
+    cluster.mock.as_ref().unwrap().broker_down(1).unwrap();
+    let mut cfg = example_config("s1-uvpv.toml", &cluster.brokers, dir.path());
+    cfg.kafka.exit_on_broker_timeout = Some("1s".into());
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let err = rt.block_on(tally::app::run(cfg, std::future::pending(), |_| {})).expect_err("gives up");
+    assert!(format!("{err:#}").contains("did not answer within --exit-on-broker-timeout"), "{err:#}");
+}
