@@ -76,7 +76,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'stati
     let mut tasks = TaskSet::with_tables(Arc::clone(&topo), store.clone(), Arc::clone(&tables));
     remember_metrics(&topo, &store, &mut tasks)?;
     let refusals = Arc::clone(tasks.refusals());
-    let consumer = SourceConsumer::new(&kafka, tasks, side, metrics.clone(), Arc::clone(&owned), results_dir)?;
+    let consumer = SourceConsumer::new(&kafka, tasks, side, metrics.clone(), Arc::clone(&owned), Arc::clone(&faults), results_dir)?;
     let members = Arc::new(Members::new(MEMBER_TTL));
     let counts: BTreeMap<String, i32> = topo.sources.iter().zip(&partitions).map(|(s, n)| (s.name.clone(), *n)).collect();
     let standbys = match (topo.cluster.num_standby_replicas, consumer.state_updater()) {
@@ -97,7 +97,10 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'stati
     };
 
     let (http_stop_tx, http_stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let local = LocalFetch::new(Arc::clone(&topo), store.clone(), Arc::clone(&owned), me.replica.clone()).caching().refusing(Arc::clone(&refusals));
+    let local = LocalFetch::new(Arc::clone(&topo), store.clone(), Arc::clone(&owned), me.replica.clone())
+        .caching()
+        .refusing(Arc::clone(&refusals))
+        .showing_faults(Arc::clone(&faults));
     let timeout = Duration::from_millis(topo.cluster.query_timeout_ms);
     let cluster = ClusterFetch::new(local.clone(), members, counts, timeout, topo.cluster.max_standby_lag, tokio::runtime::Handle::current());
     let api = ApiState {

@@ -26,9 +26,13 @@ use crate::metrics::Metrics;
 pub enum Link {
     /// The brokers: metadata, topics, the group coordinator (at start, or since).
     Brokers,
-    /// The flush: the changelog, the side outputs or the store did not take it. Processing
-    /// is paused and the state stays at the last durable flush until one succeeds.
+    /// The flush: the group did not confirm the membership, or the changelog or the side
+    /// outputs did not take it. Processing is paused and the state stays at the last durable
+    /// flush until one succeeds.
     Flush,
+    /// The state store's disk did not take a flush (full, unwritable): held like `Flush`,
+    /// and the replica is not ready.
+    Disk,
 }
 
 /// One fault, as `/ready` shows it.
@@ -50,6 +54,7 @@ impl Link {
         match self {
             Link::Brokers => "brokers",
             Link::Flush => "flush",
+            Link::Disk => "disk",
         }
     }
 }
@@ -69,7 +74,7 @@ impl Faults {
     /// No faults yet; reported in `metrics`, when given.
     pub fn new(metrics: Option<Metrics>) -> Faults {
         if let Some(m) = &metrics {
-            for link in [Link::Brokers, Link::Flush] {
+            for link in [Link::Brokers, Link::Flush, Link::Disk] {
                 m.fault.with_label_values(&[link.label()]).set(0);
                 m.fault_attempts.with_label_values(&[link.label()]);
             }
@@ -105,6 +110,11 @@ impl Faults {
     /// Whether `link` is failing now.
     pub fn failing(&self, link: Link) -> bool {
         self.lock().contains_key(&link)
+    }
+
+    /// Since when `link` is failing (wall clock, ms), if it is.
+    pub fn since(&self, link: Link) -> Option<i64> {
+        self.lock().get(&link).map(|f| f.since_ms)
     }
 
     /// Every current fault.

@@ -27,6 +27,8 @@ pub struct Metrics {
     pub fault: IntGaugeVec,
     /// Failed attempts of a link, by link.
     pub fault_attempts: IntCounterVec,
+    /// Flushes that failed after the membership check, rewound to the last durable one.
+    pub flush_rewinds: IntCounter,
     /// Owned partitions counted idle (see `idle_timeout`).
     pub partitions_idle: IntGauge,
     /// Records that could not be decoded, by source and reason.
@@ -147,8 +149,17 @@ impl Metrics {
                 "Records counted in some windows of a metric but too late for others (already closed), per metric.",
                 &["metric"],
             ),
-            fault: gauge("tally_fault", "1 while a link fails: `brokers` (unreachable), `flush` (not made durable; processing paused).", &["link"]),
-            fault_attempts: counter("tally_fault_attempts_total", "Failed attempts, by link (`brokers`, `flush`).", &["link"]),
+            fault: gauge(
+                "tally_fault",
+                "1 while a link fails: `brokers` (unreachable), `flush` (not made durable; processing paused), `disk` (the store refused a flush).",
+                &["link"],
+            ),
+            fault_attempts: counter("tally_fault_attempts_total", "Failed attempts, by link (`brokers`, `flush`, `disk`).", &["link"]),
+            flush_rewinds: reg(
+                &r,
+                IntCounter::new("tally_flush_rewinds_total", "Flushes that failed midway, rewound to the last durable flush and processed again.")
+                    .expect("valid metric"),
+            ),
             records_invalid: counter("tally_records_invalid_total", "Records that could not be decoded.", &["source", "reason"]),
             records_replayed: counter("tally_records_replayed_total", "Records skipped because the state already held them.", &["source"]),
             records_rebuilt: counter("tally_records_rebuilt_total", "Records read again for the metrics being rebuilt (see `rebuild`).", &["source"]),

@@ -50,6 +50,10 @@ pub struct Standby {
 pub struct Ownership {
     parts: Mutex<BTreeMap<(usize, i32), PartitionState>>,
     standbys: Mutex<BTreeMap<(usize, i32), Standby>>,
+    /// Partitions lost without being handed over (the group session expired), with when
+    /// (wall clock, ms): their state here is as of the last flush, answered only as a last
+    /// resort, until the group assigns again.
+    lost: Mutex<BTreeMap<(usize, i32), i64>>,
     /// Bumped whenever a partition is taken, given up, finishes restoring, or a standby copy
     /// starts, stops or becomes queryable: what was read before may belong to another owner.
     generation: std::sync::atomic::AtomicU64,
@@ -64,6 +68,7 @@ impl Ownership {
 
     /// Records a partition's state (taking ownership of it if new).
     pub fn set(&self, source: usize, partition: i32, state: PartitionState) {
+        self.lost.lock().unwrap_or_else(|p| p.into_inner()).remove(&(source, partition));
         let old = self.lock().insert((source, partition), state);
         if old.is_none_or(|o| std::mem::discriminant(&o) != std::mem::discriminant(&state)) {
             self.bump();
@@ -96,6 +101,22 @@ impl Ownership {
     /// The owned partitions of `source`, in partition order.
     pub fn of_source(&self, source: usize) -> Vec<(i32, PartitionState)> {
         self.lock().range((source, i32::MIN)..=(source, i32::MAX)).map(|(&(_, p), &s)| (p, s)).collect()
+    }
+
+    /// Gives a partition up without handing it over, at `at_ms` (see the field `lost`).
+    pub fn lose(&self, source: usize, partition: i32, at_ms: i64) {
+        self.remove(source, partition);
+        self.lost.lock().unwrap_or_else(|p| p.into_inner()).insert((source, partition), at_ms);
+    }
+
+    /// When the partition was lost, if it was and the group has not assigned since.
+    pub fn lost(&self, source: usize, partition: i32) -> Option<i64> {
+        self.lost.lock().unwrap_or_else(|p| p.into_inner()).get(&(source, partition)).copied()
+    }
+
+    /// The group assigns again: its owners answer for the partitions lost before.
+    pub fn forget_lost(&self) {
+        self.lost.lock().unwrap_or_else(|p| p.into_inner()).clear();
     }
 
     /// Records the state of a standby copy.

@@ -143,6 +143,13 @@ pub enum StoreError {
     Version(#[from] crate::migrations::MigrationError),
 }
 
+impl StoreError {
+    /// An I/O failure of the disk (full, unwritable): worth trying again once it is mended.
+    pub fn is_io(&self) -> bool {
+        matches!(self, StoreError::Sled(sled::Error::Io(_)))
+    }
+}
+
 /// The partial aggregates of one metric, partition, slice and group.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StoredAggregate {

@@ -77,3 +77,83 @@ fn exit_on_broker_timeout_gives_up_when_asked() {
     let err = rt.block_on(tally::app::run(cfg, std::future::pending(), |_| {})).expect_err("gives up");
     assert!(format!("{err:#}").contains("did not answer within --exit-on-broker-timeout"), "{err:#}");
 }
+
+/// Faults `/ready` lists now, by link.
+fn fault_links(addr: std::net::SocketAddr) -> Vec<String> {
+    ready(addr).1["faults"].as_array().map_or(Vec::new(), |f| f.iter().map(|f| f["link"].as_str().unwrap_or("").to_string()).collect())
+}
+
+#[test]
+fn a_30_second_broker_outage_mid_stream() {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = Cluster::for_example("s1-uvpv.toml", 2);
+    let mock = cluster.mock.as_ref().unwrap();
+    let tally = Tally::start(example_config("s1-uvpv.toml", &cluster.brokers, dir.path()));
+    let records = s1(8_000, 2);
+    let (first, second) = records.split_at(records.len() / 2);
+    let topic = tally::gen::topic(Scenario::S1);
+    cluster.produce(topic, first);
+    wait_caught_up(tally.addr, PROBE, &ends(first));
+
+    mock.broker_down(1).unwrap();
+    let down = Instant::now();
+    let (mut seen, mut stale) = (std::collections::BTreeSet::new(), false);
+    while down.elapsed() < Duration::from_secs(30) {
+        // Answered from local state all along, as of the last flush.
+        let (status, body) = http_get_raw(tally.addr, PROBE);
+        assert_eq!(status, 200, "a query during the outage: {body}");
+        let answer: Value = serde_json::from_str(&body).unwrap();
+        stale |= answer["coverage"]["stale"] == true;
+        seen.extend(fault_links(tally.addr));
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    println!("coverage at the end of the outage: {}", get(tally.addr, PROBE)["coverage"]);
+    s1::assert_exact(tally.addr, first, "during the outage");
+    println!("faults shown during the outage: {seen:?}; answers marked stale: {stale}");
+    assert!(seen.contains("brokers") && seen.contains("flush"), "the outage was not visible in /ready: {seen:?}");
+    assert!(stale, "answers from the state of lost partitions are not marked stale");
+
+    mock.broker_up(1).unwrap();
+    let up = Instant::now();
+    cluster.produce(topic, second);
+    wait_caught_up(tally.addr, PROBE, &ends(&records));
+    wait_for(120, "no fault left", || fault_links(tally.addr).is_empty());
+    println!("a 30 s broker outage: caught up and no fault left {:.1} s after the broker came back", up.elapsed().as_secs_f64());
+    s1::assert_exact(tally.addr, &records, "after the outage");
+    tally.stop();
+}
+
+#[test]
+fn a_flush_the_broker_refuses_is_rewound_and_retried() {
+    use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = Cluster::for_example("s1-uvpv.toml", 2);
+    let mock = cluster.mock.as_ref().unwrap();
+    let mut cfg = example_config("s1-uvpv.toml", &cluster.brokers, dir.path());
+    cfg.state.commit_interval = "1s".into();
+    let tally = Tally::start(cfg);
+    let records = s1(12_000, 2);
+    let topic = tally::gen::topic(Scenario::S1);
+    let flush_faults = || metric_value(&tally.metrics(), "tally_fault_attempts_total{link=\"flush\"}");
+    let mut sent = 0;
+    // Each chunk's flush meets refused produce requests, until one did.
+    for chunk in records.chunks(2_000) {
+        cluster.produce(topic, chunk);
+        sent += chunk.len();
+        mock.request_errors(RDKafkaApiKey::Produce, &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED; 3]);
+        std::thread::sleep(Duration::from_secs(3));
+        if flush_faults() > 0.0 {
+            break;
+        }
+    }
+    assert!(flush_faults() > 0.0, "no flush met a refused produce request");
+    mock.clear_request_errors(RDKafkaApiKey::Produce);
+    cluster.produce(topic, &records[sent..]);
+    wait_caught_up(tally.addr, PROBE, &ends(&records));
+    wait_for(60, "no fault left", || fault_links(tally.addr).is_empty());
+    let rewinds = metric_value(&tally.metrics(), "tally_flush_rewinds_total");
+    println!("{} flush attempts failed, {rewinds} rewound and retried", flush_faults());
+    assert!(rewinds > 0.0, "a refused changelog write is rewound");
+    s1::assert_exact(tally.addr, &records, "after refused flushes");
+    tally.stop();
+}

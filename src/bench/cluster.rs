@@ -295,11 +295,12 @@ fn probes(kafka: &crate::config::KafkaConfig, topic: &str, addr: std::net::Socke
         let p = parts[i % parts.len()];
         i += 1;
         let sent = Instant::now();
-        *producer.context().offsets.lock().unwrap_or_else(|e| e.into_inner()) = vec![-1];
+        let batch = producer.context().start_batch(1);
         let payload = br#"{"probe": true}"#;
-        crate::kafka::delivery::send(&producer, rdkafka::producer::BaseRecord::with_opaque_to(topic, 1).partition(p).payload(&payload[..]))?;
+        let opaque = crate::kafka::delivery::DeliveryContext::opaque(batch, 1);
+        crate::kafka::delivery::send(&producer, rdkafka::producer::BaseRecord::with_opaque_to(topic, opaque).partition(p).payload(&payload[..]))?;
         crate::kafka::delivery::await_acks(&producer).map_err(|e| anyhow::anyhow!(e))?;
-        let offset = producer.context().offsets.lock().unwrap_or_else(|e| e.into_inner())[0];
+        let offset = producer.context().take_offsets().first().copied().unwrap_or(-1);
         loop {
             let (_, body) = http_get(addr, "/api/v1/metrics/views?limit=1&partial=true")?;
             let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();

@@ -269,7 +269,7 @@ pub fn routes(state: ApiState) -> impl Filter<Extract = (Response,), Error = Inf
     let health = warp::path!("health").map(|| warp::reply::json(&json!({ "status": "ok" })).into_response()).map(|r| ("health", r));
     let ready = warp::path!("ready").and(with.clone()).map(|s: ApiState| {
         let loaded = s.tables.loaded();
-        let ready = s.owned.ready() && loaded;
+        let ready = s.owned.ready() && loaded && !s.faults.failing(crate::health::Link::Disk);
         let (owned, restoring) = s.owned.counts();
         let standbys = s.owned.standbys();
         let queryable = standbys.iter().filter(|(_, c)| c.queryable).count();

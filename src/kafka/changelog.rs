@@ -27,8 +27,8 @@ impl ChangelogProducer {
         })
     }
 
-    fn send(&self, c: &Change, slot: usize) -> Result<(), ChangelogError> {
-        let mut rec = BaseRecord::with_opaque_to(&self.topics[c.source], slot).partition(c.partition).key(&c.key[..]);
+    fn send(&self, c: &Change, opaque: usize) -> Result<(), ChangelogError> {
+        let mut rec = BaseRecord::with_opaque_to(&self.topics[c.source], opaque).partition(c.partition).key(&c.key[..]);
         if let Some(v) = &c.value {
             rec = rec.payload(&v[..]);
         }
@@ -44,16 +44,18 @@ impl ChangeSink for ChangelogProducer {
     fn write(&mut self, changes: &[Change], positions: &[Change]) -> Result<Vec<i64>, ChangelogError> {
         // Changes first, acknowledged, then positions: a position record in the log means
         // every change before it is there too.
+        let ctx = self.producer.context();
+        let batch = ctx.start_batch(0);
         for c in changes {
-            self.send(c, 0)?;
+            self.send(c, DeliveryContext::opaque(batch, 0))?;
         }
         self.await_acks()?;
-        *self.producer.context().offsets.lock().unwrap_or_else(|p| p.into_inner()) = vec![-1; positions.len()];
+        let batch = ctx.start_batch(positions.len());
         for (i, c) in positions.iter().enumerate() {
-            self.send(c, i + 1)?;
+            self.send(c, DeliveryContext::opaque(batch, i + 1))?;
         }
         self.await_acks()?;
-        let offsets = std::mem::take(&mut *self.producer.context().offsets.lock().unwrap_or_else(|p| p.into_inner()));
+        let offsets = ctx.take_offsets();
         if offsets.contains(&-1) {
             return Err(ChangelogError("a position record was acknowledged without an offset".into()));
         }

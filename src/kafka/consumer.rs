@@ -5,14 +5,20 @@
 //! "Durability" section gives the whole argument):
 //!
 //! 1. records are folded into the write-back cache (memory only);
-//! 2. every commit interval: the positions of the previous flush are committed to the group
-//!    synchronously — which also proves the group has not expelled this replica; if it has
-//!    (a zombie whose session expired), nothing is written;
+//! 2. every commit interval: the durable positions of every owned partition are committed to
+//!    the group synchronously — which also proves the group has not expelled this replica.
+//!    Unless the group confirms it (expelled: a zombie whose session expired; or no answer:
+//!    the coordinator is unreachable), nothing is written: the flush is held, the partitions
+//!    paused, and the next interval tries again;
 //! 3. dead-letter and late records are acknowledged;
 //! 4. the changed aggregates go to the changelog and are acknowledged, then one position
 //!    record per partition, acknowledged;
 //! 5. aggregates and positions (with the changelog checkpoint) are written to sled in one
 //!    atomic batch and fsynced.
+//!
+//! A flush that fails after that (the changelog, the side outputs or the store did not take
+//! it) rewinds every partition to its last durable flush, as a restart would, holding until
+//! a flush succeeds: nothing is lost or counted twice, and tally does not exit.
 //!
 //! Processing always resumes from the position stored with the state (restored from the
 //! changelog on a new replica), never from the group's offset, which only trails it. On
@@ -39,6 +45,7 @@ use super::side::{Origin, SideOutputs};
 use super::state_updater::{Command, Done, StateUpdater};
 use crate::changelog::ChangeSink;
 use crate::config::KafkaConfig;
+use crate::health::{Faults, Link};
 use crate::metrics::Metrics;
 use crate::ownership::{Ownership, PartitionState};
 use crate::task::{Outcome, TaskSet, NO_WATERMARK};
@@ -54,8 +61,12 @@ pub struct Shared {
     changelog: Option<Mutex<ChangelogProducer>>,
     metrics: Metrics,
     owned: Arc<Ownership>,
-    /// Positions made durable by a flush and not yet committed to the group.
+    /// Links failing now (brokers, flushes): shown by `/ready`.
+    faults: Arc<Faults>,
+    /// The durable position of every owned partition: committed to the group by every flush.
     flushed: Mutex<HashMap<(usize, i32), i64>>,
+    /// Partitions paused because flushes are held (see [`Shared::hold`]).
+    held: Mutex<Vec<(usize, i32)>>,
     /// A failure inside a rebalance callback, which cannot return one: the poll loop stops
     /// with it.
     fatal: Mutex<Option<anyhow::Error>>,
@@ -122,6 +133,7 @@ pub struct SourceContext {
 
 impl ClientContext for SourceContext {
     fn stats(&self, stats: Statistics) {
+        self.shared.note_brokers(&stats);
         let topo = &self.shared.topo;
         for (topic, t) in &stats.topics {
             let Some((source, src)) = topo.sources.iter().enumerate().find(|(_, s)| &s.topic == topic) else { continue };
@@ -152,55 +164,107 @@ impl Shared {
         self.topo.sources.iter().position(|s| s.topic == topic)
     }
 
-    /// Commits the flushed positions (of `only`, when given) synchronously. `Err` means the
-    /// group has expelled this replica (see [`fenced`]): another may own its partitions now,
-    /// so it must not write their changelogs.
-    fn commit_flushed(&self, consumer: &BaseConsumer<SourceContext>, only: Option<&TopicPartitionList>) -> Result<(), KafkaError> {
-        let mut flushed = self.flushed.lock().unwrap_or_else(|p| p.into_inner());
+    /// Whether any broker connection is up, from librdkafka's statistics: the `brokers` fault
+    /// starts when none is and ends when one is again.
+    fn note_brokers(&self, stats: &Statistics) {
+        let real: Vec<&rdkafka::statistics::Broker> = stats.brokers.values().filter(|b| b.source != "internal" && b.source != "logical").collect();
+        if real.iter().any(|b| b.state == "UP") {
+            if let Some(f) = self.faults.recovered(Link::Brokers) {
+                tracing::info!(down_for_ms = now_ms() - f.since_ms, "a broker connection is up again");
+            }
+        } else if !real.is_empty() && !self.faults.failing(Link::Brokers) {
+            let states: Vec<String> = real.iter().map(|b| format!("{} {}", b.name, b.state)).collect();
+            let detail = format!("no broker connection is up ({})", states.join(", "));
+            tracing::warn!(%detail, "brokers unreachable: queries answer from the state of the last flush");
+            self.faults.failed(Link::Brokers, detail);
+        }
+    }
+
+    /// Commits the durable positions of the owned partitions (of `only`, when given)
+    /// synchronously: the group's answer says whether this replica is still a member.
+    fn commit_flushed(&self, consumer: &BaseConsumer<SourceContext>, only: Option<&TopicPartitionList>) -> Membership {
+        let flushed = self.flushed.lock().unwrap_or_else(|p| p.into_inner());
         let mut tpl = TopicPartitionList::new();
         for (&(source, partition), &offset) in flushed.iter() {
             let topic = &self.topo.sources[source].topic;
             if only.is_none_or(|o| o.find_partition(topic, partition).is_some()) {
-                tpl.add_partition_offset(topic, partition, Offset::Offset(offset))?;
+                if let Err(e) = tpl.add_partition_offset(topic, partition, Offset::Offset(offset)) {
+                    return Membership::Unknown(e);
+                }
             }
         }
+        drop(flushed);
         if tpl.count() == 0 {
-            return Ok(());
+            // Owns nothing: nothing to write, nobody to be fenced by.
+            return Membership::Confirmed;
         }
         let started = Instant::now();
         match consumer.commit(&tpl, CommitMode::Sync) {
             Ok(()) => {
-                flushed.retain(|(s, p), _| tpl.find_partition(&self.topo.sources[*s].topic, *p).is_none());
                 self.metrics.commit_duration.observe(started.elapsed().as_secs_f64());
-                Ok(())
+                Membership::Confirmed
             }
-            Err(e @ KafkaError::ConsumerCommit(code)) if fenced(code) => Err(e),
-            Err(e) => {
-                tracing::warn!(error = %e, "offset commit failed; the stored positions still hold, so nothing is lost");
-                Ok(())
-            }
+            Err(e @ KafkaError::ConsumerCommit(code)) if fenced(code) => Membership::Expelled(e),
+            Err(e) => Membership::Unknown(e),
         }
     }
 
-    /// One durable step (see the module docs): commit what the last flush made durable,
-    /// then flush side outputs, changelog and store. With `only` (a revocation), the
-    /// membership check is skipped — inside the revocation callback the partitions are still
-    /// this replica's: the cooperative protocol hands them to another member only after this
-    /// one has given them up — and their positions are committed afterwards. A replica the
-    /// group has expelled skips the flush and keeps its cache until it is told what it lost.
+    /// One durable step (see the module docs): commit the durable positions — proof that
+    /// this replica still owns its partitions — then flush side outputs, changelog and store.
+    /// With `only` (a revocation), the membership check is skipped — inside the revocation
+    /// callback the partitions are still this replica's: the cooperative protocol hands them
+    /// to another member only after this one has given them up — and their positions are
+    /// committed afterwards.
+    ///
+    /// A flush the group does not confirm is held (see [`Shared::hold`]); one that fails is
+    /// rewound (see [`Shared::rewind`]) and held. Only an error that a retry cannot mend is
+    /// returned.
     fn flush_and_commit(&self, consumer: &BaseConsumer<SourceContext>, only: Option<&TopicPartitionList>) -> anyhow::Result<()> {
         if only.is_none() {
-            if let Err(e) = self.commit_flushed(consumer, None) {
-                tracing::warn!(error = %e, "expelled from the consumer group; not flushing until the group says what this replica still owns");
-                return Ok(());
+            match self.commit_flushed(consumer, None) {
+                Membership::Confirmed => {}
+                Membership::Expelled(e) => {
+                    self.hold(
+                        consumer,
+                        Link::Flush,
+                        format!("expelled from the consumer group ({e}); waiting to be told what this replica still owns"),
+                    );
+                    return Ok(());
+                }
+                Membership::Unknown(e) => {
+                    self.hold(consumer, Link::Flush, format!("the group did not confirm this replica's membership ({e})"));
+                    return Ok(());
+                }
             }
         }
+        match self.write_flush() {
+            Ok(()) => self.release(consumer),
+            Err(FlushFailure::Retry(link, e)) if only.is_none() => {
+                self.rewind(consumer)?;
+                self.hold(consumer, link, format!("{e:#}; rewound to the last durable flush"));
+            }
+            Err(FlushFailure::Retry(_, e)) => return Err(e),
+            Err(FlushFailure::Fatal(e)) => return Err(e),
+        }
+        if only.is_some() {
+            let _ = self.commit_flushed(consumer, only);
+        }
+        Ok(())
+    }
+
+    /// Writes a flush: side outputs acknowledged, then changelog and store.
+    fn write_flush(&self) -> Result<(), FlushFailure> {
         let started = Instant::now();
-        self.side.flush(Duration::from_secs(30))?;
+        self.side.flush(Duration::from_secs(30)).map_err(|e| FlushFailure::Retry(Link::Flush, e))?;
         let mut tasks = self.tasks();
         self.advance_idle(&mut tasks);
         let mut producer = self.changelog.as_ref().map(|c| c.lock().unwrap_or_else(|p| p.into_inner()));
-        let stats = tasks.flush(producer.as_deref_mut().map(|p| p as &mut dyn ChangeSink))?;
+        let stats = match tasks.flush(producer.as_deref_mut().map(|p| p as &mut dyn ChangeSink)) {
+            Ok(stats) => stats,
+            Err(e @ crate::task::FlushError::Changelog(_)) => return Err(FlushFailure::Retry(Link::Flush, e.into())),
+            Err(crate::task::FlushError::Store(e)) if e.is_io() => return Err(FlushFailure::Retry(Link::Disk, e.into())),
+            Err(e) => return Err(FlushFailure::Fatal(e.into())),
+        };
         drop(producer);
         let flushed_at = now_ms();
         self.metrics.flush_duration.observe(started.elapsed().as_secs_f64());
@@ -231,9 +295,80 @@ impl Shared {
             }
         }
         drop(flushed);
-        drop(tasks);
-        if only.is_some() {
-            let _ = self.commit_flushed(consumer, only);
+        Ok(())
+    }
+
+    /// Holds flushes: pauses every owned partition (so the cache stops growing) and records
+    /// the fault; the next commit interval tries again. Logged at the 1st, 2nd, 4th, 8th…
+    /// attempt of a stretch.
+    fn hold(&self, consumer: &BaseConsumer<SourceContext>, link: Link, detail: String) {
+        let attempts = self.faults.failed(link, detail.clone());
+        if attempts.is_power_of_two() {
+            tracing::warn!(attempt = attempts, error = %detail, "flush held: processing paused, queries answer from the last durable flush");
+        }
+        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        let restoring = self.restoring.lock().unwrap_or_else(|p| p.into_inner());
+        let mut tpl = TopicPartitionList::new();
+        for (&k, _) in self.tasks().tasks() {
+            if !held.contains(&k) && !restoring.contains_key(&k) {
+                tpl.add_partition(&self.topo.sources[k.0].topic, k.1);
+                held.push(k);
+            }
+        }
+        if tpl.count() > 0 {
+            if let Err(e) = consumer.pause(&tpl) {
+                tracing::warn!(error = %e, "pausing the partitions of a held flush failed");
+            }
+        }
+    }
+
+    /// After a durable flush: resumes the partitions a hold paused and ends its faults.
+    fn release(&self, consumer: &BaseConsumer<SourceContext>) {
+        let held = std::mem::take(&mut *self.held.lock().unwrap_or_else(|p| p.into_inner()));
+        let mut tpl = TopicPartitionList::new();
+        let tasks = self.tasks();
+        let restoring = self.restoring.lock().unwrap_or_else(|p| p.into_inner());
+        for (s, p) in held {
+            if tasks.tasks().any(|(k, _)| *k == (s, p)) && !restoring.contains_key(&(s, p)) {
+                tpl.add_partition(&self.topo.sources[s].topic, p);
+            }
+        }
+        drop((tasks, restoring));
+        if tpl.count() > 0 {
+            if let Err(e) = consumer.resume(&tpl) {
+                tracing::warn!(error = %e, "resuming the partitions of a held flush failed");
+            }
+        }
+        for link in [Link::Flush, Link::Disk] {
+            if let Some(f) = self.faults.recovered(link) {
+                tracing::info!(
+                    link = link.label(),
+                    attempts = f.attempts,
+                    held_for_ms = now_ms() - f.since_ms,
+                    "flushes are durable again; processing resumed"
+                );
+            }
+        }
+    }
+
+    /// Puts every active partition back to its last durable flush — what a restart would
+    /// do — and seeks its fetch position there: the records since are processed again, their
+    /// side outputs sent again (at least once), and nothing the failed flush may have written
+    /// in part is counted twice.
+    fn rewind(&self, consumer: &BaseConsumer<SourceContext>) -> anyhow::Result<()> {
+        let active: Vec<(usize, i32)> = {
+            let restoring = self.restoring.lock().unwrap_or_else(|p| p.into_inner());
+            self.tasks().tasks().map(|(k, _)| *k).filter(|k| !restoring.contains_key(k)).collect()
+        };
+        self.pending.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        self.metrics.flush_rewinds.inc();
+        for (s, p) in active {
+            self.tasks().revoke(s, p);
+            let offset = self.start_task(s, p)?;
+            let topic = &self.topo.sources[s].topic;
+            if let Err(e) = consumer.seek(topic, p, offset, Duration::ZERO) {
+                tracing::warn!(topic, partition = p, error = %e, "seeking a rewound partition failed");
+            }
         }
         Ok(())
     }
@@ -285,6 +420,7 @@ impl Shared {
         self.metrics.partitions_owned.set(self.owned.counts().0 as i64);
         self.metrics.rebalances.with_label_values(&["assign"]).inc();
         self.owned.mark_joined();
+        self.owned.forget_lost();
         let mut pause = TopicPartitionList::new();
         if let Some(updater) = &self.updater {
             let mut restoring = self.restoring.lock().unwrap_or_else(|p| p.into_inner());
@@ -322,7 +458,12 @@ impl Shared {
     /// ends. With none, the state has nothing of it and it is read from the beginning — the
     /// group's offset would skip records whose aggregates do not exist here.
     fn start_task(&self, source: usize, partition: i32) -> anyhow::Result<Offset> {
-        let offset = match self.tasks().assign(source, partition) {
+        let stored = self.tasks().assign(source, partition);
+        if let Ok(at) = &stored {
+            // Committed by every flush from now on: the proof of membership needs one.
+            self.flushed.lock().unwrap_or_else(|p| p.into_inner()).insert((source, partition), at.unwrap_or(0));
+        }
+        let offset = match stored {
             Ok(Some(off)) => Offset::Offset(off),
             Ok(None) => {
                 self.first_position_due.store(!self.topo.tables.is_empty(), Ordering::Relaxed);
@@ -412,19 +553,22 @@ impl Shared {
         }
     }
 
-    fn on_revoke(&self, consumer: &BaseConsumer<SourceContext>, tpl: &TopicPartitionList) {
+    /// Gives up `tpl`: flushed first, unless `lost` (another member may own them already).
+    fn on_revoke(&self, consumer: &BaseConsumer<SourceContext>, tpl: &TopicPartitionList, lost: bool) {
         // The role goes with partition 0, and stops before it can go to another replica.
         if tpl.find_partition(&self.topo.sources[0].topic, 0).is_some() {
             self.stop_emitter();
         }
-        if consumer.assignment_lost() {
-            tracing::warn!("partitions lost (session timed out): dropping them without committing");
+        let lost = lost || consumer.assignment_lost();
+        if lost {
+            tracing::warn!("partitions lost (session timed out, or a rebalance failed): dropping them without flushing");
         } else if let Err(e) = self.flush_and_commit(consumer, Some(tpl)) {
             tracing::error!(error = %e, "flush before revocation failed; the next owner resumes from the last flush");
         }
         let mut tasks = self.tasks();
         let mut flushed = self.flushed.lock().unwrap_or_else(|p| p.into_inner());
         let mut restoring = self.restoring.lock().unwrap_or_else(|p| p.into_inner());
+        self.held.lock().unwrap_or_else(|p| p.into_inner()).retain(|(s, p)| tpl.find_partition(&self.topo.sources[*s].topic, *p).is_none());
         for e in tpl.elements() {
             if let Some(source) = self.source_of(e.topic()) {
                 if restoring.remove(&(source, e.partition())).is_some() {
@@ -434,7 +578,10 @@ impl Shared {
                 }
                 tasks.revoke(source, e.partition());
                 flushed.remove(&(source, e.partition()));
-                self.owned.remove(source, e.partition());
+                match lost {
+                    true => self.owned.lose(source, e.partition(), now_ms()),
+                    false => self.owned.remove(source, e.partition()),
+                }
             }
         }
         drop((tasks, flushed, restoring));
@@ -442,6 +589,24 @@ impl Shared {
         self.metrics.rebalances.with_label_values(&["revoke"]).inc();
         tracing::info!(partitions = ?tpl.elements().iter().map(|e| (e.topic().to_string(), e.partition())).collect::<Vec<_>>(), "partitions revoked");
     }
+}
+
+/// What a commit says of this replica's membership.
+enum Membership {
+    /// The group took the commit: the partitions are still this replica's.
+    Confirmed,
+    /// The group has expelled this replica (see [`fenced`]).
+    Expelled(KafkaError),
+    /// No answer that says (coordinator unreachable, timed out, rebalancing).
+    Unknown(KafkaError),
+}
+
+/// Why a flush was not made durable.
+enum FlushFailure {
+    /// A broker or the disk did not take it: rewound, and tried again.
+    Retry(Link, anyhow::Error),
+    /// Anything else: processing stops.
+    Fatal(anyhow::Error),
 }
 
 /// Commit errors that mean the group has expelled this member (its session expired), so
@@ -466,7 +631,7 @@ impl ConsumerContext for SourceContext {
                 }
             }
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
-                self.shared.on_revoke(consumer, tpl);
+                self.shared.on_revoke(consumer, tpl, false);
                 if cooperative {
                     consumer.incremental_unassign(tpl)
                 } else {
@@ -474,7 +639,12 @@ impl ConsumerContext for SourceContext {
                 }
             }
             other => {
+                // The revocation path, so no task or cached state of the dropped partitions
+                // outlives them; not flushed: whether they are still this replica's is unknown.
                 tracing::error!(error = ?other, "rebalance error; dropping the assignment");
+                if let Ok(assigned) = consumer.assignment() {
+                    self.shared.on_revoke(consumer, &assigned, true);
+                }
                 consumer.unassign()
             }
         };
@@ -500,6 +670,7 @@ impl SourceConsumer {
         side: SideOutputs,
         metrics: Metrics,
         owned: Arc<Ownership>,
+        faults: Arc<Faults>,
         results_dir: Option<PathBuf>,
     ) -> anyhow::Result<SourceConsumer> {
         let topo = Arc::clone(tasks.topology());
@@ -517,7 +688,9 @@ impl SourceConsumer {
             changelog,
             metrics,
             owned,
+            faults,
             flushed: Mutex::new(HashMap::new()),
+            held: Mutex::new(Vec::new()),
             fatal: Mutex::new(None),
             pending: Mutex::new(Vec::new()),
             results_dir,
@@ -599,7 +772,12 @@ impl SourceConsumer {
             match polled {
                 None => {}
                 Some(Err(e)) => {
-                    tracing::warn!(error = %e, "consumer error");
+                    // While the brokers are known to be down, each reconnect would log again.
+                    if self.shared.faults.failing(Link::Brokers) {
+                        tracing::debug!(error = %e, "consumer error");
+                    } else {
+                        tracing::warn!(error = %e, "consumer error");
+                    }
                     std::thread::sleep(Duration::from_millis(50));
                 }
                 Some(Ok(msg)) => {
@@ -618,9 +796,6 @@ impl SourceConsumer {
         self.shared.stop_emitter();
         local.publish(&self.shared);
         self.shared.flush_and_commit(&self.consumer, None)?;
-        if let Err(e) = self.shared.commit_flushed(&self.consumer, None) {
-            tracing::warn!(error = %e, "final offset commit refused; the stored positions still hold");
-        }
         self.consumer.unsubscribe();
         // Serve the revocation callback so the group rebalances now, not at session timeout.
         let deadline = Instant::now() + Duration::from_secs(5);

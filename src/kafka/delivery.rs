@@ -1,6 +1,7 @@
 //! Producing that waits for acknowledgements: the changelog and the result topic both send
 //! a batch and must know it is durable (or failed) before going on.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -13,22 +14,57 @@ use crate::config::KafkaConfig;
 
 /// How long a batch waits for its acknowledgements before failing.
 const ACK_TIMEOUT: Duration = Duration::from_secs(30);
+/// librdkafka gives up on a record 20 s after it was sent (its default is 300 s), and on a
+/// request to a broker after 10 s (default 30 s). Both end before [`ACK_TIMEOUT`]: once a
+/// batch has failed, none of its records is still being retried, so none can land later —
+/// after the records of whoever flushes the partition next.
+pub const BOUNDED_RETRIES: [(&str, &str); 2] = [("message.timeout.ms", "20000"), ("request.timeout.ms", "10000")];
 
-/// Collects delivery results: the offsets of records sent with a slot, and the first failure.
+/// Tags a record with its batch (high half) and slot (low half).
+fn opaque_of(batch: usize, slot: usize) -> usize {
+    (batch << 32) | (slot & 0xffff_ffff)
+}
+
+/// Collects delivery results: the offsets of the current batch's records sent with a slot,
+/// and the first failure.
 pub struct DeliveryContext {
     /// Offset per slot (`-1` until acknowledged).
-    pub offsets: Mutex<Vec<i64>>,
+    offsets: Mutex<Vec<i64>>,
+    /// The current batch: a late report of an earlier, failed batch names another, and its
+    /// offset is not taken for this batch's.
+    batch: AtomicUsize,
     failure: Mutex<Option<String>>,
+}
+
+impl DeliveryContext {
+    /// Starts a batch with `slots` records whose offsets are wanted; returns its tag, for
+    /// [`DeliveryContext::opaque`].
+    pub fn start_batch(&self, slots: usize) -> usize {
+        let mut offsets = self.offsets.lock().unwrap_or_else(|p| p.into_inner());
+        *offsets = vec![-1; slots];
+        self.batch.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// The opaque of a record of `batch`: slot 0 wants no offset, `i + 1` fills `offsets[i]`.
+    pub fn opaque(batch: usize, slot: usize) -> usize {
+        opaque_of(batch, slot)
+    }
+
+    /// The current batch's offsets, per slot.
+    pub fn take_offsets(&self) -> Vec<i64> {
+        std::mem::take(&mut *self.offsets.lock().unwrap_or_else(|p| p.into_inner()))
+    }
 }
 
 impl ClientContext for DeliveryContext {}
 
 impl ProducerContext for DeliveryContext {
-    /// 0: no slot; `i + 1`: the offset goes to `offsets[i]`.
+    /// Batch and slot (see [`DeliveryContext::opaque`]).
     type DeliveryOpaque = usize;
-    fn delivery(&self, result: &DeliveryResult<'_>, slot: usize) {
+    fn delivery(&self, result: &DeliveryResult<'_>, opaque: usize) {
+        let (batch, slot) = (opaque >> 32, opaque & 0xffff_ffff);
         match result {
-            Ok(m) if slot > 0 => {
+            Ok(m) if slot > 0 && batch == self.batch.load(Ordering::Relaxed) => {
                 if let Some(o) = self.offsets.lock().unwrap_or_else(|p| p.into_inner()).get_mut(slot - 1) {
                     *o = m.offset();
                 }
@@ -53,9 +89,11 @@ pub fn producer(kafka: &KafkaConfig, what: &str) -> anyhow::Result<BaseProducer<
             ("batch.size", "1000000"),
             ("queue.buffering.max.messages", "1000000"),
             ("compression.type", "lz4"),
+            BOUNDED_RETRIES[0],
+            BOUNDED_RETRIES[1],
         ],
     )
-    .create_with_context(DeliveryContext { offsets: Mutex::new(Vec::new()), failure: Mutex::new(None) })
+    .create_with_context(DeliveryContext { offsets: Mutex::new(Vec::new()), batch: AtomicUsize::new(0), failure: Mutex::new(None) })
     .map_err(|e| anyhow::anyhow!("creating the {what} producer: {e}"))
 }
 

@@ -58,9 +58,18 @@ pub struct SideOutputs {
 impl SideOutputs {
     /// A producer to the user's cluster.
     pub fn new(kafka: &KafkaConfig, dead_letter_topic: String, late_topic: String, metrics: Metrics) -> anyhow::Result<SideOutputs> {
-        let producer = super::client_config(kafka, &[("enable.idempotence", "true"), ("linger.ms", "5"), ("queue.buffering.max.messages", "100000")])
-            .create_with_context(SideContext { failed: AtomicU64::new(0), metrics: metrics.clone() })
-            .map_err(|e| anyhow::anyhow!("creating the dead-letter producer: {e}"))?;
+        let producer = super::client_config(
+            kafka,
+            &[
+                ("enable.idempotence", "true"),
+                ("linger.ms", "5"),
+                ("queue.buffering.max.messages", "100000"),
+                super::delivery::BOUNDED_RETRIES[0],
+                super::delivery::BOUNDED_RETRIES[1],
+            ],
+        )
+        .create_with_context(SideContext { failed: AtomicU64::new(0), metrics: metrics.clone() })
+        .map_err(|e| anyhow::anyhow!("creating the dead-letter producer: {e}"))?;
         Ok(SideOutputs { producer, dead_letter_topic, late_topic, metrics })
     }
 

@@ -14,6 +14,7 @@ use serde::{Deserialize, Serialize};
 
 use super::QueryError;
 use crate::aggregate::AggState;
+use crate::health::{Faults, Link};
 use crate::layout::Refusals;
 use crate::ownership::{Ownership, PartitionState};
 use crate::store::{PartitionMeta, Store, StoreError};
@@ -129,6 +130,11 @@ pub struct PartitionPartials {
     pub reads: Vec<MetricPartials>,
     /// `Some(lag)`: read from a standby copy this many changelog records behind.
     pub standby_lag: Option<u64>,
+    /// `Some(t)`: the state read is as of a flush before `t` (wall clock, ms) — the owner's
+    /// flushes have been held since (brokers or disk failing), or the replica read lost the
+    /// partition then without handing it over (its group session expired) and answers from
+    /// its state only because no owner or standby can.
+    pub stale_since_ms: Option<i64>,
 }
 
 /// Why a partition has no answer.
@@ -306,6 +312,8 @@ pub struct LocalFetch {
     cache: Option<std::sync::Arc<std::sync::Mutex<ReadCache>>>,
     /// The metrics this replica refuses (see [`LocalFetch::refusing`]).
     refusals: std::sync::Arc<Refusals>,
+    /// With [`LocalFetch::showing_faults`]: while flushes are held, answers say since when.
+    faults: Option<std::sync::Arc<Faults>>,
     /// This replica's name, as answers report it.
     pub replica: String,
 }
@@ -313,7 +321,7 @@ pub struct LocalFetch {
 impl LocalFetch {
     /// Reads `store` for the partitions `owned` says are this replica's.
     pub fn new(topo: std::sync::Arc<Topology>, store: Store, owned: std::sync::Arc<Ownership>, replica: String) -> LocalFetch {
-        LocalFetch { topo, store, owned, cache: None, refusals: Default::default(), replica }
+        LocalFetch { topo, store, owned, cache: None, refusals: Default::default(), faults: None, replica }
     }
 
     /// The metrics this replica refuses.
@@ -331,6 +339,12 @@ impl LocalFetch {
     /// store is; the result view, which drops windows it has sent, is not.
     pub fn caching(self) -> LocalFetch {
         LocalFetch { cache: Some(Default::default()), ..self }
+    }
+
+    /// The same, marking the partitions it answers stale while this replica's flushes are
+    /// held (see [`crate::health`]): their state is as of the last flush before then.
+    pub fn showing_faults(self, faults: std::sync::Arc<Faults>) -> LocalFetch {
+        LocalFetch { faults: Some(faults), ..self }
     }
 
     /// Checks another replica's partials for `req` against this replica's config: one read
@@ -374,11 +388,17 @@ impl LocalFetch {
             // A standby copy answers for a partition this replica does not own, or is being
             // promoted to own (until the promotion is done).
             let copy = req.max_standby_lag.zip(self.owned.standby(source, p)).filter(|(max, c)| c.queryable && c.lag <= *max).map(|(_, c)| c);
-            let reply = match (owned.iter().find(|(q, _)| *q == p).map(|(_, s)| *s), copy) {
-                (Some(PartitionState::Active), _) => self.read_partition(req, p, deadline)?,
-                (_, Some(copy)) => self.read_partition(req, p, deadline)?.map(|r| PartitionPartials { standby_lag: Some(copy.lag), ..r }),
-                (Some(PartitionState::Restoring { restored, total }), None) => Err(Unavailable::Restoring { restored, total }),
-                (None, None) => Err(Unavailable::NotOwned),
+            // So does, as a last resort, the state of a partition this replica lost.
+            let lost = req.max_standby_lag.and_then(|_| self.owned.lost(source, p));
+            let held = self.faults.as_ref().and_then(|f| f.since(Link::Flush).into_iter().chain(f.since(Link::Disk)).min());
+            let reply = match (owned.iter().find(|(q, _)| *q == p).map(|(_, s)| *s), copy, lost) {
+                (Some(PartitionState::Active), _, _) => {
+                    self.read_partition(req, p, deadline)?.map(|r| PartitionPartials { stale_since_ms: held, ..r })
+                }
+                (_, Some(copy), _) => self.read_partition(req, p, deadline)?.map(|r| PartitionPartials { standby_lag: Some(copy.lag), ..r }),
+                (Some(PartitionState::Restoring { restored, total }), None, _) => Err(Unavailable::Restoring { restored, total }),
+                (None, None, Some(at)) => self.read_partition(req, p, deadline)?.map(|r| PartitionPartials { stale_since_ms: Some(at), ..r }),
+                (None, None, None) => Err(Unavailable::NotOwned),
             };
             out.push(match reply {
                 Ok(partials) => PartitionReply::Partials(partials),
@@ -425,7 +445,7 @@ impl LocalFetch {
                         cache.put(p, r, position, mp, generation);
                     }
                 }
-                return Ok(Ok(PartitionPartials { partition: p, position, reads, standby_lag: None }));
+                return Ok(Ok(PartitionPartials { partition: p, position, reads, standby_lag: None, stale_since_ms: None }));
             }
             (position, meta) = (after, after_meta);
         }
@@ -527,6 +547,7 @@ mod tests {
                     expired_before: Some(0),
                 }],
                 standby_lag: Some(12),
+                stale_since_ms: None,
             }),
             PartitionReply::Unavailable { partition: 4, why: Unavailable::Restoring { restored: 1, total: 9 } },
         ];

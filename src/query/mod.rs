@@ -123,8 +123,8 @@ pub struct Ask {
 #[derive(Debug, Clone, PartialEq)]
 struct Coverage {
     source: String,
-    /// (replica, partition, position, standby lag) of each answered partition.
-    answered: Vec<(String, i32, Position, Option<u64>)>,
+    /// Each answered partition.
+    answered: Vec<AnsweredBy>,
     missing: Vec<(i32, Unavailable)>,
     /// The lowest watermark; `None` when some partition has none or is missing (it may
     /// still add to any window: nothing is closed).
@@ -141,6 +141,19 @@ struct Coverage {
 
 use fetch::Position;
 
+/// Who answered a partition, and from what.
+#[derive(Debug, Clone, PartialEq)]
+struct AnsweredBy {
+    replica: String,
+    partition: i32,
+    position: Position,
+    /// Read from a standby copy this many changelog records behind.
+    standby_lag: Option<u64>,
+    /// Read from the state of a replica that lost the partition then (see
+    /// [`fetch::PartitionPartials::stale_since_ms`]).
+    stale_since_ms: Option<i64>,
+}
+
 impl Coverage {
     fn of(source: &str, fetched: &Fetched, reads: &[MetricRead], expiry: bool) -> Coverage {
         let mut horizons: std::collections::HashMap<String, i64> = Default::default();
@@ -152,7 +165,17 @@ impl Coverage {
         let open = !fetched.missing.is_empty() || positions.iter().any(|p| p.watermark.is_none());
         Coverage {
             source: source.to_string(),
-            answered: fetched.parts.iter().map(|a| (a.replica.clone(), a.partials.partition, a.partials.position, a.partials.standby_lag)).collect(),
+            answered: fetched
+                .parts
+                .iter()
+                .map(|a| AnsweredBy {
+                    replica: a.replica.clone(),
+                    partition: a.partials.partition,
+                    position: a.partials.position,
+                    standby_lag: a.partials.standby_lag,
+                    stale_since_ms: a.partials.stale_since_ms,
+                })
+                .collect(),
             missing: fetched.missing.clone(),
             watermark: if open { None } else { positions.iter().filter_map(|p| p.watermark).min() },
             latest_event: positions.iter().filter_map(|p| p.max_event_time).max(),
@@ -195,8 +218,8 @@ impl Coverage {
     /// The position token of this answer: the source and each answered partition's offset.
     fn token(&self) -> String {
         let mut t = self.source.clone();
-        for (_, p, pos, _) in &self.answered {
-            t.push_str(&format!("~{p}-{}", pos.next_offset));
+        for a in &self.answered {
+            t.push_str(&format!("~{}-{}", a.partition, a.position.next_offset));
         }
         t
     }
@@ -205,17 +228,28 @@ impl Coverage {
         let partitions: Vec<Json> = self
             .answered
             .iter()
-            .map(|(replica, p, pos, lag)| {
-                let mut j = json!({ "partition": p, "replica": replica, "next_offset": pos.next_offset, "watermark": pos.watermark });
-                if let Some(lag) = lag {
+            .map(|a| {
+                let mut j = json!({ "partition": a.partition, "replica": a.replica, "next_offset": a.position.next_offset, "watermark": a.position.watermark });
+                if let Some(lag) = a.standby_lag {
                     j["standby_lag"] = json!(lag);
+                }
+                if let Some(t) = a.stale_since_ms {
+                    j["stale_since"] = json!(t);
                 }
                 j
             })
             .collect();
+        let stale = self.answered.iter().any(|a| a.stale_since_ms.is_some());
         let missing: Vec<Json> =
             self.missing.iter().map(|(p, why)| json!({ "partition": p, "reason": why.reason(), "detail": why.to_string() })).collect();
-        json!({ "partitions": partitions, "watermark": self.watermark, "complete": self.missing.is_empty(), "missing": missing, "position": self.token() })
+        json!({
+            "partitions": partitions,
+            "watermark": self.watermark,
+            "complete": self.missing.is_empty(),
+            "missing": missing,
+            "stale": stale,
+            "position": self.token(),
+        })
     }
 }
 
