@@ -50,8 +50,9 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'stati
     // Listening before the brokers answer: `/health` is up and `/ready` says what is awaited.
     on_listening(bound);
     let faults = Arc::new(Faults::new(Some(metrics.clone())));
+    let access = Arc::new(http::Access::of(&cfg.http));
     let shutdown = futures::FutureExt::shared(Box::pin(shutdown));
-    let Some((partitions, listener)) = wait_for_brokers(&cfg.kafka, &topo, listener, &metrics, &faults, shutdown.clone()).await? else {
+    let Some((partitions, listener)) = wait_for_brokers(&cfg.kafka, &topo, listener, (&metrics, &faults, &access), shutdown.clone()).await? else {
         tracing::info!("shutting down before the brokers answered");
         return Ok(());
     };
@@ -102,7 +103,8 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'stati
         .refusing(Arc::clone(&refusals))
         .showing_faults(Arc::clone(&faults));
     let timeout = Duration::from_millis(topo.cluster.query_timeout_ms);
-    let cluster = ClusterFetch::new(local.clone(), members, counts, timeout, topo.cluster.max_standby_lag, tokio::runtime::Handle::current());
+    let cluster = ClusterFetch::new(local.clone(), members, counts, timeout, topo.cluster.max_standby_lag, tokio::runtime::Handle::current())
+        .authenticated(cfg.http.token.clone());
     let api = ApiState {
         engine: QueryEngine::new(Arc::clone(&topo), Arc::new(cluster)).refusing(Arc::clone(&refusals)),
         local,
@@ -111,6 +113,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'stati
         tables,
         export_failing: Default::default(),
         faults: Arc::clone(&faults),
+        access,
     };
     let server = tokio::spawn(http::serve(api, listener, async {
         let _ = http_stop_rx.await;
@@ -168,8 +171,7 @@ async fn wait_for_brokers(
     kafka: &crate::config::KafkaConfig,
     topo: &Topology,
     listener: tokio::net::TcpListener,
-    metrics: &Metrics,
-    faults: &Arc<Faults>,
+    (metrics, faults, access): (&Metrics, &Arc<Faults>, &Arc<http::Access>),
     shutdown: impl Future<Output = ()> + Unpin,
 ) -> anyhow::Result<Option<(Vec<i32>, tokio::net::TcpListener)>> {
     let std_listener = listener.into_std()?;
@@ -177,6 +179,7 @@ async fn wait_for_brokers(
     let starting = tokio::spawn(http::serve_starting(
         metrics.clone(),
         Arc::clone(faults),
+        Arc::clone(access),
         tokio::net::TcpListener::from_std(std_listener.try_clone()?)?,
         async {
             let _ = stop_rx.await;
@@ -208,7 +211,7 @@ async fn wait_for_brokers(
     };
     let _ = stop_tx.send(());
     let _ = starting.await;
-    if let Some(f) = faults.recovered(Link::Brokers) {
+    if let (Some(f), Some(_)) = (faults.recovered(Link::Brokers), &partitions) {
         tracing::info!(attempts = f.attempts, "the brokers answered");
     }
     Ok(partitions.map(|p| Ok::<_, std::io::Error>((p, tokio::net::TcpListener::from_std(std_listener)?))).transpose()?)

@@ -30,6 +30,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::secret::{is_secret_key, Secret, REDACTED};
+
 /// A config error: which key, which value, and what would have been accepted.
 #[derive(Debug, thiserror::Error, PartialEq)]
 #[error("config key `{key}`: {problem}")]
@@ -117,8 +119,9 @@ pub struct ResultsConfig {
     pub topic: Option<String>,
 }
 
-/// Kafka connection settings.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+/// Kafka connection settings. `Debug` shows the values of secret properties (passwords,
+/// keys) as `[redacted]`.
+#[derive(Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct KafkaConfig {
     /// `bootstrap.servers`.
@@ -133,6 +136,19 @@ pub struct KafkaConfig {
     /// up but not ready, for supervisors that would rather restart it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub exit_on_broker_timeout: Option<String>,
+}
+
+impl std::fmt::Debug for KafkaConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let properties: BTreeMap<&str, &str> =
+            self.properties.iter().map(|(k, v)| (k.as_str(), if is_secret_key(k) { REDACTED } else { v.as_str() })).collect();
+        f.debug_struct("KafkaConfig")
+            .field("bootstrap_servers", &self.bootstrap_servers)
+            .field("application_id", &self.application_id)
+            .field("properties", &properties)
+            .field("exit_on_broker_timeout", &self.exit_on_broker_timeout)
+            .finish()
+    }
 }
 
 impl KafkaConfig {
@@ -226,17 +242,56 @@ pub struct HttpConfig {
     /// address).
     #[serde(default)]
     pub advertised_url: Option<String>,
+    /// A bearer token every request must carry (`Authorization: Bearer TOKEN`), but those to
+    /// the `open` routes; replicas send it to each other too. Also `TALLY_HTTP_TOKEN`.
+    /// Unset (the default): no authentication.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<Secret>,
+    /// Routes that need no token: any of `/health`, `/ready`, `/metrics`, `/openapi.json`
+    /// and `/` (the live screen's page; its queries carry the token). Default: the probes.
+    #[serde(default = "HttpConfig::default_open", skip_serializing_if = "HttpConfig::is_default_open")]
+    pub open: Vec<String>,
 }
+
+/// The routes [`HttpConfig::open`] may name.
+pub const OPENABLE: [&str; 5] = ["/health", "/ready", "/metrics", "/openapi.json", "/"];
+
+/// The shortest bearer token accepted.
+pub const MIN_TOKEN_LEN: usize = 16;
 
 impl HttpConfig {
     fn default_listen() -> String {
         "127.0.0.1:8080".into()
     }
+
+    fn default_open() -> Vec<String> {
+        vec!["/health".into(), "/ready".into()]
+    }
+
+    /// Left out of a written config, which an older tally may read (it has no `open`).
+    fn is_default_open(open: &Vec<String>) -> bool {
+        *open == Self::default_open()
+    }
+
+    /// Checks the token and the open routes (the token is never part of the message).
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self
+            .token
+            .as_ref()
+            .is_some_and(|t| t.expose().chars().count() < MIN_TOKEN_LEN || t.expose().chars().any(|c| c.is_whitespace() || c.is_control()))
+        {
+            return Err(ConfigError::new("http.token", format!("must be at least {MIN_TOKEN_LEN} characters, without spaces or control characters")));
+        }
+        match self.open.iter().find(|r| !OPENABLE.contains(&r.as_str())) {
+            Some(r) => Err(ConfigError::new("http.open", format!("`{r}` is not a route that can be left open; choose from {OPENABLE:?}"))),
+            None => Ok(()),
+        }
+    }
 }
 
 impl Default for HttpConfig {
     fn default() -> Self {
-        HttpConfig { listen: Self::default_listen(), advertised_url: None }
+        HttpConfig { listen: Self::default_listen(), advertised_url: None, token: None, open: Self::default_open() }
     }
 }
 
@@ -564,9 +619,16 @@ impl Config {
         Self::from_toml_str(&text).with_context(|| format!("in config file {}", path.display()))
     }
 
-    /// Parses and validates config text.
+    /// Parses and validates config text. Secret values are registered before parsing (see
+    /// [`crate::secret`]), and a parse error names the line and column without quoting it.
     pub fn from_toml_str(text: &str) -> anyhow::Result<Config> {
-        let cfg: Config = toml::from_str(text).map_err(|e| anyhow::anyhow!("{e}"))?;
+        crate::secret::register_from_config_text(text);
+        let cfg: Config = toml::from_str(text).map_err(|e| parse_error(text, &e))?;
+        for (k, v) in &cfg.kafka.properties {
+            if is_secret_key(k) {
+                crate::secret::register(v);
+            }
+        }
         cfg.validate()?;
         Ok(cfg)
     }
@@ -575,6 +637,19 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         crate::topology::Topology::compile(self).map(|_| ())
     }
+}
+
+/// A TOML error as line, column and message — not the quoted line, which may hold a secret
+/// (and the message is scrubbed of the registered ones).
+fn parse_error(text: &str, e: &toml::de::Error) -> anyhow::Error {
+    let at = e.span().map(|span| {
+        let end = (0..=span.start.min(text.len())).rev().find(|i| text.is_char_boundary(*i)).unwrap_or(0);
+        let before = &text[..end];
+        let line = before.matches('\n').count() + 1;
+        let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+        format!("line {line}, column {column}: ")
+    });
+    anyhow::anyhow!("TOML: {}{}", at.unwrap_or_default(), crate::secret::scrub(e.message()))
 }
 
 /// Checks that names are unique, non-empty and safe to use in topic names and URLs.

@@ -44,6 +44,7 @@ pub mod migrations;
 pub mod ownership;
 pub mod query;
 pub mod results;
+pub mod secret;
 pub mod store;
 pub mod table;
 pub mod task;

@@ -111,18 +111,39 @@ fn open_existing(dir: &std::path::Path) -> anyhow::Result<tally::store::Store> {
     tally::store::Store::open(dir).with_context(|| format!("opening the state store in {}", dir.display()))
 }
 
-fn main() -> anyhow::Result<()> {
+/// The bearer token from the environment, which overrides `http.token`.
+const TOKEN_ENV: &str = "TALLY_HTTP_TOKEN";
+
+fn main() -> std::process::ExitCode {
+    if let Ok(token) = std::env::var(TOKEN_ENV) {
+        tally::secret::register(&token);
+    }
+    // Every line to stderr — logs, the error tally exits with, a panic — without secrets.
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("RUST_LOG").unwrap_or_else(|_| "info,librdkafka=warn,rdkafka=warn".into()))
-        .with_writer(std::io::stderr)
+        .with_writer(tally::secret::ScrubbedStderr)
         .init();
-    match Cli::parse().command {
+    std::panic::set_hook(Box::new(|info| eprintln!("{}", tally::secret::scrub(&info.to_string()))));
+    match run(Cli::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("Error: {}", tally::secret::scrub(&format!("{e:?}")));
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
         Command::Run { config, replica, advertised_url, exit_on_broker_timeout } => {
             let mut cfg = Config::load(&config)?;
             cfg.cluster.replica = replica.or(cfg.cluster.replica);
             cfg.http.advertised_url = advertised_url.or(cfg.http.advertised_url);
             cfg.kafka.exit_on_broker_timeout = exit_on_broker_timeout.or(cfg.kafka.exit_on_broker_timeout);
-            cfg.validate().context("with the command line's --replica / --advertised-url / --exit-on-broker-timeout")?;
+            if let Ok(token) = std::env::var(TOKEN_ENV) {
+                cfg.http.token = Some(tally::secret::Secret::new(token));
+            }
+            cfg.validate().context("with the command line's --replica / --advertised-url / --exit-on-broker-timeout / TALLY_HTTP_TOKEN")?;
             let rt = tokio::runtime::Runtime::new()?;
             rt.block_on(tally::app::run(cfg, tally::app::shutdown_signal(), |_| {}))
         }

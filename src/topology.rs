@@ -432,6 +432,7 @@ impl Topology {
             }
         }
         cfg.kafka.exit_on_broker_timeout_ms()?;
+        cfg.http.validate()?;
         let commit_interval_ms = duration("state.commit_interval".into(), &cfg.state.commit_interval)?;
         if commit_interval_ms == 0 {
             return Err(ConfigError::new("state.commit_interval", "must be positive, e.g. `200ms`"));

@@ -40,7 +40,7 @@ fn brokers_down_at_start_then_up() {
     let cluster = Cluster::for_example("s1-uvpv.toml", 2);
     let mock = cluster.mock.as_ref().unwrap();
     mock.broker_down(1).unwrap();
-    let tally = Tally::start(example_config("s1-uvpv.toml", &cluster.brokers, dir.path()));
+    let tally = Tally::listening(example_config("s1-uvpv.toml", &cluster.brokers, dir.path()));
 
     // Up, not ready, saying what it waits for, and trying again.
     assert_eq!(http_get_raw(tally.addr, "/health").0, 200);
@@ -156,4 +156,60 @@ fn a_flush_the_broker_refuses_is_rewound_and_retried() {
     assert!(rewinds > 0.0, "a refused changelog write is rewound");
     s1::assert_exact(tally.addr, &records, "after refused flushes");
     tally.stop();
+}
+
+/// A replica stalled (SIGSTOP) while records flow, past its session timeout: the group hands
+/// its partitions to the other replica, which restores them and goes on. Woken up, the
+/// stalled one still holds unflushed records for partitions it no longer owns; its late
+/// flush must change no answer — neither the live replicas' nor what a replica restoring from
+/// the changelog alone reads back.
+#[test]
+fn a_stalled_replicas_late_flush_changes_no_answer() {
+    use common::replica::Replica;
+    let cluster = Cluster::for_example("s1-uvpv.toml", 2);
+    let records = s1(30_000, 2);
+    let topic = tally::gen::topic(Scenario::S1);
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = example_config("s1-uvpv.toml", &cluster.brokers, dir.path());
+    cfg.kafka.properties.insert("session.timeout.ms".into(), "6000".into());
+    let mut replicas: Vec<Replica> = ["z", "s"].iter().map(|n| Replica::new(dir.path(), n, &cfg)).collect();
+    for r in &mut replicas {
+        r.start();
+    }
+    for r in &replicas {
+        r.wait_ready();
+    }
+    let feeder = cluster.feed_over_time(topic, &records, 40);
+    wait_for(60, "both replicas own a partition", || {
+        replicas.iter().all(|r| try_get_raw(r.addr, "/ready").is_some_and(|(_, b)| b.contains("\"partitions\":1")))
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    replicas[0].pause();
+    // Past the session timeout: the survivor takes the stalled replica's partition over.
+    wait_for(60, "the survivor owns both partitions", || {
+        try_get_raw(replicas[1].addr, "/ready").is_some_and(|(_, b)| b.contains("\"partitions\":2"))
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    replicas[0].resume();
+    feeder.join().unwrap();
+    for r in &replicas {
+        wait_caught_up(r.addr, PROBE, &ends(&records));
+    }
+    s1::assert_exact(replicas[0].addr, &records, "the woken replica, after its late flush");
+    s1::assert_exact(replicas[1].addr, &records, "the survivor");
+    let log = replicas[0].log();
+    println!(
+        "the woken replica: {} held flushes logged, {} lost-partition lines",
+        log.matches("flush held").count(),
+        log.matches("partitions lost").count()
+    );
+    for r in &mut replicas {
+        r.terminate();
+    }
+    // What the changelog holds, read back alone on an empty disk.
+    let mut fresh = Replica::new(dir.path(), "fresh", &cfg);
+    fresh.start();
+    wait_caught_up(fresh.addr, PROBE, &ends(&records));
+    s1::assert_exact(fresh.addr, &records, "a replica restored from the changelog alone");
+    fresh.terminate();
 }

@@ -10,6 +10,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
 use crate::query::fetch::{self, FetchRequest, PartitionReply};
+use crate::secret::Secret;
 
 /// Why a peer gave no partials.
 #[derive(Debug, thiserror::Error)]
@@ -36,6 +37,8 @@ pub enum PeerError {
 #[derive(Clone)]
 pub struct PeerClient {
     http: Client<HttpConnector, Full<Bytes>>,
+    /// The bearer token every replica of the cluster takes (`http.token`).
+    token: Option<Secret>,
 }
 
 impl Default for PeerClient {
@@ -43,11 +46,16 @@ impl Default for PeerClient {
         let mut connector = HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_connect_timeout(Some(Duration::from_secs(1)));
-        PeerClient { http: Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(30)).build(connector) }
+        PeerClient { http: Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(30)).build(connector), token: None }
     }
 }
 
 impl PeerClient {
+    /// The same, sending `token` as the bearer token of every call.
+    pub fn authenticated(self, token: Option<Secret>) -> PeerClient {
+        PeerClient { token, ..self }
+    }
+
     /// Asks the replica at `url` for `req`'s partials, within `timeout`.
     pub async fn partials(&self, url: &str, req: &FetchRequest, timeout: Duration) -> Result<Vec<PartitionReply>, PeerError> {
         let body = Bytes::from(fetch::encode(req));
@@ -62,10 +70,11 @@ impl PeerClient {
     }
 
     async fn call(&self, url: &str, body: Bytes) -> Result<Vec<PartitionReply>, PeerError> {
-        let request = hyper::Request::post(format!("{url}/internal/v1/partials"))
-            .header("content-type", "application/octet-stream")
-            .body(Full::new(body))
-            .map_err(|e| PeerError::Connect(format!("bad peer URL `{url}`: {e}")))?;
+        let mut request = hyper::Request::post(format!("{url}/internal/v1/partials")).header("content-type", "application/octet-stream");
+        if let Some(t) = &self.token {
+            request = request.header("authorization", format!("Bearer {}", t.expose()));
+        }
+        let request = request.body(Full::new(body)).map_err(|e| PeerError::Connect(format!("bad peer URL `{url}`: {e}")))?;
         let response = self.http.request(request).await.map_err(|e| PeerError::Connect(e.to_string()))?;
         let status = response.status().as_u16();
         if status != 200 {

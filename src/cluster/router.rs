@@ -44,6 +44,11 @@ impl ClusterFetch {
         ClusterFetch { local, members, client: PeerClient::default(), partitions, timeout, max_standby_lag, runtime }
     }
 
+    /// The same, sending `token` to the other replicas (`http.token`).
+    pub fn authenticated(self, token: Option<crate::secret::Secret>) -> ClusterFetch {
+        ClusterFetch { client: self.client.authenticated(token), ..self }
+    }
+
     /// Asks each candidate for its share of `wanted`, in parallel: owners for their
     /// partitions, standbys for their copies.
     async fn ask(&self, req: &FetchRequest, wanted: &BTreeMap<i32, Candidate>) -> Vec<(i32, Result<Answered, Unavailable>)> {

@@ -31,6 +31,7 @@ use crate::metrics::Metrics;
 use crate::ownership::Ownership;
 use crate::query::fetch::{self, FetchRequest, LocalFetch, Unavailable};
 use crate::query::{parse_time, Ask, QueryEngine, QueryError, Range};
+use crate::secret::{self, Secret};
 
 /// The OpenAPI 3 description of this API, served at `/openapi.json`.
 pub const OPENAPI: &str = include_str!("openapi.json");
@@ -58,6 +59,82 @@ pub struct ApiState {
     pub export_failing: Arc<std::sync::Mutex<std::collections::BTreeSet<String>>>,
     /// What fails now (brokers, flushes): shown by `/ready`.
     pub faults: Arc<Faults>,
+    /// Who may ask what.
+    pub access: Arc<Access>,
+}
+
+/// Who may ask what: the bearer token every request carries, but those to the open routes.
+#[derive(Debug, Clone, Default)]
+pub struct Access {
+    /// `None`: no authentication.
+    pub token: Option<Secret>,
+    /// Routes that need no token (see [`crate::config::HttpConfig::open`]).
+    pub open: Vec<String>,
+}
+
+/// The longest query string taken (longer: 414).
+const MAX_QUERY_BYTES: usize = 8 << 10;
+
+/// Why a request was turned away before its route.
+#[derive(Debug)]
+enum Refused {
+    /// No token, or another one.
+    Unauthorized,
+    /// A query string over [`MAX_QUERY_BYTES`].
+    TooLong,
+}
+
+impl warp::reject::Reject for Refused {}
+
+impl Access {
+    /// From the HTTP config.
+    pub fn of(http: &crate::config::HttpConfig) -> Access {
+        Access { token: http.token.clone(), open: http.open.clone() }
+    }
+
+    fn allows(&self, path: &str, authorization: Option<&str>) -> bool {
+        let Some(token) = &self.token else { return true };
+        if self.open.iter().any(|o| o == path) {
+            return true;
+        }
+        let given = authorization.and_then(|a| a.strip_prefix("Bearer ")).unwrap_or("");
+        secret::same(given.as_bytes(), token.expose().as_bytes())
+    }
+
+    /// Passes the requests this access allows; turns the others away (see [`refusal`]).
+    fn guard(self: Arc<Self>) -> impl Filter<Extract = (), Error = warp::Rejection> + Clone {
+        let query = warp::query::raw().or(warp::any().map(String::new)).unify();
+        warp::path::full()
+            .and(warp::header::optional::<String>("authorization"))
+            .and(query)
+            .and_then(move |path: warp::path::FullPath, auth: Option<String>, query: String| {
+                let access = Arc::clone(&self);
+                async move {
+                    if query.len() > MAX_QUERY_BYTES {
+                        return Err(warp::reject::custom(Refused::TooLong));
+                    }
+                    match access.allows(path.as_str(), auth.as_deref()) {
+                        true => Ok(()),
+                        false => Err(warp::reject::custom(Refused::Unauthorized)),
+                    }
+                }
+            })
+            .untuple_one()
+    }
+}
+
+/// The answer to a request turned away or routed nowhere.
+fn refusal(rej: &warp::Rejection) -> Response {
+    match rej.find::<Refused>() {
+        Some(Refused::Unauthorized) => warp::reply::with_header(
+            error(StatusCode::UNAUTHORIZED, "this route needs the bearer token (Authorization: Bearer …); see http.token"),
+            "www-authenticate",
+            "Bearer",
+        )
+        .into_response(),
+        Some(Refused::TooLong) => error(StatusCode::URI_TOO_LONG, format!("the query string is over {MAX_QUERY_BYTES} bytes")),
+        None => error(StatusCode::NOT_FOUND, "no such route; see /openapi.json"),
+    }
 }
 
 fn error(status: StatusCode, msg: impl Into<String>) -> Response {
@@ -312,6 +389,7 @@ pub fn routes(state: ApiState) -> impl Filter<Extract = (Response,), Error = Inf
     let metrics = state.metrics.clone();
     warp::any()
         .map(Instant::now)
+        .and(Arc::clone(&state.access).guard())
         .and(get)
         .map(move |start: Instant, (route, resp): (&'static str, Response)| {
             let status = resp.status();
@@ -319,14 +397,14 @@ pub fn routes(state: ApiState) -> impl Filter<Extract = (Response,), Error = Inf
             metrics.http_duration.with_label_values(&[route]).observe(start.elapsed().as_secs_f64());
             resp
         })
-        .recover(move |_rej: warp::Rejection| async move { Ok::<_, Infallible>(error(StatusCode::NOT_FOUND, "no such route; see /openapi.json")) })
+        .recover(move |rej: warp::Rejection| async move { Ok::<_, Infallible>(refusal(&rej)) })
         .unify()
 }
 
 /// The routes served while tally waits for the brokers at start: `/health` (up), `/ready`
 /// (503, with what is awaited), `/metrics` and `/openapi.json`; anything else is a 503
 /// saying why.
-pub fn starting_routes(metrics: Metrics, faults: Arc<Faults>) -> impl Filter<Extract = (Response,), Error = Infallible> + Clone {
+pub fn starting_routes(metrics: Metrics, faults: Arc<Faults>, access: Arc<Access>) -> impl Filter<Extract = (Response,), Error = Infallible> + Clone {
     let health = warp::path!("health").map(|| warp::reply::json(&json!({ "status": "ok" })).into_response());
     let ready = {
         let faults = Arc::clone(&faults);
@@ -340,20 +418,26 @@ pub fn starting_routes(metrics: Metrics, faults: Arc<Faults>) -> impl Filter<Ext
     let openapi = warp::path!("openapi.json").map(|| warp::reply::with_header(OPENAPI, "content-type", "application/json").into_response());
     let rest = warp::any().map(move || {
         let why = faults.current().first().map_or_else(|| "starting".to_string(), |f| f.detail.clone());
-        let resp = error(StatusCode::SERVICE_UNAVAILABLE, format!("tally is starting: waiting for the brokers ({why})"));
+        let body = json!({ "error": format!("tally is starting: waiting for the brokers ({why})"), "status": 503, "starting": true });
+        let resp = warp::reply::with_status(warp::reply::json(&body), StatusCode::SERVICE_UNAVAILABLE);
         warp::reply::with_header(resp, "retry-after", "1").into_response()
     });
-    warp::get().and(health.or(ready).unify().or(prom).unify().or(openapi).unify()).or(rest).unify()
+    access
+        .guard()
+        .and(warp::get().and(health.or(ready).unify().or(prom).unify().or(openapi).unify()).or(rest).unify())
+        .recover(|rej: warp::Rejection| async move { Ok::<_, Infallible>(refusal(&rej)) })
+        .unify()
 }
 
 /// Serves [`starting_routes`] on `listener` until `shutdown` resolves.
 pub fn serve_starting(
     metrics: Metrics,
     faults: Arc<Faults>,
+    access: Arc<Access>,
     listener: tokio::net::TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> impl std::future::Future<Output = ()> {
-    warp::serve(starting_routes(metrics, faults)).incoming(listener).graceful(shutdown).run()
+    warp::serve(starting_routes(metrics, faults, access)).incoming(listener).graceful(shutdown).run()
 }
 
 /// Serves on `listener` until `shutdown` resolves.

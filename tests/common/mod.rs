@@ -331,6 +331,16 @@ pub fn log_field(line: &str, name: &str) -> Option<i64> {
     plain[at..].split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()
 }
 
+/// The bearer token every request of this test process carries unless it gives its own
+/// `Authorization` (see [`use_token`]).
+static BEARER: std::sync::RwLock<Option<String>> = std::sync::RwLock::new(None);
+
+/// Makes every request of this test process carry `token` (tallies started with
+/// `http.token`): the helpers below then ask as any client would.
+pub fn use_token(token: &str) {
+    *BEARER.write().unwrap() = Some(token.to_string());
+}
+
 /// One HTTP/1.0 request on loopback (`headers` as `Name: value` lines, `body` for a POST):
 /// status and body. Times out rather than hanging a test on a stalled server.
 pub fn http_request(addr: SocketAddr, method: &str, path: &str, headers: &[&str], body: &[u8]) -> std::io::Result<(u16, Vec<u8>)> {
@@ -341,6 +351,9 @@ pub fn http_request(addr: SocketAddr, method: &str, path: &str, headers: &[&str]
     for h in headers {
         head.push_str(h);
         head.push_str("\r\n");
+    }
+    if let Some(t) = BEARER.read().unwrap().as_ref().filter(|_| !headers.iter().any(|h| h.to_ascii_lowercase().starts_with("authorization:"))) {
+        head.push_str(&format!("Authorization: Bearer {t}\r\n"));
     }
     head.push_str("\r\n");
     s.write_all(head.as_bytes())?;
@@ -437,8 +450,20 @@ pub struct Tally {
 }
 
 impl Tally {
-    /// Starts tally on `cfg` and waits for its HTTP address.
+    /// Starts tally on `cfg` and waits until it has met the brokers and serves its API.
     pub fn start(cfg: Config) -> Tally {
+        let tally = Tally::listening(cfg);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while try_get_raw(tally.addr, "/ready").is_none_or(|(_, body)| body.contains("\"starting\":true")) {
+            assert!(Instant::now() < deadline, "tally did not get past waiting for the brokers");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        tally
+    }
+
+    /// Starts tally on `cfg` and waits only for its HTTP address (it may still be waiting
+    /// for the brokers).
+    pub fn listening(cfg: Config) -> Tally {
         let (addr_tx, addr_rx) = mpsc::channel();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let thread = std::thread::spawn(move || {
