@@ -67,8 +67,7 @@ pub fn meta_v3(meta: &PartitionMeta) -> Vec<u8> {
 }
 
 fn decode_exact<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Option<T> {
-    let (v, used) = bincode::serde::decode_from_slice(body, bincode::config::standard()).ok()?;
-    (used == body.len()).then_some(v)
+    crate::store::decode_body(body).ok()
 }
 
 /// A format 2 or 3 position in the current format (`None`: unreadable).

@@ -106,11 +106,7 @@ impl Layout {
         if fp != UNKNOWN && fp != self.fingerprint {
             return Err(refuse(format!("layout {fp:016x}")));
         }
-        let (value, used): (StoredAggregate, usize) =
-            bincode::serde::decode_from_slice(body, bincode::config::standard()).map_err(|e| corrupt(e.to_string()))?;
-        if used != body.len() {
-            return Err(corrupt("trailing bytes".into()));
-        }
+        let value: StoredAggregate = crate::store::decode_body(body).map_err(corrupt)?;
         if !self.fits(&value.states) {
             let kinds: Vec<&str> = value.states.iter().map(AggState::kind_name).collect();
             return Err(refuse(format!("states {kinds:?}")));

@@ -142,11 +142,7 @@ impl Sketch {
             Some(&SKETCH_FORMAT) => {}
             other => return Err(SketchError::Corrupt(format!("unknown sketch format {other:?}"))),
         }
-        let (hll, used): (HyperLogLogPlus<Vec<u8>, SketchHasher>, usize) =
-            bincode::serde::decode_from_slice(&bytes[1..], bincode::config::standard()).map_err(|e| SketchError::Corrupt(e.to_string()))?;
-        if used != bytes.len() - 1 {
-            return Err(SketchError::Corrupt("trailing bytes".into()));
-        }
+        let hll: HyperLogLogPlus<Vec<u8>, SketchHasher> = crate::store::decode_body(&bytes[1..]).map_err(SketchError::Corrupt)?;
         // The crate keeps its precision private; its serde form starts with the unit
         // builder (no bytes) and then the precision byte.
         let precision = bytes[1];

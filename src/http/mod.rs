@@ -123,6 +123,28 @@ impl Access {
     }
 }
 
+/// The methods a route path takes, if it is one.
+fn methods_of(path: &str) -> Option<&'static str> {
+    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    match segments.as_slice() {
+        ["internal", "v1", "partials"] => Some("POST"),
+        [""] | ["openapi.json"] | ["metrics"] | ["health"] | ["ready"] | ["api", "v1", "metrics"] => Some("GET"),
+        ["api", "v1", "metrics", name] | ["api", "v1", "metrics", name, "span" | "top"] if !name.is_empty() => Some("GET"),
+        _ => None,
+    }
+}
+
+/// The answer to a request no route took: 405 with `Allow` on a route's path (another
+/// method), else 404.
+fn unrouted(path: &str) -> Response {
+    match methods_of(path) {
+        Some(allow) => {
+            warp::reply::with_header(error(StatusCode::METHOD_NOT_ALLOWED, format!("this route takes {allow}")), "allow", allow).into_response()
+        }
+        None => error(StatusCode::NOT_FOUND, "no such route; see /openapi.json"),
+    }
+}
+
 /// The answer to a request turned away or routed nowhere.
 fn refusal(rej: &warp::Rejection) -> Response {
     match rej.find::<Refused>() {
@@ -385,7 +407,8 @@ pub fn routes(state: ApiState) -> impl Filter<Extract = (Response,), Error = Inf
         .map(|r| ("internal_partials", r));
 
     let any = list.or(query).unify().or(prom).unify().or(openapi).unify().or(health).unify().or(ready).unify().or(screen).unify();
-    let get = warp::get().and(any).or(internal).unify();
+    let unrouted = warp::path::full().map(|path: warp::path::FullPath| ("unrouted", unrouted(path.as_str())));
+    let get = warp::get().and(any).or(internal).unify().or(unrouted).unify();
     let metrics = state.metrics.clone();
     warp::any()
         .map(Instant::now)

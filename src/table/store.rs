@@ -90,12 +90,7 @@ fn decode<T: for<'de> Deserialize<'de>>(key: &[u8], bytes: &[u8]) -> Result<T, S
     if bytes.first() != Some(&TABLE_FORMAT) {
         return Err(corrupt(format!("table format {:?}, expected {TABLE_FORMAT}", bytes.first())));
     }
-    let limit = bincode::config::standard().with_limit::<{ 64 << 20 }>();
-    let (v, used) = bincode::serde::decode_from_slice(&bytes[1..], limit).map_err(|e| corrupt(e.to_string()))?;
-    if used != bytes.len() - 1 {
-        return Err(corrupt("trailing bytes".into()));
-    }
-    Ok(v)
+    crate::store::decode_body(&bytes[1..]).map_err(corrupt)
 }
 
 /// The value of `versions` as of `pin` (per partition, the next offset visible): per
