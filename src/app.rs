@@ -36,10 +36,8 @@ const STATE_GAUGE_INTERVAL: Duration = Duration::from_secs(10);
 /// the HTTP address once bound (useful with port 0).
 pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'static, on_listening: impl FnOnce(SocketAddr)) -> anyhow::Result<()> {
     let topo = Arc::new(Topology::compile(&cfg)?);
-    let migrate = cfg.state.migrate == crate::config::MigrateMode::Auto;
-    let store =
-        Store::open_current(&cfg.state.dir, &topo, migrate).with_context(|| format!("opening the state store in {}", cfg.state.dir.display()))?;
     let metrics = Metrics::new();
+    let store = open_store(&cfg, &topo, &metrics).with_context(|| format!("opening the state store in {}", cfg.state.dir.display()))?;
     metrics.init_sources(topo.sources.iter().map(|s| s.name.as_str()));
     metrics.init_metrics(topo.metrics.iter().map(|m| m.name.as_str()));
     metrics.init_results(topo.emitting());
@@ -66,11 +64,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'stati
     let owned = Arc::new(Ownership::default());
     // The result view sits beside the state store (it is rebuilt whenever this replica
     // takes the role, so losing it loses nothing).
-    let results_dir = topo.emits_results().then(|| {
-        let mut dir = cfg.state.dir.clone().into_os_string();
-        dir.push(".results");
-        std::path::PathBuf::from(dir)
-    });
+    let results_dir = topo.emits_results().then(|| beside(&cfg.state.dir, ".results"));
     let tables = Arc::new(Tables::open(&topo, &store).context("opening the global tables")?);
     metrics.init_tables(topo.tables.iter().map(|t| t.name.as_str()));
     let loader = TableLoader::start(&kafka, Arc::clone(&topo), Arc::clone(&tables), metrics.clone())?;
@@ -157,6 +151,35 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'stati
     match result {
         Ok(r) => r.and(loaded),
         Err(_) => Err(anyhow::anyhow!("the consumer thread panicked")),
+    }
+}
+
+/// The directory beside `dir` named like it with `suffix`.
+fn beside(dir: &std::path::Path, suffix: &str) -> std::path::PathBuf {
+    let mut name = dir.as_os_str().to_os_string();
+    name.push(suffix);
+    name.into()
+}
+
+/// Opens the state store for `topo`. One that sled finds damaged (checksums, a file cut
+/// short) is moved aside to `<dir>.damaged` (replacing an older one) and started afresh: its
+/// partitions are then restored from the changelogs, or recomputed from the source topics
+/// without them, as on a lost disk. Counted in `tally_store_rebuilds_total`.
+fn open_store(cfg: &Config, topo: &Topology, metrics: &Metrics) -> anyhow::Result<Store> {
+    let (dir, migrate) = (&cfg.state.dir, cfg.state.migrate == crate::config::MigrateMode::Auto);
+    match Store::open_current(dir, topo, migrate) {
+        Err(e) if e.is_damaged() => {
+            let aside = beside(dir, ".damaged");
+            let from = if topo.changelog { "the changelogs" } else { "the source topics" };
+            tracing::error!(error = %e, dir = %dir.display(), moved_to = %aside.display(), "the state store is damaged: moving it aside and rebuilding the state from {from}");
+            if aside.exists() {
+                std::fs::remove_dir_all(&aside).with_context(|| format!("removing the older damaged store {}", aside.display()))?;
+            }
+            std::fs::rename(dir, &aside).with_context(|| format!("moving the damaged store to {}", aside.display()))?;
+            metrics.store_rebuilds.inc();
+            Ok(Store::open_current(dir, topo, migrate)?)
+        }
+        r => Ok(r?),
     }
 }
 

@@ -29,6 +29,8 @@ pub struct Metrics {
     pub fault_attempts: IntCounterVec,
     /// Flushes that failed after the membership check, rewound to the last durable one.
     pub flush_rewinds: IntCounter,
+    /// State stores found damaged at start, moved aside and rebuilt.
+    pub store_rebuilds: IntCounter,
     /// Owned partitions counted idle (see `idle_timeout`).
     pub partitions_idle: IntGauge,
     /// Records that could not be decoded, by source and reason.
@@ -155,6 +157,11 @@ impl Metrics {
                 &["link"],
             ),
             fault_attempts: counter("tally_fault_attempts_total", "Failed attempts, by link (`brokers`, `flush`, `disk`).", &["link"]),
+            store_rebuilds: reg(
+                &r,
+                IntCounter::new("tally_store_rebuilds_total", "State stores found damaged at start, moved aside and rebuilt from the changelogs.")
+                    .expect("valid metric"),
+            ),
             flush_rewinds: reg(
                 &r,
                 IntCounter::new("tally_flush_rewinds_total", "Flushes that failed midway, rewound to the last durable flush and processed again.")

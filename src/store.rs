@@ -148,6 +148,12 @@ impl StoreError {
     pub fn is_io(&self) -> bool {
         matches!(self, StoreError::Sled(sled::Error::Io(_)))
     }
+
+    /// sled found the store damaged (a checksum, a file cut short): nothing in it can be
+    /// trusted.
+    pub fn is_damaged(&self) -> bool {
+        matches!(self, StoreError::Sled(sled::Error::Corruption { .. }))
+    }
 }
 
 /// The partial aggregates of one metric, partition, slice and group.

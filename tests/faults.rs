@@ -213,3 +213,56 @@ fn a_stalled_replicas_late_flush_changes_no_answer() {
     s1::assert_exact(fresh.addr, &records, "a replica restored from the changelog alone");
     fresh.terminate();
 }
+
+/// Overwrites a run of sled's log in `dir` with garbage, as a failing disk would.
+fn overwrite_log(dir: &std::path::Path) {
+    use std::io::{Seek, SeekFrom, Write};
+    let db = dir.join("db");
+    let len = std::fs::metadata(&db).unwrap().len();
+    let mut f = std::fs::OpenOptions::new().write(true).open(&db).unwrap();
+    f.seek(SeekFrom::Start(len / 3)).unwrap();
+    f.write_all(&vec![0xab; 64 << 10]).unwrap();
+    f.sync_all().unwrap();
+}
+
+/// Cuts sled's config file in `dir` short.
+fn cut_config(dir: &std::path::Path) {
+    let conf = dir.join("conf");
+    let text = std::fs::read(&conf).unwrap();
+    std::fs::write(&conf, &text[..text.len() / 2]).unwrap();
+}
+
+/// A store sled finds damaged at start is moved aside and its state restored from the
+/// changelog; one whose log was only overwritten in part is recovered by sled to an earlier
+/// flush, and the changelog's tail brings it up to date. Both answer exactly.
+#[test]
+fn a_damaged_store_is_rebuilt_from_the_changelog() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let cluster = Cluster::for_example("s1-uvpv.toml", 2);
+    let cfg = example_config("s1-uvpv.toml", &cluster.brokers, &state);
+    let records = s1(8_000, 2);
+    cluster.produce(tally::gen::topic(Scenario::S1), &records);
+    let tally = Tally::start(cfg.clone());
+    wait_caught_up(tally.addr, PROBE, &ends(&records));
+    tally.stop();
+
+    overwrite_log(&state);
+    let tally = Tally::start(cfg.clone());
+    wait_caught_up(tally.addr, PROBE, &ends(&records));
+    let m = tally.metrics();
+    assert_eq!(metric_value(&m, "tally_store_rebuilds_total"), 0.0, "sled recovers an overwritten log to an earlier flush");
+    println!("a log overwritten in part: {} changelog records restored (the tail)", metric_sum(&m, "tally_restore_records_total"));
+    s1::assert_exact(tally.addr, &records, "after sled recovered an overwritten log");
+    tally.stop();
+
+    cut_config(&state);
+    let tally = Tally::start(cfg);
+    wait_caught_up(tally.addr, PROBE, &ends(&records));
+    let m = tally.metrics();
+    assert_eq!(metric_value(&m, "tally_store_rebuilds_total"), 1.0, "the damaged store was detected");
+    println!("a damaged store rebuilt: {} changelog records restored", metric_sum(&m, "tally_restore_records_total"));
+    assert!(dir.path().join("state.damaged").join("db").exists(), "the damaged store is kept aside");
+    s1::assert_exact(tally.addr, &records, "after rebuilding a damaged store from the changelog");
+    tally.stop();
+}
