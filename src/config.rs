@@ -176,6 +176,11 @@ pub struct StateConfig {
     /// partition with no local state is recomputed from the source topic's beginning.
     #[serde(default = "StateConfig::default_changelog")]
     pub changelog: bool,
+    /// The most bytes the write-back cache keeps (Kafka Streams' `statestore.cache.max.bytes`;
+    /// default 128 MiB): past it after a flush, the cache lets its clean entries go, and they
+    /// are read from the store again when next needed.
+    #[serde(default = "StateConfig::default_cache_max_bytes", skip_serializing_if = "StateConfig::is_default_cache")]
+    pub cache_max_bytes: u64,
     /// What `tally run` does with a store written by an older tally: `auto` (default) runs
     /// the pending migrations at start; `refuse` stops with a message, for
     /// `tally migrate --config FILE` to run them.
@@ -217,6 +222,15 @@ impl StateConfig {
     fn default_changelog() -> bool {
         true
     }
+
+    fn default_cache_max_bytes() -> u64 {
+        128 << 20
+    }
+
+    /// Left out of a written config, which an older tally may read.
+    fn is_default_cache(bytes: &u64) -> bool {
+        *bytes == Self::default_cache_max_bytes()
+    }
 }
 
 impl Default for StateConfig {
@@ -225,6 +239,7 @@ impl Default for StateConfig {
             dir: Self::default_dir(),
             commit_interval: Self::default_commit_interval(),
             changelog: Self::default_changelog(),
+            cache_max_bytes: Self::default_cache_max_bytes(),
             migrate: MigrateMode::Auto,
             upgrade_from: None,
         }

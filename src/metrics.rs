@@ -31,6 +31,8 @@ pub struct Metrics {
     pub flush_rewinds: IntCounter,
     /// State stores found damaged at start, moved aside and rebuilt.
     pub store_rebuilds: IntCounter,
+    /// Bytes the write-back cache keeps after the last flush.
+    pub cache_bytes: IntGauge,
     /// Owned partitions counted idle (see `idle_timeout`).
     pub partitions_idle: IntGauge,
     /// Records that could not be decoded, by source and reason.
@@ -157,6 +159,11 @@ impl Metrics {
                 &["link"],
             ),
             fault_attempts: counter("tally_fault_attempts_total", "Failed attempts, by link (`brokers`, `flush`, `disk`).", &["link"]),
+            cache_bytes: reg(
+                &r,
+                IntGauge::new("tally_cache_bytes", "Bytes the write-back cache keeps after the last flush (at most state.cache_max_bytes).")
+                    .expect("valid metric"),
+            ),
             store_rebuilds: reg(
                 &r,
                 IntCounter::new("tally_store_rebuilds_total", "State stores found damaged at start, moved aside and rebuilt from the changelogs.")

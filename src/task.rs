@@ -203,6 +203,8 @@ pub struct FlushStats {
     pub deletes: usize,
     /// Records written to the changelog (changes and positions), by source.
     pub changelog_records: Vec<usize>,
+    /// Bytes the write-back cache keeps after the flush.
+    pub cache_bytes: usize,
 }
 
 /// A flush that did not complete; nothing of it counts as done.
@@ -222,10 +224,15 @@ struct CacheEntry {
     slice: i64,
     value: StoredAggregate,
     dirty: bool,
+    /// What it takes in memory, as of the last flush that wrote it (see [`entry_bytes`]).
+    bytes: usize,
 }
 
-/// Cached entries above this are dropped after a flush (they are all clean then).
-const CACHE_LIMIT: usize = 500_000;
+/// A cache entry's size: its key, its value as sealed (a sketch's registers, a top list's
+/// items) and the map's and the struct's own share.
+fn entry_bytes(key: &[u8], sealed: &[u8]) -> usize {
+    key.len() + sealed.len() + 96
+}
 
 /// The tasks of one replica and their shared write-back cache.
 pub struct TaskSet {
@@ -598,7 +605,7 @@ impl TaskSet {
                     }
                     Err(e) => return Err(e),
                 };
-                self.cache.entry(self.key.clone()).or_insert(CacheEntry { metric: mi, partition, slice, value, dirty: false })
+                self.cache.entry(self.key.clone()).or_insert(CacheEntry { metric: mi, partition, slice, value, dirty: false, bytes: 0 })
             }
         };
         if entry.value.max_offset >= offset {
@@ -693,19 +700,24 @@ impl TaskSet {
             }
         }
         let expired = |e: &CacheEntry| expired_before.get(&(e.metric, e.partition)).is_some_and(|b| e.slice < *b);
-        for (k, e) in &self.cache {
+        let mut cache_bytes = 0;
+        for (k, e) in &mut self.cache {
             if expired(e) {
                 // Stored copies are deleted above (and logged there); an entry that never
                 // reached the store needs no tombstone.
                 batch.delete(k);
-            } else if e.dirty {
+                continue;
+            }
+            if e.dirty {
                 let bytes = topo.metrics[e.metric].layout.seal(&e.value);
+                e.bytes = entry_bytes(k, &bytes);
                 batch.put_encoded(k, &bytes);
                 if logged {
                     let source = topo.metrics[e.metric].source;
                     changes.push(Change { source, partition: e.partition, key: k.clone(), value: Some(bytes) });
                 }
             }
+            cache_bytes += e.bytes;
         }
         // The pin each partition's next records join as of: the tables' position now, except
         // while a torn flush's records are replayed. Adopted once this flush is durable.
@@ -757,7 +769,7 @@ impl TaskSet {
                 changelog_records[source] += 1;
             }
         }
-        let stats = FlushStats { puts: batch.puts, deletes: batch.deletes, changelog_records };
+        let stats = FlushStats { puts: batch.puts, deletes: batch.deletes, changelog_records, cache_bytes: 0 };
         self.store.apply(batch)?;
         self.store.flush()?;
         self.cache.retain(|_, e| !expired(e));
@@ -774,10 +786,12 @@ impl TaskSet {
                 t.pin = pin;
             }
         }
-        if self.cache.len() > CACHE_LIMIT {
+        // Every entry is clean now: past the budget, let them go (read again when needed).
+        if cache_bytes > topo.cache_max_bytes {
             self.cache.clear();
+            cache_bytes = 0;
         }
-        Ok(stats)
+        Ok(FlushStats { cache_bytes, ..stats })
     }
 }
 
@@ -807,6 +821,30 @@ mod tests {
 
     fn rec(ts: i64, k: &str, v: i64) -> Vec<u8> {
         format!(r#"{{"ts":{ts},"k":"{k}","v":{v}}}"#).into_bytes()
+    }
+
+    #[test]
+    fn past_its_budget_the_cache_lets_its_entries_go_and_reads_them_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let mut small = (*topo()).clone();
+        small.cache_max_bytes = 1;
+        let mut tasks = TaskSet::new(Arc::new(small), store.clone());
+        tasks.assign(0, 0).unwrap();
+        tasks.process(0, 0, 0, None, &rec(70, "a", 1)).unwrap();
+        assert_eq!(tasks.flush(None).unwrap().cache_bytes, 0, "over budget: let go");
+        assert!(tasks.cache.is_empty());
+        tasks.process(0, 0, 1, None, &rec(80, "a", 2)).unwrap();
+        tasks.flush(None).unwrap();
+        assert_eq!(
+            stored(&store, "per_min", 60_000, "a").unwrap().states,
+            vec![AggState::Count(2), AggState::Sum(3_000_000)],
+            "read back, then added to"
+        );
+        let mut roomy = TaskSet::new(topo(), store.clone());
+        roomy.assign(0, 0).unwrap();
+        roomy.process(0, 0, 2, None, &rec(90, "b", 1)).unwrap();
+        assert!(roomy.flush(None).unwrap().cache_bytes > 0, "within the budget: kept");
     }
 
     fn stored(store: &Store, metric: &str, slice: i64, group: &str) -> Option<StoredAggregate> {

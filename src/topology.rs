@@ -34,6 +34,8 @@ pub struct Topology {
     pub exported: Vec<String>,
     /// Whether flushes are written to changelog topics.
     pub changelog: bool,
+    /// The write-back cache's byte budget (`state.cache_max_bytes`).
+    pub cache_max_bytes: usize,
     /// The topic window results go to.
     pub results_topic: String,
     /// How replicas of this application find and ask each other.
@@ -592,6 +594,7 @@ impl Topology {
             commit_interval_ms: commit_interval_ms as u64,
             exported,
             changelog: cfg.state.changelog,
+            cache_max_bytes: usize::try_from(cfg.state.cache_max_bytes).unwrap_or(usize::MAX),
             results_topic: cfg.results.topic.clone().unwrap_or_else(|| format!("{}-results", cfg.kafka.application_id)),
             cluster: Cluster::compile(cfg)?,
         })

@@ -270,6 +270,7 @@ impl Shared {
         self.metrics.flush_duration.observe(started.elapsed().as_secs_f64());
         self.metrics.state_writes.inc_by(stats.puts as u64);
         self.metrics.state_deletes.inc_by(stats.deletes as u64);
+        self.metrics.cache_bytes.set(stats.cache_bytes as i64);
         for (source, n) in stats.changelog_records.iter().enumerate() {
             if *n > 0 {
                 self.metrics.changelog_records.with_label_values(&[&self.topo.sources[source].name]).inc_by(*n as u64);
