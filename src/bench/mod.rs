@@ -238,10 +238,13 @@ fn core_run(mut tasks: crate::task::TaskSet, source: usize, payloads: &[(i32, Ve
     let mut offsets = vec![0i64; 1024];
     let start = Instant::now();
     let mut last_flush = Instant::now();
-    let (mut puts, mut flushing) = (0, Duration::ZERO);
+    let (mut puts, mut flushing, mut cache, mut let_go) = (0, Duration::ZERO, 0, 0);
     let mut flush = |tasks: &mut crate::task::TaskSet| -> anyhow::Result<()> {
         let t = Instant::now();
-        puts += tasks.flush(None)?.puts;
+        let stats = tasks.flush(None)?;
+        puts += stats.puts;
+        cache = cache.max(stats.cache_bytes);
+        let_go += usize::from(stats.cache_bytes == 0 && stats.puts > 0);
         flushing += t.elapsed();
         Ok(())
     };
@@ -255,6 +258,11 @@ fn core_run(mut tasks: crate::task::TaskSet, source: usize, payloads: &[(i32, Ve
         }
     }
     flush(&mut tasks)?;
+    println!(
+        "  the core's cache    up to {:.1} MiB after a flush; let go {let_go} times (budget {} MiB)",
+        cache as f64 / 1048576.0,
+        topo.cache_max_bytes >> 20
+    );
     Ok((payloads.len() as f64 / start.elapsed().as_secs_f64(), puts, flushing))
 }
 
