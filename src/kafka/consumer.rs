@@ -7,8 +7,8 @@
 //! 1. records are folded into the write-back cache (memory only);
 //! 2. every commit interval: the durable positions of every owned partition are committed to
 //!    the group synchronously — which also proves the group has not expelled this replica.
-//!    Unless the group confirms it (expelled: a zombie whose session expired; or no answer:
-//!    the coordinator is unreachable), nothing is written: the flush is held, the partitions
+//!    Unless the group confirms it or says it is rebalancing (expelled: a zombie whose session
+//!    expired; or no answer: the coordinator is unreachable), nothing is written: the flush is held, the partitions
 //!    paused, and the next interval tries again;
 //! 3. dead-letter and late records are acknowledged;
 //! 4. the changed aggregates go to the changelog and are acknowledged, then one position
@@ -205,6 +205,9 @@ impl Shared {
                 Membership::Confirmed
             }
             Err(e @ KafkaError::ConsumerCommit(code)) if fenced(code) => Membership::Expelled(e),
+            // The coordinator knows this member and is rebalancing: under the cooperative
+            // protocol its partitions stay its own until it revokes them itself.
+            Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::RebalanceInProgress)) => Membership::Confirmed,
             Err(e) => Membership::Unknown(e),
         }
     }
