@@ -49,6 +49,9 @@ pub struct Fault {
 }
 
 impl Link {
+    /// The links whose faults hold flushes (answers are then stale).
+    pub const HOLDING_FLUSHES: [Link; 2] = [Link::Flush, Link::Disk];
+
     /// The label of the link's metrics.
     pub fn label(self) -> &'static str {
         match self {
@@ -101,10 +104,11 @@ impl Faults {
 
     /// Ends a fault's stretch; returns it, if there was one.
     pub fn recovered(&self, link: Link) -> Option<Fault> {
-        if let Some(m) = &self.metrics {
+        let ended = self.lock().remove(&link);
+        if let (Some(m), Some(_)) = (&self.metrics, &ended) {
             m.fault.with_label_values(&[link.label()]).set(0);
         }
-        self.lock().remove(&link)
+        ended
     }
 
     /// Whether `link` is failing now.
@@ -112,9 +116,10 @@ impl Faults {
         self.lock().contains_key(&link)
     }
 
-    /// Since when `link` is failing (wall clock, ms), if it is.
-    pub fn since(&self, link: Link) -> Option<i64> {
-        self.lock().get(&link).map(|f| f.since_ms)
+    /// Since when the first of `links` to fail now has been failing (wall clock, ms).
+    pub fn since(&self, links: &[Link]) -> Option<i64> {
+        let faults = self.lock();
+        links.iter().filter_map(|l| faults.get(l).map(|f| f.since_ms)).min()
     }
 
     /// Every current fault.

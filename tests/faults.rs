@@ -19,6 +19,15 @@ fn s1(count: usize, partitions: i32) -> Vec<tally::gen::GenRecord> {
     generate(Scenario::S1, &GenOptions { count, partitions, ..GenOptions::for_scenario(Scenario::S1) })
 }
 
+/// S1 on a mock cluster with `partitions`, and a config of tally on it with its state in a
+/// fresh directory (kept while the returned guard lives).
+fn s1_on_mock(partitions: i32) -> (tempfile::TempDir, Cluster, tally::config::Config) {
+    let dir = tempfile::tempdir().unwrap();
+    let cluster = Cluster::for_example("s1-uvpv.toml", partitions);
+    let cfg = example_config("s1-uvpv.toml", &cluster.brokers, dir.path());
+    (dir, cluster, cfg)
+}
+
 /// `/ready`'s status and body.
 fn ready(addr: std::net::SocketAddr) -> (u16, Value) {
     let (status, body) = http_get_raw(addr, "/ready");
@@ -36,11 +45,10 @@ fn wait_for(secs: u64, what: &str, mut done: impl FnMut() -> bool) {
 
 #[test]
 fn brokers_down_at_start_then_up() {
-    let dir = tempfile::tempdir().unwrap();
-    let cluster = Cluster::for_example("s1-uvpv.toml", 2);
+    let (_dir, cluster, cfg) = s1_on_mock(2);
     let mock = cluster.mock.as_ref().unwrap();
     mock.broker_down(1).unwrap();
-    let tally = Tally::listening(example_config("s1-uvpv.toml", &cluster.brokers, dir.path()));
+    let tally = Tally::listening(cfg);
 
     // Up, not ready, saying what it waits for, and trying again.
     assert_eq!(http_get_raw(tally.addr, "/health").0, 200);
@@ -68,10 +76,8 @@ fn brokers_down_at_start_then_up() {
 
 #[test]
 fn exit_on_broker_timeout_gives_up_when_asked() {
-    let dir = tempfile::tempdir().unwrap();
-    let cluster = Cluster::for_example("s1-uvpv.toml", 1);
+    let (_dir, cluster, mut cfg) = s1_on_mock(1);
     cluster.mock.as_ref().unwrap().broker_down(1).unwrap();
-    let mut cfg = example_config("s1-uvpv.toml", &cluster.brokers, dir.path());
     cfg.kafka.exit_on_broker_timeout = Some("1s".into());
     let rt = tokio::runtime::Runtime::new().unwrap();
     let err = rt.block_on(tally::app::run(cfg, std::future::pending(), |_| {})).expect_err("gives up");
@@ -85,10 +91,9 @@ fn fault_links(addr: std::net::SocketAddr) -> Vec<String> {
 
 #[test]
 fn a_30_second_broker_outage_mid_stream() {
-    let dir = tempfile::tempdir().unwrap();
-    let cluster = Cluster::for_example("s1-uvpv.toml", 2);
+    let (_dir, cluster, cfg) = s1_on_mock(2);
     let mock = cluster.mock.as_ref().unwrap();
-    let tally = Tally::start(example_config("s1-uvpv.toml", &cluster.brokers, dir.path()));
+    let tally = Tally::start(cfg);
     let records = s1(8_000, 2);
     let (first, second) = records.split_at(records.len() / 2);
     let topic = tally::gen::topic(Scenario::S1);
@@ -126,10 +131,8 @@ fn a_30_second_broker_outage_mid_stream() {
 #[test]
 fn a_flush_the_broker_refuses_is_rewound_and_retried() {
     use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
-    let dir = tempfile::tempdir().unwrap();
-    let cluster = Cluster::for_example("s1-uvpv.toml", 2);
+    let (_dir, cluster, mut cfg) = s1_on_mock(2);
     let mock = cluster.mock.as_ref().unwrap();
-    let mut cfg = example_config("s1-uvpv.toml", &cluster.brokers, dir.path());
     cfg.state.commit_interval = "1s".into();
     let tally = Tally::start(cfg);
     let records = s1(12_000, 2);
@@ -166,11 +169,9 @@ fn a_flush_the_broker_refuses_is_rewound_and_retried() {
 #[test]
 fn a_stalled_replicas_late_flush_changes_no_answer() {
     use common::replica::Replica;
-    let cluster = Cluster::for_example("s1-uvpv.toml", 2);
+    let (dir, cluster, mut cfg) = s1_on_mock(2);
     let records = s1(30_000, 2);
     let topic = tally::gen::topic(Scenario::S1);
-    let dir = tempfile::tempdir().unwrap();
-    let mut cfg = example_config("s1-uvpv.toml", &cluster.brokers, dir.path());
     cfg.kafka.properties.insert("session.timeout.ms".into(), "6000".into());
     let mut replicas: Vec<Replica> = ["z", "s"].iter().map(|n| Replica::new(dir.path(), n, &cfg)).collect();
     for r in &mut replicas {

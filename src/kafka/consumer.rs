@@ -329,6 +329,9 @@ impl Shared {
     /// After a durable flush: resumes the partitions a hold paused and ends its faults.
     fn release(&self, consumer: &BaseConsumer<SourceContext>) {
         let held = std::mem::take(&mut *self.held.lock().unwrap_or_else(|p| p.into_inner()));
+        if held.is_empty() && self.faults.since(&Link::HOLDING_FLUSHES).is_none() {
+            return; // the usual flush: nothing was held
+        }
         let mut tpl = TopicPartitionList::new();
         let tasks = self.tasks();
         let restoring = self.restoring.lock().unwrap_or_else(|p| p.into_inner());
@@ -343,7 +346,7 @@ impl Shared {
                 tracing::warn!(error = %e, "resuming the partitions of a held flush failed");
             }
         }
-        for link in [Link::Flush, Link::Disk] {
+        for link in Link::HOLDING_FLUSHES {
             if let Some(f) = self.faults.recovered(link) {
                 tracing::info!(
                     link = link.label(),

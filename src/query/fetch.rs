@@ -384,13 +384,13 @@ impl LocalFetch {
         let now = Instant::now();
         let deadline = now.checked_add(Duration::from_millis(req.wait_ms).min(MAX_WAIT)).unwrap_or(now);
         let mut out = Vec::with_capacity(wanted.len());
+        let held = self.faults.as_ref().and_then(|f| f.since(&Link::HOLDING_FLUSHES));
         for p in wanted {
             // A standby copy answers for a partition this replica does not own, or is being
             // promoted to own (until the promotion is done).
             let copy = req.max_standby_lag.zip(self.owned.standby(source, p)).filter(|(max, c)| c.queryable && c.lag <= *max).map(|(_, c)| c);
             // So does, as a last resort, the state of a partition this replica lost.
             let lost = req.max_standby_lag.and_then(|_| self.owned.lost(source, p));
-            let held = self.faults.as_ref().and_then(|f| f.since(Link::Flush).into_iter().chain(f.since(Link::Disk)).min());
             let reply = match (owned.iter().find(|(q, _)| *q == p).map(|(_, s)| *s), copy, lost) {
                 (Some(PartitionState::Active), _, _) => {
                     self.read_partition(req, p, deadline)?.map(|r| PartitionPartials { stale_since_ms: held, ..r })
