@@ -12,8 +12,11 @@
 //! | `GET /health`, `GET /ready`             | liveness; readiness (partitions assigned)       |
 //! | `GET /`                                 | the live screen                                 |
 //!
-//! Errors are JSON `{"error": "...", "status": N}` with 400 for bad parameters, 404 for
-//! unknown metrics or routes, 410 for a span or top list past a metric's retention.
+//! Errors are JSON `{"error": "...", "status": N}` with 400 for bad parameters, 401 without
+//! the bearer token (`http.token`), 404 for unknown metrics or routes, 405 (with `Allow`) for
+//! another method on a route's path, 409 for a refused metric, 410 for a span or top list
+//! past a metric's retention, 414 for a query string over 8 KiB, 503 for partitions (or, at
+//! start, brokers) not answering.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
