@@ -181,6 +181,12 @@ pub struct StateConfig {
     /// are read from the store again when next needed.
     #[serde(default = "StateConfig::default_cache_max_bytes", skip_serializing_if = "StateConfig::is_default_cache")]
     pub cache_max_bytes: u64,
+    /// The free space the state directory's filesystem must keep (default 128 MiB, one full
+    /// cache's flush): below it flushes wait, processing pauses and `/ready` is 503 (the
+    /// `disk` fault) until there is room again, before sled ever meets a full disk — an I/O
+    /// error leaves sled unable to write until it is reopened. `0` turns the check off.
+    #[serde(default = "StateConfig::default_min_free_bytes", skip_serializing_if = "StateConfig::is_default_min_free")]
+    pub min_free_bytes: u64,
     /// What `tally run` does with a store written by an older tally: `auto` (default) runs
     /// the pending migrations at start; `refuse` stops with a message, for
     /// `tally migrate --config FILE` to run them.
@@ -231,6 +237,14 @@ impl StateConfig {
     fn is_default_cache(bytes: &u64) -> bool {
         *bytes == Self::default_cache_max_bytes()
     }
+
+    fn default_min_free_bytes() -> u64 {
+        128 << 20
+    }
+
+    fn is_default_min_free(bytes: &u64) -> bool {
+        *bytes == Self::default_min_free_bytes()
+    }
 }
 
 impl Default for StateConfig {
@@ -240,6 +254,7 @@ impl Default for StateConfig {
             commit_interval: Self::default_commit_interval(),
             changelog: Self::default_changelog(),
             cache_max_bytes: Self::default_cache_max_bytes(),
+            min_free_bytes: Self::default_min_free_bytes(),
             migrate: MigrateMode::Auto,
             upgrade_from: None,
         }

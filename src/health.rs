@@ -33,6 +33,10 @@ pub enum Link {
     /// The state store's disk did not take a flush (full, unwritable): held like `Flush`,
     /// and the replica is not ready.
     Disk,
+    /// A restore cannot go on: its changelog's leader does not answer, nothing arrives, or
+    /// the store refuses the restored state. The partition stays restoring (not answered,
+    /// not processed) and is tried again; the others carry on.
+    Restore,
 }
 
 /// One fault, as `/ready` shows it.
@@ -58,6 +62,7 @@ impl Link {
             Link::Brokers => "brokers",
             Link::Flush => "flush",
             Link::Disk => "disk",
+            Link::Restore => "restore",
         }
     }
 }
@@ -66,6 +71,8 @@ impl Link {
 /// mirrored in `tally_fault{link}` and `tally_fault_attempts_total{link}`.
 pub struct Faults {
     faults: Mutex<BTreeMap<Link, Fault>>,
+    /// Why only a restart mends this replica (`/health` then answers 503).
+    restart: Mutex<Option<String>>,
     metrics: Option<Metrics>,
 }
 
@@ -77,12 +84,12 @@ impl Faults {
     /// No faults yet; reported in `metrics`, when given.
     pub fn new(metrics: Option<Metrics>) -> Faults {
         if let Some(m) = &metrics {
-            for link in [Link::Brokers, Link::Flush, Link::Disk] {
+            for link in [Link::Brokers, Link::Flush, Link::Disk, Link::Restore] {
                 m.fault.with_label_values(&[link.label()]).set(0);
                 m.fault_attempts.with_label_values(&[link.label()]);
             }
         }
-        Faults { faults: Mutex::new(BTreeMap::new()), metrics }
+        Faults { faults: Mutex::new(BTreeMap::new()), restart: Mutex::new(None), metrics }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<Link, Fault>> {
@@ -130,5 +137,20 @@ impl Faults {
     /// No fault now.
     pub fn clear(&self) -> bool {
         self.lock().is_empty()
+    }
+
+    /// Records that only a restart mends the replica, and why (the first reason is kept).
+    pub fn needs_restart(&self, why: impl Into<String>) {
+        let mut restart = self.restart.lock().unwrap_or_else(|p| p.into_inner());
+        if restart.is_none() {
+            let why = why.into();
+            tracing::error!(%why, "only a restart mends this replica: /health answers 503 from now on");
+            *restart = Some(why);
+        }
+    }
+
+    /// Why only a restart mends the replica, if it has come to that.
+    pub fn restart_needed(&self) -> Option<String> {
+        self.restart.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 }

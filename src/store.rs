@@ -141,11 +141,26 @@ pub enum StoreError {
     /// The store's version cannot be run as it is.
     #[error(transparent)]
     Version(#[from] crate::migrations::MigrationError),
+    /// The filesystem is (nearly) full: nothing was written.
+    #[error("the state directory's filesystem has {free} bytes free, less than state.min_free_bytes ({reserve}): flushes wait for room")]
+    NoRoom {
+        /// Bytes free for this process.
+        free: u64,
+        /// What must stay free.
+        reserve: u64,
+    },
 }
 
 impl StoreError {
-    /// An I/O failure of the disk (full, unwritable): worth trying again once it is mended.
+    /// An I/O failure of the disk (full, unwritable), or no room on it: worth trying again
+    /// once it is mended.
     pub fn is_io(&self) -> bool {
+        matches!(self, StoreError::Sled(sled::Error::Io(_)) | StoreError::NoRoom { .. })
+    }
+
+    /// Whether the store refuses every write from now on: sled 0.34 keeps the first I/O error
+    /// it meets and fails every later write with it until the store is reopened.
+    pub fn leaves_store_unwritable(&self) -> bool {
         matches!(self, StoreError::Sled(sled::Error::Io(_)))
     }
 
@@ -483,6 +498,15 @@ impl Store {
     pub fn flush(&self) -> Result<(), StoreError> {
         self.db.flush()?;
         Ok(())
+    }
+
+    /// Whether the store's filesystem keeps `reserve` bytes free (a filesystem that cannot
+    /// say passes: the write then meets whatever the disk does).
+    pub fn ensure_room(&self, reserve: u64) -> Result<(), StoreError> {
+        match fs2::available_space(&self.dir) {
+            Ok(free) if free < reserve => Err(StoreError::NoRoom { free, reserve }),
+            _ => Ok(()),
+        }
     }
 
     /// The stored position of a source partition.

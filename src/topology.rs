@@ -36,6 +36,8 @@ pub struct Topology {
     pub changelog: bool,
     /// The write-back cache's byte budget (`state.cache_max_bytes`).
     pub cache_max_bytes: usize,
+    /// What the store's filesystem must keep free before a flush (`state.min_free_bytes`).
+    pub min_free_bytes: u64,
     /// The topic window results go to.
     pub results_topic: String,
     /// How replicas of this application find and ask each other.
@@ -595,6 +597,7 @@ impl Topology {
             exported,
             changelog: cfg.state.changelog,
             cache_max_bytes: usize::try_from(cfg.state.cache_max_bytes).unwrap_or(usize::MAX),
+            min_free_bytes: cfg.state.min_free_bytes,
             results_topic: cfg.results.topic.clone().unwrap_or_else(|| format!("{}-results", cfg.kafka.application_id)),
             cluster: Cluster::compile(cfg)?,
         })

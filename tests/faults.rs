@@ -28,6 +28,14 @@ fn s1_on_mock(partitions: i32) -> (tempfile::TempDir, Cluster, tally::config::Co
     (dir, cluster, cfg)
 }
 
+/// tally started on `cfg` and caught up on `records`, produced to the S1 topic.
+fn caught_up_on(cluster: &Cluster, cfg: tally::config::Config, records: &[tally::gen::GenRecord]) -> Tally {
+    let tally = Tally::start(cfg);
+    cluster.produce(tally::gen::topic(Scenario::S1), records);
+    wait_caught_up(tally.addr, PROBE, &ends(records));
+    tally
+}
+
 /// `/ready`'s status and body.
 fn ready(addr: std::net::SocketAddr) -> (u16, Value) {
     let (status, body) = http_get_raw(addr, "/ready");
@@ -84,6 +92,16 @@ fn exit_on_broker_timeout_gives_up_when_asked() {
     assert!(format!("{err:#}").contains("did not answer within --exit-on-broker-timeout"), "{err:#}");
 }
 
+/// After a fault that ended at `ended`: tally catches up on `records`, every fault ends, and
+/// it answers exactly; then it stops.
+fn recovered(tally: Tally, records: &[tally::gen::GenRecord], ended: Instant, what: &str) {
+    wait_caught_up(tally.addr, PROBE, &ends(records));
+    wait_for(120, "no fault left", || fault_links(tally.addr).is_empty());
+    println!("{what}: caught up and no fault left {:.1} s after it ended", ended.elapsed().as_secs_f64());
+    s1::assert_exact(tally.addr, records, &format!("after {what}"));
+    tally.stop();
+}
+
 /// Faults `/ready` lists now, by link.
 fn fault_links(addr: std::net::SocketAddr) -> Vec<String> {
     ready(addr).1["faults"].as_array().map_or(Vec::new(), |f| f.iter().map(|f| f["link"].as_str().unwrap_or("").to_string()).collect())
@@ -121,11 +139,43 @@ fn a_30_second_broker_outage_mid_stream() {
     mock.broker_up(1).unwrap();
     let up = Instant::now();
     cluster.produce(topic, second);
-    wait_caught_up(tally.addr, PROBE, &ends(&records));
-    wait_for(120, "no fault left", || fault_links(tally.addr).is_empty());
-    println!("a 30 s broker outage: caught up and no fault left {:.1} s after the broker came back", up.elapsed().as_secs_f64());
-    s1::assert_exact(tally.addr, &records, "after the outage");
+    recovered(tally, &records, up, "a 30 s broker outage");
+}
+
+/// A replica that takes over partitions while their changelog's leader is down: the
+/// restore waits, says so, tries again, and finishes once the leader is back; nothing is
+/// lost or counted twice and nothing crashed (it used to stop tally).
+#[test]
+fn a_restore_waits_for_its_changelogs_leader() {
+    let cluster = Cluster::for_example_on_brokers("s1-uvpv.toml", 2, 2);
+    let mock = cluster.mock.as_ref().unwrap();
+    let (first_dir, second_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let cfg = example_config("s1-uvpv.toml", &cluster.brokers, first_dir.path());
+    let changelog = tally::topology::Topology::compile(&cfg).unwrap().changelog_topic(0);
+    for p in 0..2 {
+        mock.partition_leader(&changelog, p, Some(2)).unwrap();
+    }
+    let records = s1(6_000, 2);
+    let (first, second) = records.split_at(records.len() / 2);
+    let topic = tally::gen::topic(Scenario::S1);
+    let tally = caught_up_on(&cluster, cfg, first);
     tally.stop();
+
+    // A replica with no local state: everything is in the changelog, on the broker that is down.
+    mock.broker_down(2).unwrap();
+    let tally = Tally::start(example_config("s1-uvpv.toml", &cluster.brokers, second_dir.path()));
+    wait_for(90, "each restore tried again", || metric_value(&tally.metrics(), "tally_fault_attempts_total{link=\"restore\"}") >= 4.0);
+    let (status, body) = ready(tally.addr);
+    assert_eq!(status, 503, "{body}");
+    let fault = body["faults"].as_array().unwrap().iter().find(|f| f["link"] == "restore").cloned().unwrap_or_default();
+    assert!(fault["detail"].as_str().unwrap_or("").contains(&changelog), "the fault names the changelog: {body}");
+    let (status, answer) = http_get_raw(tally.addr, PROBE);
+    assert_eq!(status, 503, "a partition still restoring is not answered: {answer}");
+
+    mock.broker_up(2).unwrap();
+    let up = Instant::now();
+    cluster.produce(topic, second);
+    recovered(tally, &records, up, "a restore waiting for its changelog's leader");
 }
 
 #[test]
@@ -265,5 +315,100 @@ fn a_damaged_store_is_rebuilt_from_the_changelog() {
     println!("a damaged store rebuilt: {} changelog records restored", metric_sum(&m, "tally_restore_records_total"));
     assert!(dir.path().join("state.damaged").join("db").exists(), "the damaged store is kept aside");
     s1::assert_exact(tally.addr, &records, "after rebuilding a damaged store from the changelog");
+    tally.stop();
+}
+
+/// A tmpfs of a few MiB mounted on a directory (unmounted when dropped): a disk the test
+/// can fill and empty again.
+struct SmallDisk(std::path::PathBuf);
+
+impl SmallDisk {
+    fn mount(dir: &std::path::Path, mib: u32) -> SmallDisk {
+        std::fs::create_dir_all(dir).unwrap();
+        let out = std::process::Command::new("mount").args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "tmpfs"]).arg(dir).output().unwrap();
+        assert!(out.status.success(), "mounting a tmpfs needs root, as CI runs: {}", String::from_utf8_lossy(&out.stderr));
+        SmallDisk(dir.to_path_buf())
+    }
+
+    /// Writes a file that leaves `left` bytes free.
+    fn fill(&self, left: u64) -> std::path::PathBuf {
+        use std::io::Write;
+        let filler = self.0.join("filler");
+        let mut f = std::fs::File::create(&filler).unwrap();
+        let chunk = vec![0x5a_u8; 64 << 10];
+        while fs2::available_space(&self.0).unwrap() > left + chunk.len() as u64 {
+            f.write_all(&chunk).unwrap();
+        }
+        f.sync_all().unwrap();
+        filler
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+/// A state directory whose filesystem fills up mid-stream: flushes wait (before sled meets
+/// the full disk), processing pauses, `/ready` is 503 with the `disk` fault, queries answer
+/// the last durable flush exactly (marked stale); once room is back it resumes by itself
+/// and answers exactly.
+#[test]
+fn a_full_disk_pauses_and_resumes_when_room_returns() {
+    let (dir, cluster, mut cfg) = s1_on_mock(2);
+    let disk = SmallDisk::mount(&dir.path().join("disk"), 64);
+    cfg.state.dir = dir.path().join("disk").join("state");
+    cfg.state.min_free_bytes = 8 << 20;
+    let records = s1(8_000, 2);
+    let (first, second) = records.split_at(records.len() / 2);
+    let topic = tally::gen::topic(Scenario::S1);
+    let tally = caught_up_on(&cluster, cfg, first);
+
+    let filler = disk.fill(4 << 20);
+    cluster.produce(topic, second);
+    wait_for(60, "the disk fault", || fault_links(tally.addr).contains(&"disk".to_string()));
+    let (status, body) = ready(tally.addr);
+    assert_eq!(status, 503, "{body}");
+    assert!(body.to_string().contains("state.min_free_bytes"), "the fault says what to do: {body}");
+    assert_eq!(metric_value(&tally.metrics(), "tally_fault{link=\"disk\"}"), 1.0);
+    std::thread::sleep(Duration::from_secs(2));
+    let answer = get(tally.addr, PROBE);
+    assert_eq!(answer["coverage"]["stale"], true, "{}", answer["coverage"]);
+    s1::assert_exact(tally.addr, first, "while the disk is full");
+
+    std::fs::remove_file(filler).unwrap();
+    let freed = Instant::now();
+    recovered(tally, &records, freed, "a full disk");
+}
+
+/// With the reserve turned off, a full disk meets sled, which then takes no write until it
+/// is reopened: the flush is held (`disk` fault), `/health` turns 503 so that a supervisor
+/// restarts tally, and the restarted replica, room back, answers exactly.
+#[test]
+fn a_store_write_error_asks_for_a_restart() {
+    let (dir, cluster, mut cfg) = s1_on_mock(2);
+    let disk = SmallDisk::mount(&dir.path().join("disk"), 64);
+    cfg.state.dir = dir.path().join("disk").join("state");
+    cfg.state.min_free_bytes = 0;
+    let records = s1(8_000, 2);
+    let (first, second) = records.split_at(records.len() / 2);
+    let topic = tally::gen::topic(Scenario::S1);
+    let tally = caught_up_on(&cluster, cfg.clone(), first);
+
+    let filler = disk.fill(0);
+    cluster.produce(topic, second);
+    wait_for(60, "/health asking for a restart", || http_get_raw(tally.addr, "/health").0 == 503);
+    let (_, body) = http_get_raw(tally.addr, "/health");
+    assert!(body.contains("reopened"), "{body}");
+    assert!(fault_links(tally.addr).contains(&"disk".to_string()));
+    assert_eq!(ready(tally.addr).0, 503);
+
+    std::fs::remove_file(filler).unwrap();
+    tally.stop();
+    let tally = Tally::start(cfg);
+    wait_caught_up(tally.addr, PROBE, &ends(&records));
+    assert_eq!(http_get_raw(tally.addr, "/health").0, 200);
+    s1::assert_exact(tally.addr, &records, "restarted after the store's write error");
     tally.stop();
 }

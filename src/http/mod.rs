@@ -368,7 +368,15 @@ pub fn routes(state: ApiState) -> impl Filter<Extract = (Response,), Error = Inf
     let openapi = warp::path!("openapi.json")
         .map(|| warp::reply::with_header(OPENAPI, "content-type", "application/json").into_response())
         .map(|r| ("openapi", r));
-    let health = warp::path!("health").map(|| warp::reply::json(&json!({ "status": "ok" })).into_response()).map(|r| ("health", r));
+    // Liveness: 503 once only a restart mends the replica (a supervisor then restarts it).
+    let health = warp::path!("health")
+        .and(with.clone())
+        .map(|s: ApiState| match s.faults.restart_needed() {
+            None => warp::reply::json(&json!({ "status": "ok" })).into_response(),
+            Some(why) => warp::reply::with_status(warp::reply::json(&json!({ "status": "restart", "why": why })), StatusCode::SERVICE_UNAVAILABLE)
+                .into_response(),
+        })
+        .map(|r| ("health", r));
     let ready = warp::path!("ready").and(with.clone()).map(|s: ApiState| {
         let loaded = s.tables.loaded();
         let ready = s.owned.ready() && loaded && !s.faults.failing(crate::health::Link::Disk);

@@ -240,6 +240,14 @@ impl Shared {
                 }
             }
         }
+        if only.is_none() {
+            // Before anything is written: the dirty cache waits whole for room.
+            let room = self.tasks().store().ensure_room(self.topo.min_free_bytes);
+            if let Err(e) = room {
+                self.hold(consumer, Link::Disk, e.to_string());
+                return Ok(());
+            }
+        }
         match self.write_flush() {
             Ok(()) => self.release(consumer),
             Err(FlushFailure::Retry(link, e)) if only.is_none() => {
@@ -265,7 +273,12 @@ impl Shared {
         let stats = match tasks.flush(producer.as_deref_mut().map(|p| p as &mut dyn ChangeSink)) {
             Ok(stats) => stats,
             Err(e @ crate::task::FlushError::Changelog(_)) => return Err(FlushFailure::Retry(Link::Flush, e.into())),
-            Err(crate::task::FlushError::Store(e)) if e.is_io() => return Err(FlushFailure::Retry(Link::Disk, e.into())),
+            Err(crate::task::FlushError::Store(e)) if e.is_io() => {
+                if e.leaves_store_unwritable() {
+                    self.faults.needs_restart(format!("the state store failed a flush ({e}) and takes no write until it is reopened"));
+                }
+                return Err(FlushFailure::Retry(Link::Disk, e.into()));
+            }
             Err(e) => return Err(FlushFailure::Fatal(e.into())),
         };
         drop(producer);
@@ -683,7 +696,7 @@ impl SourceConsumer {
         let topo = Arc::clone(tasks.topology());
         let changelog = if topo.changelog { Some(Mutex::new(ChangelogProducer::new(kafka, &topo)?)) } else { None };
         let updater = if topo.changelog {
-            Some(StateUpdater::start(kafka, Arc::clone(&topo), tasks.store().clone(), Arc::clone(&owned), metrics.clone())?)
+            Some(StateUpdater::start(kafka, Arc::clone(&topo), tasks.store().clone(), Arc::clone(&owned), metrics.clone(), Arc::clone(&faults))?)
         } else {
             None
         };

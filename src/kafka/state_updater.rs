@@ -13,6 +13,12 @@
 //!
 //! A standby that becomes active continues where it is: only its lag is read. Where a
 //! restore starts (the local checkpoint's tail, or everything) is [`crate::changelog::plan`].
+//!
+//! A restore that fails for a reason that may pass — the changelog's leader does not
+//! answer, the disk refuses a write — is begun again after a backoff, and shown meanwhile
+//! as the `restore` fault; one that stops receiving records is shown so and goes on
+//! reading (the client reconnects by itself). Only what cannot pass stops the replica: a
+//! record of a newer tally, a damaged store.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -27,13 +33,19 @@ use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 
 use crate::changelog::{self, Plan, Restoration, RestoreStats};
 use crate::config::KafkaConfig;
+use crate::health::{Faults, Link};
 use crate::metrics::Metrics;
 use crate::ownership::{Ownership, Standby};
-use crate::store::Store;
+use crate::store::{Store, StoreError};
 use crate::topology::Topology;
 
-/// A restore that reads nothing for this long fails instead of hanging.
-const RESTORE_STALL: Duration = Duration::from_secs(60);
+/// A restore behind its end that reads nothing for this long is shown as stalled.
+const RESTORE_STALL: Duration = Duration::from_secs(15);
+/// How long a changelog partition's offsets may take to arrive before the attempt fails.
+const OFFSETS_TIMEOUT: Duration = Duration::from_secs(5);
+/// The wait before a failed restore begins again, doubled per failure up to `RETRY_MAX`.
+const RETRY_FIRST: Duration = Duration::from_millis(250);
+const RETRY_MAX: Duration = Duration::from_secs(5);
 /// How often progress goes to the log, the metrics and the ownership map.
 const REPORT_EVERY: Duration = Duration::from_secs(1);
 
@@ -79,6 +91,21 @@ struct Reading {
     /// Whether what is read so far ends a flush: the last record was a position record (or,
     /// before any, the local state was up to date with the changelog).
     whole: bool,
+    /// Shown as stalled (nothing read for `RESTORE_STALL`) since the last record.
+    stalled: bool,
+}
+
+/// A restore waiting to begin again after a failure that may pass.
+struct Retry {
+    assignment: u64,
+    due: Instant,
+    delay: Duration,
+}
+
+/// Whether a failed read may succeed when tried again: the brokers' errors and the disk's
+/// may pass; a record of a newer tally or a damaged store will not.
+fn may_pass(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<StoreError>().is_none_or(StoreError::is_io)
 }
 
 impl Reading {
@@ -90,6 +117,7 @@ impl Reading {
         let position = self.restoration.apply(k, v)?;
         self.next = offset + 1;
         self.last_read = Instant::now();
+        self.stalled = false;
         self.whole = position;
         // Following (a standby, or one being promoted), each flush goes in with its position.
         if position {
@@ -105,6 +133,14 @@ impl Reading {
             Mode::Restoring { end, .. } | Mode::CatchingUp { end } => self.next >= end,
         })
     }
+
+    /// The assignment it restores for (`None`: a standby copy).
+    fn assignment(&self) -> Option<u64> {
+        match self.mode {
+            Mode::Restoring { assignment, .. } => Some(assignment),
+            _ => None,
+        }
+    }
 }
 
 /// The running updater.
@@ -119,8 +155,16 @@ pub struct StateUpdater {
 }
 
 impl StateUpdater {
-    /// Starts the thread, reading `topo`'s changelogs into `store`.
-    pub fn start(kafka: &KafkaConfig, topo: Arc<Topology>, store: Store, owned: Arc<Ownership>, metrics: Metrics) -> anyhow::Result<StateUpdater> {
+    /// Starts the thread, reading `topo`'s changelogs into `store`; progress goes to `owned`
+    /// and `metrics`, faults to `faults`.
+    pub fn start(
+        kafka: &KafkaConfig,
+        topo: Arc<Topology>,
+        store: Store,
+        owned: Arc<Ownership>,
+        metrics: Metrics,
+        faults: Arc<Faults>,
+    ) -> anyhow::Result<StateUpdater> {
         let consumer: BaseConsumer = super::client_config(
             kafka,
             // librdkafka wants a group id even for manually assigned partitions; this consumer
@@ -148,11 +192,13 @@ impl StateUpdater {
             store,
             owned,
             metrics,
+            faults,
             consumer,
             topics,
             inbox,
             report,
             reading: HashMap::new(),
+            waiting: HashMap::new(),
             finished: Vec::new(),
             stop: Arc::clone(&stop),
         };
@@ -190,7 +236,7 @@ impl StateUpdater {
 /// Restores `parts` into `store` and waits until every one is done (`tally bench`).
 pub fn restore_all(kafka: &KafkaConfig, topo: Arc<Topology>, store: Store, parts: &[(usize, i32)], metrics: Metrics) -> anyhow::Result<RestoreStats> {
     let owned = Arc::new(Ownership::default());
-    let updater = StateUpdater::start(kafka, topo, store, Arc::clone(&owned), metrics)?;
+    let updater = StateUpdater::start(kafka, topo, store, Arc::clone(&owned), metrics, Arc::new(Faults::new(None)))?;
     for &(s, p) in parts {
         owned.set(s, p, crate::ownership::PartitionState::Restoring { restored: 0, total: 0 });
         updater.send(Command::Restore(s, p, 0));
@@ -236,11 +282,13 @@ struct Worker {
     store: Store,
     owned: Arc<Ownership>,
     metrics: Metrics,
+    faults: Arc<Faults>,
     consumer: BaseConsumer,
     topics: Vec<String>,
     inbox: Receiver<Command>,
     report: Report,
     reading: HashMap<(usize, i32), Reading>,
+    waiting: HashMap<(usize, i32), Retry>,
     /// Restores finished in this step: reported once fsynced, together.
     finished: Vec<(usize, i32, u64, RestoreStats)>,
     stop: Arc<AtomicBool>,
@@ -256,10 +304,7 @@ impl Worker {
             }
             if last_report.elapsed() >= REPORT_EVERY {
                 last_report = Instant::now();
-                if let Err(e) = self.progress() {
-                    self.report.send(Done::Failed(e));
-                    return;
-                }
+                self.progress();
             }
         }
     }
@@ -273,6 +318,7 @@ impl Worker {
                 self.command(c)?;
             }
         }
+        self.begin_due()?;
         if self.reading.is_empty() {
             return self.report_finished();
         }
@@ -287,14 +333,17 @@ impl Worker {
                 Some(Ok(m)) => {
                     let key = (self.topics.iter().position(|t| t == m.topic()).unwrap_or(usize::MAX), m.partition());
                     if let Some(r) = self.reading.get_mut(&key) {
-                        if r.record(m.offset(), m.key().unwrap_or_default(), m.payload())? {
-                            ended.push(key);
+                        let assignment = r.assignment();
+                        match r.record(m.offset(), m.key().unwrap_or_default(), m.payload()) {
+                            Ok(true) => ended.push(key),
+                            Ok(false) => {}
+                            Err(e) => self.failed(key, assignment, e)?,
                         }
                     }
                 }
             }
-            for (s, p) in ended.drain(..) {
-                self.reached_end(s, p)?;
+            for key in ended.drain(..) {
+                self.end_reached(key)?;
             }
         }
         self.report_finished()
@@ -305,7 +354,17 @@ impl Worker {
         if self.finished.is_empty() {
             return Ok(());
         }
-        self.store.flush()?;
+        if let Err(e) = self.store.flush() {
+            // Kept: reported once an fsync succeeds (the next step tries again).
+            let e = anyhow::Error::from(e);
+            if !may_pass(&e) {
+                return Err(e);
+            }
+            if self.faults.failed(Link::Restore, format!("the store did not fsync restored partitions: {e:#}")) == 1 {
+                tracing::warn!(error = %format!("{e:#}"), "the store did not fsync restored partitions; trying again");
+            }
+            return Ok(());
+        }
         for (s, p, assignment, stats) in self.finished.drain(..) {
             self.report.send(Done::Restored(s, p, assignment, stats));
         }
@@ -314,23 +373,18 @@ impl Worker {
 
     fn command(&mut self, c: Command) -> anyhow::Result<()> {
         match c {
-            Command::Restore(s, p, assignment) => match self.reading.contains_key(&(s, p)) {
-                true => {
-                    // A standby promoted (or a restore re-assigned): read its lag only.
-                    let end = self.end_of(s, p)?;
-                    let Some(r) = self.reading.get_mut(&(s, p)) else { return Ok(()) };
-                    let total = (end - r.next).max(0) as u64;
-                    tracing::info!(topic = self.topics[s], partition = p, from = r.next, to = end, records = total, "promoting the standby");
-                    // The copy goes on answering queries until the promotion is done.
-                    r.mode = Mode::Restoring { end, total, started: Instant::now(), assignment };
-                    if r.next >= end {
-                        self.finish(s, p)?;
-                    }
+            Command::Restore(s, p, assignment) => {
+                self.waiting.remove(&(s, p));
+                let result = match self.reading.contains_key(&(s, p)) {
+                    true => self.promote(s, p, assignment),
+                    false => self.begin(s, p, Some(assignment)),
+                };
+                if let Err(e) = result {
+                    self.failed((s, p), Some(assignment), e)?;
                 }
-                false => self.begin(s, p, Some(assignment))?,
-            },
+            }
             Command::Follow(s, p) => {
-                if !self.owned.owns(s, p) && !self.reading.contains_key(&(s, p)) {
+                if !self.owned.owns(s, p) && !self.reading.contains_key(&(s, p)) && !self.waiting.contains_key(&(s, p)) {
                     // A copy that cannot be started is not worth stopping the replica for.
                     if let Err(e) = self.begin(s, p, None) {
                         tracing::warn!(topic = self.topics[s], partition = p, error = %e, "could not start a standby copy; the next placement tries again");
@@ -343,18 +397,78 @@ impl Worker {
                     self.drop_reading(s, p);
                 }
             }
-            Command::Cancel(s, p) => self.drop_reading(s, p),
+            Command::Cancel(s, p) => {
+                self.waiting.remove(&(s, p));
+                self.drop_reading(s, p);
+            }
         }
         Ok(())
     }
 
-    fn end_of(&self, s: usize, p: i32) -> anyhow::Result<i64> {
+    /// A standby promoted (or a restore re-assigned): reads its lag only.
+    fn promote(&mut self, s: usize, p: i32, assignment: u64) -> anyhow::Result<()> {
+        let (_, end) = self.offsets(s, p)?;
+        let Some(r) = self.reading.get_mut(&(s, p)) else { return Ok(()) };
+        let total = (end - r.next).max(0) as u64;
+        tracing::info!(topic = self.topics[s], partition = p, from = r.next, to = end, records = total, "promoting the standby");
+        // The copy goes on answering queries until the promotion is done.
+        r.mode = Mode::Restoring { end, total, started: Instant::now(), assignment };
+        if r.next >= end {
+            self.finish(s, p)?;
+        }
+        Ok(())
+    }
+
+    /// The changelog partition's low and high watermarks.
+    fn offsets(&self, s: usize, p: i32) -> anyhow::Result<(i64, i64)> {
         let topic = &self.topics[s];
-        let (_, high) = self
-            .consumer
-            .fetch_watermarks(topic, p, Duration::from_secs(30))
-            .map_err(|e| anyhow::anyhow!("reading the offsets of {topic} partition {p}: {e}"))?;
-        Ok(high)
+        self.consumer
+            .fetch_watermarks(topic, p, OFFSETS_TIMEOUT)
+            .or_else(|_| {
+                // librdkafka answers from its metadata cache, which keeps a partition it found
+                // leaderless until the topic's metadata is read again.
+                self.consumer.fetch_metadata(Some(topic), OFFSETS_TIMEOUT)?;
+                self.consumer.fetch_watermarks(topic, p, OFFSETS_TIMEOUT)
+            })
+            .map_err(|e| anyhow::anyhow!("reading the offsets of {topic} partition {p}: {e}"))
+    }
+
+    /// A read of `key` failed. What may pass is tried again: a restore begins again after a
+    /// backoff (from the local checkpoint, when one is left); a standby copy is dropped, for
+    /// the next placement to start again. What cannot pass is returned, and stops the replica.
+    fn failed(&mut self, key: (usize, i32), assignment: Option<u64>, e: anyhow::Error) -> anyhow::Result<()> {
+        if !may_pass(&e) {
+            return Err(e);
+        }
+        if e.downcast_ref::<StoreError>().is_some_and(StoreError::leaves_store_unwritable) {
+            self.faults.needs_restart(format!("the state store failed a restore's write ({e:#}) and takes no write until it is reopened"));
+        }
+        let ((s, p), error) = (key, format!("{e:#}"));
+        self.drop_reading(s, p);
+        let Some(assignment) = assignment else {
+            tracing::warn!(topic = self.topics[s], partition = p, error, "a standby copy failed; the next placement starts it again");
+            return Ok(());
+        };
+        let delay = self.waiting.get(&key).map_or(RETRY_FIRST, |w| (w.delay * 2).min(RETRY_MAX));
+        tracing::warn!(topic = self.topics[s], partition = p, error, retry_in_ms = delay.as_millis() as u64, "restore failed; trying again");
+        self.faults.failed(Link::Restore, format!("restoring {} partition {p}: {error}", self.topics[s]));
+        self.waiting.insert(key, Retry { assignment, due: Instant::now() + delay, delay });
+        Ok(())
+    }
+
+    /// Begins again the failed restores whose wait is over.
+    fn begin_due(&mut self) -> anyhow::Result<()> {
+        let now = Instant::now();
+        let due: Vec<((usize, i32), u64)> = self.waiting.iter().filter(|(_, w)| w.due <= now).map(|(&k, w)| (k, w.assignment)).collect();
+        for (key, assignment) in due {
+            match self.begin(key.0, key.1, Some(assignment)) {
+                Ok(()) => {
+                    self.waiting.remove(&key);
+                }
+                Err(e) => self.failed(key, Some(assignment), e)?,
+            }
+        }
+        Ok(())
     }
 
     /// Starts reading a partition: to restore it for the assignment numbered `active`, or
@@ -363,11 +477,10 @@ impl Worker {
         if active.is_some() && !self.owned.owns(s, p) {
             return Ok(()); // revoked before its restore began
         }
+        // A restore writes much; sled must not meet a full disk (see `state.min_free_bytes`).
+        self.store.ensure_room(self.topo.min_free_bytes)?;
         let topic = self.topics[s].clone();
-        let (low, high) = self
-            .consumer
-            .fetch_watermarks(&topic, p, Duration::from_secs(30))
-            .map_err(|e| anyhow::anyhow!("reading the offsets of {topic} partition {p}: {e}"))?;
+        let (low, high) = self.offsets(s, p)?;
         let local = self.store.partition_meta(&self.topo.sources[s].name, p)?;
         let plan = changelog::plan(local, low, high);
         let (from, scratch) = match plan {
@@ -390,7 +503,7 @@ impl Worker {
         tpl.add_partition_offset(&topic, p, Offset::Offset(from))?;
         self.consumer.incremental_assign(&tpl).map_err(|e| anyhow::anyhow!("reading {topic} partition {p}: {e}"))?;
         let whole = plan == Plan::UpToDate;
-        let reading = Reading { restoration, mode, next: from, reported: RestoreStats::default(), last_read: Instant::now(), whole };
+        let reading = Reading { restoration, mode, next: from, reported: RestoreStats::default(), last_read: Instant::now(), whole, stalled: false };
         self.reading.insert((s, p), reading);
         if from >= high {
             self.reached_end(s, p)?;
@@ -413,10 +526,19 @@ impl Worker {
             };
             if at.is_some_and(|o| o >= end) {
                 r.next = r.next.max(end);
-                self.reached_end(key.0, key.1)?;
+                self.end_reached(key)?;
             }
         }
         Ok(())
+    }
+
+    /// [`Worker::reached_end`], with a failure handled by [`Worker::failed`].
+    fn end_reached(&mut self, key: (usize, i32)) -> anyhow::Result<()> {
+        let assignment = self.reading.get(&key).and_then(Reading::assignment);
+        match self.reached_end(key.0, key.1) {
+            Ok(()) => Ok(()),
+            Err(e) => self.failed(key, assignment, e),
+        }
     }
 
     fn reached_end(&mut self, s: usize, p: i32) -> anyhow::Result<()> {
@@ -507,8 +629,8 @@ impl Worker {
     }
 
     /// Every second: progress to the ownership map, the metrics and the log; standby lags;
-    /// a stalled restore fails.
-    fn progress(&mut self) -> anyhow::Result<()> {
+    /// stalled restores shown, and the `restore` fault ended once nothing fails.
+    fn progress(&mut self) {
         let keys: Vec<(usize, i32)> = self.reading.keys().copied().collect();
         for (s, p) in keys {
             let Some(mut r) = self.reading.remove(&(s, p)) else { continue };
@@ -519,8 +641,16 @@ impl Worker {
                 Mode::Restoring { end, total, .. } => {
                     let restored = total.saturating_sub((end - r.next).max(0) as u64);
                     self.owned.restoring(s, p, restored, total);
-                    if r.last_read.elapsed() > RESTORE_STALL && r.next < end {
-                        anyhow::bail!("restore of {} partition {p} stalled: nothing read for {RESTORE_STALL:?}", self.topics[s]);
+                    if !r.stalled && r.last_read.elapsed() > RESTORE_STALL && r.next < end {
+                        r.stalled = true;
+                        let detail = format!(
+                            "restoring {} partition {p}: nothing read for {} s, {} records before its end",
+                            self.topics[s],
+                            RESTORE_STALL.as_secs(),
+                            end - r.next
+                        );
+                        tracing::warn!(%detail, "restore stalled; still reading");
+                        self.faults.failed(Link::Restore, detail);
                     }
                 }
                 Mode::CatchingUp { end } => {
@@ -539,6 +669,11 @@ impl Worker {
         if restoring > 0 {
             tracing::info!(partitions = restoring, remaining = self.remaining(), "restore in progress");
         }
-        Ok(())
+        let failing = !self.waiting.is_empty() || !self.finished.is_empty() || self.reading.values().any(|r| r.stalled);
+        if !failing {
+            if let Some(f) = self.faults.recovered(Link::Restore) {
+                tracing::info!(attempts = f.attempts, "restores are going on again");
+            }
+        }
     }
 }

@@ -11,19 +11,20 @@ use crate::config::KafkaConfig;
 use crate::topology::{InternalTopic, TopicKind, Topology};
 
 /// Creates the source and table topics of `topo` (`partitions` each) and its internal topics on
-/// librdkafka's mock cluster, which has no admin API (`tally demo`, `tally bench`, tests).
+/// librdkafka's mock cluster, which has no admin API (`tally demo`, `tally bench`, tests);
+/// returns each topic with its partition count.
 pub fn create_on_mock<C: rdkafka::ClientContext>(
     mock: &rdkafka::mocking::MockCluster<'_, C>,
     topo: &Topology,
     partitions: i32,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Vec<(String, i32)>> {
     let mut topics: Vec<(String, i32)> = topo.sources.iter().map(|s| (s.topic.clone(), partitions)).collect();
     topics.extend(topo.tables.iter().map(|t| (t.topic.clone(), partitions)));
     topics.extend(topo.internal_topics().into_iter().map(|t| (t.name, if t.kind.partitions_like().is_some() { partitions } else { 1 })));
-    for (topic, parts) in topics {
-        mock.create_topic(&topic, parts, 1).map_err(|e| anyhow::anyhow!("creating topic {topic} on the mock cluster: {e}"))?;
+    for (topic, parts) in &topics {
+        mock.create_topic(topic, *parts, 1).map_err(|e| anyhow::anyhow!("creating topic {topic} on the mock cluster: {e}"))?;
     }
-    Ok(())
+    Ok(topics)
 }
 
 /// The cluster cannot give start-up what it needs yet — it does not answer, or a source

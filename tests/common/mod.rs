@@ -137,9 +137,32 @@ impl Cluster {
         cluster
     }
 
+    /// [`Cluster::for_example`] on a mock of `brokers` brokers, with every partition led by
+    /// broker 1 and the group coordinated there (so the others can be taken down one by one
+    /// by moving a partition's leadership to them).
+    pub fn for_example_on_brokers(file: &str, partitions: i32, brokers: i32) -> Cluster {
+        let cfg = example_config(file, "", Path::new("unused"));
+        let topo = tally::topology::Topology::compile(&cfg).expect("config compiles");
+        let cluster = Cluster::mock(brokers, &[]);
+        let mock = cluster.mock.as_ref().unwrap();
+        for (topic, parts) in tally::kafka::topics::create_on_mock(mock, &topo, partitions).expect("creating topics") {
+            for p in 0..parts {
+                mock.partition_leader(&topic, p, Some(1)).expect("moving a leader");
+            }
+        }
+        for group in [topo.application_id.clone(), format!("{}-restore", topo.application_id)] {
+            mock.coordinator(rdkafka::mocking::MockCoordinator::Group(group), 1).expect("placing a group coordinator");
+        }
+        cluster
+    }
+
     /// A one-broker cluster with `topics` (name, partitions).
     pub fn new(topics: &[(&str, i32)]) -> Cluster {
-        let mock = MockCluster::new(1).expect("mock cluster");
+        Cluster::mock(1, topics)
+    }
+
+    fn mock(brokers: i32, topics: &[(&str, i32)]) -> Cluster {
+        let mock = MockCluster::new(brokers).expect("mock cluster");
         for (t, p) in topics {
             mock.create_topic(t, *p, 1).expect("create topic");
         }
