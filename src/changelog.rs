@@ -120,6 +120,9 @@ pub struct Restoration {
     /// The latest value read of each key not yet written (`None`: deleted).
     buffer: HashMap<Vec<u8>, Option<Vec<u8>>, KeyHash>,
     buffered_bytes: usize,
+    /// Past this many buffered bytes the buffer is written (`RESTORE_BUFFER_BYTES` unless
+    /// [`Restoration::limit_buffer`] says otherwise).
+    buffer_limit: usize,
     position: Option<PartitionMeta>,
     /// Following (a standby): keys are written only together with the position record that
     /// ends their flush, in one atomic batch, so what queries read is always a flush's cut.
@@ -155,11 +158,7 @@ impl Restoration {
             store.put_encoded(&store::meta_key(&src.name, partition), None)?;
         }
         if scratch {
-            let mut wipe = WriteBatch::default();
-            for k in store.partition_keys(names.clone(), &src.name, partition)? {
-                wipe.delete(&k);
-            }
-            store.apply(wipe)?;
+            store.delete_partition(names.clone(), &src.name, partition)?;
             position = None;
         }
         let metric_prefixes = names
@@ -175,11 +174,17 @@ impl Restoration {
             meta_key: store::meta_key(&src.name, partition),
             buffer: HashMap::default(),
             buffered_bytes: 0,
+            buffer_limit: RESTORE_BUFFER_BYTES,
             position,
             following: false,
             high_water: -1,
             stats: RestoreStats::default(),
         })
+    }
+
+    /// Bounds the buffer to `bytes` (the updater shares one budget among its restores).
+    pub fn limit_buffer(&mut self, bytes: usize) {
+        self.buffer_limit = bytes;
     }
 
     /// From now on, writes only whole flushes, atomically ([`Restoration::commit`]): the
@@ -269,7 +274,7 @@ impl Restoration {
     }
 
     fn write_if_full(&mut self) -> Result<(), StoreError> {
-        if self.buffered_bytes >= RESTORE_BUFFER_BYTES {
+        if self.buffered_bytes >= self.buffer_limit {
             self.write_buffer()?;
         }
         Ok(())

@@ -187,6 +187,11 @@ pub struct StateConfig {
     /// error leaves sled unable to write until it is reopened. `0` turns the check off.
     #[serde(default = "StateConfig::default_min_free_bytes", skip_serializing_if = "StateConfig::is_default_min_free")]
     pub min_free_bytes: u64,
+    /// How long the local state of a partition handed over to another replica is kept as a
+    /// warm start (Kafka Streams' `state.cleanup.delay.ms`, default `10m`), then deleted.
+    /// With changelogs off it is never deleted: it is the only copy.
+    #[serde(default = "StateConfig::default_cleanup_delay", skip_serializing_if = "StateConfig::is_default_cleanup_delay")]
+    pub cleanup_delay: String,
     /// What `tally run` does with a store written by an older tally: `auto` (default) runs
     /// the pending migrations at start; `refuse` stops with a message, for
     /// `tally migrate --config FILE` to run them.
@@ -245,6 +250,14 @@ impl StateConfig {
     fn is_default_min_free(bytes: &u64) -> bool {
         *bytes == Self::default_min_free_bytes()
     }
+
+    fn default_cleanup_delay() -> String {
+        "10m".into()
+    }
+
+    fn is_default_cleanup_delay(delay: &String) -> bool {
+        *delay == Self::default_cleanup_delay()
+    }
 }
 
 impl Default for StateConfig {
@@ -255,6 +268,7 @@ impl Default for StateConfig {
             changelog: Self::default_changelog(),
             cache_max_bytes: Self::default_cache_max_bytes(),
             min_free_bytes: Self::default_min_free_bytes(),
+            cleanup_delay: Self::default_cleanup_delay(),
             migrate: MigrateMode::Auto,
             upgrade_from: None,
         }

@@ -31,6 +31,8 @@ pub struct Metrics {
     pub flush_rewinds: IntCounter,
     /// State stores found damaged at start, moved aside and rebuilt.
     pub store_rebuilds: IntCounter,
+    /// Partitions handed over whose local state was deleted after `state.cleanup_delay`.
+    pub partitions_cleaned: IntCounter,
     /// Bytes the write-back cache keeps after the last flush.
     pub cache_bytes: IntGauge,
     /// Owned partitions counted idle (see `idle_timeout`).
@@ -158,11 +160,19 @@ impl Metrics {
                 "1 while a link fails: `brokers` (unreachable), `flush` (not made durable; processing paused), `disk` (the store refused a flush).",
                 &["link"],
             ),
-            fault_attempts: counter("tally_fault_attempts_total", "Failed attempts, by link (`brokers`, `flush`, `disk`).", &["link"]),
+            fault_attempts: counter("tally_fault_attempts_total", "Failed attempts, by link (`brokers`, `flush`, `disk`, `restore`).", &["link"]),
             cache_bytes: reg(
                 &r,
                 IntGauge::new("tally_cache_bytes", "Bytes the write-back cache keeps after the last flush (at most state.cache_max_bytes).")
                     .expect("valid metric"),
+            ),
+            partitions_cleaned: reg(
+                &r,
+                IntCounter::new(
+                    "tally_state_partitions_cleaned_total",
+                    "Partitions handed over to another replica whose local state was deleted after state.cleanup_delay.",
+                )
+                .expect("valid metric"),
             ),
             store_rebuilds: reg(
                 &r,

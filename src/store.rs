@@ -566,6 +566,18 @@ impl Store {
         self.tree.range(lo..hi).keys().map(|k| k.map_err(StoreError::from)).collect()
     }
 
+    /// Deletes every key of one source partition ([`Store::partition_keys`]) in one batch;
+    /// returns how many there were.
+    pub fn delete_partition<'a>(&self, metrics: impl IntoIterator<Item = &'a str>, source: &str, partition: i32) -> Result<usize, StoreError> {
+        let keys = self.partition_keys(metrics, source, partition)?;
+        let mut batch = WriteBatch::default();
+        for k in &keys {
+            batch.delete(k);
+        }
+        self.apply(batch)?;
+        Ok(keys.len())
+    }
+
     /// Every key of one source partition: the aggregates of `metrics` and the position.
     pub fn partition_keys<'a>(
         &self,

@@ -38,6 +38,8 @@ pub struct Topology {
     pub cache_max_bytes: usize,
     /// What the store's filesystem must keep free before a flush (`state.min_free_bytes`).
     pub min_free_bytes: u64,
+    /// How long a handed-over partition's local state is kept (`state.cleanup_delay`), ms.
+    pub cleanup_delay_ms: u64,
     /// The topic window results go to.
     pub results_topic: String,
     /// How replicas of this application find and ask each other.
@@ -441,6 +443,7 @@ impl Topology {
         if commit_interval_ms == 0 {
             return Err(ConfigError::new("state.commit_interval", "must be positive, e.g. `200ms`"));
         }
+        let cleanup_delay_ms = duration("state.cleanup_delay".into(), &cfg.state.cleanup_delay)?;
 
         let global = compile_tables(cfg)?;
         let mut tables: Vec<SlotTable> = cfg.sources.iter().map(|s| SlotTable::new(s, &cfg.tables)).collect();
@@ -598,6 +601,7 @@ impl Topology {
             changelog: cfg.state.changelog,
             cache_max_bytes: usize::try_from(cfg.state.cache_max_bytes).unwrap_or(usize::MAX),
             min_free_bytes: cfg.state.min_free_bytes,
+            cleanup_delay_ms: cleanup_delay_ms as u64,
             results_topic: cfg.results.topic.clone().unwrap_or_else(|| format!("{}-results", cfg.kafka.application_id)),
             cluster: Cluster::compile(cfg)?,
         })

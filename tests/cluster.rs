@@ -325,3 +325,41 @@ fn a_standby_answers_for_a_killed_owner_and_is_promoted_reading_only_its_lag() {
 fn get_ready(addr: std::net::SocketAddr) -> Value {
     serde_json::from_str(&http_get_raw(addr, "/ready").1).unwrap()
 }
+
+/// A partition handed over to another replica keeps its local state as a warm start for
+/// `state.cleanup_delay`, then it is deleted; the partition kept stays whole, and both
+/// replicas answer everything exactly.
+#[test]
+fn handed_over_state_is_deleted_after_the_cleanup_delay() {
+    let cluster = Cluster::for_example("s1-uvpv.toml", 2);
+    let dir = tempfile::tempdir().unwrap();
+    let records = generate(Scenario::S1, &GenOptions { count: 4_000, partitions: 2, ..GenOptions::for_scenario(Scenario::S1) });
+    cluster.produce(tally::gen::topic(Scenario::S1), &records);
+    let mut cfg = config(&cluster, dir.path());
+    cfg.state.cleanup_delay = "2s".into();
+    let probe = "/api/v1/metrics/views";
+    let mut first = Replica::new(dir.path(), "c0", &cfg);
+    first.start();
+    wait_caught_up(first.addr, probe, &ends(&records));
+    let mut second = Replica::new(dir.path(), "c1", &cfg);
+    second.start();
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    while metric_value(&http_get_raw(first.addr, "/metrics").1, "tally_state_partitions_cleaned_total") < 1.0 {
+        assert!(std::time::Instant::now() < deadline, "no partition's state was deleted: {}", first.log());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    for r in [&first, &second] {
+        wait_caught_up(r.addr, probe, &ends(&records));
+        s1::assert_exact(r.addr, &records, "after a partition was handed over and its old state deleted");
+    }
+    first.terminate();
+    second.terminate();
+
+    let topo = tally::topology::Topology::compile(&cfg).unwrap();
+    let store = tally::store::Store::open(&first.state).unwrap();
+    let src = &topo.sources[0];
+    let names = || src.metrics.iter().map(|&m| topo.metrics[m].name.as_str());
+    let kept: Vec<usize> = (0..2).map(|p| store.partition_keys(names(), &src.name, p).unwrap().len()).collect();
+    println!("keys left in the first replica's store, by partition: {kept:?}");
+    assert!(kept.contains(&0) && kept.iter().any(|&k| k > 0), "one partition deleted, the other kept whole: {kept:?}");
+}

@@ -591,16 +591,17 @@ impl Shared {
         self.held.lock().unwrap_or_else(|p| p.into_inner()).retain(|(s, p)| tpl.find_partition(&self.topo.sources[*s].topic, *p).is_none());
         for e in tpl.elements() {
             if let Some(source) = self.source_of(e.topic()) {
-                if restoring.remove(&(source, e.partition())).is_some() {
-                    if let Some(u) = &self.updater {
-                        u.send(Command::Cancel(source, e.partition()));
-                    }
-                }
+                restoring.remove(&(source, e.partition()));
                 tasks.revoke(source, e.partition());
                 flushed.remove(&(source, e.partition()));
                 match lost {
                     true => self.owned.lose(source, e.partition(), now_ms()),
                     false => self.owned.remove(source, e.partition()),
+                }
+                // Once no longer owned: stops a restore in progress, and starts the wait before
+                // the partition's local state is deleted.
+                if let Some(u) = &self.updater {
+                    u.send(Command::Cancel(source, e.partition()));
                 }
             }
         }

@@ -64,6 +64,8 @@ impl SideOutputs {
                 ("enable.idempotence", "true"),
                 ("linger.ms", "5"),
                 ("queue.buffering.max.messages", "100000"),
+                // 16 MiB, not librdkafka's 1 GiB: past it a record set aside counts as failed.
+                ("queue.buffering.max.kbytes", "16384"),
                 super::delivery::BOUNDED_RETRIES[0],
                 super::delivery::BOUNDED_RETRIES[1],
             ],

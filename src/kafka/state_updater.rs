@@ -19,6 +19,10 @@
 //! as the `restore` fault; one that stops receiving records is shown so and goes on
 //! reading (the client reconnects by itself). Only what cannot pass stops the replica: a
 //! record of a newer tally, a damaged store.
+//!
+//! It also deletes the local state of partitions this replica neither owns nor keeps a copy
+//! of, `state.cleanup_delay` after it let them go (Kafka Streams' state cleaner): until
+//! then a partition that comes back restores only the changelog's tail.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -46,6 +50,10 @@ const OFFSETS_TIMEOUT: Duration = Duration::from_secs(5);
 /// The wait before a failed restore begins again, doubled per failure up to `RETRY_MAX`.
 const RETRY_FIRST: Duration = Duration::from_millis(250);
 const RETRY_MAX: Duration = Duration::from_secs(5);
+/// The bytes all restores together buffer before writing (shared evenly, at least
+/// `RESTORE_BUFFER_FLOOR` each): many partitions restoring at once stay within it.
+const RESTORE_BUDGET: usize = 32 << 20;
+const RESTORE_BUFFER_FLOOR: usize = 256 << 10;
 /// How often progress goes to the log, the metrics and the ownership map.
 const REPORT_EVERY: Duration = Duration::from_secs(1);
 
@@ -59,7 +67,8 @@ pub enum Command {
     Follow(usize, i32),
     /// Stop keeping the standby copy (a restore in progress goes on).
     Unfollow(usize, i32),
-    /// The partition was revoked: stop whatever is read of it.
+    /// The partition was revoked: stop whatever is read of it (its local state is deleted
+    /// after `state.cleanup_delay` unless it comes back).
     Cancel(usize, i32),
 }
 
@@ -199,6 +208,7 @@ impl StateUpdater {
             report,
             reading: HashMap::new(),
             waiting: HashMap::new(),
+            let_go: HashMap::new(),
             finished: Vec::new(),
             stop: Arc::clone(&stop),
         };
@@ -289,6 +299,9 @@ struct Worker {
     report: Report,
     reading: HashMap<(usize, i32), Reading>,
     waiting: HashMap<(usize, i32), Retry>,
+    /// Partitions let go (revoked, or a copy no longer kept), since when: their local state
+    /// is deleted after `state.cleanup_delay`.
+    let_go: HashMap<(usize, i32), Instant>,
     /// Restores finished in this step: reported once fsynced, together.
     finished: Vec<(usize, i32, u64, RestoreStats)>,
     stop: Arc<AtomicBool>,
@@ -477,6 +490,7 @@ impl Worker {
         if active.is_some() && !self.owned.owns(s, p) {
             return Ok(()); // revoked before its restore began
         }
+        self.let_go.remove(&(s, p));
         // A restore writes much; sled must not meet a full disk (see `state.min_free_bytes`).
         self.store.ensure_room(self.topo.min_free_bytes)?;
         let topic = self.topics[s].clone();
@@ -505,6 +519,7 @@ impl Worker {
         let whole = plan == Plan::UpToDate;
         let reading = Reading { restoration, mode, next: from, reported: RestoreStats::default(), last_read: Instant::now(), whole, stalled: false };
         self.reading.insert((s, p), reading);
+        self.readings_changed();
         if from >= high {
             self.reached_end(s, p)?;
         }
@@ -584,7 +599,7 @@ impl Worker {
             "restored"
         );
         self.metrics.restore_duration.observe(started.elapsed().as_secs_f64());
-        self.set_gauges();
+        self.readings_changed();
         self.finished.push((s, p, assignment, stats));
         Ok(())
     }
@@ -593,14 +608,52 @@ impl Worker {
         if self.reading.remove(&(s, p)).is_some() {
             self.unassign(s, p);
         }
+        if !self.owned.owns(s, p) {
+            self.let_go.insert((s, p), Instant::now());
+        }
         self.owned.remove_standby(s, p);
-        self.set_gauges();
+        self.readings_changed();
     }
 
     fn unassign(&self, s: usize, p: i32) {
         let mut t = TopicPartitionList::new();
         t.add_partition(&self.topics[s], p);
         let _ = self.consumer.incremental_unassign(&t);
+    }
+
+    /// Deletes the local state of the partitions let go `state.cleanup_delay` ago that are
+    /// neither owned nor read again since (nor answered as lost, until the group says who
+    /// owns them). A failed delete is tried again at the next report.
+    fn clean_let_go(&mut self) {
+        let delay = Duration::from_millis(self.topo.cleanup_delay_ms);
+        let due: Vec<(usize, i32)> = self.let_go.iter().filter(|(_, at)| at.elapsed() >= delay).map(|(&k, _)| k).collect();
+        for (s, p) in due {
+            if self.owned.owns(s, p) || self.reading.contains_key(&(s, p)) || self.waiting.contains_key(&(s, p)) {
+                self.let_go.remove(&(s, p));
+                continue;
+            }
+            if self.owned.lost(s, p).is_some() {
+                continue;
+            }
+            let src = &self.topo.sources[s];
+            let names = src.metrics.iter().map(|&m| self.topo.metrics[m].name.as_str());
+            match self.store.delete_partition(names, &src.name, p) {
+                Ok(keys) => {
+                    self.let_go.remove(&(s, p));
+                    self.metrics.partitions_cleaned.inc();
+                    tracing::info!(
+                        source = src.name,
+                        partition = p,
+                        keys,
+                        after_ms = delay.as_millis() as u64,
+                        "deleted the local state of a partition let go"
+                    );
+                }
+                Err(e) => {
+                    tracing::warn!(source = src.name, partition = p, error = %e, "deleting the local state of a partition let go failed; trying again")
+                }
+            }
+        }
     }
 
     /// Adds to the restore counters what `r` read since the last call.
@@ -612,7 +665,14 @@ impl Worker {
         r.reported = now;
     }
 
-    fn set_gauges(&self) {
+    /// After readings began or ended (and every second): the restore budget shared anew,
+    /// the gauges set.
+    fn readings_changed(&mut self) {
+        let buffering = self.reading.values().filter(|r| !matches!(r.mode, Mode::Following { .. })).count();
+        let share = (RESTORE_BUDGET / buffering.max(1)).max(RESTORE_BUFFER_FLOOR);
+        for r in self.reading.values_mut() {
+            r.restoration.limit_buffer(share);
+        }
         let restoring = self.reading.values().filter(|r| matches!(r.mode, Mode::Restoring { .. })).count();
         self.metrics.partitions_restoring.set(restoring as i64);
         self.metrics.restore_remaining.set(self.remaining() as i64);
@@ -664,11 +724,12 @@ impl Worker {
             }
             self.reading.insert((s, p), r);
         }
-        self.set_gauges();
+        self.readings_changed();
         let restoring = self.reading.values().filter(|r| matches!(r.mode, Mode::Restoring { .. })).count();
         if restoring > 0 {
             tracing::info!(partitions = restoring, remaining = self.remaining(), "restore in progress");
         }
+        self.clean_let_go();
         let failing = !self.waiting.is_empty() || !self.finished.is_empty() || self.reading.values().any(|r| r.stalled);
         if !failing {
             if let Some(f) = self.faults.recovered(Link::Restore) {
