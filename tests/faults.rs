@@ -412,3 +412,25 @@ fn a_store_write_error_asks_for_a_restart() {
     s1::assert_exact(tally.addr, &records, "restarted after the store's write error");
     tally.stop();
 }
+
+/// A burst far past the steady rate — a backlog of 300k S1 events waiting before tally
+/// starts, on a broker in another process (nisshi) — is consumed at processing speed within
+/// the default memory bounds, and answered exactly. Prints the peak RSS of the tally
+/// process alone; fails past 1 GiB, which only an unbounded part could reach.
+#[test]
+fn a_burst_is_consumed_within_the_memory_bounds() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = example_config("s1-uvpv.toml", "", &dir.path().join("unused"));
+    let cluster = Cluster::nisshi(&cfg, 4);
+    let cfg = example_config("s1-uvpv.toml", &cluster.brokers, &dir.path().join("unused"));
+    let records = s1(300_000, 4);
+    cluster.produce(tally::gen::topic(Scenario::S1), &records);
+    let mut tally = common::replica::Replica::new(dir.path(), "burst", &cfg);
+    tally.start();
+    wait_caught_up(tally.addr, PROBE, &ends(&records));
+    let peak = tally.peak_rss_bytes().expect("the process's peak RSS");
+    println!("a backlog of {} events: peak RSS of tally alone {} MiB", records.len(), peak >> 20);
+    s1::assert_exact(tally.addr, &records, "after a burst");
+    tally.terminate();
+    assert!(peak < 1 << 30, "peak RSS {} MiB", peak >> 20);
+}

@@ -118,6 +118,14 @@ impl Replica {
         }
     }
 
+    /// The process's peak resident set so far (VmHWM), in bytes.
+    pub fn peak_rss_bytes(&self) -> Option<u64> {
+        let c = self.child.as_ref()?;
+        let status = std::fs::read_to_string(format!("/proc/{}/status", c.id())).ok()?;
+        let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+        line.split_whitespace().nth(1)?.parse::<u64>().ok().map(|kb| kb * 1024)
+    }
+
     /// The replica's log so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
