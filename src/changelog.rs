@@ -96,8 +96,8 @@ pub struct RestoreStats {
     pub keys_written: u64,
 }
 
-/// Bytes of changelog records a restore reads per partition before writing what it buffered
-/// to the store (a bound on the buffer: replaced versions count too).
+/// Bytes of keys and values a restore buffers per partition before writing them to the
+/// store, unless [`Restoration::limit_buffer`] says otherwise.
 const RESTORE_BUFFER_BYTES: usize = 4 << 20;
 
 /// A restore of one source partition in progress.
@@ -252,11 +252,18 @@ impl Restoration {
                 self.high_water = self.high_water.max(offset);
             }
             // Most records are newer versions of a buffered key: replace in place, without
-            // allocating the key again.
+            // allocating the key again. The buffer's size counts what it holds, not what
+            // was read: a replaced version is gone.
+            let held = value.map_or(0, <[u8]>::len);
             match self.buffer.get_mut(key) {
-                Some(v) => *v = value.map(<[u8]>::to_vec),
+                Some(v) => {
+                    let before = v.as_ref().map_or(0, Vec::len);
+                    *v = value.map(<[u8]>::to_vec);
+                    self.buffered_bytes = (self.buffered_bytes + held).saturating_sub(before);
+                }
                 None => {
                     self.buffer.insert(key.to_vec(), value.map(<[u8]>::to_vec));
+                    self.buffered_bytes += key.len() + held;
                 }
             }
         } else {
@@ -266,7 +273,6 @@ impl Restoration {
         let size = key.len() + value.map_or(0, <[u8]>::len);
         self.stats.records += 1;
         self.stats.bytes += size as u64;
-        self.buffered_bytes += size;
         if !self.following {
             self.write_if_full()?;
         }

@@ -187,6 +187,10 @@ pub struct StateConfig {
     /// error leaves sled unable to write until it is reopened. `0` turns the check off.
     #[serde(default = "StateConfig::default_min_free_bytes", skip_serializing_if = "StateConfig::is_default_min_free")]
     pub min_free_bytes: u64,
+    /// sled's page cache of the state store (default 128 MiB): the state read most stays in
+    /// memory up to it.
+    #[serde(default = "StateConfig::default_store_cache_bytes", skip_serializing_if = "StateConfig::is_default_store_cache")]
+    pub store_cache_bytes: u64,
     /// How long the local state of a partition handed over to another replica is kept as a
     /// warm start (Kafka Streams' `state.cleanup.delay.ms`, default `10m`), then deleted.
     /// With changelogs off it is never deleted: it is the only copy.
@@ -251,6 +255,14 @@ impl StateConfig {
         *bytes == Self::default_min_free_bytes()
     }
 
+    fn default_store_cache_bytes() -> u64 {
+        crate::store::CACHE_BYTES
+    }
+
+    fn is_default_store_cache(bytes: &u64) -> bool {
+        *bytes == Self::default_store_cache_bytes()
+    }
+
     fn default_cleanup_delay() -> String {
         "10m".into()
     }
@@ -269,6 +281,7 @@ impl Default for StateConfig {
             cache_max_bytes: Self::default_cache_max_bytes(),
             min_free_bytes: Self::default_min_free_bytes(),
             cleanup_delay: Self::default_cleanup_delay(),
+            store_cache_bytes: Self::default_store_cache_bytes(),
             migrate: MigrateMode::Auto,
             upgrade_from: None,
         }

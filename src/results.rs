@@ -146,7 +146,8 @@ impl ResultView {
     /// `partitions[s]` partitions each.
     pub fn open(topo: Arc<Topology>, dir: &Path, partitions: &[i32]) -> Result<ResultView, ResultsError> {
         let _ = std::fs::remove_dir_all(dir);
-        let store = Store::open(dir)?;
+        // Small: the view holds one row per window, and is read by the emitter only.
+        let store = Store::open_with_cache(dir, 16 << 20)?;
         let owned = Arc::new(Ownership::default());
         for (s, &n) in partitions.iter().enumerate() {
             for p in 0..n {

@@ -419,15 +419,24 @@ pub struct Store {
     dir: std::path::PathBuf,
 }
 
+/// sled's page cache of a store opened by [`Store::open`] (`state.store_cache_bytes`'
+/// default).
+pub const CACHE_BYTES: u64 = 128 << 20;
+
 impl Store {
     /// Opens (or creates) the store in `dir`, of this version or an older one (see
     /// [`Store::open_current`]); a store of a newer version is refused before sled touches it.
     pub fn open(dir: &Path) -> Result<Store, StoreError> {
+        Store::open_with_cache(dir, CACHE_BYTES)
+    }
+
+    /// [`Store::open`] with `cache_bytes` of sled page cache.
+    pub fn open_with_cache(dir: &Path, cache_bytes: u64) -> Result<Store, StoreError> {
         let version = crate::migrations::stored_version(dir)?;
         if version > crate::migrations::STORE_VERSION {
             return Err(crate::migrations::MigrationError::Newer { found: version }.into());
         }
-        let db = sled::Config::new().path(dir).cache_capacity(256 << 20).mode(sled::Mode::HighThroughput).open()?;
+        let db = sled::Config::new().path(dir).cache_capacity(cache_bytes).mode(sled::Mode::HighThroughput).open()?;
         let tree = db.open_tree("state")?;
         if !dir.join(crate::migrations::VERSION_FILE).exists() && version == crate::migrations::STORE_VERSION {
             crate::migrations::write_version(dir, version)?;
@@ -439,7 +448,7 @@ impl Store {
     /// first (`migrate`), or refused; one of a newer version is refused before anything is
     /// written to it.
     pub fn open_current(dir: &Path, topo: &crate::topology::Topology, migrate: bool) -> Result<Store, StoreError> {
-        let store = Store::open(dir)?;
+        let store = Store::open_with_cache(dir, topo.store_cache_bytes)?;
         if !store.pending()?.is_empty() && !migrate {
             return Err(crate::migrations::MigrationError::Pending { found: store.version()? }.into());
         }

@@ -40,6 +40,8 @@ pub struct Topology {
     pub min_free_bytes: u64,
     /// How long a handed-over partition's local state is kept (`state.cleanup_delay`), ms.
     pub cleanup_delay_ms: u64,
+    /// sled's page cache of the state store (`state.store_cache_bytes`).
+    pub store_cache_bytes: u64,
     /// The topic window results go to.
     pub results_topic: String,
     /// How replicas of this application find and ask each other.
@@ -602,6 +604,7 @@ impl Topology {
             cache_max_bytes: usize::try_from(cfg.state.cache_max_bytes).unwrap_or(usize::MAX),
             min_free_bytes: cfg.state.min_free_bytes,
             cleanup_delay_ms: cleanup_delay_ms as u64,
+            store_cache_bytes: cfg.state.store_cache_bytes,
             results_topic: cfg.results.topic.clone().unwrap_or_else(|| format!("{}-results", cfg.kafka.application_id)),
             cluster: Cluster::compile(cfg)?,
         })

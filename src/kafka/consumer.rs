@@ -739,6 +739,8 @@ impl SourceConsumer {
                 // processes faster than one fetch round trip refills it: measured 133k vs
                 // 490k events/s on S1 (`tally bench`).
                 ("queued.min.messages", "1000000"),
+                // 32 MiB of prefetch (librdkafka: 64 MiB): a burst waits at the broker, not in this process.
+                ("queued.max.messages.kbytes", "32768"),
                 // With that much prefetched, a full queue made librdkafka pause fetching for
                 // its default 1 s; records produced then waited it out (p99 to queryable
                 // 0.94–1.41 s before, 0.82–0.96 s after, at 20k events/s).

@@ -88,9 +88,9 @@ pub fn producer(kafka: &KafkaConfig, what: &str) -> anyhow::Result<BaseProducer<
             ("linger.ms", "2"),
             ("batch.size", "1000000"),
             ("queue.buffering.max.messages", "1000000"),
-            // 64 MiB, not librdkafka's 1 GiB: past it `send` waits for acknowledgements, so a
+            // 32 MiB, not librdkafka's 1 GiB: past it `send` waits for acknowledgements, so a
             // slow broker slows the flush instead of growing the process.
-            ("queue.buffering.max.kbytes", "65536"),
+            ("queue.buffering.max.kbytes", "32768"),
             ("compression.type", "lz4"),
             BOUNDED_RETRIES[0],
             BOUNDED_RETRIES[1],

@@ -85,6 +85,8 @@ fn emit(kafka: &KafkaConfig, topo: &Arc<Topology>, dir: &std::path::Path, metric
             ("group.id", &format!("{}-results", topo.application_id)),
             ("enable.auto.commit", "false"),
             ("queued.min.messages", "1000000"),
+            // 16 MiB of prefetch (librdkafka: 64 MiB).
+            ("queued.max.messages.kbytes", "16384"),
             ("fetch.queue.backoff.ms", "20"),
             ("fetch.wait.max.ms", "50"),
         ],

@@ -182,6 +182,8 @@ impl StateUpdater {
                 ("group.id", &format!("{}-restore", topo.application_id)),
                 ("enable.auto.commit", "false"),
                 ("queued.min.messages", "1000000"),
+                // 32 MiB of prefetch (librdkafka: 64 MiB).
+                ("queued.max.messages.kbytes", "32768"),
                 ("fetch.queue.backoff.ms", "20"),
                 ("fetch.max.bytes", "52428800"),
                 ("max.partition.fetch.bytes", "10485760"),
@@ -373,6 +375,7 @@ impl Worker {
             if !may_pass(&e) {
                 return Err(e);
             }
+            self.note_store_error(&e);
             if self.faults.failed(Link::Restore, format!("the store did not fsync restored partitions: {e:#}")) == 1 {
                 tracing::warn!(error = %format!("{e:#}"), "the store did not fsync restored partitions; trying again");
             }
@@ -453,9 +456,7 @@ impl Worker {
         if !may_pass(&e) {
             return Err(e);
         }
-        if e.downcast_ref::<StoreError>().is_some_and(StoreError::leaves_store_unwritable) {
-            self.faults.needs_restart(format!("the state store failed a restore's write ({e:#}) and takes no write until it is reopened"));
-        }
+        self.note_store_error(&e);
         let ((s, p), error) = (key, format!("{e:#}"));
         self.drop_reading(s, p);
         let Some(assignment) = assignment else {
@@ -467,6 +468,13 @@ impl Worker {
         self.faults.failed(Link::Restore, format!("restoring {} partition {p}: {error}", self.topics[s]));
         self.waiting.insert(key, Retry { assignment, due: Instant::now() + delay, delay });
         Ok(())
+    }
+
+    /// A store error that leaves sled unwritable asks for a restart (see [`Faults::needs_restart`]).
+    fn note_store_error(&self, e: &anyhow::Error) {
+        if e.downcast_ref::<StoreError>().is_some_and(StoreError::leaves_store_unwritable) {
+            self.faults.needs_restart(format!("the state store failed a restore's write ({e:#}) and takes no write until it is reopened"));
+        }
     }
 
     /// Begins again the failed restores whose wait is over.
