@@ -1,6 +1,6 @@
 //! IncrementalAlterConfigs, which the rdkafka crate does not wrap (its `alter_configs` is the
-//! legacy API, which replaces a topic's settings whole and which newer brokers drop): the
-//! one place tally calls librdkafka's C API itself.
+//! legacy API, which replaces a topic's settings whole and which newer brokers drop): one of
+//! the two places tally calls librdkafka's C API itself (with [`super::commit`]).
 
 use std::ffi::{CStr, CString};
 use std::time::Duration;

@@ -31,7 +31,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, RebalanceProtocol};
 use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::statistics::Statistics;
@@ -50,6 +50,10 @@ use crate::metrics::Metrics;
 use crate::ownership::{Ownership, PartitionState};
 use crate::task::{Outcome, TaskSet, NO_WATERMARK};
 use crate::topology::Topology;
+
+/// How long a flush's membership commit waits for the group's answer before the flush is
+/// held as unconfirmed.
+const COMMIT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Shared between the poll loop and librdkafka's callbacks (which run inside `poll`, on the
 /// same thread, so the lock is never contended).
@@ -199,7 +203,7 @@ impl Shared {
             return Membership::Confirmed;
         }
         let started = Instant::now();
-        match consumer.commit(&tpl, CommitMode::Sync) {
+        match super::commit::commit_within(consumer, &tpl, COMMIT_TIMEOUT) {
             Ok(()) => {
                 self.metrics.commit_duration.observe(started.elapsed().as_secs_f64());
                 Membership::Confirmed

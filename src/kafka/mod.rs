@@ -1,11 +1,12 @@
 //! The edges to Kafka: client settings, the source consumer loop ([`consumer`]), the
 //! dead-letter and late-record outputs ([`side`]), changelogs ([`changelog`]) and reading
 //! them back ([`state_updater`]), the result topic ([`results`]), acknowledged producing
-//! ([`delivery`]), internal topics ([`topics`]; their settings altered by [`alter_configs`]), membership ([`members`]), global tables ([`tables`]), a copy of the changelogs' state ([`snapshot`])
+//! ([`delivery`]), commits with a bound ([`commit`]), internal topics ([`topics`]; their settings altered by [`alter_configs`]), membership ([`members`]), global tables ([`tables`]), a copy of the changelogs' state ([`snapshot`])
 //! and the producer of generated events ([`feed`]).
 
 pub mod alter_configs;
 pub mod changelog;
+pub mod commit;
 pub mod consumer;
 pub mod delivery;
 pub mod feed;
