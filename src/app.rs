@@ -213,7 +213,13 @@ async fn wait_for_brokers(
     let mut backoff = BROKER_BACKOFF.0;
     let mut shutdown = shutdown;
     let partitions = loop {
-        let why = match topics::ensure(kafka, topo).await {
+        // Asking the brokers can take seconds before it times out: a shutdown meanwhile
+        // does not wait for it.
+        let asked = tokio::select! {
+            asked = topics::ensure(kafka, topo) => asked,
+            _ = &mut shutdown => break None,
+        };
+        let why = match asked {
             Ok(counts) => match source_partitions(topo, counts) {
                 Ok(p) => break Some(p),
                 Err(missing) => missing,

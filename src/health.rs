@@ -149,6 +149,12 @@ impl Faults {
         }
     }
 
+    /// [`Faults::needs_restart`] for a state store write (`what`: a flush, a restore's
+    /// write) that failed so that sled takes no write until the store is reopened.
+    pub fn store_unwritable(&self, what: &str, e: &dyn std::fmt::Display) {
+        self.needs_restart(format!("the state store failed {what} ({e:#}) and takes no write until it is reopened"));
+    }
+
     /// Why only a restart mends the replica, if it has come to that.
     pub fn restart_needed(&self) -> Option<String> {
         self.restart.lock().unwrap_or_else(|p| p.into_inner()).clone()

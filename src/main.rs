@@ -2,7 +2,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -100,6 +100,13 @@ enum Command {
         /// Share of malformed events (default: the scenario's).
         #[arg(long)]
         bad: Option<f64>,
+        /// Distinct users (or accounts, roles; the scenario's other dimensions scale with
+        /// it; default: the scenario's).
+        #[arg(long)]
+        users: Option<u64>,
+        /// Event-time milliseconds between consecutive events (default: the scenario's).
+        #[arg(long)]
+        step_ms: Option<i64>,
     },
     /// Benchmark S1 through the mock cluster and print throughput, latency, RSS and state size.
     Bench(tally::bench::BenchOptions),
@@ -145,7 +152,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             cfg.validate().context("with the command line's --replica / --advertised-url / --exit-on-broker-timeout / TALLY_HTTP_TOKEN")?;
             let rt = tokio::runtime::Runtime::new()?;
-            rt.block_on(tally::app::run(cfg, tally::app::shutdown_signal(), |_| {}))
+            let ran = rt.block_on(tally::app::run(cfg, tally::app::shutdown_signal(), |_| {}));
+            // A metadata request to brokers that do not answer may still be waiting out its
+            // timeout on a blocking thread; nothing is left that needs it.
+            rt.shutdown_timeout(Duration::from_secs(1));
+            ran
         }
         Command::Check { config, against } => {
             let cfg = Config::load(&config)?;
@@ -186,8 +197,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Demo { http, rate, partitions } => tally::demo::run(tally::demo::DemoOptions { http, rate, partitions }),
-        Command::Gen { scenario, brokers, topic, count, rate, seed, partitions, now, out_of_order, late, bad } => {
+        Command::Gen { scenario, brokers, topic, count, rate, seed, partitions, now, out_of_order, late, bad, users, step_ms } => {
             let mut opts = GenOptions { seed, count, partitions, ..GenOptions::for_scenario(scenario) };
+            opts.cardinality = users.unwrap_or(opts.cardinality).max(1);
+            opts.step_ms = step_ms.unwrap_or(opts.step_ms).max(0);
             if now {
                 opts.start_ms = SystemTime::now().duration_since(UNIX_EPOCH)?.as_millis() as i64;
             }

@@ -5,8 +5,8 @@
 //! so several instances (tests, the demo) can live in one process.
 
 use prometheus::{
-    exponential_buckets, Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    exponential_buckets, CounterVec, Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, Registry, TextEncoder,
 };
 
 /// The registry and every metric tally exports.
@@ -65,6 +65,9 @@ pub struct Metrics {
     pub flush_duration: Histogram,
     /// Duration of an offset commit, seconds.
     pub commit_duration: Histogram,
+    /// Seconds the consumer thread spent, by activity: `poll`, `process`, `commit` and a
+    /// flush's stages (`side_outputs`, `expiry`, `seal`, `changelog`, `write`, `fsync`).
+    pub work_seconds: CounterVec,
     /// Records written to changelog topics (changes and positions), by source.
     pub changelog_records: IntCounterVec,
     /// Changelog records read back into the store by restores, by source.
@@ -210,6 +213,11 @@ impl Metrics {
             queryable_latency: hist("tally_queryable_latency_seconds", "From the record's Kafka timestamp to queryable (flushed to the store)."),
             flush_duration: hist("tally_flush_duration_seconds", "State flush: write batch and fsync."),
             commit_duration: hist("tally_commit_duration_seconds", "Offset commit to Kafka."),
+            work_seconds: reg(
+                &r,
+                CounterVec::new(Opts::new("tally_work_seconds_total", "Seconds the consumer thread spent, by activity."), &["activity"])
+                    .expect("valid metric"),
+            ),
             changelog_records: counter("tally_changelog_records_total", "Records written to changelog topics (changes and positions).", &["source"]),
             restore_records: counter("tally_restore_records_total", "Changelog records restored into the state store.", &["source"]),
             restore_bytes: counter("tally_restore_bytes_total", "Bytes of changelog records restored into the state store.", &["source"]),

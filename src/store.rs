@@ -695,6 +695,21 @@ impl Store {
         }
     }
 
+    /// The latest slice `metric` has any state of on `partition` (`None`: none). Keys are in
+    /// slice order, so it is the last key's.
+    pub fn newest_slice(&self, metric: &str, partition: i32) -> Result<Option<i64>, StoreError> {
+        let mut prefix = Vec::new();
+        partition_prefix(&mut prefix, metric, partition);
+        match self.tree.scan_prefix(&prefix).keys().next_back().transpose()? {
+            None => Ok(None),
+            Some(k) => {
+                let at =
+                    split_state_key(&k).ok_or_else(|| StoreError::Corrupt { key: String::from_utf8_lossy(&k).into(), why: "short key".into() })?;
+                Ok(Some(at.slice))
+            }
+        }
+    }
+
     /// Whether some state of `m`'s `partition` holds records only from before `offset` (it
     /// stopped there: the metric was not processed since), as opposed to states a torn
     /// flush wrote ahead of their position.

@@ -205,6 +205,30 @@ pub struct FlushStats {
     pub changelog_records: Vec<usize>,
     /// Bytes the write-back cache keeps after the flush.
     pub cache_bytes: usize,
+    /// Where the flush's time went.
+    pub stages: FlushStages,
+}
+
+/// Where a flush's time went, stage by stage (the drain breakdown of `tally bench`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FlushStages {
+    /// Finding the expired slices' stored keys.
+    pub expiry: std::time::Duration,
+    /// Sealing the dirty aggregates into their stored encoding.
+    pub seal: std::time::Duration,
+    /// Writing to the changelog and waiting for its acknowledgements.
+    pub changelog: std::time::Duration,
+    /// Applying the write batch to the store.
+    pub write: std::time::Duration,
+    /// Making it durable (fsync).
+    pub fsync: std::time::Duration,
+}
+
+impl FlushStages {
+    /// The stages with their names, as metrics label them.
+    pub fn named(&self) -> [(&'static str, std::time::Duration); 5] {
+        [("expiry", self.expiry), ("seal", self.seal), ("changelog", self.changelog), ("write", self.write), ("fsync", self.fsync)]
+    }
 }
 
 /// A flush that did not complete; nothing of it counts as done.
@@ -248,6 +272,10 @@ pub struct TaskSet {
     refusals: Arc<Refusals>,
     /// Per (metric, partition), the expiry horizon: slices before it are gone for good.
     horizons: Horizons,
+    /// Per (metric, partition), the latest slice the store may hold states of: a slice after
+    /// it is read from no store (a high-cardinality stream's first touches of a new slice
+    /// were store misses costing a tree search each). Only ever raised.
+    stored_up_to: Horizons,
     /// States of an earlier generation a finished rebuild left, deleted by the next flush.
     pending_deletes: Vec<(usize, i32, Vec<u8>)>,
     /// (metric, partition) whose rebuild finished since the last flush: read only states of
@@ -275,6 +303,7 @@ impl TaskSet {
             refused,
             refusals: Arc::default(),
             horizons: Horizons::default(),
+            stored_up_to: Horizons::default(),
             pending_deletes: Vec::new(),
             fresh: HashSet::new(),
         }
@@ -375,6 +404,11 @@ impl TaskSet {
             None => PartitionTask { dirty: !self.topo.tables.is_empty(), ..PartitionTask::new(self.tables.position()) },
         };
         self.tasks.insert((source, partition), task);
+        for &mi in &self.topo.sources[source].metrics {
+            if let Some(slice) = self.store.newest_slice(&self.topo.metrics[mi].name, partition)? {
+                self.stored_up_to.raise(mi, partition, slice);
+            }
+        }
         self.caught_up(source, partition, 0)?;
         Ok(resume)
     }
@@ -595,7 +629,16 @@ impl TaskSet {
             Some(e) => e,
             None => {
                 let current_only = rebuilding || (!self.fresh.is_empty() && self.fresh.contains(&(mi, partition)));
-                let stored = if current_only { self.store.get_current(m, &self.key) } else { self.store.get(m, &self.key) };
+                let stored = match self.stored_up_to.get(mi, partition) {
+                    Some(newest) if slice <= newest => {
+                        if current_only {
+                            self.store.get_current(m, &self.key)
+                        } else {
+                            self.store.get(m, &self.key)
+                        }
+                    }
+                    _ => Ok(None),
+                };
                 let value = match stored {
                     Ok(Some(v)) => v,
                     Ok(None) => StoredAggregate { max_offset: -1, states: m.aggregates.iter().map(|a| AggState::new(&a.kind)).collect() },
@@ -664,6 +707,13 @@ impl TaskSet {
     /// whose deletion is already in the changelog.
     pub fn flush(&mut self, changelog: Option<&mut dyn ChangeSink>) -> Result<FlushStats, FlushError> {
         let topo = Arc::clone(&self.topo);
+        let mut stages = FlushStages::default();
+        let mut clock = std::time::Instant::now();
+        let mut lap = |stage: &mut std::time::Duration| {
+            let now = std::time::Instant::now();
+            *stage += now - clock;
+            clock = now;
+        };
         let mut batch = WriteBatch::default();
         let mut changes = Vec::new();
         let logged = changelog.is_some();
@@ -699,6 +749,7 @@ impl TaskSet {
                 }
             }
         }
+        lap(&mut stages.expiry);
         let expired = |e: &CacheEntry| expired_before.get(&(e.metric, e.partition)).is_some_and(|b| e.slice < *b);
         let mut cache_bytes = 0;
         for (k, e) in &mut self.cache {
@@ -709,6 +760,7 @@ impl TaskSet {
                 continue;
             }
             if e.dirty {
+                self.stored_up_to.raise(e.metric, e.partition, e.slice);
                 let bytes = topo.metrics[e.metric].layout.seal(&e.value);
                 e.bytes = entry_bytes(k, &bytes);
                 batch.put_encoded(k, &bytes);
@@ -742,6 +794,7 @@ impl TaskSet {
                 pins.insert((source, partition), Arc::clone(pin));
             }
         }
+        lap(&mut stages.seal);
         if let Some(sink) = changelog {
             let positions: Vec<Change> = metas
                 .iter()
@@ -759,6 +812,7 @@ impl TaskSet {
             for ((_, _, meta), off) in metas.iter_mut().zip(offsets) {
                 meta.changelog_offset = Some(off);
             }
+            lap(&mut stages.changelog);
         }
         for (source, partition, meta) in &metas {
             batch.put_meta(&topo.sources[*source].name, *partition, meta);
@@ -769,9 +823,12 @@ impl TaskSet {
                 changelog_records[source] += 1;
             }
         }
-        let stats = FlushStats { puts: batch.puts, deletes: batch.deletes, changelog_records, cache_bytes: 0 };
+        let (puts, deletes) = (batch.puts, batch.deletes);
         self.store.apply(batch)?;
+        lap(&mut stages.write);
         self.store.flush()?;
+        lap(&mut stages.fsync);
+        let stats = FlushStats { puts, deletes, changelog_records, cache_bytes: 0, stages };
         self.cache.retain(|_, e| !expired(e));
         self.cache.values_mut().for_each(|e| e.dirty = false);
         self.pending_deletes.clear();

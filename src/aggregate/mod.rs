@@ -13,8 +13,8 @@
 //! let kind = AggKind::Sum { slot: 0 };
 //! let mut a = AggState::new(&kind);
 //! let mut b = AggState::new(&kind);
-//! a.update(&kind, &Record { time_ms: 0, values: vec![Value::Float(0.1)] }, 0, 0).unwrap();
-//! b.update(&kind, &Record { time_ms: 0, values: vec![Value::Float(0.2)] }, 1, 0).unwrap();
+//! a.update(&kind, &Record { time_ms: 0, values: vec![Value::Float(0.1)], ..Default::default() }, 0, 0).unwrap();
+//! b.update(&kind, &Record { time_ms: 0, values: vec![Value::Float(0.2)], ..Default::default() }, 1, 0).unwrap();
 //! a.merge(&b).unwrap();
 //! assert_eq!(a.number(), Some(0.3));
 //! ```
@@ -309,10 +309,8 @@ impl AggState {
             }
             (AggState::Distinct(sk), AggKind::Distinct { slot, .. }) => {
                 let v = &rec.values[*slot];
-                match v {
-                    Value::Null => {}
-                    Value::Str(s) | Value::Json(s) => sk.insert(s.as_bytes()),
-                    _ => sk.insert(v.to_text().as_bytes()),
+                if *v != Value::Null {
+                    v.with_text(|t| sk.insert(t));
                 }
             }
             (AggState::Latest(l), AggKind::Latest { slot }) => {
@@ -337,8 +335,16 @@ impl AggState {
                         None => return Ok(()),
                     },
                 };
-                let total = m.entry(it.to_text()).or_insert(0);
-                *total = total.saturating_add(add);
+                // Looked up by its text first: the item is almost always in the list already.
+                it.with_text(|t| {
+                    let t = String::from_utf8_lossy(t);
+                    match m.get_mut(t.as_ref()) {
+                        Some(total) => *total = total.saturating_add(add),
+                        None => {
+                            m.insert(t.into_owned(), add);
+                        }
+                    }
+                });
             }
             (state, kind) => return Err(AggregateError::Mismatch { expected: kind.name(), found: state.kind_name() }),
         }
@@ -421,7 +427,7 @@ mod tests {
     use super::*;
 
     fn rec(t: i64, vals: &[Value]) -> Record {
-        Record { time_ms: t, values: vals.to_vec() }
+        Record { time_ms: t, values: vals.to_vec(), ..Default::default() }
     }
 
     fn parse(text: &str) -> Result<AggregateSpec, String> {

@@ -21,7 +21,7 @@ pub fn run(keys: u64, partitions: i32) -> anyhow::Result<()> {
     let secs = start.elapsed().as_secs_f64();
     let rewritten: u64 = applied.iter().map(|a| a.report.rewritten).sum();
     println!("migrate: {rewritten} values rewritten in {secs:.2} s ({:.0} keys/s), store version {}", rewritten as f64 / secs, store.version()?);
-    if let Some(kib) = super::peak_rss_kib() {
+    if let Some(kib) = super::peak_rss_kib("self") {
         println!("migrate: peak RSS {} MiB", kib / 1024);
     }
     Ok(())

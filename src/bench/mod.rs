@@ -21,14 +21,14 @@
 //! `--tables` the table phases of `bench/tables.rs`: S3's table loaded, its lookup's cost.
 
 mod cluster;
+mod external;
 mod migrate;
 mod tables;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::mpsc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rdkafka::mocking::MockCluster;
@@ -58,9 +58,16 @@ pub struct BenchOptions {
     /// Event-time milliseconds between consecutive events of the throughput phase.
     #[arg(long, default_value_t = 1)]
     pub step_ms: i64,
+    /// Distinct users of the generated S1 events (products and the rest scale with it).
+    #[arg(long, default_value_t = 5_000)]
+    pub users: u64,
     /// Changelog records in the restore phase.
     #[arg(long, default_value_t = 1_000_000)]
     pub restore_records: usize,
+    /// Run the drain, latency and restore phases against this broker (loopback) instead of
+    /// the mock cluster, with tally as a child process: its peak RSS is then tally's alone.
+    #[arg(long)]
+    pub brokers: Option<String>,
     /// Run the failover phase against this broker (loopback) instead of the mock cluster,
     /// whose group coordinator waits session timeout − 1 s before every rebalance.
     #[arg(long)]
@@ -93,6 +100,10 @@ pub struct BenchOptions {
     /// Cluster phases: only the availability phase.
     #[arg(long)]
     pub availability_only: bool,
+    /// `state.commit_interval` of the drain, latency and core phases (default: tally's),
+    /// e.g. `100ms`: how often the state is flushed and answers become queryable.
+    #[arg(long)]
+    pub commit_interval: Option<String>,
     /// Cluster phases: keep the replicas' configs, logs and state (the directory is printed).
     #[arg(long)]
     pub keep: bool,
@@ -107,6 +118,33 @@ pub struct BenchOptions {
     /// state keys (S1's metrics), migrated to the current one.
     #[arg(long)]
     pub migrate: Option<u64>,
+    /// A short run (about a minute): 200 k events, a 5 s latency phase, 200 k synthetic
+    /// restore records and no failover phase. Its figures are noisier than a full run's.
+    #[arg(long)]
+    pub quick: bool,
+    /// Only the processing core (tasks and sled, no Kafka) on `--events` events: the phase
+    /// to profile (perf, callgrind).
+    #[arg(long)]
+    pub core_only: bool,
+    /// Only the synthetic restore phase (`--restore-records` records through the mock).
+    #[arg(long)]
+    pub restore_only: bool,
+    /// Each run's figures are appended here as one JSON line (with the time, the version
+    /// and the git commit when run in a checkout), to compare runs across commits.
+    #[arg(long, default_value = "bench-results.jsonl")]
+    pub results: std::path::PathBuf,
+}
+
+impl BenchOptions {
+    /// The options a `--quick` run uses in place of the defaults.
+    fn quickened(mut self) -> BenchOptions {
+        if self.quick {
+            self.events = self.events.min(200_000);
+            self.latency_seconds = self.latency_seconds.min(5);
+            self.restore_records = self.restore_records.min(200_000);
+        }
+        self
+    }
 }
 
 /// GET over loopback: (status, body).
@@ -186,6 +224,155 @@ fn quantile(before: &BTreeMap<u64, f64>, after: &BTreeMap<u64, f64>, q: f64) -> 
     None
 }
 
+/// Seconds the consumer thread spent by activity between two scrapes, with each one's
+/// share of `wall` seconds: the breakdown of a drain, from `tally_work_seconds_total`.
+fn breakdown(before: &str, after: &str, wall: f64) -> Vec<(String, f64)> {
+    let prefix = "tally_work_seconds_total{activity=\"";
+    let mut out: Vec<(String, f64)> = after
+        .lines()
+        .filter_map(|l| {
+            let (activity, _) = l.strip_prefix(prefix)?.split_once('"')?;
+            let label = format!("{prefix}{activity}\"}}");
+            Some((activity.to_string(), (sum(after, &label) - sum(before, &label)) / wall.max(1e-9)))
+        })
+        .collect();
+    out.sort_by(|a, b| b.1.total_cmp(&a.1));
+    out
+}
+
+/// A breakdown as one line: `activity share %`, largest first.
+fn shares(parts: &[(String, f64)]) -> String {
+    parts.iter().map(|(a, f)| format!("{a} {:.0} %", f * 100.0)).collect::<Vec<_>>().join(", ")
+}
+
+/// A quantile in milliseconds, as printed.
+fn ms(q: Option<f64>) -> String {
+    q.map_or("n/a".to_string(), |s| format!("{:.0} ms", s * 1000.0))
+}
+
+/// A quantile in milliseconds, as recorded (to the microsecond).
+fn ms_of(q: Option<f64>) -> Option<f64> {
+    q.map(|s| (s * 1e6).round() / 1e3)
+}
+
+/// The flushes of a drain and where its time went.
+struct DrainReport {
+    flushes: BTreeMap<u64, f64>,
+    count: f64,
+    share: f64,
+    parts: Vec<(String, f64)>,
+}
+
+impl DrainReport {
+    fn of(d: &Drain) -> DrainReport {
+        DrainReport {
+            flushes: buckets(&d.text, "tally_flush_duration_seconds"),
+            count: sum(&d.text, "tally_flush_duration_seconds_count"),
+            share: sum(&d.text, "tally_flush_duration_seconds_sum") / d.secs,
+            parts: breakdown(&d.first_text, &d.text, d.secs),
+        }
+    }
+
+    fn print(&self) {
+        println!(
+            "flushes              {} taking {:.0} % of the drain; p50 {} p99 {} (commit, side outputs, changelog acked, state written and fsynced)",
+            self.count,
+            self.share * 100.0,
+            ms(quantile(&BTreeMap::new(), &self.flushes, 0.5)),
+            ms(quantile(&BTreeMap::new(), &self.flushes, 0.99))
+        );
+        println!("  where the time went {} (consumer thread, share of the drain)", shares(&self.parts));
+    }
+
+    fn json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "flush_ms": {"p50": ms_of(quantile(&BTreeMap::new(), &self.flushes, 0.5)), "p99": ms_of(quantile(&BTreeMap::new(), &self.flushes, 0.99))},
+            "breakdown": self.parts.iter().cloned().collect::<BTreeMap<_, _>>(),
+        })
+    }
+}
+
+/// The latency phase: events produced at a fixed rate with wall-clock times while tally at
+/// `addr` consumes; its figures are the differences of tally's histograms over the phase.
+struct Latency {
+    before: String,
+    after: String,
+    secs: f64,
+    rate: u64,
+    seconds: u64,
+}
+
+impl Latency {
+    fn measure(addr: SocketAddr, feed: &Feed, opts: &BenchOptions) -> anyhow::Result<Latency> {
+        let now = SystemTime::now().duration_since(UNIX_EPOCH)?.as_millis() as i64;
+        let live_opts = GenOptions { start_ms: now, step_ms: 1, partitions: opts.partitions, ..gen_options(opts) };
+        let mut live = gen::live(Scenario::S1, &live_opts);
+        let consumed_start = sum(&scrape(addr)?, "tally_records_consumed_total");
+        // Two seconds not counted: the first flush with wall-clock times expires every window
+        // of the drain before (tens of thousands of deletions and tombstones), a one-off that
+        // is not the steady state this phase measures.
+        let warm_up = feed.send_all(live.by_ref().take(2 * opts.latency_rate as usize), opts.latency_rate, || false)?;
+        feed.flush()?;
+        wait_for(addr, "tally_records_consumed_total", consumed_start + warm_up as f64, Duration::from_secs(120))?;
+        std::thread::sleep(Duration::from_millis(500));
+        let before = scrape(addr)?;
+        let consumed_before = sum(&before, "tally_records_consumed_total");
+        let n = opts.latency_rate * opts.latency_seconds;
+        let start = Instant::now();
+        let sent = feed.send_all(live.take(n as usize), opts.latency_rate, || false)?;
+        feed.flush()?;
+        wait_for(addr, "tally_records_consumed_total", consumed_before + sent as f64, Duration::from_secs(120))?;
+        std::thread::sleep(Duration::from_millis(500));
+        let after = scrape(addr)?;
+        Ok(Latency { before, after, secs: start.elapsed().as_secs_f64(), rate: opts.latency_rate, seconds: opts.latency_seconds })
+    }
+
+    /// The `q` quantile of histogram `name` over the phase, seconds.
+    fn q(&self, name: &str, q: f64) -> Option<f64> {
+        quantile(&buckets(&self.before, name), &buckets(&self.after, name), q)
+    }
+
+    fn print(&self) {
+        let (queryable, processed) = ("tally_queryable_latency_seconds", "tally_processing_latency_seconds");
+        println!(
+            "produce->queryable   p50 {}  p99 {}  (at {} events/s for {} s)",
+            ms(self.q(queryable, 0.5)),
+            ms(self.q(queryable, 0.99)),
+            self.rate,
+            self.seconds
+        );
+        println!(
+            "  of which           produce->processed p50 {} p99 {} (the rest waits for the next flush to be durable)",
+            ms(self.q(processed, 0.5)),
+            ms(self.q(processed, 0.99))
+        );
+        println!(
+            "  meanwhile          flushes p50 {} p99 {}; commits p50 {} p99 {}",
+            ms(self.q("tally_flush_duration_seconds", 0.5)),
+            ms(self.q("tally_flush_duration_seconds", 0.99)),
+            ms(self.q("tally_commit_duration_seconds", 0.5)),
+            ms(self.q("tally_commit_duration_seconds", 0.99))
+        );
+        println!("  where the time went {} (consumer thread, share of the phase)", shares(&breakdown(&self.before, &self.after, self.secs)));
+    }
+
+    fn json(&self) -> serde_json::Value {
+        let pair = |name: &str| serde_json::json!({"p50": ms_of(self.q(name, 0.5)), "p99": ms_of(self.q(name, 0.99))});
+        serde_json::json!({
+            "rate": self.rate,
+            "produce_to_queryable_ms": pair("tally_queryable_latency_seconds"),
+            "produce_to_processed_ms": pair("tally_processing_latency_seconds"),
+            "flush_ms": pair("tally_flush_duration_seconds"),
+            "breakdown": breakdown(&self.before, &self.after, self.secs).into_iter().collect::<BTreeMap<_, _>>(),
+        })
+    }
+}
+
+/// The generator's S1 options for the bench: `--users` distinct users.
+fn gen_options(opts: &BenchOptions) -> GenOptions {
+    GenOptions { cardinality: opts.users, ..GenOptions::for_scenario(Scenario::S1) }
+}
+
 fn dir_bytes(p: &Path) -> u64 {
     std::fs::read_dir(p)
         .map(|rd| {
@@ -200,15 +387,25 @@ fn dir_bytes(p: &Path) -> u64 {
         .unwrap_or(0)
 }
 
-fn peak_rss_kib() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+/// The peak resident set (`VmHWM`, KiB) of process `pid` (`self`: this one).
+fn peak_rss_kib(pid: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     status.lines().find_map(|l| l.strip_prefix("VmHWM:")).and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
 }
 
 fn wait_for(addr: SocketAddr, what: &str, target: f64, limit: Duration) -> anyhow::Result<(String, Instant)> {
     let start = Instant::now();
     loop {
-        let text = scrape(addr)?;
+        // A connection the starting server accepted as it handed over to the full one is
+        // closed unanswered: a probe then asks again.
+        let text = match scrape(addr) {
+            Ok(text) => text,
+            Err(_) if start.elapsed() < limit => {
+                std::thread::sleep(Duration::from_millis(100));
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
         if sum(&text, what) >= target {
             return Ok((text, Instant::now()));
         }
@@ -327,16 +524,18 @@ impl InProcess {
 struct Drain {
     events_per_s: f64,
     secs: f64,
+    /// Metrics when its first record was consumed, and when its last was.
+    first_text: String,
     text: String,
 }
 
 /// Waits until tally at `addr` has consumed `events`, timing from its first record.
 fn drain(addr: SocketAddr, events: usize) -> anyhow::Result<Drain> {
-    let (_, first) = wait_for(addr, "tally_records_consumed_total", 1.0, Duration::from_secs(60))?;
+    let (first_text, first) = wait_for(addr, "tally_records_consumed_total", 1.0, Duration::from_secs(60))?;
     let (text, last) = wait_for(addr, "tally_records_consumed_total", events as f64, Duration::from_secs(600))?;
     // Counters are published per flush: the drain ends within one commit interval of `last`.
     let secs = last.duration_since(first).as_secs_f64().max(1e-3);
-    Ok(Drain { events_per_s: events as f64 / secs, secs, text })
+    Ok(Drain { events_per_s: events as f64 / secs, secs, first_text, text })
 }
 
 /// Creates the internal topics of `cfg` on the mock (its source topic exists already).
@@ -357,6 +556,16 @@ fn bench_config(brokers: &str, app: &str, state: &Path) -> anyhow::Result<Config
     cfg.http.listen = "127.0.0.1:0".into();
     cfg.results.topic = None;
     Ok(cfg)
+}
+
+impl BenchOptions {
+    /// `cfg` with the settings these options override.
+    fn tune(&self, mut cfg: Config) -> Config {
+        if let Some(interval) = &self.commit_interval {
+            cfg.state.commit_interval = interval.clone();
+        }
+        cfg
+    }
 }
 
 /// `cfg` with nothing sent to the result topic.
@@ -476,6 +685,16 @@ impl Child {
         Ok(Child { process, addr: cfg.http.listen.parse()? })
     }
 
+    /// Waits until it answers HTTP at all (`/health`).
+    fn wait_listening(&self, limit: Duration) -> anyhow::Result<()> {
+        let start = Instant::now();
+        while http_get(self.addr, "/health").is_err() {
+            anyhow::ensure!(start.elapsed() < limit, "tally did not answer HTTP at {} within {limit:?}", self.addr);
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
+    }
+
     /// Partitions this replica owns right now (`None`: no answer).
     fn owned(&self) -> Option<usize> {
         let (_, body) = http_get(self.addr, "/ready").ok()?;
@@ -561,6 +780,7 @@ fn failover(
 
 /// Runs the benchmark and prints its figures.
 pub fn run(opts: BenchOptions) -> anyhow::Result<()> {
+    let opts = opts.quickened();
     if opts.cluster {
         return cluster::run(&opts);
     }
@@ -570,13 +790,21 @@ pub fn run(opts: BenchOptions) -> anyhow::Result<()> {
     if let Some(keys) = opts.migrate {
         return migrate::run(keys, opts.partitions);
     }
+    if let Some(brokers) = &opts.brokers {
+        return external::run(&opts, brokers);
+    }
     let mock = MockCluster::new(1).map_err(|e| anyhow::anyhow!("starting the mock cluster: {e}"))?;
+    if opts.restore_only {
+        let synthetic = time_restore(&synthetic_changelog(&mock, opts.restore_records, opts.partitions)?, opts.partitions)?;
+        println!("restore synthetic    {synthetic} into an empty store: count aggregates, 5 versions per key");
+        return Ok(());
+    }
     let topic = gen::topic(Scenario::S1);
     let brokers = mock.bootstrap_servers();
     let state = tempfile::Builder::new().prefix("tally-bench-").tempdir()?;
-    let cfg = bench_config(&brokers, "tally-bench", &state.path().join("on"))?;
-    let cfg_no_results = without_results(bench_config(&brokers, "tally-bench-noresults", &state.path().join("noresults"))?);
-    let mut cfg_off = without_results(bench_config(&brokers, "tally-bench-nolog", &state.path().join("off"))?);
+    let cfg = opts.tune(bench_config(&brokers, "tally-bench", &state.path().join("on"))?);
+    let cfg_no_results = without_results(opts.tune(bench_config(&brokers, "tally-bench-noresults", &state.path().join("noresults"))?));
+    let mut cfg_off = without_results(opts.tune(bench_config(&brokers, "tally-bench-nolog", &state.path().join("off"))?));
     cfg_off.state.changelog = false;
     crate::kafka::topics::create_on_mock(&mock, &crate::topology::Topology::compile(&cfg)?, opts.partitions)?;
     create_internal(&mock, &cfg_off, opts.partitions)?;
@@ -588,9 +816,16 @@ pub fn run(opts: BenchOptions) -> anyhow::Result<()> {
     }
     // Event time advances 1 ms per event (1,000 events per second of event time), denser
     // than the tests' 100 ms: at production rates an event-time second holds far more.
-    let gen_opts = GenOptions { count: events, partitions: opts.partitions, step_ms: opts.step_ms, ..GenOptions::for_scenario(Scenario::S1) };
+    let gen_opts = GenOptions { count: events, partitions: opts.partitions, step_ms: opts.step_ms, ..gen_options(&opts) };
     let records = gen::generate(Scenario::S1, &gen_opts);
     let (core, core_puts, core_flushing) = core_only(&records, &cfg)?;
+    if opts.core_only {
+        println!(
+            "core alone           {core:.0} events/s ({events} S1 events, {core_puts} aggregate writes, {:.2} s in flushes)",
+            core_flushing.as_secs_f64()
+        );
+        return Ok(());
+    }
     let feed = Feed::new(&cfg.kafka, topic)?;
     let produce_start = Instant::now();
     feed.send_all(records, 0, || false)?;
@@ -609,9 +844,6 @@ pub fn run(opts: BenchOptions) -> anyhow::Result<()> {
     let tally = InProcess::start(cfg)?;
     let with = drain(tally.addr, events)?;
     let text = &with.text;
-    let flushes = buckets(text, "tally_flush_duration_seconds");
-    let flush_count = sum(text, "tally_flush_duration_seconds_count");
-    let flush_secs = sum(text, "tally_flush_duration_seconds_sum");
     let invalid = sum(text, "tally_records_invalid_total");
     let late = sum(text, "tally_records_late_total");
     let changelog_records = sum(text, "tally_changelog_records_total");
@@ -620,33 +852,15 @@ pub fn run(opts: BenchOptions) -> anyhow::Result<()> {
     let state_bytes = dir_bytes(&state.path().join("on"));
 
     // Phase 2: latency at a fixed rate, wall-clock event times.
-    let before_text = scrape(tally.addr)?;
-    let before = buckets(&before_text, "tally_queryable_latency_seconds");
-    let (commits_before, flushes_before) =
-        (buckets(&before_text, "tally_commit_duration_seconds"), buckets(&before_text, "tally_flush_duration_seconds"));
-    let consumed_before = sum(&scrape(tally.addr)?, "tally_records_consumed_total");
-    let stop = Arc::new(AtomicBool::new(false));
-    let now = SystemTime::now().duration_since(UNIX_EPOCH)?.as_millis() as i64;
-    let live_opts = GenOptions { start_ms: now, step_ms: 1, partitions: opts.partitions, ..GenOptions::for_scenario(Scenario::S1) };
-    let n = opts.latency_rate * opts.latency_seconds;
-    let sent = feed.send_all(gen::live(Scenario::S1, &live_opts).take(n as usize), opts.latency_rate, || stop.load(Ordering::Relaxed))?;
-    feed.flush()?;
-    wait_for(tally.addr, "tally_records_consumed_total", consumed_before + sent as f64, Duration::from_secs(120))?;
-    std::thread::sleep(Duration::from_millis(500));
-    let after_text = scrape(tally.addr)?;
-    let after = buckets(&after_text, "tally_queryable_latency_seconds");
-    let (commits_after, flushes_after) =
-        (buckets(&after_text, "tally_commit_duration_seconds"), buckets(&after_text, "tally_flush_duration_seconds"));
-    stop.store(true, Ordering::Relaxed);
+    let latency = Latency::measure(tally.addr, &feed, &opts)?;
     tally.stop()?;
-    let rss = peak_rss_kib().unwrap_or(0) / 1024;
+    let rss = peak_rss_kib("self").unwrap_or(0) / 1024;
 
     // Phase 3: restore speed; phase 4: failover between two replica processes.
     let real = time_restore(&bench_config(&brokers, "tally-bench", Path::new("unused"))?, opts.partitions)?;
     let synthetic = time_restore(&synthetic_changelog(&mock, opts.restore_records, opts.partitions)?, opts.partitions)?;
-    let (after_kill, after_term) = failover(&mock, opts.failover_brokers.as_deref(), opts.partitions)?;
+    let failed_over = if opts.quick { None } else { Some(failover(&mock, opts.failover_brokers.as_deref(), opts.partitions)?) };
 
-    let ms = |q: Option<f64>| q.map_or("n/a".to_string(), |s| format!("{:.0} ms", s * 1000.0));
     println!(
         "S1, all S1 metrics on, {} partitions, events {} ms apart in event time, one tally process, librdkafka mock cluster",
         opts.partitions, opts.step_ms
@@ -667,32 +881,15 @@ pub fn run(opts: BenchOptions) -> anyhow::Result<()> {
         without.secs,
         (1.0 - with.events_per_s / without.events_per_s) * 100.0
     );
-    println!(
-        "flushes              {flush_count} taking {:.0} % of the drain; p50 {} p99 {} (commit, side outputs, changelog acked, state written and fsynced)",
-        flush_secs / with.secs * 100.0,
-        ms(quantile(&BTreeMap::new(), &flushes, 0.5)),
-        ms(quantile(&BTreeMap::new(), &flushes, 0.99))
-    );
+    let drain_report = DrainReport::of(&with);
+    drain_report.print();
     println!("bare consumer        {raw:.0} records/s (librdkafka reading the same topic from the mock, no processing)");
     println!(
         "core alone           {core:.0} events/s (same events through the tasks and sled, no Kafka; {core_puts} aggregate writes, {:.1} µs each, {:.0} % of the time in flushes)",
         core_flushing.as_secs_f64() * 1e6 / core_puts.max(1) as f64,
         core_flushing.as_secs_f64() * core / events as f64 * 100.0
     );
-    println!(
-        "produce->queryable   p50 {}  p99 {}  (at {} events/s for {} s)",
-        ms(quantile(&before, &after, 0.5)),
-        ms(quantile(&before, &after, 0.99)),
-        opts.latency_rate,
-        opts.latency_seconds
-    );
-    println!(
-        "  meanwhile          flushes p50 {} p99 {}; commits p50 {} p99 {}",
-        ms(quantile(&flushes_before, &flushes_after, 0.5)),
-        ms(quantile(&flushes_before, &flushes_after, 0.99)),
-        ms(quantile(&commits_before, &commits_after, 0.5)),
-        ms(quantile(&commits_before, &commits_after, 0.99))
-    );
+    latency.print();
     println!("peak RSS             {rss} MiB (whole process: mock broker and producer included)");
     println!(
         "state on disk        {:.1} MiB per million events ({} bytes after {events} events)",
@@ -701,13 +898,56 @@ pub fn run(opts: BenchOptions) -> anyhow::Result<()> {
     );
     println!("restore              {real} into an empty store: the changelog of the run above");
     println!("  synthetic          {synthetic}: count aggregates, 5 versions per key");
-    println!(
-        "failover             {:.1} s after SIGKILL, {:.1} s after SIGTERM (until the other replica answers for every partition; default session timeout; {})",
-        after_kill.as_secs_f64(),
-        after_term.as_secs_f64(),
-        opts.failover_brokers.as_deref().map_or("mock cluster, which delays every rebalance by session timeout − 1 s".to_string(), |b| format!("broker at {b}"))
-    );
+    if let Some((after_kill, after_term)) = failed_over {
+        println!(
+            "failover             {:.1} s after SIGKILL, {:.1} s after SIGTERM (until the other replica answers for every partition; default session timeout; {})",
+            after_kill.as_secs_f64(),
+            after_term.as_secs_f64(),
+            opts.failover_brokers.as_deref().map_or("mock cluster, which delays every rebalance by session timeout − 1 s".to_string(), |b| format!("broker at {b}"))
+        );
+    }
+    let per_s = |r: &Restored| (r.stats.records as f64 / r.secs).round();
+    let figures = serde_json::json!({
+        "events": events,
+        "partitions": opts.partitions,
+        "quick": opts.quick,
+        "throughput_events_per_s": with.events_per_s.round(),
+        "without_results_events_per_s": without_rows.events_per_s.round(),
+        "without_changelog_events_per_s": without.events_per_s.round(),
+        "drain": drain_report.json(),
+        "bare_consumer_records_per_s": raw.round(),
+        "core_events_per_s": core.round(),
+        "latency": latency.json(),
+        "peak_rss_mib_whole_process": rss,
+        "state_bytes": state_bytes,
+        "restore_records_per_s": per_s(&real),
+        "restore_synthetic_records_per_s": per_s(&synthetic),
+        "failover_s": failed_over.map(|(k, t)| serde_json::json!({"sigkill": k.as_secs_f64(), "sigterm": t.as_secs_f64()})),
+    });
+    append_results(&opts, figures)?;
     drop(mock);
+    Ok(())
+}
+
+/// Appends one run's `figures` to `path` as a JSON line, stamped with the time, the version
+/// and the git commit of the working directory (when there is one).
+fn append_results(opts: &BenchOptions, mut figures: serde_json::Value) -> anyhow::Result<()> {
+    use std::io::Write;
+    let path = &opts.results;
+    let commit = std::process::Command::new("git")
+        .args(["rev-parse", "--short", "HEAD"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .map(|c| c.trim().to_string());
+    figures["unix_time"] = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs().into();
+    figures["version"] = env!("CARGO_PKG_VERSION").into();
+    figures["commit"] = commit.into();
+    figures["commit_interval"] = opts.commit_interval.clone().into();
+    let mut f = std::fs::OpenOptions::new().create(true).append(true).open(path).map_err(|e| anyhow::anyhow!("opening {}: {e}", path.display()))?;
+    writeln!(f, "{figures}")?;
+    println!("figures appended to {}", path.display());
     Ok(())
 }
 

@@ -79,7 +79,7 @@ fn load(entries: u64) -> anyhow::Result<(f64, u64)> {
         secs = sum(&scrape(tally.addr)?, "tally_table_load_seconds");
     }
     tally.stop()?;
-    Ok((secs, peak_rss_kib().unwrap_or(0) / 1024))
+    Ok((secs, peak_rss_kib("self").unwrap_or(0) / 1024))
 }
 
 /// Gift payloads of S3, their rooms spread over `rooms` table entries when given.

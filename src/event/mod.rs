@@ -66,9 +66,7 @@ impl Value {
         match self {
             Value::Null => out.extend_from_slice(b"null"),
             Value::Bool(b) => out.extend_from_slice(if *b { b"true" } else { b"false" }),
-            Value::Int(i) => {
-                let _ = write!(out, "{i}");
-            }
+            Value::Int(i) => out.extend_from_slice(IntText::new(*i).as_bytes()),
             Value::Float(f) if f.fract() == 0.0 && f.abs() < 9.0e15 => {
                 let _ = write!(out, "{}", *f as i64);
             }
@@ -76,6 +74,16 @@ impl Value {
                 let _ = write!(out, "{f}");
             }
             Value::Str(s) | Value::Json(s) => out.extend_from_slice(s.as_bytes()),
+        }
+    }
+
+    /// Calls `f` with the canonical text, without allocating for text and integers (the
+    /// values sketches and top lists take on every record).
+    pub fn with_text<R>(&self, f: impl FnOnce(&[u8]) -> R) -> R {
+        match self {
+            Value::Str(s) | Value::Json(s) => f(s.as_bytes()),
+            Value::Int(i) => f(IntText::new(*i).as_bytes()),
+            other => f(other.to_text().as_bytes()),
         }
     }
 
@@ -98,6 +106,37 @@ impl Value {
     }
 }
 
+/// An integer's decimal text on the stack: `core::fmt` costs several times more per
+/// record than the digits themselves.
+struct IntText {
+    buf: [u8; 20],
+    start: usize,
+}
+
+impl IntText {
+    fn new(i: i64) -> IntText {
+        let mut t = IntText { buf: [0; 20], start: 20 };
+        let mut n = i.unsigned_abs();
+        loop {
+            t.start -= 1;
+            t.buf[t.start] = b'0' + (n % 10) as u8;
+            n /= 10;
+            if n == 0 {
+                break;
+            }
+        }
+        if i < 0 {
+            t.start -= 1;
+            t.buf[t.start] = b'-';
+        }
+        t
+    }
+
+    fn as_bytes(&self) -> &[u8] {
+        &self.buf[self.start..]
+    }
+}
+
 /// A decoded record: its event time (epoch milliseconds, UTC) and one value per slot.
 #[derive(Debug, Clone, Default)]
 pub struct Record {
@@ -105,6 +144,8 @@ pub struct Record {
     pub time_ms: i64,
     /// Field values, indexed by the slots of the [`Decoder`] that filled them.
     pub values: Vec<Value>,
+    /// The last text event time decoded into this record.
+    pub time_memo: time::TimeMemo,
 }
 
 /// Why a record could not be decoded. Each variant is a `reason` label in metrics and in the
@@ -254,7 +295,9 @@ pub struct TypedField {
 /// Top-level key → the slots whose path starts there. Looked up once per key of every
 /// record: with [`KeyHash`] rather than the default SipHash (on S1, SipHash was a tenth of
 /// the core's instructions).
-type KeySlots = HashMap<String, Vec<usize>, KeyHash>;
+/// The slots each top-level key feeds, by the key's bytes (the record was checked for UTF-8
+/// as a whole).
+type KeySlots = HashMap<Box<[u8]>, Vec<usize>, KeyHash>;
 
 /// Decodes JSON records of one source into [`Record`]s.
 #[derive(Debug, Clone)]
@@ -287,7 +330,7 @@ impl Decoder {
         let mut top = KeySlots::default();
         for (slot, path) in paths.iter().enumerate() {
             if let Some(first) = path.first() {
-                top.entry(first.clone()).or_default().push(slot);
+                top.entry(first.as_bytes().into()).or_default().push(slot);
             }
         }
         Decoder { paths, top, time, types }
@@ -298,7 +341,11 @@ impl Decoder {
     pub fn decode(&self, payload: &[u8], kafka_ts: Option<i64>, out: &mut Record) -> Result<(), DecodeError> {
         out.values.clear();
         out.values.resize(self.paths.len(), Value::Null);
-        let mut de = serde_json::Deserializer::from_slice(payload);
+        // JSON is UTF-8 throughout, the fields no metric reads included (a Flink JSON source
+        // fails such a record too). Checked once for the whole record, so the parser need not
+        // check each string it reads again.
+        let text = std::str::from_utf8(payload).map_err(|e| DecodeError::NotJson(e.to_string()))?;
+        let mut de = serde_json::Deserializer::from_str(text);
         match de.deserialize_any(RecordVisitor { decoder: self, out: &mut out.values }) {
             Ok(true) => {}
             Ok(false) => return Err(DecodeError::NotAnObject),
@@ -323,7 +370,7 @@ impl Decoder {
             }
         }
         out.time_ms = match &self.time {
-            Some(t) => t.extract(&out.values, &self.paths, kafka_ts)?,
+            Some(t) => t.extract_with(&out.values, &self.paths, kafka_ts, &mut out.time_memo)?,
             None => 0,
         };
         Ok(())
@@ -401,7 +448,7 @@ struct KeySeed<'a>(&'a KeySlots);
 impl<'de, 'a> DeserializeSeed<'de> for KeySeed<'a> {
     type Value = Option<&'a Vec<usize>>;
     fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
-        d.deserialize_str(self)
+        d.deserialize_bytes(self)
     }
 }
 
@@ -411,6 +458,9 @@ impl<'de, 'a> Visitor<'de> for KeySeed<'a> {
         f.write_str("an object key")
     }
     fn visit_str<E>(self, key: &str) -> Result<Self::Value, E> {
+        Ok(self.0.get(key.as_bytes()))
+    }
+    fn visit_bytes<E>(self, key: &[u8]) -> Result<Self::Value, E> {
         Ok(self.0.get(key))
     }
 }
@@ -481,6 +531,31 @@ mod tests {
     }
 
     #[test]
+    fn keys_match_by_their_unescaped_bytes() {
+        let mut r = Record::default();
+        decoder().decode(br#"{"\u0061":"hi","t":100}"#, None, &mut r).unwrap();
+        assert_eq!(r.values[0], Value::Str("hi".into()), "an escaped key is the key it spells");
+        for bad in [&b"{\"\xff\":1,\"a\":\"x\",\"t\":1}"[..], b"{\"z\":\"\xfe\",\"a\":\"x\",\"t\":1}", b"{\"a\":\"\xff\",\"t\":1}"] {
+            assert!(matches!(decoder().decode(bad, None, &mut r), Err(DecodeError::NotJson(_))), "JSON is UTF-8, in fields no metric reads too");
+        }
+    }
+
+    #[test]
+    fn a_repeated_text_time_is_read_again_only_when_it_changes() {
+        let dec = Decoder::new(vec![vec!["t".into()]], EventTime::text(0, "%Y-%m-%d %H:%M:%S", "Asia/Shanghai").unwrap(), vec![]);
+        let mut r = Record::default();
+        for (text, ms) in
+            [("2021-09-06 16:00:00", 1_630_915_200_000), ("2021-09-06 16:00:00", 1_630_915_200_000), ("2021-09-06 16:00:01", 1_630_915_201_000)]
+        {
+            dec.decode(format!(r#"{{"t":"{text}"}}"#).as_bytes(), None, &mut r).unwrap();
+            assert_eq!(r.time_ms, ms);
+        }
+        let utc = Decoder::new(vec![vec!["t".into()]], EventTime::text(0, "%Y-%m-%d %H:%M:%S", "UTC").unwrap(), vec![]);
+        utc.decode(br#"{"t":"2021-09-06 16:00:01"}"#, None, &mut r).unwrap();
+        assert_eq!(r.time_ms, 1_630_915_201_000 + 8 * 3_600_000, "the memo is the zone's too");
+    }
+
+    #[test]
     fn keeps_wanted_fields_including_nested_ones() {
         let mut r = Record::default();
         decoder().decode(br#"{"z":{"deep":[1,{"q":2}]},"a":"hi","n":{"x":1.5,"y":[1]},"t":100}"#, None, &mut r).unwrap();
@@ -539,6 +614,10 @@ mod tests {
     #[test]
     fn canonical_text_unifies_numbers_and_numeric_text() {
         assert_eq!(Value::Int(6).to_text(), "6");
+        for i in [0, -1, 9, 10, -10, 1234567890, i64::MAX, i64::MIN, i64::MIN + 1] {
+            assert_eq!(Value::Int(i).to_text(), format!("{i}"));
+            assert_eq!(Value::Int(i).with_text(|t| t.to_vec()), format!("{i}").into_bytes());
+        }
         assert_eq!(Value::Float(6.0).to_text(), "6");
         assert_eq!(Value::Float(6.5).to_text(), "6.5");
         assert_eq!(Value::Str("6".into()).to_text(), "6");

@@ -68,6 +68,13 @@ impl EventTime {
     /// `kafka_ts` (the record's Kafka timestamp) gives date parts their year if nothing else
     /// does.
     pub fn extract(&self, values: &[Value], paths: &[Vec<String>], kafka_ts: Option<i64>) -> Result<i64, DecodeError> {
+        self.extract_with(values, paths, kafka_ts, &mut TimeMemo::default())
+    }
+
+    /// [`EventTime::extract`], answering a text time equal to the last one `memo` read at
+    /// once: records of one second share their text, and parsing it and finding its zone's
+    /// offset were a tenth of the processing.
+    pub fn extract_with(&self, values: &[Value], paths: &[Vec<String>], kafka_ts: Option<i64>, memo: &mut TimeMemo) -> Result<i64, DecodeError> {
         let field = |slot: usize| paths[slot].join(".");
         let present = |slot: usize| match &values[slot] {
             Value::Null => Err(DecodeError::MissingTime(field(slot))),
@@ -95,8 +102,13 @@ impl EventTime {
                 let Value::Str(s) = v else {
                     return Err(bad(*slot, v, &format!("expected text in format `{format}`")));
                 };
+                if let Some(ms) = memo.get(s, format, tz) {
+                    return Ok(ms);
+                }
                 let local = parse_local(s, format).ok_or_else(|| bad(*slot, v, &format!("does not match format `{format}`")))?;
-                to_utc_ms(tz, local).ok_or_else(|| bad(*slot, v, "does not exist in that time zone"))
+                let ms = to_utc_ms(tz, local).ok_or_else(|| bad(*slot, v, "does not exist in that time zone"))?;
+                memo.set(s, format, tz, ms);
+                Ok(ms)
             }
             EventTime::Parts { slots, year, tz } => {
                 let mut parts = [0, 1, 1, 0, 0, 0];
@@ -134,6 +146,31 @@ impl EventTime {
 /// Parses an IANA zone name (`UTC`, `Asia/Shanghai`, ...).
 pub fn parse_tz(name: &str) -> Result<Tz, String> {
     name.parse::<Tz>().map_err(|_| format!("`{name}` is not an IANA time zone name (e.g. `UTC`, `Asia/Shanghai`)"))
+}
+
+/// The last text time read and what it was, kept by whoever decodes records one after
+/// another (a [`crate::event::Record`]).
+#[derive(Debug, Clone, Default)]
+pub struct TimeMemo {
+    text: String,
+    format: String,
+    tz: Option<Tz>,
+    ms: i64,
+}
+
+impl TimeMemo {
+    fn get(&self, text: &str, format: &str, tz: &Tz) -> Option<i64> {
+        (self.tz.as_ref() == Some(tz) && self.text == text && self.format == format).then_some(self.ms)
+    }
+
+    fn set(&mut self, text: &str, format: &str, tz: &Tz, ms: i64) {
+        self.text.clear();
+        self.text.push_str(text);
+        self.format.clear();
+        self.format.push_str(format);
+        self.tz = Some(*tz);
+        self.ms = ms;
+    }
 }
 
 fn parse_local(s: &str, format: &str) -> Option<NaiveDateTime> {

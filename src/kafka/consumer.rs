@@ -205,7 +205,9 @@ impl Shared {
         let started = Instant::now();
         match super::commit::commit_within(consumer, &tpl, COMMIT_TIMEOUT) {
             Ok(()) => {
-                self.metrics.commit_duration.observe(started.elapsed().as_secs_f64());
+                let took = started.elapsed().as_secs_f64();
+                self.metrics.commit_duration.observe(took);
+                self.metrics.work_seconds.with_label_values(&["commit"]).inc_by(took);
                 Membership::Confirmed
             }
             Err(e @ KafkaError::ConsumerCommit(code)) if fenced(code) => Membership::Expelled(e),
@@ -245,6 +247,12 @@ impl Shared {
             }
         }
         if only.is_none() {
+            // sled takes no write until reopened, but a flush with nothing to write would
+            // pass and release the hold: the `disk` fault stays until the restart.
+            if let Some(why) = self.faults.restart_needed() {
+                self.hold(consumer, Link::Disk, why);
+                return Ok(());
+            }
             // Before anything is written: the dirty cache waits whole for room.
             let room = self.tasks().store().ensure_room(self.topo.min_free_bytes);
             if let Err(e) = room {
@@ -258,6 +266,17 @@ impl Shared {
                 self.rewind(consumer)?;
                 self.hold(consumer, link, format!("{e:#}; rewound to the last durable flush"));
             }
+            Err(FlushFailure::Unwritable(e)) if only.is_none() => {
+                // Not rewound: rewinding reads the store, which may fail now too, and no
+                // flush is written until the restart, which resumes from the stored
+                // positions (the changelog took this flush before the store failed).
+                self.hold(consumer, Link::Disk, format!("{e:#}; held until a restart"));
+                self.ask_for_restart(&e);
+            }
+            Err(FlushFailure::Unwritable(e)) => {
+                self.ask_for_restart(&e);
+                return Err(e);
+            }
             Err(FlushFailure::Retry(_, e)) => return Err(e),
             Err(FlushFailure::Fatal(e)) => return Err(e),
         }
@@ -267,22 +286,29 @@ impl Shared {
         Ok(())
     }
 
+    /// Turns `/health` to 503. Called after the flush is held (or the `disk` fault raised),
+    /// so that whoever sees the restart asked for also sees the fault that says why.
+    fn ask_for_restart(&self, e: &anyhow::Error) {
+        // A revocation's flush holds nothing, so raises no fault of its own.
+        if !self.faults.failing(Link::Disk) {
+            self.faults.failed(Link::Disk, format!("{e:#}"));
+        }
+        self.faults.store_unwritable("a flush", e);
+    }
+
     /// Writes a flush: side outputs acknowledged, then changelog and store.
     fn write_flush(&self) -> Result<(), FlushFailure> {
         let started = Instant::now();
         self.side.flush(Duration::from_secs(30)).map_err(|e| FlushFailure::Retry(Link::Flush, e))?;
+        self.metrics.work_seconds.with_label_values(&["side_outputs"]).inc_by(started.elapsed().as_secs_f64());
         let mut tasks = self.tasks();
         self.advance_idle(&mut tasks);
         let mut producer = self.changelog.as_ref().map(|c| c.lock().unwrap_or_else(|p| p.into_inner()));
         let stats = match tasks.flush(producer.as_deref_mut().map(|p| p as &mut dyn ChangeSink)) {
             Ok(stats) => stats,
             Err(e @ crate::task::FlushError::Changelog(_)) => return Err(FlushFailure::Retry(Link::Flush, e.into())),
-            Err(crate::task::FlushError::Store(e)) if e.is_io() => {
-                if e.leaves_store_unwritable() {
-                    self.faults.needs_restart(format!("the state store failed a flush ({e}) and takes no write until it is reopened"));
-                }
-                return Err(FlushFailure::Retry(Link::Disk, e.into()));
-            }
+            Err(crate::task::FlushError::Store(e)) if e.leaves_store_unwritable() => return Err(FlushFailure::Unwritable(e.into())),
+            Err(crate::task::FlushError::Store(e)) if e.is_io() => return Err(FlushFailure::Retry(Link::Disk, e.into())),
             Err(e) => return Err(FlushFailure::Fatal(e.into())),
         };
         drop(producer);
@@ -291,6 +317,9 @@ impl Shared {
         self.metrics.state_writes.inc_by(stats.puts as u64);
         self.metrics.state_deletes.inc_by(stats.deletes as u64);
         self.metrics.cache_bytes.set(stats.cache_bytes as i64);
+        for (stage, took) in stats.stages.named() {
+            self.metrics.work_seconds.with_label_values(&[stage]).inc_by(took.as_secs_f64());
+        }
         for (source, n) in stats.changelog_records.iter().enumerate() {
             if *n > 0 {
                 self.metrics.changelog_records.with_label_values(&[&self.topo.sources[source].name]).inc_by(*n as u64);
@@ -363,7 +392,10 @@ impl Shared {
                 tracing::warn!(error = %e, "resuming the partitions of a held flush failed");
             }
         }
-        for link in Link::HOLDING_FLUSHES {
+        // A store that takes no write stays a `disk` fault until the restart, whatever
+        // flush (one with nothing to write) passed since.
+        let unwritable = self.faults.restart_needed().is_some();
+        for link in Link::HOLDING_FLUSHES.into_iter().filter(|l| !(unwritable && *l == Link::Disk)) {
             if let Some(f) = self.faults.recovered(link) {
                 tracing::info!(
                     link = link.label(),
@@ -630,6 +662,9 @@ enum Membership {
 enum FlushFailure {
     /// A broker or the disk did not take it: rewound, and tried again.
     Retry(Link, anyhow::Error),
+    /// The store took an I/O error after which it takes no write until reopened: held like
+    /// a disk fault, and a restart asked for.
+    Unwritable(anyhow::Error),
     /// Anything else: processing stops.
     Fatal(anyhow::Error),
 }
@@ -738,7 +773,11 @@ impl SourceConsumer {
                 ("auto.offset.reset", "earliest"),
                 ("partition.assignment.strategy", "cooperative-sticky"),
                 ("statistics.interval.ms", "1000"),
-                ("fetch.wait.max.ms", "100"),
+                // A broker answers a fetch when data arrives or after this wait, whichever is
+                // first; librdkafka's mock cluster always waits it out, which put 50 ms (p50)
+                // between produce and processed at 100 ms. 25 ms costs an idle replica 40
+                // empty fetches a second per broker.
+                ("fetch.wait.max.ms", "25"),
                 // librdkafka's default prefetch (100k messages) starves a consumer that
                 // processes faster than one fetch round trip refills it: measured 133k vs
                 // 490k events/s on S1 (`tally bench`).
@@ -785,8 +824,14 @@ impl SourceConsumer {
         let mut last_flush = Instant::now();
         let sources: HashMap<String, usize> = self.shared.topo.sources.iter().enumerate().map(|(i, s)| (s.topic.clone(), i)).collect();
         let mut local = Batch::new(&self.shared);
+        // One clock reading after each poll and one after each record: the time between
+        // them is the poll's or the record's, and the flush interval is judged by them too.
+        let mut mark = Instant::now();
         while !stop.load(Ordering::Relaxed) {
             let polled = self.consumer.poll(Duration::from_millis(20));
+            let polled_at = Instant::now();
+            local.polling += polled_at - mark;
+            mark = polled_at;
             // Checked after the poll, whose rebalance callbacks may have failed: a record of
             // a partition that could not be restored must not be processed.
             if let Some(e) = self.shared.fatal.lock().unwrap_or_else(|p| p.into_inner()).take() {
@@ -795,6 +840,7 @@ impl SourceConsumer {
             self.shared.resume_restored(&self.consumer)?;
             if self.shared.first_position_due.swap(false, Ordering::Relaxed) {
                 self.shared.flush_and_commit(&self.consumer, None)?;
+                mark = Instant::now();
             }
             match polled {
                 None => {}
@@ -810,13 +856,17 @@ impl SourceConsumer {
                 Some(Ok(msg)) => {
                     if let Some(&source) = sources.get(msg.topic()) {
                         self.handle(source, &msg, &mut local)?;
+                        let handled = Instant::now();
+                        local.processing_time += handled - mark;
+                        mark = handled;
                     }
                 }
             }
-            if last_flush.elapsed() >= interval {
+            if mark.duration_since(last_flush) >= interval {
                 local.publish(&self.shared);
                 self.shared.flush_and_commit(&self.consumer, None)?;
                 last_flush = Instant::now();
+                mark = last_flush;
             }
         }
         self.shared.owned.mark_stopping();
@@ -893,6 +943,9 @@ struct Batch {
     missing: Vec<Vec<u64>>,
     timestamps: Vec<i64>,
     processing: prometheus::local::LocalHistogram,
+    /// Time in `poll` (waiting for records included) and in processing them.
+    polling: Duration,
+    processing_time: Duration,
 }
 
 impl Batch {
@@ -908,6 +961,8 @@ impl Batch {
             missing: shared.topo.sources.iter().map(|s| vec![0; s.lookups.len()]).collect(),
             timestamps: Vec::new(),
             processing: shared.metrics.processing_latency.local(),
+            polling: Duration::ZERO,
+            processing_time: Duration::ZERO,
         }
     }
 
@@ -936,6 +991,9 @@ impl Batch {
             }
         }
         self.processing.flush();
+        for (activity, took) in [("poll", &mut self.polling), ("process", &mut self.processing_time)] {
+            shared.metrics.work_seconds.with_label_values(&[activity]).inc_by(std::mem::take(took).as_secs_f64());
+        }
         shared.pending.lock().unwrap_or_else(|p| p.into_inner()).append(&mut self.timestamps);
     }
 }

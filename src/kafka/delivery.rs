@@ -85,7 +85,9 @@ pub fn producer(kafka: &KafkaConfig, what: &str) -> anyhow::Result<BaseProducer<
         &[
             ("enable.idempotence", "true"),
             ("acks", "all"),
-            ("linger.ms", "2"),
+            // No linger: its users (a flush, the result view) send a batch and then wait for its
+            // acknowledgements, so a linger only delays them (flushes p50 26 against 35 ms at 20 k events/s).
+            ("linger.ms", "0"),
             ("batch.size", "1000000"),
             ("queue.buffering.max.messages", "1000000"),
             // 32 MiB, not librdkafka's 1 GiB: past it `send` waits for acknowledgements, so a

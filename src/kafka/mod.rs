@@ -27,6 +27,9 @@ use crate::config::KafkaConfig;
 pub fn client_config(kafka: &KafkaConfig, defaults: &[(&str, &str)]) -> ClientConfig {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", &kafka.bootstrap_servers);
+    // Nagle's algorithm holds a small request (a flush's position records, a commit) back
+    // until the previous one is acknowledged: tens of milliseconds a round trip.
+    c.set("socket.nagle.disable", "true");
     for (k, v) in defaults {
         c.set(*k, *v);
     }

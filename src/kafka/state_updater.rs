@@ -473,7 +473,7 @@ impl Worker {
     /// A store error that leaves sled unwritable asks for a restart (see [`Faults::needs_restart`]).
     fn note_store_error(&self, e: &anyhow::Error) {
         if e.downcast_ref::<StoreError>().is_some_and(StoreError::leaves_store_unwritable) {
-            self.faults.needs_restart(format!("the state store failed a restore's write ({e:#}) and takes no write until it is reopened"));
+            self.faults.store_unwritable("a restore's write", e);
         }
     }
 

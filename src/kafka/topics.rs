@@ -50,7 +50,10 @@ const WEEK_MS: &str = "604800000";
 ///
 /// Returns each source topic's partition count (`None`: the topic does not exist yet).
 pub async fn ensure(kafka: &KafkaConfig, topo: &Topology) -> anyhow::Result<Vec<Option<i32>>> {
-    let (admin, existing) = admin_and_topics(kafka)?;
+    // Reading the metadata blocks (up to its timeout when no broker answers): off the
+    // runtime's threads, so a caller waiting on something else too (a shutdown) is served.
+    let owned = kafka.clone();
+    let (admin, existing) = tokio::task::spawn_blocking(move || admin_and_topics(&owned)).await??;
 
     let mut wanted: Vec<(&InternalTopic, i32)> = Vec::new();
     let internal = topo.internal_topics();
