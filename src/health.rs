@@ -109,8 +109,13 @@ impl Faults {
         f.attempts
     }
 
-    /// Ends a fault's stretch; returns it, if there was one.
+    /// Ends a fault's stretch; returns it, if there was one. A store that takes no write
+    /// stays a `disk` fault until the restart, whatever flush (one with nothing to write)
+    /// passed since.
     pub fn recovered(&self, link: Link) -> Option<Fault> {
+        if link == Link::Disk && self.restart_needed().is_some() {
+            return None;
+        }
         let ended = self.lock().remove(&link);
         if let (Some(m), Some(_)) = (&self.metrics, &ended) {
             m.fault.with_label_values(&[link.label()]).set(0);
@@ -139,20 +144,20 @@ impl Faults {
         self.lock().is_empty()
     }
 
-    /// Records that only a restart mends the replica, and why (the first reason is kept).
-    pub fn needs_restart(&self, why: impl Into<String>) {
+    /// Records that a state store write (`what`: a flush, a restore's write) failed so that
+    /// sled takes no write until the store is reopened: a `disk` fault (unless one is
+    /// raised already) that lasts until the restart, then `/health` 503 with the reason (the
+    /// first is kept) — in that order, so a probe that sees the one sees the other.
+    pub fn store_unwritable(&self, what: &str, e: &dyn std::fmt::Display) {
+        let why = format!("the state store failed {what} ({e:#}) and takes no write until it is reopened");
+        if !self.failing(Link::Disk) {
+            self.failed(Link::Disk, why.clone());
+        }
         let mut restart = self.restart.lock().unwrap_or_else(|p| p.into_inner());
         if restart.is_none() {
-            let why = why.into();
             tracing::error!(%why, "only a restart mends this replica: /health answers 503 from now on");
             *restart = Some(why);
         }
-    }
-
-    /// [`Faults::needs_restart`] for a state store write (`what`: a flush, a restore's
-    /// write) that failed so that sled takes no write until the store is reopened.
-    pub fn store_unwritable(&self, what: &str, e: &dyn std::fmt::Display) {
-        self.needs_restart(format!("the state store failed {what} ({e:#}) and takes no write until it is reopened"));
     }
 
     /// Why only a restart mends the replica, if it has come to that.

@@ -4,17 +4,19 @@
 
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 
-use super::delivery::{self, DeliveryContext};
+use super::delivery::{self, DeliveryContext, Retries};
 
 use crate::changelog::{Change, ChangeSink, ChangelogError};
 use crate::config::KafkaConfig;
 use crate::topology::Topology;
 
 /// Writes flushes to the changelog topics (one per source, see
-/// [`Topology::changelog_topic`]). Idempotent, so a retried batch is not duplicated and
-/// records of a partition land in the order sent.
+/// [`Topology::changelog_topic`]). Idempotent and gapless ([`Retries::Gapless`]), so a
+/// retried batch is not duplicated, records of a partition land in the order sent, and one
+/// acknowledged means all before it landed.
 pub struct ChangelogProducer {
     producer: BaseProducer<DeliveryContext>,
+    kafka: KafkaConfig,
     topics: Vec<String>,
 }
 
@@ -22,7 +24,8 @@ impl ChangelogProducer {
     /// A producer to the changelog topics of `topo`.
     pub fn new(kafka: &KafkaConfig, topo: &Topology) -> anyhow::Result<ChangelogProducer> {
         Ok(ChangelogProducer {
-            producer: delivery::producer(kafka, "changelog")?,
+            producer: delivery::producer(kafka, "changelog", Retries::Gapless)?,
+            kafka: kafka.clone(),
             topics: (0..topo.sources.len()).map(|s| topo.changelog_topic(s)).collect(),
         })
     }
@@ -35,30 +38,36 @@ impl ChangelogProducer {
         delivery::send(&self.producer, rec).map_err(|e| ChangelogError(format!("producing to {}: {e}", self.topics[c.source])))
     }
 
-    fn await_acks(&self) -> Result<(), ChangelogError> {
-        delivery::await_acks(&self.producer).map_err(ChangelogError)
-    }
-}
-
-impl ChangeSink for ChangelogProducer {
-    fn write(&mut self, changes: &[Change], positions: &[Change]) -> Result<Vec<i64>, ChangelogError> {
-        // Changes first, acknowledged, then positions: a position record in the log means
-        // every change before it is there too.
+    /// Changes and positions in one round: each position record goes to its partition
+    /// after that partition's changes, and the producer is gapless, so a position record in
+    /// the log means every change before it is there too.
+    fn write_once(&mut self, changes: &[Change], positions: &[Change]) -> Result<Vec<i64>, ChangelogError> {
         let ctx = self.producer.context();
-        let batch = ctx.start_batch(0);
+        let batch = ctx.start_batch(positions.len());
         for c in changes {
             self.send(c, DeliveryContext::opaque(batch, 0))?;
         }
-        self.await_acks()?;
-        let batch = ctx.start_batch(positions.len());
         for (i, c) in positions.iter().enumerate() {
             self.send(c, DeliveryContext::opaque(batch, i + 1))?;
         }
-        self.await_acks()?;
+        delivery::await_acks(&self.producer).map_err(ChangelogError)?;
         let offsets = ctx.take_offsets();
         if offsets.contains(&-1) {
             return Err(ChangelogError("a position record was acknowledged without an offset".into()));
         }
         Ok(offsets)
+    }
+}
+
+impl ChangeSink for ChangelogProducer {
+    fn write(&mut self, changes: &[Change], positions: &[Change]) -> Result<Vec<i64>, ChangelogError> {
+        let written = self.write_once(changes, positions);
+        if written.is_err() {
+            // What the failed producer still holds must never land: it is purged as it is
+            // dropped, and the next flush gets a producer of its own (librdkafka retries a
+            // gapless producer's records until they are acknowledged).
+            self.producer = delivery::producer(&self.kafka, "changelog", Retries::Gapless).map_err(|e| ChangelogError(format!("{e:#}")))?;
+        }
+        written
     }
 }

@@ -247,8 +247,7 @@ impl Shared {
             }
         }
         if only.is_none() {
-            // sled takes no write until reopened, but a flush with nothing to write would
-            // pass and release the hold: the `disk` fault stays until the restart.
+            // sled takes no write until reopened: no flush is tried until the restart.
             if let Some(why) = self.faults.restart_needed() {
                 self.hold(consumer, Link::Disk, why);
                 return Ok(());
@@ -271,10 +270,10 @@ impl Shared {
                 // flush is written until the restart, which resumes from the stored
                 // positions (the changelog took this flush before the store failed).
                 self.hold(consumer, Link::Disk, format!("{e:#}; held until a restart"));
-                self.ask_for_restart(&e);
+                self.faults.store_unwritable("a flush", &e);
             }
             Err(FlushFailure::Unwritable(e)) => {
-                self.ask_for_restart(&e);
+                self.faults.store_unwritable("a flush", &e);
                 return Err(e);
             }
             Err(FlushFailure::Retry(_, e)) => return Err(e),
@@ -284,16 +283,6 @@ impl Shared {
             let _ = self.commit_flushed(consumer, only);
         }
         Ok(())
-    }
-
-    /// Turns `/health` to 503. Called after the flush is held (or the `disk` fault raised),
-    /// so that whoever sees the restart asked for also sees the fault that says why.
-    fn ask_for_restart(&self, e: &anyhow::Error) {
-        // A revocation's flush holds nothing, so raises no fault of its own.
-        if !self.faults.failing(Link::Disk) {
-            self.faults.failed(Link::Disk, format!("{e:#}"));
-        }
-        self.faults.store_unwritable("a flush", e);
     }
 
     /// Writes a flush: side outputs acknowledged, then changelog and store.
@@ -392,10 +381,7 @@ impl Shared {
                 tracing::warn!(error = %e, "resuming the partitions of a held flush failed");
             }
         }
-        // A store that takes no write stays a `disk` fault until the restart, whatever
-        // flush (one with nothing to write) passed since.
-        let unwritable = self.faults.restart_needed().is_some();
-        for link in Link::HOLDING_FLUSHES.into_iter().filter(|l| !(unwritable && *l == Link::Disk)) {
+        for link in Link::HOLDING_FLUSHES {
             if let Some(f) = self.faults.recovered(link) {
                 tracing::info!(
                     link = link.label(),
@@ -821,7 +807,7 @@ impl SourceConsumer {
         let topics: Vec<&str> = self.shared.topo.sources.iter().map(|s| s.topic.as_str()).collect();
         self.consumer.subscribe(&topics).map_err(|e| anyhow::anyhow!("subscribing to {topics:?}: {e}"))?;
         let interval = Duration::from_millis(self.shared.topo.commit_interval_ms);
-        let mut last_flush = Instant::now();
+        let mut next_flush = Instant::now() + interval;
         let sources: HashMap<String, usize> = self.shared.topo.sources.iter().enumerate().map(|(i, s)| (s.topic.clone(), i)).collect();
         let mut local = Batch::new(&self.shared);
         // One clock reading after each poll and one after each record: the time between
@@ -862,11 +848,16 @@ impl SourceConsumer {
                     }
                 }
             }
-            if mark.duration_since(last_flush) >= interval {
+            if mark >= next_flush {
                 local.publish(&self.shared);
                 self.shared.flush_and_commit(&self.consumer, None)?;
-                last_flush = Instant::now();
-                mark = last_flush;
+                let ended = Instant::now();
+                // Timed from the flush's start, as Kafka Streams times its commit interval:
+                // a flush's own duration does not add to how long records wait to become
+                // queryable. A quarter interval after its end is left for processing, so
+                // flushes longer than the interval are not back to back.
+                next_flush = (mark + interval).max(ended + interval / 4);
+                mark = ended;
             }
         }
         self.shared.owned.mark_stopping();

@@ -5,6 +5,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{DeliveryResult, Message};
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer, ProducerContext};
@@ -56,7 +58,16 @@ impl DeliveryContext {
     }
 }
 
-impl ClientContext for DeliveryContext {}
+impl ClientContext for DeliveryContext {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
+        // librdkafka warns that the gapless guarantee is experimental each time a producer
+        // is made with it; tally sets it on purpose (see [`Retries::Gapless`]).
+        if fac == "CONFWARN" && log_message.contains("enable.gapless.guarantee") {
+            return;
+        }
+        DefaultClientContext.log(level, fac, log_message)
+    }
+}
 
 impl ProducerContext for DeliveryContext {
     /// Batch and slot (see [`DeliveryContext::opaque`]).
@@ -77,10 +88,28 @@ impl ProducerContext for DeliveryContext {
     }
 }
 
+/// How a producer's records may fail.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Retries {
+    /// librdkafka gives up on a record after a while ([`BOUNDED_RETRIES`]).
+    Bounded,
+    /// librdkafka never gives up on a record, and any failure that could leave a gap in a
+    /// partition's records is fatal (`enable.gapless.guarantee`; a record's timeout is the
+    /// one failure that guarantee does not cover, hence none): a record acknowledged means
+    /// every record sent before it to its partition is in the log. A producer whose batch
+    /// failed or timed out must be dropped — which purges what it still holds, so that none
+    /// of it lands after the records of whoever writes those partitions next.
+    Gapless,
+}
+
+/// librdkafka never gives up on a record (its user does, after [`ACK_TIMEOUT`], and drops
+/// the producer), and never leaves a gap (see [`Retries::Gapless`]).
+const GAPLESS: [(&str, &str); 2] = [("message.timeout.ms", "0"), ("enable.gapless.guarantee", "true")];
+
 /// An idempotent producer with `acks=all`: a retried batch is not duplicated, and records
 /// of a partition land in the order sent.
-pub fn producer(kafka: &KafkaConfig, what: &str) -> anyhow::Result<BaseProducer<DeliveryContext>> {
-    super::client_config(
+pub fn producer(kafka: &KafkaConfig, what: &str, retries: Retries) -> anyhow::Result<BaseProducer<DeliveryContext>> {
+    let mut config = super::client_config(
         kafka,
         &[
             ("enable.idempotence", "true"),
@@ -97,17 +126,29 @@ pub fn producer(kafka: &KafkaConfig, what: &str) -> anyhow::Result<BaseProducer<
             BOUNDED_RETRIES[0],
             BOUNDED_RETRIES[1],
         ],
-    )
-    .create_with_context(DeliveryContext { offsets: Mutex::new(Vec::new()), batch: AtomicUsize::new(0), failure: Mutex::new(None) })
-    .map_err(|e| anyhow::anyhow!("creating the {what} producer: {e}"))
+    );
+    if retries == Retries::Gapless {
+        // Over the user's properties too: the durability argument rests on them.
+        for (k, v) in GAPLESS {
+            config.set(k, v);
+        }
+    }
+    config
+        .create_with_context(DeliveryContext { offsets: Mutex::new(Vec::new()), batch: AtomicUsize::new(0), failure: Mutex::new(None) })
+        .map_err(|e| anyhow::anyhow!("creating the {what} producer: {e}"))
 }
 
-/// Sends `rec`, waiting while the local queue is full.
+/// Sends `rec`, waiting while the local queue is full — at most [`ACK_TIMEOUT`]: a queue
+/// that does not drain has a broker behind it that does not answer.
 pub fn send(producer: &BaseProducer<DeliveryContext>, mut rec: BaseRecord<'_, [u8], [u8], usize>) -> Result<(), KafkaError> {
+    let mut deadline = None;
     loop {
         match producer.send(rec) {
             Ok(()) => return Ok(()),
-            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+            Err((e @ KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                if *deadline.get_or_insert_with(|| Instant::now() + ACK_TIMEOUT) <= Instant::now() {
+                    return Err(e);
+                }
                 rec = back;
                 producer.poll(Duration::from_millis(5));
             }

@@ -470,7 +470,7 @@ impl Worker {
         Ok(())
     }
 
-    /// A store error that leaves sled unwritable asks for a restart (see [`Faults::needs_restart`]).
+    /// A store error that leaves sled unwritable asks for a restart (see [`Faults::store_unwritable`]).
     fn note_store_error(&self, e: &anyhow::Error) {
         if e.downcast_ref::<StoreError>().is_some_and(StoreError::leaves_store_unwritable) {
             self.faults.store_unwritable("a restore's write", e);
