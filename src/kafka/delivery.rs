@@ -109,6 +109,12 @@ const GAPLESS: [(&str, &str); 2] = [("message.timeout.ms", "0"), ("enable.gaples
 /// An idempotent producer with `acks=all`: a retried batch is not duplicated, and records
 /// of a partition land in the order sent.
 pub fn producer(kafka: &KafkaConfig, what: &str, retries: Retries) -> anyhow::Result<BaseProducer<DeliveryContext>> {
+    producer_config(kafka, retries)
+        .create_with_context(DeliveryContext { offsets: Mutex::new(Vec::new()), batch: AtomicUsize::new(0), failure: Mutex::new(None) })
+        .map_err(|e| anyhow::anyhow!("creating the {what} producer: {e}"))
+}
+
+fn producer_config(kafka: &KafkaConfig, retries: Retries) -> rdkafka::ClientConfig {
     let mut config = super::client_config(
         kafka,
         &[
@@ -134,8 +140,6 @@ pub fn producer(kafka: &KafkaConfig, what: &str, retries: Retries) -> anyhow::Re
         }
     }
     config
-        .create_with_context(DeliveryContext { offsets: Mutex::new(Vec::new()), batch: AtomicUsize::new(0), failure: Mutex::new(None) })
-        .map_err(|e| anyhow::anyhow!("creating the {what} producer: {e}"))
 }
 
 /// Sends `rec`, waiting while the local queue is full — at most [`ACK_TIMEOUT`]: a queue
@@ -173,5 +177,26 @@ pub fn await_acks(producer: &BaseProducer<DeliveryContext>) -> Result<(), String
     match producer.context().failure.lock().unwrap_or_else(|p| p.into_inner()).take() {
         None => Ok(()),
         Some(e) => Err(format!("a record was not delivered: {e}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_gapless_producer_stays_gapless_whatever_the_users_properties() {
+        let properties = [("message.timeout.ms", "5000"), ("enable.gapless.guarantee", "false")].map(|(k, v)| (k.to_string(), v.to_string()));
+        let kafka = KafkaConfig {
+            bootstrap_servers: "127.0.0.1:9".into(),
+            application_id: "t".into(),
+            properties: properties.into_iter().collect(),
+            exit_on_broker_timeout: None,
+        };
+        let gapless = producer_config(&kafka, Retries::Gapless);
+        assert_eq!(gapless.get("message.timeout.ms"), Some("0"));
+        assert_eq!(gapless.get("enable.gapless.guarantee"), Some("true"));
+        let bounded = producer_config(&kafka, Retries::Bounded);
+        assert_eq!(bounded.get("message.timeout.ms"), Some("5000"), "elsewhere the user's properties win");
     }
 }
