@@ -121,9 +121,12 @@ fn a_30_second_broker_outage_mid_stream() {
     mock.broker_down(1).unwrap();
     let down = Instant::now();
     let (mut seen, mut stale) = (std::collections::BTreeSet::new(), false);
-    // At least 30 s, and until a flush has failed: one that was awaiting the changelog's
-    // acknowledgements when the broker went down fails only after their 30 s timeout.
-    while down.elapsed() < Duration::from_secs(30) || (!seen.contains("flush") && down.elapsed() < Duration::from_secs(75)) {
+    // At least 30 s, and until both faults were seen: a flush that was awaiting the
+    // changelog's acknowledgements when the broker went down fails only after their 30 s
+    // timeout, and the consumer thread reads the broker's state (librdkafka's statistics,
+    // each second) only once that flush has ended.
+    let both_seen = |seen: &std::collections::BTreeSet<String>| seen.contains("flush") && seen.contains("brokers");
+    while down.elapsed() < Duration::from_secs(30) || (!both_seen(&seen) && down.elapsed() < Duration::from_secs(75)) {
         // Answered from local state all along, as of the last flush.
         let (status, body) = http_get_raw(tally.addr, PROBE);
         assert_eq!(status, 200, "a query during the outage: {body}");
