@@ -288,7 +288,7 @@ fn failover(cluster: &mut Cluster, opts: &BenchOptions) -> anyhow::Result<()> {
 /// Until `until`: a record produced to one of `parts` in turn, and the time until `addr`
 /// answers with that partition past it. Sorted.
 fn probes(kafka: &crate::config::KafkaConfig, topic: &str, addr: std::net::SocketAddr, parts: &[i32], until: Instant) -> anyhow::Result<Vec<f64>> {
-    let producer = crate::kafka::delivery::producer(kafka, "probe", crate::kafka::delivery::Retries::Bounded)?;
+    let producer = crate::kafka::delivery::producer(kafka, "probe", crate::kafka::delivery::Retries::Bounded, None)?;
     let mut lat = Vec::new();
     let mut i = 0;
     while Instant::now() < until && !parts.is_empty() {

@@ -2,12 +2,15 @@
 //! standbys) is [`super::state_updater`]; the record format and the restore plan are in
 //! [`crate::changelog`].
 
+use std::sync::Arc;
+
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 
 use super::delivery::{self, DeliveryContext, Retries};
 
 use crate::changelog::{Change, ChangeSink, ChangelogError};
 use crate::config::KafkaConfig;
+use crate::health::Faults;
 use crate::topology::Topology;
 
 /// Writes flushes to the changelog topics (one per source, see
@@ -17,15 +20,18 @@ use crate::topology::Topology;
 pub struct ChangelogProducer {
     producer: BaseProducer<DeliveryContext>,
     kafka: KafkaConfig,
+    faults: Arc<Faults>,
     topics: Vec<String>,
 }
 
 impl ChangelogProducer {
-    /// A producer to the changelog topics of `topo`.
-    pub fn new(kafka: &KafkaConfig, topo: &Topology) -> anyhow::Result<ChangelogProducer> {
+    /// A producer to the changelog topics of `topo`; `faults` hears of its broker
+    /// connections all going down.
+    pub fn new(kafka: &KafkaConfig, topo: &Topology, faults: Arc<Faults>) -> anyhow::Result<ChangelogProducer> {
         Ok(ChangelogProducer {
-            producer: delivery::producer(kafka, "changelog", Retries::Gapless)?,
+            producer: delivery::producer(kafka, "changelog", Retries::Gapless, Some(Arc::clone(&faults)))?,
             kafka: kafka.clone(),
+            faults,
             topics: (0..topo.sources.len()).map(|s| topo.changelog_topic(s)).collect(),
         })
     }
@@ -66,7 +72,8 @@ impl ChangeSink for ChangelogProducer {
             // What the failed producer still holds must never land: it is purged as it is
             // dropped, and the next flush gets a producer of its own (librdkafka retries a
             // gapless producer's records until they are acknowledged).
-            self.producer = delivery::producer(&self.kafka, "changelog", Retries::Gapless).map_err(|e| ChangelogError(format!("{e:#}")))?;
+            self.producer = delivery::producer(&self.kafka, "changelog", Retries::Gapless, Some(Arc::clone(&self.faults)))
+                .map_err(|e| ChangelogError(format!("{e:#}")))?;
         }
         written
     }

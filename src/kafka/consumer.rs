@@ -720,7 +720,7 @@ impl SourceConsumer {
         results_dir: Option<PathBuf>,
     ) -> anyhow::Result<SourceConsumer> {
         let topo = Arc::clone(tasks.topology());
-        let changelog = if topo.changelog { Some(Mutex::new(ChangelogProducer::new(kafka, &topo)?)) } else { None };
+        let changelog = if topo.changelog { Some(Mutex::new(ChangelogProducer::new(kafka, &topo, Arc::clone(&faults))?)) } else { None };
         let updater = if topo.changelog {
             Some(StateUpdater::start(kafka, Arc::clone(&topo), tasks.store().clone(), Arc::clone(&owned), metrics.clone(), Arc::clone(&faults))?)
         } else {

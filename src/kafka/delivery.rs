@@ -2,7 +2,7 @@
 //! a batch and must know it is durable (or failed) before going on.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rdkafka::client::DefaultClientContext;
@@ -13,6 +13,7 @@ use rdkafka::producer::{BaseProducer, BaseRecord, Producer, ProducerContext};
 use rdkafka::ClientContext;
 
 use crate::config::KafkaConfig;
+use crate::health::{Faults, Link};
 
 /// How long a batch waits for its acknowledgements before failing.
 const ACK_TIMEOUT: Duration = Duration::from_secs(30);
@@ -36,6 +37,10 @@ pub struct DeliveryContext {
     /// offset is not taken for this batch's.
     batch: AtomicUsize,
     failure: Mutex<Option<String>>,
+    /// Told when every broker connection of this producer is down: a flush waiting for the
+    /// changelog's acknowledgements keeps the consumer thread, which reads the brokers'
+    /// state from its statistics, from seeing it until the flush fails.
+    faults: Option<Arc<Faults>>,
 }
 
 impl DeliveryContext {
@@ -66,6 +71,15 @@ impl ClientContext for DeliveryContext {
             return;
         }
         DefaultClientContext.log(level, fac, log_message)
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        if let (Some(faults), KafkaError::Global(RDKafkaErrorCode::AllBrokersDown)) = (&self.faults, &error) {
+            if !faults.failing(Link::Brokers) {
+                faults.failed(Link::Brokers, format!("no broker connection of the changelog's producer is up ({reason})"));
+            }
+        }
+        DefaultClientContext.error(error, reason)
     }
 }
 
@@ -108,9 +122,10 @@ const GAPLESS: [(&str, &str); 2] = [("message.timeout.ms", "0"), ("enable.gaples
 
 /// An idempotent producer with `acks=all`: a retried batch is not duplicated, and records
 /// of a partition land in the order sent.
-pub fn producer(kafka: &KafkaConfig, what: &str, retries: Retries) -> anyhow::Result<BaseProducer<DeliveryContext>> {
+/// `faults`, when given, hears of every broker connection going down.
+pub fn producer(kafka: &KafkaConfig, what: &str, retries: Retries, faults: Option<Arc<Faults>>) -> anyhow::Result<BaseProducer<DeliveryContext>> {
     producer_config(kafka, retries)
-        .create_with_context(DeliveryContext { offsets: Mutex::new(Vec::new()), batch: AtomicUsize::new(0), failure: Mutex::new(None) })
+        .create_with_context(DeliveryContext { offsets: Mutex::new(Vec::new()), batch: AtomicUsize::new(0), failure: Mutex::new(None), faults })
         .map_err(|e| anyhow::anyhow!("creating the {what} producer: {e}"))
 }
 

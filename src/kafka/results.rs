@@ -118,7 +118,7 @@ fn emit(kafka: &KafkaConfig, topo: &Arc<Topology>, dir: &std::path::Path, metric
         }
     }
     consumer.assign(&tpl)?;
-    let producer = delivery::producer(kafka, "result", delivery::Retries::Bounded)?;
+    let producer = delivery::producer(kafka, "result", delivery::Retries::Bounded, None)?;
     let mut view = ResultView::open(Arc::clone(topo), dir, &partitions)?;
     let interval = Duration::from_millis(topo.commit_interval_ms);
     let started = Instant::now();
