@@ -47,8 +47,9 @@ pub struct ChangelogError(pub String);
 
 /// Where a flush writes its changes before the local store.
 pub trait ChangeSink {
-    /// Makes `changes` durable, then `positions` (one per partition, each after that
-    /// partition's changes), and returns the offset each position record got, in order.
+    /// Makes `changes` and `positions` (one per partition) durable — a position never
+    /// without its partition's changes before it — and returns the offset each position
+    /// record got, in order.
     fn write(&mut self, changes: &[Change], positions: &[Change]) -> Result<Vec<i64>, ChangelogError>;
 }
 
