@@ -117,8 +117,10 @@ pub enum Retries {
 }
 
 /// librdkafka never gives up on a record (its user does, after [`ACK_TIMEOUT`], and drops
-/// the producer), and never leaves a gap (see [`Retries::Gapless`]).
-const GAPLESS: [(&str, &str); 2] = [("message.timeout.ms", "0"), ("enable.gapless.guarantee", "true")];
+/// the producer) and never leaves a gap (see [`Retries::Gapless`]); idempotent with
+/// `acks=all`, which the guarantee needs.
+const GAPLESS: [(&str, &str); 4] =
+    [("message.timeout.ms", "0"), ("enable.gapless.guarantee", "true"), ("enable.idempotence", "true"), ("acks", "all")];
 
 /// An idempotent producer with `acks=all`: a retried batch is not duplicated, and records
 /// of a partition land in the order sent.
@@ -149,7 +151,9 @@ fn producer_config(kafka: &KafkaConfig, retries: Retries) -> rdkafka::ClientConf
         ],
     );
     if retries == Retries::Gapless {
-        // Over the user's properties too: the durability argument rests on them.
+        // Over the user's properties too: the durability argument rests on them. The
+        // aliases would be applied in no set order with their properties.
+        config.remove("delivery.timeout.ms").remove("request.required.acks");
         for (k, v) in GAPLESS {
             config.set(k, v);
         }
@@ -201,7 +205,14 @@ mod tests {
 
     #[test]
     fn a_gapless_producer_stays_gapless_whatever_the_users_properties() {
-        let properties = [("message.timeout.ms", "5000"), ("enable.gapless.guarantee", "false")].map(|(k, v)| (k.to_string(), v.to_string()));
+        let properties = [
+            ("message.timeout.ms", "5000"),
+            ("delivery.timeout.ms", "5000"),
+            ("enable.gapless.guarantee", "false"),
+            ("enable.idempotence", "false"),
+            ("request.required.acks", "1"),
+        ]
+        .map(|(k, v)| (k.to_string(), v.to_string()));
         let kafka = KafkaConfig {
             bootstrap_servers: "127.0.0.1:9".into(),
             application_id: "t".into(),
@@ -211,6 +222,11 @@ mod tests {
         let gapless = producer_config(&kafka, Retries::Gapless);
         assert_eq!(gapless.get("message.timeout.ms"), Some("0"));
         assert_eq!(gapless.get("enable.gapless.guarantee"), Some("true"));
+        assert_eq!(gapless.get("enable.idempotence"), Some("true"));
+        assert_eq!(gapless.get("acks"), Some("all"));
+        for alias in ["delivery.timeout.ms", "request.required.acks"] {
+            assert_eq!(gapless.get(alias), None, "an alias is not left to override its property");
+        }
         let bounded = producer_config(&kafka, Retries::Bounded);
         assert_eq!(bounded.get("message.timeout.ms"), Some("5000"), "elsewhere the user's properties win");
     }
