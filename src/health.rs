@@ -53,6 +53,9 @@ pub struct Fault {
 }
 
 impl Link {
+    /// Every link, each with its metrics from the start.
+    pub const ALL: [Link; 4] = [Link::Brokers, Link::Flush, Link::Disk, Link::Restore];
+
     /// The links whose faults hold flushes (answers are then stale).
     pub const HOLDING_FLUSHES: [Link; 2] = [Link::Flush, Link::Disk];
 
@@ -84,7 +87,7 @@ impl Faults {
     /// No faults yet; reported in `metrics`, when given.
     pub fn new(metrics: Option<Metrics>) -> Faults {
         if let Some(m) = &metrics {
-            for link in [Link::Brokers, Link::Flush, Link::Disk, Link::Restore] {
+            for link in Link::ALL {
                 m.fault.with_label_values(&[link.label()]).set(0);
                 m.fault_attempts.with_label_values(&[link.label()]);
             }

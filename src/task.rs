@@ -630,13 +630,8 @@ impl TaskSet {
             None => {
                 let current_only = rebuilding || (!self.fresh.is_empty() && self.fresh.contains(&(mi, partition)));
                 let stored = match self.stored_up_to.get(mi, partition) {
-                    Some(newest) if slice <= newest => {
-                        if current_only {
-                            self.store.get_current(m, &self.key)
-                        } else {
-                            self.store.get(m, &self.key)
-                        }
-                    }
+                    Some(newest) if slice <= newest && current_only => self.store.get_current(m, &self.key),
+                    Some(newest) if slice <= newest => self.store.get(m, &self.key),
                     _ => Ok(None),
                 };
                 let value = match stored {
