@@ -72,8 +72,13 @@ impl ChangeSink for ChangelogProducer {
             // What the failed producer still holds must never land: it is purged as it is
             // dropped, and the next flush gets a producer of its own (librdkafka retries a
             // gapless producer's records until they are acknowledged).
-            self.producer = delivery::producer(&self.kafka, "changelog", Retries::Gapless, Some(Arc::clone(&self.faults)))
+            let fresh = delivery::producer(&self.kafka, "changelog", Retries::Gapless, Some(Arc::clone(&self.faults)))
                 .map_err(|e| ChangelogError(format!("{e:#}")))?;
+            let failed = std::mem::replace(&mut self.producer, fresh);
+            // Dropping it purges at once, then waits for its threads to end, which can take
+            // as long as a broker that does not answer: not on the consumer thread (found by
+            // CI: a flush in flight when the broker went down held no fault for 75 s).
+            std::thread::spawn(move || drop(failed));
         }
         written
     }
