@@ -123,7 +123,8 @@ fn a_30_second_broker_outage_mid_stream() {
     let (mut seen, mut stale) = (std::collections::BTreeSet::new(), false);
     // At least 30 s, and until both faults were seen: a flush that was awaiting the
     // changelog's acknowledgements when the broker went down fails only after their 30 s
-    // timeout, and a revocation's flush meanwhile (the group lost) can wait as long again.
+    // timeout. 120 s, not 75: once in four fresh-clone CI runs the flush fault came later
+    // than 75 s (cause not found yet; the brokers fault was shown).
     let both_seen = |seen: &std::collections::BTreeSet<String>| seen.contains("flush") && seen.contains("brokers");
     while down.elapsed() < Duration::from_secs(30) || (!both_seen(&seen) && down.elapsed() < Duration::from_secs(120)) {
         // Answered from local state all along, as of the last flush.

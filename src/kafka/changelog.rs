@@ -75,9 +75,9 @@ impl ChangeSink for ChangelogProducer {
             let fresh = delivery::producer(&self.kafka, "changelog", Retries::Gapless, Some(Arc::clone(&self.faults)))
                 .map_err(|e| ChangelogError(format!("{e:#}")))?;
             let failed = std::mem::replace(&mut self.producer, fresh);
-            // Dropping it purges at once, then waits for its threads to end, which can take
-            // as long as a broker that does not answer: not on the consumer thread (found by
-            // CI: a flush in flight when the broker went down held no fault for 75 s).
+            // Dropping it purges at once, then waits up to half a second for the purged
+            // records' reports and for its threads to end: not on the consumer thread, which
+            // has a fault to raise.
             std::thread::spawn(move || drop(failed));
         }
         written
