@@ -47,10 +47,15 @@ pub struct ChangelogError(pub String);
 
 /// Where a flush writes its changes before the local store.
 pub trait ChangeSink {
-    /// Makes `changes` and `positions` (one per partition) durable — a position never
-    /// without its partition's changes before it — and returns the offset each position
-    /// record got, in order.
-    fn write(&mut self, changes: &[Change], positions: &[Change]) -> Result<Vec<i64>, ChangelogError>;
+    /// Sends `changes` and `positions` (one per partition) — a position never durable
+    /// without its partition's changes before it. Durable once [`ChangeSink::acknowledged`]
+    /// says so.
+    fn send(&mut self, changes: &[Change], positions: &[Change]) -> Result<(), ChangelogError>;
+
+    /// Waits at most `wait` for everything sent to be acknowledged: then the offset each
+    /// position record got, in order; `None` while some records are in flight. An error once
+    /// a record failed or waited too long: the flush is lost, and the sink ready for the next.
+    fn acknowledged(&mut self, wait: std::time::Duration) -> Result<Option<Vec<i64>>, ChangelogError>;
 }
 
 /// Where a partition's restore starts.

@@ -501,20 +501,24 @@ mod tests {
     type Rows = BTreeMap<(i64, String), (i64, i64, i64)>;
 
     /// Two partitions' changelogs as lists, as the broker would keep them (no compaction).
+    /// And the offsets of the last flush's position records, acknowledged at once.
     #[derive(Default)]
-    struct Log(Vec<Vec<Record>>);
+    struct Log(Vec<Vec<Record>>, Vec<i64>);
 
     impl ChangeSink for Log {
-        fn write(&mut self, changes: &[Change], positions: &[Change]) -> Result<Vec<i64>, ChangelogError> {
-            let mut offsets = Vec::new();
+        fn send(&mut self, changes: &[Change], positions: &[Change]) -> Result<(), ChangelogError> {
             for (i, c) in changes.iter().chain(positions).enumerate() {
                 let log = &mut self.0[c.partition as usize];
                 log.push((c.key.clone(), c.value.clone()));
                 if i >= changes.len() {
-                    offsets.push(log.len() as i64 - 1);
+                    self.1.push(log.len() as i64 - 1);
                 }
             }
-            Ok(offsets)
+            Ok(())
+        }
+
+        fn acknowledged(&mut self, _: std::time::Duration) -> Result<Option<Vec<i64>>, ChangelogError> {
+            Ok(Some(std::mem::take(&mut self.1)))
         }
     }
 
@@ -598,7 +602,7 @@ mod tests {
         let mut tasks = TaskSet::new(Arc::clone(&topo), Store::open(&dir.path().join("state")).unwrap());
         tasks.assign(0, 0).unwrap();
         tasks.assign(0, 1).unwrap();
-        let mut log = Log(vec![Vec::new(), Vec::new()]);
+        let mut log = Log(vec![Vec::new(), Vec::new()], Vec::new());
         let mut offsets = [0i64; 2];
         let mut send = |tasks: &mut TaskSet, p: i32, ts: i64| {
             tasks.process(0, p, offsets[p as usize], None, format!(r#"{{"ts":{ts}}}"#).as_bytes()).unwrap();
@@ -650,7 +654,7 @@ mod tests {
         let mut tasks = TaskSet::new(Arc::clone(&topo), Store::open(&dir.path().join("state")).unwrap());
         tasks.assign(0, 0).unwrap();
         tasks.assign(0, 1).unwrap();
-        let mut log = Log(vec![Vec::new(), Vec::new()]);
+        let mut log = Log(vec![Vec::new(), Vec::new()], Vec::new());
         let mut view = ResultView::open(Arc::clone(&topo), &dir.path().join("view"), &[2]).unwrap();
         let (mut next, mut read) = ([0i64; 2], [0usize; 2]);
         let mut sent: Vec<Json> = Vec::new();

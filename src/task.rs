@@ -216,7 +216,8 @@ pub struct FlushStages {
     pub expiry: std::time::Duration,
     /// Sealing the dirty aggregates into their stored encoding.
     pub seal: std::time::Duration,
-    /// Writing to the changelog and waiting for its acknowledgements.
+    /// Sending to the changelog; in [`TaskSet::flush`], also waiting for its
+    /// acknowledgements (a pipelined flush waits while processing goes on).
     pub changelog: std::time::Duration,
     /// Applying the write batch to the store.
     pub write: std::time::Duration,
@@ -692,36 +693,83 @@ impl TaskSet {
     }
 
     /// Writes dirty aggregates, positions and expiry deletions — first to `changelog` when
-    /// there is one, then to the store in one atomic batch, fsynced. Entries are marked
-    /// clean only once both succeeded, so a failed flush is retried whole by the next one.
+    /// there is one, then to the store in one atomic batch, fsynced: [`TaskSet::seal`], the
+    /// changelog's acknowledgements, then [`TaskSet::complete`].
+    pub fn flush(&mut self, changelog: Option<&mut dyn ChangeSink>) -> Result<FlushStats, FlushError> {
+        let Some(sink) = changelog else {
+            let sealed = self.seal(None)?;
+            return self.complete(sealed, Vec::new());
+        };
+        let sealed = self.seal(Some(&mut *sink))?;
+        let waited = std::time::Instant::now();
+        let offsets = loop {
+            if let Some(offsets) = sink.acknowledged(std::time::Duration::from_millis(1))? {
+                break offsets;
+            }
+        };
+        let waited = waited.elapsed();
+        let mut stats = self.complete(sealed, offsets)?;
+        stats.stages.changelog += waited;
+        Ok(stats)
+    }
+
+    /// Decides a flush and sends it to `changelog`: dirty aggregates, positions and expiry
+    /// deletions. From here on the cache holds only what changed since, and processing may
+    /// go on; the store takes the flush in [`TaskSet::complete`], once the changelog has
+    /// acknowledged it. Until then nothing may evict a sealed entry (the store does not hold
+    /// it yet) or revoke a partition. A flush that fails after its seal is undone by reading
+    /// every partition back from the store (revoke and assign): its entries were marked clean.
     ///
     /// Expiry acts on the watermark of the previous flush, not the current one: a crash
     /// after this flush's changelog records but before its position record resumes from
     /// the previous position, and every record replayed from there is late for any slice
     /// expired at that position's watermark — so no replayed record can revive a slice
     /// whose deletion is already in the changelog.
-    pub fn flush(&mut self, changelog: Option<&mut dyn ChangeSink>) -> Result<FlushStats, FlushError> {
-        let topo = Arc::clone(&self.topo);
-        let mut stages = FlushStages::default();
+    pub fn seal(&mut self, changelog: Option<&mut dyn ChangeSink>) -> Result<SealedFlush, FlushError> {
         let mut clock = std::time::Instant::now();
+        let mut stages = FlushStages::default();
         let mut lap = |stage: &mut std::time::Duration| {
             let now = std::time::Instant::now();
             *stage += now - clock;
             clock = now;
         };
-        let mut batch = WriteBatch::default();
-        let mut changes = Vec::new();
         let logged = changelog.is_some();
+        let mut sealed = SealedFlush::default();
         let mut touched: HashSet<(usize, i32)> = HashSet::new();
         // Before this flush's writes, which replace some of them.
-        for (source, partition, k) in &self.pending_deletes {
-            batch.delete(k);
+        for (source, partition, k) in std::mem::take(&mut self.pending_deletes) {
+            sealed.batch.delete(&k);
+            touched.insert((source, partition));
             if logged {
-                changes.push(Change { source: *source, partition: *partition, key: k.clone(), value: None });
+                sealed.changes.push(Change { source, partition, key: k, value: None });
             }
-            touched.insert((*source, *partition));
         }
-        let mut expired_before: HashMap<(usize, i32), i64> = HashMap::new();
+        self.seal_expiry(&mut sealed, &mut touched, logged)?;
+        lap(&mut stages.expiry);
+        self.seal_cache(&mut sealed, logged);
+        self.seal_positions(&mut sealed, &touched);
+        lap(&mut stages.seal);
+        if let Some(sink) = changelog {
+            let positions = self.position_records(&sealed.metas);
+            sink.send(&sealed.changes, &positions)?;
+            lap(&mut stages.changelog);
+        }
+        sealed.stats.changelog_records = vec![0; self.topo.sources.len()];
+        if logged {
+            for source in sealed.changes.iter().map(|c| c.source).chain(sealed.metas.iter().map(|m| m.0)) {
+                sealed.stats.changelog_records[source] += 1;
+            }
+        }
+        sealed.changes = Vec::new();
+        sealed.fresh = self.fresh.clone();
+        sealed.stats.stages = stages;
+        Ok(sealed)
+    }
+
+    /// The expired slices' stored keys, deleted (and logged); their partitions' positions
+    /// record the moved horizons.
+    fn seal_expiry(&mut self, sealed: &mut SealedFlush, touched: &mut HashSet<(usize, i32)>, logged: bool) -> Result<(), StoreError> {
+        let topo = Arc::clone(&self.topo);
         for (&(source, partition), task) in &self.tasks {
             if task.flushed_watermark == NO_WATERMARK {
                 continue;
@@ -730,9 +778,9 @@ impl TaskSet {
                 let m = &topo.metrics[mi];
                 if let Some(before) = m.window.expired_before(task.flushed_watermark, m.retention_ms) {
                     for k in self.store.keys_before(&m.name, partition, before)? {
-                        batch.delete(&k);
+                        sealed.batch.delete(&k);
                         if logged {
-                            changes.push(Change { source, partition, key: k.to_vec(), value: None });
+                            sealed.changes.push(Change { source, partition, key: k.to_vec(), value: None });
                         }
                     }
                     // The position records the horizon: a moved one is written even when
@@ -740,111 +788,161 @@ impl TaskSet {
                     if self.horizons.get(mi, partition).is_none_or(|h| before > h) {
                         touched.insert((source, partition));
                     }
-                    expired_before.insert((mi, partition), before);
+                    sealed.expired_before.insert((mi, partition), before);
                 }
             }
         }
-        lap(&mut stages.expiry);
+        Ok(())
+    }
+
+    /// The dirty entries, sealed into the batch (and logged) and marked clean; expired
+    /// entries leave the cache (their stored copies are deleted by the expiry).
+    fn seal_cache(&mut self, sealed: &mut SealedFlush, logged: bool) {
+        let topo = &self.topo;
+        let expired_before = &sealed.expired_before;
         let expired = |e: &CacheEntry| expired_before.get(&(e.metric, e.partition)).is_some_and(|b| e.slice < *b);
         let mut cache_bytes = 0;
-        for (k, e) in &mut self.cache {
+        self.cache.retain(|k, e| {
             if expired(e) {
-                // Stored copies are deleted above (and logged there); an entry that never
-                // reached the store needs no tombstone.
-                batch.delete(k);
-                continue;
+                // An entry that never reached the store needs no tombstone; deleting it
+                // again costs nothing.
+                sealed.batch.delete(k);
+                return false;
             }
             if e.dirty {
                 self.stored_up_to.raise(e.metric, e.partition, e.slice);
                 let bytes = topo.metrics[e.metric].layout.seal(&e.value);
                 e.bytes = entry_bytes(k, &bytes);
-                batch.put_encoded(k, &bytes);
+                e.dirty = false;
+                sealed.batch.put_encoded(k, &bytes);
                 if logged {
-                    let source = topo.metrics[e.metric].source;
-                    changes.push(Change { source, partition: e.partition, key: k.clone(), value: Some(bytes) });
+                    sealed.changes.push(Change { source: topo.metrics[e.metric].source, partition: e.partition, key: k.clone(), value: Some(bytes) });
                 }
             }
             cache_bytes += e.bytes;
-        }
+            true
+        });
+        sealed.stats.cache_bytes = cache_bytes;
+    }
+
+    /// The positions of the partitions that moved, and each partition's next offset; the
+    /// tasks take this flush's watermark (for the next expiry) and pins.
+    fn seal_positions(&mut self, sealed: &mut SealedFlush, touched: &HashSet<(usize, i32)>) {
         // The pin each partition's next records join as of: the tables' position now, except
-        // while a torn flush's records are replayed. Adopted once this flush is durable.
+        // while a torn flush's records are replayed.
         let now = self.tables.position();
-        let mut pins: HashMap<(usize, i32), Arc<Positions>> = HashMap::new();
-        let mut metas = Vec::new();
-        for (&(source, partition), task) in &self.tasks {
-            let pin = if task.next_offset >= task.replay_until { &now } else { &task.pin };
-            let moved = !topo.tables.is_empty() && *pin != task.pin;
+        let topo = Arc::clone(&self.topo);
+        let keys: Vec<(usize, i32)> = self.tasks.keys().copied().collect();
+        for (source, partition) in keys {
+            let Some(task) = self.tasks.get(&(source, partition)) else { continue };
+            let pin = if task.next_offset >= task.replay_until { Arc::clone(&now) } else { Arc::clone(&task.pin) };
+            let moved = !topo.tables.is_empty() && pin != task.pin;
             if task.dirty || moved || touched.contains(&(source, partition)) {
                 let meta = PartitionMeta {
                     next_offset: task.next_offset,
                     watermark: task.watermark,
                     max_event_time: task.max_event_time,
                     changelog_offset: None,
-                    pin: named_pin(&topo, pin),
+                    pin: named_pin(&topo, &pin),
                     joined: named_pin(&topo, &task.pin),
                     replay_until: task.replay_until,
-                    marks: Some(self.marks(source, partition, &expired_before)),
+                    marks: Some(self.marks(source, partition, &sealed.expired_before)),
                 };
-                metas.push((source, partition, meta));
-                pins.insert((source, partition), Arc::clone(pin));
+                sealed.metas.push((source, partition, meta));
+            }
+            sealed.positions.push(SealedPosition { source, partition, next_offset: task.next_offset, watermark: task.watermark });
+            if let Some(task) = self.tasks.get_mut(&(source, partition)) {
+                task.dirty = false;
+                task.flushed_watermark = task.watermark;
+                task.pin = pin;
             }
         }
-        lap(&mut stages.seal);
-        if let Some(sink) = changelog {
-            let positions: Vec<Change> = metas
-                .iter()
-                .map(|(s, p, meta)| Change {
-                    source: *s,
-                    partition: *p,
-                    key: store::meta_key(&topo.sources[*s].name, *p),
-                    value: Some(match topo.upgrade_from {
-                        Some(2) => crate::migrations::store_v2_to_v3::meta_v3(meta),
-                        _ => meta.encode(),
-                    }),
-                })
-                .collect();
-            let offsets = sink.write(&changes, &positions)?;
-            for ((_, _, meta), off) in metas.iter_mut().zip(offsets) {
-                meta.changelog_offset = Some(off);
-            }
-            lap(&mut stages.changelog);
+    }
+
+    /// The position records of `metas`, in the format the changelog's readers expect.
+    fn position_records(&self, metas: &[(usize, i32, PartitionMeta)]) -> Vec<Change> {
+        let topo = &self.topo;
+        metas
+            .iter()
+            .map(|(s, p, meta)| Change {
+                source: *s,
+                partition: *p,
+                key: store::meta_key(&topo.sources[*s].name, *p),
+                value: Some(match topo.upgrade_from {
+                    Some(2) => crate::migrations::store_v2_to_v3::meta_v3(meta),
+                    _ => meta.encode(),
+                }),
+            })
+            .collect()
+    }
+
+    /// Writes a sealed flush to the store in one atomic batch and fsyncs it, its positions
+    /// carrying `offsets` (where the changelog put each position record; none without a
+    /// changelog). Past the cache's budget, the entries not changed since the seal are let
+    /// go (read again when needed).
+    pub fn complete(&mut self, sealed: SealedFlush, offsets: Vec<i64>) -> Result<FlushStats, FlushError> {
+        let mut clock = std::time::Instant::now();
+        let SealedFlush { mut batch, mut metas, expired_before, fresh, mut stats, .. } = sealed;
+        for ((_, _, meta), off) in metas.iter_mut().zip(offsets) {
+            meta.changelog_offset = Some(off);
         }
         for (source, partition, meta) in &metas {
-            batch.put_meta(&topo.sources[*source].name, *partition, meta);
+            batch.put_meta(&self.topo.sources[*source].name, *partition, meta);
         }
-        let mut changelog_records = vec![0; topo.sources.len()];
-        if logged {
-            for source in changes.iter().map(|c| c.source).chain(metas.iter().map(|m| m.0)) {
-                changelog_records[source] += 1;
-            }
-        }
-        let (puts, deletes) = (batch.puts, batch.deletes);
+        (stats.puts, stats.deletes) = (batch.puts, batch.deletes);
         self.store.apply(batch)?;
-        lap(&mut stages.write);
+        let now = std::time::Instant::now();
+        stats.stages.write += now - clock;
+        clock = now;
         self.store.flush()?;
-        lap(&mut stages.fsync);
-        let stats = FlushStats { puts, deletes, changelog_records, cache_bytes: 0, stages };
-        self.cache.retain(|_, e| !expired(e));
-        self.cache.values_mut().for_each(|e| e.dirty = false);
-        self.pending_deletes.clear();
-        self.fresh.clear();
+        stats.stages.fsync += clock.elapsed();
         for ((mi, partition), before) in expired_before {
             self.horizons.raise(mi, partition, before);
         }
-        for (at, t) in self.tasks.iter_mut() {
-            t.dirty = false;
-            t.flushed_watermark = t.watermark;
-            if let Some(pin) = pins.remove(at) {
-                t.pin = pin;
-            }
+        // A rebuild finished since the seal has its old generation still stored.
+        let pending: HashSet<(usize, i32)> = self.pending_deletes.iter().map(|(s, p, _)| (*s, *p)).collect();
+        let topo = &self.topo;
+        self.fresh.retain(|f| !fresh.contains(f) || pending.contains(&(topo.metrics[f.0].source, f.1)));
+        if stats.cache_bytes > topo.cache_max_bytes {
+            self.cache.retain(|_, e| e.dirty);
+            stats.cache_bytes = self.cache.values().map(|e| e.bytes).sum();
         }
-        // Every entry is clean now: past the budget, let them go (read again when needed).
-        if cache_bytes > topo.cache_max_bytes {
-            self.cache.clear();
-            cache_bytes = 0;
-        }
-        Ok(FlushStats { cache_bytes, ..stats })
+        Ok(stats)
     }
+}
+
+/// A flush sealed by [`TaskSet::seal`], for [`TaskSet::complete`].
+#[derive(Default)]
+pub struct SealedFlush {
+    batch: WriteBatch,
+    /// Changelog records being sealed (sent, then dropped).
+    changes: Vec<Change>,
+    metas: Vec<(usize, i32, PartitionMeta)>,
+    expired_before: HashMap<(usize, i32), i64>,
+    /// Rebuilt (metric, partition)s whose old generation this flush deletes.
+    fresh: HashSet<(usize, i32)>,
+    positions: Vec<SealedPosition>,
+    stats: FlushStats,
+}
+
+impl SealedFlush {
+    /// Each partition's position at the seal: durable once the flush is complete.
+    pub fn positions(&self) -> &[SealedPosition] {
+        &self.positions
+    }
+}
+
+/// Where a partition stood when its flush was sealed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SealedPosition {
+    /// Source index.
+    pub source: usize,
+    /// Source partition.
+    pub partition: i32,
+    /// Next offset to process.
+    pub next_offset: i64,
+    /// Its watermark ([`NO_WATERMARK`] before any record).
+    pub watermark: i64,
 }
 
 #[cfg(test)]

@@ -3,7 +3,8 @@
 //! the reference model (`tests/model`). Streams carry records in and out of order, within
 //! and beyond the watermark delay, far in the past, of the wrong type, without fields, and
 //! idle steps; runs crash (losing the write-back cache), lose the disk (restoring from the
-//! changelog) and tear flushes (changes in the changelog, no position). A failing case
+//! changelog), tear flushes (changes in the changelog, no position) and process records
+//! while a flush is sealed but not yet in the store (crashing there too). A failing case
 //! prints its seed and a minimised input.
 //!
 //! `TALLY_DIFF_CASES` sets the number of cases (default sized for about two minutes of CI),
@@ -19,7 +20,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use serde_json::{json, Value as Json};
-use tally::changelog::{plan, Change, ChangeSink, ChangelogError, Plan, Restoration};
+use tally::changelog::{plan, ChangeSink, Plan, Restoration};
 use tally::config::Config;
 use tally::ownership::{Ownership, PartitionState};
 use tally::query::{Ask, QueryEngine, Range};
@@ -27,9 +28,10 @@ use tally::results::ResultView;
 use tally::store::Store;
 use tally::table::store::{TableChange, TableRecord};
 use tally::table::{decode_record, Tables};
-use tally::task::{Outcome, TaskSet};
+use tally::task::{Outcome, SealedFlush, TaskSet};
 use tally::topology::Topology;
 
+use common::changelog::TearingLog;
 use common::Rng;
 use model::check::{Diffs, Range as MRange};
 use model::spec::{Agg, Spec, WindowSpec};
@@ -53,6 +55,10 @@ enum Action {
     LoseDisk,
     /// A flush whose changes reach the changelog but not its positions, then a crash.
     TornFlush,
+    /// A flush sealed and sent to the changelog, its store write left for the next action:
+    /// records are processed meanwhile, as while a flush awaits its acknowledgements; a crash
+    /// drops it (the changelog has it, the store not).
+    Seal,
 }
 
 #[derive(Debug, Clone)]
@@ -345,7 +351,8 @@ fn generate(seed: u64) -> Case {
             0..=4 => Action::Crash,
             5..=7 => Action::LoseDisk,
             8..=10 => Action::TornFlush,
-            11..=130 => Action::Flush,
+            11..=70 => Action::Flush,
+            71..=130 => Action::Seal,
             _ => Action::Nothing,
         };
         steps.push((Step::Record { partition, kafka_ts, payload: payload(&mut r, t, time_kind, &zone) }, action));
@@ -355,35 +362,6 @@ fn generate(seed: u64) -> Case {
         }
     }
     Case { seed, toml, partitions, steps, table }
-}
-
-/// A changelog record: store key, value (`None`: a tombstone).
-type Record = (Vec<u8>, Option<Vec<u8>>);
-
-/// The changelog, kept in memory as a broker keeps it before compaction.
-#[derive(Default)]
-struct Log {
-    parts: Vec<Vec<Record>>,
-    /// Fail after the changes, before the positions.
-    tear: bool,
-}
-
-impl ChangeSink for Log {
-    fn write(&mut self, changes: &[Change], positions: &[Change]) -> Result<Vec<i64>, ChangelogError> {
-        for c in changes {
-            self.parts[c.partition as usize].push((c.key.clone(), c.value.clone()));
-        }
-        if self.tear {
-            return Err(ChangelogError("torn on purpose".into()));
-        }
-        let mut offsets = Vec::new();
-        for c in positions {
-            let log = &mut self.parts[c.partition as usize];
-            log.push((c.key.clone(), c.value.clone()));
-            offsets.push(log.len() as i64 - 1);
-        }
-        Ok(offsets)
-    }
 }
 
 /// Tally's side of a run: tasks over a store, its changelog and a result view.
@@ -397,7 +375,9 @@ struct Tally {
     tables: Arc<Tables>,
     table_log: Vec<TableRecord>,
     tasks: TaskSet,
-    log: Log,
+    log: TearingLog,
+    /// A flush sealed and sent, not yet in the store.
+    sealed: Option<SealedFlush>,
     view: ResultView,
     read: Vec<usize>,
     rows: Vec<Json>,
@@ -413,9 +393,10 @@ impl Tally {
         view.caught_up().map_err(|e| e.to_string())?;
         let tables = open_tables(&topo, &store, &[])?;
         let tasks = TaskSet::with_tables(Arc::clone(&topo), store.clone(), Arc::clone(&tables));
-        let log = Log { parts: vec![Vec::new(); partitions as usize], tear: false };
+        let log = TearingLog::new(partitions as usize);
         let read = vec![0; partitions as usize];
-        let mut t = Tally { topo, dir, disks: 0, store, tables, table_log: vec![], tasks, log, view, read, rows: Vec::new(), partitions };
+        let mut t =
+            Tally { topo, dir, disks: 0, store, tables, table_log: vec![], tasks, log, sealed: None, view, read, rows: Vec::new(), partitions };
         for p in 0..partitions {
             t.tasks.assign(0, p).map_err(|e| e.to_string())?;
         }
@@ -443,9 +424,27 @@ impl Tally {
         self.tables.apply(0, &self.table_log[start..], 0).map_err(|e| e.to_string())
     }
 
-    /// Flushes; the result view then reads the new changelog records and sends its rows.
+    /// Flushes (the sealed flush completed first); the result view then reads the new
+    /// changelog records and sends its rows.
     fn flush(&mut self) -> Result<(), String> {
+        self.complete()?;
         self.tasks.flush(Some(&mut self.log)).map_err(|e| e.to_string())?;
+        self.pump()
+    }
+
+    /// Seals a flush and sends it (the sealed one completed first): the store takes it at
+    /// [`Tally::complete`].
+    fn seal(&mut self) -> Result<(), String> {
+        self.complete()?;
+        self.sealed = Some(self.tasks.seal(Some(&mut self.log)).map_err(|e| e.to_string())?);
+        Ok(())
+    }
+
+    /// The sealed flush, acknowledged, into the store; the result view reads its records.
+    fn complete(&mut self) -> Result<(), String> {
+        let Some(sealed) = self.sealed.take() else { return Ok(()) };
+        let offsets = self.log.acknowledged(std::time::Duration::ZERO).map_err(|e| e.to_string())?;
+        self.tasks.complete(sealed, offsets.unwrap_or_default()).map_err(|e| e.to_string())?;
         self.pump()
     }
 
@@ -465,6 +464,8 @@ impl Tally {
     /// A restart: new tasks (an empty cache) on the same disk, or on a new one; each
     /// partition restored from the changelog as its plan says. Returns where each resumes.
     fn restart(&mut self, lose_disk: bool) -> Result<Vec<i64>, String> {
+        // A crash: the sealed flush never reaches the store.
+        self.sealed = None;
         if lose_disk {
             self.disks += 1;
             self.store = Store::open(&self.dir.path().join(format!("disk{}", self.disks))).map_err(|e| e.to_string())?;
@@ -579,6 +580,7 @@ struct Seen {
     restarts: usize,
     lost_disks: usize,
     torn_flushes: usize,
+    sealed_flushes: usize,
     idle_steps: usize,
     final_rows: usize,
     /// Cases with a table looked up, and the table records they produced.
@@ -596,6 +598,7 @@ impl std::ops::AddAssign for Seen {
         self.restarts += o.restarts;
         self.lost_disks += o.lost_disks;
         self.torn_flushes += o.torn_flushes;
+        self.sealed_flushes += o.sealed_flushes;
         self.idle_steps += o.idle_steps;
         self.final_rows += o.final_rows;
         self.table_cases += o.table_cases;
@@ -627,6 +630,7 @@ impl Seen {
             s.restarts += usize::from(matches!(action, Action::Crash | Action::LoseDisk | Action::TornFlush));
             s.lost_disks += usize::from(*action == Action::LoseDisk);
             s.torn_flushes += usize::from(*action == Action::TornFlush);
+            s.sealed_flushes += usize::from(*action == Action::Seal);
         }
         s
     }
@@ -698,7 +702,12 @@ fn run(case: &Case) -> Result<Seen, Diffs> {
             }
             Action::Crash => Some(false),
             Action::LoseDisk => Some(true),
+            Action::Seal => {
+                tally.seal().map_err(one)?;
+                None
+            }
             Action::TornFlush => {
+                tally.complete().map_err(one)?;
                 tally.log.tear = true;
                 let torn = tally.tasks.flush(Some(&mut tally.log));
                 tally.log.tear = false;

@@ -2,6 +2,10 @@
 //! processing core, store and query engine, with the expected answer worked out by hand from
 //! the rules in the README's semantics section (the result view's is among its unit tests).
 
+// The in-memory changelog alone: the rest of the harness drives brokers and the model.
+#[path = "common/changelog.rs"]
+mod changelog;
+
 use std::sync::Arc;
 
 use serde_json::{json, Value};
@@ -11,6 +15,8 @@ use tally::query::{Ask, QueryEngine, Range};
 use tally::store::Store;
 use tally::task::{Outcome, TaskSet};
 use tally::topology::Topology;
+
+use changelog::TearingLog;
 
 const MIN: i64 = 60_000;
 const HOUR: i64 = 60 * MIN;
@@ -244,33 +250,6 @@ fn a_mistyped_record_is_invalid_and_leaves_the_watermark() {
     assert_eq!(c.value("views", (0, MIN), "count"), Some(json!(2)));
 }
 
-/// A changelog kept in memory that can tear a flush: its changes are written, its positions
-/// are not (a crash between the two).
-#[derive(Default)]
-struct TearingLog {
-    records: Vec<(Vec<u8>, Option<Vec<u8>>)>,
-    tear: bool,
-}
-
-impl tally::changelog::ChangeSink for TearingLog {
-    fn write(
-        &mut self,
-        changes: &[tally::changelog::Change],
-        positions: &[tally::changelog::Change],
-    ) -> Result<Vec<i64>, tally::changelog::ChangelogError> {
-        self.records.extend(changes.iter().map(|c| (c.key.clone(), c.value.clone())));
-        if self.tear {
-            return Err(tally::changelog::ChangelogError("torn on purpose".into()));
-        }
-        let mut offsets = Vec::new();
-        for c in positions {
-            self.records.push((c.key.clone(), c.value.clone()));
-            offsets.push(self.records.len() as i64 - 1);
-        }
-        Ok(offsets)
-    }
-}
-
 /// Kafka Streams' GlobalKTable joins a replayed record with the table as it is at the
 /// replay: a gift whose room moved to another module between its first pass and its replay
 /// counts under both. Here it joins as of the pin stored with its partition's position, and
@@ -300,7 +279,7 @@ fn a_replayed_record_joins_with_the_table_version_of_its_first_pass() {
     tables.apply(0, &[room(0, 101)], 0).unwrap();
     let mut tasks = TaskSet::with_tables(Arc::clone(&topo), store.clone(), Arc::clone(&tables));
     tasks.assign(0, 0).unwrap();
-    let mut log = TearingLog::default();
+    let mut log = TearingLog::new(1);
     for i in 0..2 {
         tasks.process(0, 0, i, None, &gift(i)).unwrap();
     }
@@ -318,10 +297,10 @@ fn a_replayed_record_joins_with_the_table_version_of_its_first_pass() {
     let second = tempfile::tempdir().unwrap();
     let store = Store::open(second.path()).unwrap();
     let mut restore = tally::changelog::Restoration::begin(&store, &topo, 0, 0, true).unwrap();
-    for (k, v) in &log.records {
+    for (k, v) in &log.parts[0] {
         restore.apply(k, v.as_deref()).unwrap();
     }
-    let (position, _) = restore.finish(log.records.len() as i64 - 1).unwrap();
+    let (position, _) = restore.finish(log.parts[0].len() as i64 - 1).unwrap();
     assert_eq!(position.map(|p| (p.next_offset, p.replay_until)), Some((2, 4)), "resumes at 2, holding the pin until past offset 3");
     let tables = Arc::new(Tables::open(&topo, &store).unwrap());
     tables.set_partitions(0, 1);

@@ -3,6 +3,7 @@
 //! [`crate::changelog`].
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
 
@@ -22,6 +23,8 @@ pub struct ChangelogProducer {
     kafka: KafkaConfig,
     faults: Arc<Faults>,
     topics: Vec<String>,
+    /// When the flush awaiting its acknowledgements was sent.
+    sent: Instant,
 }
 
 impl ChangelogProducer {
@@ -33,10 +36,11 @@ impl ChangelogProducer {
             kafka: kafka.clone(),
             faults,
             topics: (0..topo.sources.len()).map(|s| topo.changelog_topic(s)).collect(),
+            sent: Instant::now(),
         })
     }
 
-    fn send(&self, c: &Change, opaque: usize) -> Result<(), ChangelogError> {
+    fn send_one(&self, c: &Change, opaque: usize) -> Result<(), ChangelogError> {
         let mut rec = BaseRecord::with_opaque_to(&self.topics[c.source], opaque).partition(c.partition).key(&c.key[..]);
         if let Some(v) = &c.value {
             rec = rec.payload(&v[..]);
@@ -47,39 +51,59 @@ impl ChangelogProducer {
     /// Changes and positions in one round: each position record goes to its partition
     /// after that partition's changes, and the producer is gapless, so a position record in
     /// the log means every change before it is there too.
-    fn write_once(&mut self, changes: &[Change], positions: &[Change]) -> Result<Vec<i64>, ChangelogError> {
-        let ctx = self.producer.context();
-        let batch = ctx.start_batch(positions.len());
+    fn send_all(&mut self, changes: &[Change], positions: &[Change]) -> Result<(), ChangelogError> {
+        let batch = self.producer.context().start_batch(positions.len());
         for c in changes {
-            self.send(c, DeliveryContext::opaque(batch, 0))?;
+            self.send_one(c, DeliveryContext::opaque(batch, 0))?;
         }
         for (i, c) in positions.iter().enumerate() {
-            self.send(c, DeliveryContext::opaque(batch, i + 1))?;
+            self.send_one(c, DeliveryContext::opaque(batch, i + 1))?;
         }
-        delivery::await_acks(&self.producer).map_err(ChangelogError)?;
-        let offsets = ctx.take_offsets();
+        delivery::send_now(&self.producer);
+        self.sent = Instant::now();
+        Ok(())
+    }
+
+    fn offsets(&mut self, wait: Duration) -> Result<Option<Vec<i64>>, ChangelogError> {
+        if !delivery::acknowledged(&self.producer, self.sent, wait).map_err(ChangelogError)? {
+            return Ok(None);
+        }
+        let offsets = self.producer.context().take_offsets();
         if offsets.contains(&-1) {
             return Err(ChangelogError("a position record was acknowledged without an offset".into()));
         }
-        Ok(offsets)
+        Ok(Some(offsets))
+    }
+
+    /// After a failed flush: what the failed producer still holds must never land. It is
+    /// purged as it is dropped, and the next flush gets a producer of its own (librdkafka
+    /// retries a gapless producer's records until they are acknowledged).
+    fn replace_producer(&mut self) -> Result<(), ChangelogError> {
+        let fresh = delivery::producer(&self.kafka, "changelog", Retries::Gapless, Some(Arc::clone(&self.faults)))
+            .map_err(|e| ChangelogError(format!("{e:#}")))?;
+        let failed = std::mem::replace(&mut self.producer, fresh);
+        // Dropping it purges at once, then waits up to half a second for the purged
+        // records' reports and for its threads to end: not on the consumer thread, which
+        // has a fault to raise.
+        std::thread::spawn(move || drop(failed));
+        Ok(())
     }
 }
 
 impl ChangeSink for ChangelogProducer {
-    fn write(&mut self, changes: &[Change], positions: &[Change]) -> Result<Vec<i64>, ChangelogError> {
-        let written = self.write_once(changes, positions);
-        if written.is_err() {
-            // What the failed producer still holds must never land: it is purged as it is
-            // dropped, and the next flush gets a producer of its own (librdkafka retries a
-            // gapless producer's records until they are acknowledged).
-            let fresh = delivery::producer(&self.kafka, "changelog", Retries::Gapless, Some(Arc::clone(&self.faults)))
-                .map_err(|e| ChangelogError(format!("{e:#}")))?;
-            let failed = std::mem::replace(&mut self.producer, fresh);
-            // Dropping it purges at once, then waits up to half a second for the purged
-            // records' reports and for its threads to end: not on the consumer thread, which
-            // has a fault to raise.
-            std::thread::spawn(move || drop(failed));
+    fn send(&mut self, changes: &[Change], positions: &[Change]) -> Result<(), ChangelogError> {
+        let sent = self.send_all(changes, positions);
+        if sent.is_err() {
+            self.replace_producer()?;
         }
-        written
+        sent
+    }
+
+    fn acknowledged(&mut self, wait: Duration) -> Result<Option<Vec<i64>>, ChangelogError> {
+        let acked = self.offsets(wait);
+        if acked.is_err() {
+            self.replace_producer()?;
+        }
+        acked
     }
 }

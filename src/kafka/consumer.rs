@@ -11,14 +11,18 @@
 //!    expired; or no answer: the coordinator is unreachable), nothing is written: the flush is held, the partitions
 //!    paused, and the next interval tries again;
 //! 3. dead-letter and late records are acknowledged;
-//! 4. the changed aggregates go to the changelog and are acknowledged, then one position
-//!    record per partition, acknowledged;
-//! 5. aggregates and positions (with the changelog checkpoint) are written to sled in one
-//!    atomic batch and fsynced.
+//! 4. the flush is sealed: the changed aggregates are sent to the changelog, then one
+//!    position record per partition, and the cache marks them clean. Processing goes on
+//!    while the acknowledgements are awaited; nothing sealed leaves the cache meanwhile;
+//! 5. once every record is acknowledged, aggregates and positions (with the changelog
+//!    checkpoint) are written to sled in one atomic batch and fsynced: the flush is
+//!    complete, its positions durable, committable and queryable. One flush is in flight
+//!    at a time: the next seal, a revocation and a stop wait for it.
 //!
 //! A flush that fails after that (the changelog, the side outputs or the store did not take
-//! it) rewinds every partition to its last durable flush, as a restart would, holding until
-//! a flush succeeds: nothing is lost or counted twice, and tally does not exit.
+//! it) rewinds every partition to its last durable flush, as a restart would — records
+//! processed since its seal included — holding until a flush succeeds: nothing is lost or
+//! counted twice, and tally does not exit.
 //!
 //! Processing always resumes from the position stored with the state (restored from the
 //! changelog on a new replica), never from the group's offset, which only trails it. On
@@ -77,6 +81,8 @@ pub struct Shared {
     /// Kafka timestamps of records processed since the last flush, for the
     /// produce-to-queryable histogram.
     pending: Mutex<Vec<i64>>,
+    /// The flush sealed and awaiting the changelog's acknowledgements, if any.
+    in_flight: Mutex<Option<InFlight>>,
     /// Where the result view is kept, when results are sent.
     results_dir: Option<PathBuf>,
     /// The result emitter, while this replica owns the first source's partition 0.
@@ -218,89 +224,148 @@ impl Shared {
         }
     }
 
-    /// One durable step (see the module docs): commit the durable positions — proof that
-    /// this replica still owns its partitions — then flush side outputs, changelog and store.
-    /// With `only` (a revocation), the membership check is skipped — inside the revocation
-    /// callback the partitions are still this replica's: the cooperative protocol hands them
-    /// to another member only after this one has given them up — and their positions are
+    /// One durable step, whole (see the module docs): the flush in flight completed, a new
+    /// one begun and completed. With `only` (a revocation), its partitions' positions are
     /// committed afterwards.
-    ///
-    /// A flush the group does not confirm is held (see [`Shared::hold`]); one that fails is
-    /// rewound (see [`Shared::rewind`]) and held. Only an error that a retry cannot mend is
-    /// returned.
     fn flush_and_commit(&self, consumer: &BaseConsumer<SourceContext>, only: Option<&TopicPartitionList>) -> anyhow::Result<()> {
-        if only.is_none() {
-            match self.commit_flushed(consumer, None) {
-                Membership::Confirmed => {}
-                Membership::Expelled(e) => {
-                    self.hold(
-                        consumer,
-                        Link::Flush,
-                        format!("expelled from the consumer group ({e}); waiting to be told what this replica still owns"),
-                    );
-                    return Ok(());
-                }
-                Membership::Unknown(e) => {
-                    self.hold(consumer, Link::Flush, format!("the group did not confirm this replica's membership ({e})"));
-                    return Ok(());
-                }
-            }
-        }
-        if only.is_none() {
-            // sled takes no write until reopened: no flush is tried until the restart.
-            if let Some(why) = self.faults.restart_needed() {
-                self.hold(consumer, Link::Disk, why);
-                return Ok(());
-            }
-            // Before anything is written: the dirty cache waits whole for room.
-            let room = self.tasks().store().ensure_room(self.topo.min_free_bytes);
-            if let Err(e) = room {
-                self.hold(consumer, Link::Disk, e.to_string());
-                return Ok(());
-            }
-        }
-        match self.write_flush() {
-            Ok(()) => self.release(consumer),
-            Err(FlushFailure::Retry(link, e)) if only.is_none() => {
-                self.rewind(consumer)?;
-                self.hold(consumer, link, format!("{e:#}; rewound to the last durable flush"));
-            }
-            Err(FlushFailure::Unwritable(e)) if only.is_none() => {
-                // Not rewound: rewinding reads the store, which may fail now too, and no
-                // flush is written until the restart, which resumes from the stored
-                // positions (the changelog took this flush before the store failed).
-                self.hold(consumer, Link::Disk, format!("{e:#}; held until a restart"));
-                self.faults.store_unwritable("a flush", &e);
-            }
-            Err(FlushFailure::Unwritable(e)) => {
-                self.faults.store_unwritable("a flush", &e);
-                return Err(e);
-            }
-            Err(FlushFailure::Retry(_, e)) => return Err(e),
-            Err(FlushFailure::Fatal(e)) => return Err(e),
-        }
+        self.begin_flush(consumer, only)?;
+        self.finish_flight(consumer)?;
         if only.is_some() {
             let _ = self.commit_flushed(consumer, only);
         }
         Ok(())
     }
 
-    /// Writes a flush: side outputs acknowledged, then changelog and store.
-    fn write_flush(&self) -> Result<(), FlushFailure> {
+    /// Begins a durable step (see the module docs), once the flush in flight is complete:
+    /// commit the durable positions — proof that this replica still owns its partitions —
+    /// then flush side outputs and send the changelog's records. The store takes the flush
+    /// once they are acknowledged ([`Shared::advance_flight`]); processing goes on meanwhile.
+    /// With `only` (a revocation), the membership check is skipped — inside the revocation
+    /// callback the partitions are still this replica's: the cooperative protocol hands them
+    /// to another member only after this one has given them up.
+    ///
+    /// A flush the group does not confirm is held (see [`Shared::hold`]); one that fails is
+    /// rewound (see [`Shared::rewind`]) and held. Only an error that a retry cannot mend is
+    /// returned.
+    fn begin_flush(&self, consumer: &BaseConsumer<SourceContext>, only: Option<&TopicPartitionList>) -> anyhow::Result<()> {
+        self.finish_flight(consumer)?;
+        if only.is_none() && !self.may_flush(consumer) {
+            return Ok(());
+        }
+        match self.seal() {
+            Ok(flight) => {
+                *self.in_flight.lock().unwrap_or_else(|p| p.into_inner()) = Some(flight);
+                Ok(())
+            }
+            Err(failure) => self.flush_failed(consumer, only, failure),
+        }
+    }
+
+    /// Whether the group confirms this replica's membership and the store can take a
+    /// flush; if not, flushes are held.
+    fn may_flush(&self, consumer: &BaseConsumer<SourceContext>) -> bool {
+        match self.commit_flushed(consumer, None) {
+            Membership::Confirmed => {}
+            Membership::Expelled(e) => {
+                let why = format!("expelled from the consumer group ({e}); waiting to be told what this replica still owns");
+                self.hold(consumer, Link::Flush, why);
+                return false;
+            }
+            Membership::Unknown(e) => {
+                self.hold(consumer, Link::Flush, format!("the group did not confirm this replica's membership ({e})"));
+                return false;
+            }
+        }
+        // sled takes no write until reopened: no flush is tried until the restart.
+        if let Some(why) = self.faults.restart_needed() {
+            self.hold(consumer, Link::Disk, why);
+            return false;
+        }
+        // Before anything is written: the dirty cache waits whole for room.
+        // Out of the `if`: a hold locks the tasks again.
+        let room = self.tasks().store().ensure_room(self.topo.min_free_bytes);
+        if let Err(e) = room {
+            self.hold(consumer, Link::Disk, e.to_string());
+            return false;
+        }
+        true
+    }
+
+    /// A flush that failed: rewound and held when a retry may mend it (every partition is
+    /// rewound — its seal marked the cache clean); the store's failure is held until a restart.
+    fn flush_failed(&self, consumer: &BaseConsumer<SourceContext>, only: Option<&TopicPartitionList>, failure: FlushFailure) -> anyhow::Result<()> {
+        match failure {
+            FlushFailure::Retry(link, e) => {
+                self.rewind(consumer)?;
+                self.hold(consumer, link, format!("{e:#}; rewound to the last durable flush"));
+                Ok(())
+            }
+            FlushFailure::Unwritable(e) if only.is_none() => {
+                // Not rewound: rewinding reads the store, which may fail now too, and no
+                // flush is written until the restart, which resumes from the stored
+                // positions (the changelog took this flush before the store failed).
+                self.hold(consumer, Link::Disk, format!("{e:#}; held until a restart"));
+                self.faults.store_unwritable("a flush", &e);
+                Ok(())
+            }
+            FlushFailure::Unwritable(e) => {
+                self.faults.store_unwritable("a flush", &e);
+                Err(e)
+            }
+            FlushFailure::Fatal(e) => Err(e),
+        }
+    }
+
+    /// Completes the flush in flight once the changelog has acknowledged it, waiting at
+    /// most `wait`; `true` while it is still in flight.
+    fn advance_flight(&self, consumer: &BaseConsumer<SourceContext>, wait: Duration) -> anyhow::Result<bool> {
+        let Some(flight) = self.in_flight.lock().unwrap_or_else(|p| p.into_inner()).take() else { return Ok(false) };
+        let acked = match &self.changelog {
+            Some(c) => c.lock().unwrap_or_else(|p| p.into_inner()).acknowledged(wait),
+            None => Ok(Some(Vec::new())),
+        };
+        let done = match acked {
+            Ok(None) => {
+                *self.in_flight.lock().unwrap_or_else(|p| p.into_inner()) = Some(flight);
+                return Ok(true);
+            }
+            Ok(Some(offsets)) => self.complete(flight, offsets),
+            Err(e) => Err(FlushFailure::Retry(Link::Flush, e.into())),
+        };
+        match done {
+            Ok(()) => self.release(consumer),
+            Err(failure) => self.flush_failed(consumer, None, failure)?,
+        }
+        Ok(false)
+    }
+
+    /// Waits for the flush in flight to complete (or fail); the time counts as the
+    /// changelog's.
+    fn finish_flight(&self, consumer: &BaseConsumer<SourceContext>) -> anyhow::Result<()> {
+        let started = Instant::now();
+        while self.advance_flight(consumer, Duration::from_millis(1))? {}
+        self.metrics.work_seconds.with_label_values(&["changelog"]).inc_by(started.elapsed().as_secs_f64());
+        Ok(())
+    }
+
+    /// Seals a flush: side outputs acknowledged, then the changelog's records sent.
+    fn seal(&self) -> Result<InFlight, FlushFailure> {
         let started = Instant::now();
         self.side.flush(Duration::from_secs(30)).map_err(|e| FlushFailure::Retry(Link::Flush, e))?;
         self.metrics.work_seconds.with_label_values(&["side_outputs"]).inc_by(started.elapsed().as_secs_f64());
         let mut tasks = self.tasks();
         self.advance_idle(&mut tasks);
         let mut producer = self.changelog.as_ref().map(|c| c.lock().unwrap_or_else(|p| p.into_inner()));
-        let stats = match tasks.flush(producer.as_deref_mut().map(|p| p as &mut dyn ChangeSink)) {
-            Ok(stats) => stats,
-            Err(e @ crate::task::FlushError::Changelog(_)) => return Err(FlushFailure::Retry(Link::Flush, e.into())),
-            Err(crate::task::FlushError::Store(e)) if e.leaves_store_unwritable() => return Err(FlushFailure::Unwritable(e.into())),
-            Err(crate::task::FlushError::Store(e)) if e.is_io() => return Err(FlushFailure::Retry(Link::Disk, e.into())),
-            Err(e) => return Err(FlushFailure::Fatal(e.into())),
-        };
-        drop(producer);
+        let sealed = tasks.seal(producer.as_deref_mut().map(|p| p as &mut dyn ChangeSink)).map_err(FlushFailure::of)?;
+        let pending = std::mem::take(&mut *self.pending.lock().unwrap_or_else(|p| p.into_inner()));
+        Ok(InFlight { sealed, pending, started })
+    }
+
+    /// Writes an acknowledged flush to the store; its positions are durable then.
+    fn complete(&self, flight: InFlight, offsets: Vec<i64>) -> Result<(), FlushFailure> {
+        let InFlight { sealed, pending, started } = flight;
+        let positions = sealed.positions().to_vec();
+        let stats = self.tasks().complete(sealed, offsets).map_err(FlushFailure::of)?;
         let flushed_at = now_ms();
         self.metrics.flush_duration.observe(started.elapsed().as_secs_f64());
         self.metrics.state_writes.inc_by(stats.puts as u64);
@@ -314,26 +379,22 @@ impl Shared {
                 self.metrics.changelog_records.with_label_values(&[&self.topo.sources[source].name]).inc_by(*n as u64);
             }
         }
-        {
-            let mut pending = self.pending.lock().unwrap_or_else(|p| p.into_inner());
-            let local = self.metrics.queryable_latency.local();
-            for ts in pending.drain(..) {
-                local.observe((flushed_at - ts).max(0) as f64 / 1000.0);
-            }
-            local.flush();
+        let local = self.metrics.queryable_latency.local();
+        for ts in pending {
+            local.observe((flushed_at - ts).max(0) as f64 / 1000.0);
         }
+        local.flush();
         let mut flushed = self.flushed.lock().unwrap_or_else(|p| p.into_inner());
-        for (&(source, partition), task) in tasks.tasks() {
-            if task.next_offset > 0 {
-                flushed.insert((source, partition), task.next_offset);
+        for p in positions {
+            if p.next_offset > 0 {
+                flushed.insert((p.source, p.partition), p.next_offset);
             }
-            if task.watermark != NO_WATERMARK {
-                let (name, p) = (&self.topo.sources[source].name, partition.to_string());
-                self.metrics.watermark.with_label_values(&[name, &p]).set(task.watermark.div_euclid(1000));
-                self.metrics.watermark_lag.with_label_values(&[name, &p]).set((flushed_at - task.watermark).div_euclid(1000));
+            if p.watermark != NO_WATERMARK {
+                let (name, partition) = (&self.topo.sources[p.source].name, p.partition.to_string());
+                self.metrics.watermark.with_label_values(&[name, &partition]).set(p.watermark.div_euclid(1000));
+                self.metrics.watermark_lag.with_label_values(&[name, &partition]).set((flushed_at - p.watermark).div_euclid(1000));
             }
         }
-        drop(flushed);
         Ok(())
     }
 
@@ -602,6 +663,11 @@ impl Shared {
             self.stop_emitter();
         }
         let lost = lost || consumer.assignment_lost();
+        // Whatever else happens to them, the partitions' sealed flush ends first: the store
+        // must hold what the changelog took before their tasks go.
+        if let Err(e) = self.finish_flight(consumer) {
+            tracing::error!(error = %e, "the flush in flight failed; the next owner resumes from the last flush");
+        }
         if lost {
             tracing::warn!("partitions lost (session timed out, or a rebalance failed): dropping them without flushing");
         } else if let Err(e) = self.flush_and_commit(consumer, Some(tpl)) {
@@ -653,6 +719,26 @@ enum FlushFailure {
     Unwritable(anyhow::Error),
     /// Anything else: processing stops.
     Fatal(anyhow::Error),
+}
+
+impl FlushFailure {
+    /// What a retry can mend of the core's failure.
+    fn of(e: crate::task::FlushError) -> FlushFailure {
+        match e {
+            e @ crate::task::FlushError::Changelog(_) => FlushFailure::Retry(Link::Flush, e.into()),
+            crate::task::FlushError::Store(e) if e.leaves_store_unwritable() => FlushFailure::Unwritable(e.into()),
+            crate::task::FlushError::Store(e) if e.is_io() => FlushFailure::Retry(Link::Disk, e.into()),
+            e => FlushFailure::Fatal(e.into()),
+        }
+    }
+}
+
+/// A flush sealed and sent, awaiting the changelog's acknowledgements.
+struct InFlight {
+    sealed: crate::task::SealedFlush,
+    /// Kafka timestamps of the records it makes queryable.
+    pending: Vec<i64>,
+    started: Instant,
 }
 
 /// Commit errors that mean the group has expelled this member (its session expired), so
@@ -739,6 +825,7 @@ impl SourceConsumer {
             held: Mutex::new(Vec::new()),
             fatal: Mutex::new(None),
             pending: Mutex::new(Vec::new()),
+            in_flight: Mutex::new(None),
             results_dir,
             emitter: Mutex::new(None),
             fetch: Mutex::new(HashMap::new()),
@@ -813,8 +900,13 @@ impl SourceConsumer {
         // One clock reading after each poll and one after each record: the time between
         // them is the poll's or the record's, and the flush interval is judged by them too.
         let mut mark = Instant::now();
+        // While a flush awaits its acknowledgements, polls are short and it is checked
+        // every millisecond: it completes soon after they arrive, with records processed
+        // meanwhile.
+        let mut flying = false;
+        let mut next_check = mark;
         while !stop.load(Ordering::Relaxed) {
-            let polled = self.consumer.poll(Duration::from_millis(20));
+            let polled = self.consumer.poll(Duration::from_millis(if flying { 1 } else { 20 }));
             let polled_at = Instant::now();
             local.polling += polled_at - mark;
             mark = polled_at;
@@ -848,10 +940,17 @@ impl SourceConsumer {
                     }
                 }
             }
+            if flying && mark >= next_check {
+                flying = self.shared.advance_flight(&self.consumer, Duration::ZERO)?;
+                mark = Instant::now();
+                next_check = mark + Duration::from_millis(1);
+            }
             if mark >= next_flush {
                 local.publish(&self.shared);
-                self.shared.flush_and_commit(&self.consumer, None)?;
+                self.shared.begin_flush(&self.consumer, None)?;
+                flying = self.shared.advance_flight(&self.consumer, Duration::ZERO)?;
                 let ended = Instant::now();
+                next_check = ended + Duration::from_millis(1);
                 // Timed from the flush's start, as Kafka Streams times its commit interval:
                 // a flush's own duration does not add to how long records wait to become
                 // queryable. A quarter interval after its end is left for processing, so

@@ -182,19 +182,34 @@ pub fn send(producer: &BaseProducer<DeliveryContext>, mut rec: BaseRecord<'_, [u
 
 /// Waits until everything sent is acknowledged; `Err` says why not.
 pub fn await_acks(producer: &BaseProducer<DeliveryContext>) -> Result<(), String> {
+    send_now(producer);
+    acknowledged(producer, Instant::now(), ACK_TIMEOUT).map(|_| ())
+}
+
+/// Sends what the producer holds without waiting for its linger.
+pub fn send_now(producer: &BaseProducer<DeliveryContext>) {
+    let _ = producer.flush(Duration::ZERO);
+}
+
+/// Whether everything sent is acknowledged, waiting at most `wait`; `Err` once a record
+/// failed, or [`ACK_TIMEOUT`] after `sent` with records still in flight.
+pub fn acknowledged(producer: &BaseProducer<DeliveryContext>, sent: Instant, wait: Duration) -> Result<bool, String> {
     // rdkafka's flush() polls in 100 ms steps that do not end when the last
     // acknowledgement arrives: two of them per flush cost 200 ms (measured). Polling in
     // 1 ms steps until nothing is in flight returns as soon as everything is acked.
-    let _ = producer.flush(Duration::ZERO);
-    let deadline = Instant::now() + ACK_TIMEOUT;
+    let until = Instant::now() + wait;
+    producer.poll(Duration::ZERO);
     while producer.in_flight_count() > 0 {
-        if Instant::now() >= deadline {
+        if sent.elapsed() >= ACK_TIMEOUT {
             return Err(format!("records not acknowledged within {ACK_TIMEOUT:?}"));
+        }
+        if Instant::now() >= until {
+            return Ok(false);
         }
         producer.poll(Duration::from_millis(1));
     }
     match producer.context().failure.lock().unwrap_or_else(|p| p.into_inner()).take() {
-        None => Ok(()),
+        None => Ok(true),
         Some(e) => Err(format!("a record was not delivered: {e}")),
     }
 }

@@ -4,6 +4,7 @@
 
 #![allow(dead_code)]
 
+pub mod changelog;
 pub mod replica;
 pub mod s1;
 
