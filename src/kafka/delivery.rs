@@ -191,6 +191,21 @@ pub fn send_now(producer: &BaseProducer<DeliveryContext>) {
     let _ = producer.flush(Duration::ZERO);
 }
 
+/// Serves every delivery report ready now. rdkafka's `poll` serves one event per call when
+/// it does not wait, and a flush to 40 partitions gets about 40 (one per produce response):
+/// served one per check, every millisecond, they held a flush 50 ms longer (measured).
+fn serve_reports(producer: &BaseProducer<DeliveryContext>) {
+    let mut left = producer.in_flight_count();
+    while left > 0 {
+        producer.poll(Duration::ZERO);
+        let now = producer.in_flight_count();
+        if now == left {
+            return; // nothing ready (or an event that was not a report)
+        }
+        left = now;
+    }
+}
+
 /// Whether everything sent is acknowledged, waiting at most `wait`; `Err` once a record
 /// failed, or [`ACK_TIMEOUT`] after `sent` with records still in flight.
 pub fn acknowledged(producer: &BaseProducer<DeliveryContext>, sent: Instant, wait: Duration) -> Result<bool, String> {
@@ -198,7 +213,7 @@ pub fn acknowledged(producer: &BaseProducer<DeliveryContext>, sent: Instant, wai
     // acknowledgement arrives: two of them per flush cost 200 ms (measured). Polling in
     // 1 ms steps until nothing is in flight returns as soon as everything is acked.
     let until = Instant::now() + wait;
-    producer.poll(Duration::ZERO);
+    serve_reports(producer);
     while producer.in_flight_count() > 0 {
         if sent.elapsed() >= ACK_TIMEOUT {
             return Err(format!("records not acknowledged within {ACK_TIMEOUT:?}"));
