@@ -443,7 +443,7 @@ impl Topology {
         cfg.http.validate()?;
         let commit_interval_ms = duration("state.commit_interval".into(), &cfg.state.commit_interval)?;
         if commit_interval_ms == 0 {
-            return Err(ConfigError::new("state.commit_interval", "must be positive, e.g. `200ms`"));
+            return Err(ConfigError::new("state.commit_interval", "must be positive, e.g. `100ms`"));
         }
         let cleanup_delay_ms = duration("state.cleanup_delay".into(), &cfg.state.cleanup_delay)?;
 
