@@ -78,8 +78,43 @@ fn plural(n: usize) -> String {
     }
 }
 
+/// The partitions by reason, each reason once (`0-39: no live replica owns it …`): a
+/// message that lists forty partitions one by one is not read.
 fn describe(missing: &[(i32, Unavailable)]) -> String {
-    missing.iter().map(|(p, why)| format!("{p}: {why}")).collect::<Vec<_>>().join("; ")
+    let mut by_reason: Vec<(String, Vec<i32>)> = Vec::new();
+    for (p, why) in missing {
+        let why = why.to_string();
+        match by_reason.iter_mut().find(|(w, _)| *w == why) {
+            Some((_, partitions)) => partitions.push(*p),
+            None => by_reason.push((why, vec![*p])),
+        }
+    }
+    let described: Vec<String> = by_reason
+        .into_iter()
+        .map(|(why, mut partitions)| {
+            partitions.sort_unstable();
+            format!("{}: {why}", runs(&partitions))
+        })
+        .collect();
+    described.join("; ")
+}
+
+/// Sorted partitions as runs: `0-3, 7, 9-10`.
+fn runs(partitions: &[i32]) -> String {
+    let mut out = Vec::new();
+    let mut start = 0;
+    while start < partitions.len() {
+        let mut end = start;
+        while end + 1 < partitions.len() && partitions[end + 1] == partitions[end] + 1 {
+            end += 1;
+        }
+        out.push(match end == start {
+            true => partitions[start].to_string(),
+            false => format!("{}-{}", partitions[start], partitions[end]),
+        });
+        start = end + 1;
+    }
+    out.join(", ")
 }
 
 fn bad(param: &'static str, why: impl Into<String>) -> QueryError {
@@ -803,5 +838,20 @@ impl QueryEngine {
         Ok(
             json!({ "metric": m.name, "aggregate": spec.name, "coverage": cov.to_json(), "window": Self::window_json(m.grace_ms, w, cov.watermark), "top": top }),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unavailable_partitions_are_described_once_per_reason() {
+        let mut missing: Vec<(i32, Unavailable)> = (0..40).rev().filter(|p| *p != 7).map(|p| (p, Unavailable::NoOwner)).collect();
+        missing.push((7, Unavailable::Restoring { restored: 1, total: 2 }));
+        let e = QueryError::Unavailable { source_name: "s".into(), missing }.to_string();
+        assert!(e.starts_with("40 partitions of source `s` cannot be answered now (0-6, 8-39: no live replica owns it"), "{e}");
+        assert!(e.contains("; 7: being restored (1 of 2 changelog records))"), "{e}");
+        assert_eq!(runs(&[0, 2, 3, 4, 9]), "0, 2-4, 9");
     }
 }
