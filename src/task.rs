@@ -735,32 +735,33 @@ impl TaskSet {
         };
         let logged = changelog.is_some();
         let mut sealed = SealedFlush::default();
+        // The changelog's records: sent, not kept.
+        let mut changes = Vec::new();
         let mut touched: HashSet<(usize, i32)> = HashSet::new();
         // Before this flush's writes, which replace some of them.
         for (source, partition, k) in std::mem::take(&mut self.pending_deletes) {
             sealed.batch.delete(&k);
             touched.insert((source, partition));
             if logged {
-                sealed.changes.push(Change { source, partition, key: k, value: None });
+                changes.push(Change { source, partition, key: k, value: None });
             }
         }
-        self.seal_expiry(&mut sealed, &mut touched, logged)?;
+        self.seal_expiry(&mut sealed, &mut changes, &mut touched, logged)?;
         lap(&mut stages.expiry);
-        self.seal_cache(&mut sealed, logged);
+        self.seal_cache(&mut sealed, &mut changes, logged);
         self.seal_positions(&mut sealed, &touched);
         lap(&mut stages.seal);
         if let Some(sink) = changelog {
             let positions = self.position_records(&sealed.metas);
-            sink.send(&sealed.changes, &positions)?;
+            sink.send(&changes, &positions)?;
             lap(&mut stages.changelog);
         }
         sealed.stats.changelog_records = vec![0; self.topo.sources.len()];
         if logged {
-            for source in sealed.changes.iter().map(|c| c.source).chain(sealed.metas.iter().map(|m| m.0)) {
+            for source in changes.iter().map(|c| c.source).chain(sealed.metas.iter().map(|m| m.0)) {
                 sealed.stats.changelog_records[source] += 1;
             }
         }
-        sealed.changes = Vec::new();
         sealed.fresh = self.fresh.clone();
         sealed.stats.stages = stages;
         Ok(sealed)
@@ -768,7 +769,13 @@ impl TaskSet {
 
     /// The expired slices' stored keys, deleted (and logged); their partitions' positions
     /// record the moved horizons.
-    fn seal_expiry(&mut self, sealed: &mut SealedFlush, touched: &mut HashSet<(usize, i32)>, logged: bool) -> Result<(), StoreError> {
+    fn seal_expiry(
+        &mut self,
+        sealed: &mut SealedFlush,
+        changes: &mut Vec<Change>,
+        touched: &mut HashSet<(usize, i32)>,
+        logged: bool,
+    ) -> Result<(), StoreError> {
         let topo = Arc::clone(&self.topo);
         for (&(source, partition), task) in &self.tasks {
             if task.flushed_watermark == NO_WATERMARK {
@@ -780,7 +787,7 @@ impl TaskSet {
                     for k in self.store.keys_before(&m.name, partition, before)? {
                         sealed.batch.delete(&k);
                         if logged {
-                            sealed.changes.push(Change { source, partition, key: k.to_vec(), value: None });
+                            changes.push(Change { source, partition, key: k.to_vec(), value: None });
                         }
                     }
                     // The position records the horizon: a moved one is written even when
@@ -797,7 +804,7 @@ impl TaskSet {
 
     /// The dirty entries, sealed into the batch (and logged) and marked clean; expired
     /// entries leave the cache (their stored copies are deleted by the expiry).
-    fn seal_cache(&mut self, sealed: &mut SealedFlush, logged: bool) {
+    fn seal_cache(&mut self, sealed: &mut SealedFlush, changes: &mut Vec<Change>, logged: bool) {
         let topo = &self.topo;
         let expired_before = &sealed.expired_before;
         let expired = |e: &CacheEntry| expired_before.get(&(e.metric, e.partition)).is_some_and(|b| e.slice < *b);
@@ -816,7 +823,7 @@ impl TaskSet {
                 e.dirty = false;
                 sealed.batch.put_encoded(k, &bytes);
                 if logged {
-                    sealed.changes.push(Change { source: topo.metrics[e.metric].source, partition: e.partition, key: k.clone(), value: Some(bytes) });
+                    changes.push(Change { source: topo.metrics[e.metric].source, partition: e.partition, key: k.clone(), value: Some(bytes) });
                 }
             }
             cache_bytes += e.bytes;
@@ -900,9 +907,11 @@ impl TaskSet {
             self.horizons.raise(mi, partition, before);
         }
         // A rebuild finished since the seal has its old generation still stored.
-        let pending: HashSet<(usize, i32)> = self.pending_deletes.iter().map(|(s, p, _)| (*s, *p)).collect();
         let topo = &self.topo;
-        self.fresh.retain(|f| !fresh.contains(f) || pending.contains(&(topo.metrics[f.0].source, f.1)));
+        if !fresh.is_empty() {
+            let pending: HashSet<(usize, i32)> = self.pending_deletes.iter().map(|(s, p, _)| (*s, *p)).collect();
+            self.fresh.retain(|f| !fresh.contains(f) || pending.contains(&(topo.metrics[f.0].source, f.1)));
+        }
         if stats.cache_bytes > topo.cache_max_bytes {
             self.cache.retain(|_, e| e.dirty);
             stats.cache_bytes = self.cache.values().map(|e| e.bytes).sum();
@@ -915,8 +924,6 @@ impl TaskSet {
 #[derive(Default)]
 pub struct SealedFlush {
     batch: WriteBatch,
-    /// Changelog records being sealed (sent, then dropped).
-    changes: Vec<Change>,
     metas: Vec<(usize, i32, PartitionMeta)>,
     expired_before: HashMap<(usize, i32), i64>,
     /// Rebuilt (metric, partition)s whose old generation this flush deletes.
@@ -926,9 +933,10 @@ pub struct SealedFlush {
 }
 
 impl SealedFlush {
-    /// Each partition's position at the seal: durable once the flush is complete.
-    pub fn positions(&self) -> &[SealedPosition] {
-        &self.positions
+    /// Each partition's position at the seal (durable once the flush is complete), taken
+    /// out of the flush.
+    pub fn take_positions(&mut self) -> Vec<SealedPosition> {
+        std::mem::take(&mut self.positions)
     }
 }
 

@@ -75,6 +75,15 @@ impl ChangelogProducer {
         Ok(Some(offsets))
     }
 
+    /// `result`, the producer replaced first when it is an error (see
+    /// [`ChangelogProducer::replace_producer`]).
+    fn replaced_if_failed<T>(&mut self, result: Result<T, ChangelogError>) -> Result<T, ChangelogError> {
+        if result.is_err() {
+            self.replace_producer()?;
+        }
+        result
+    }
+
     /// After a failed flush: what the failed producer still holds must never land. It is
     /// purged as it is dropped, and the next flush gets a producer of its own (librdkafka
     /// retries a gapless producer's records until they are acknowledged).
@@ -93,17 +102,11 @@ impl ChangelogProducer {
 impl ChangeSink for ChangelogProducer {
     fn send(&mut self, changes: &[Change], positions: &[Change]) -> Result<(), ChangelogError> {
         let sent = self.send_all(changes, positions);
-        if sent.is_err() {
-            self.replace_producer()?;
-        }
-        sent
+        self.replaced_if_failed(sent)
     }
 
     fn acknowledged(&mut self, wait: Duration) -> Result<Option<Vec<i64>>, ChangelogError> {
         let acked = self.offsets(wait);
-        if acked.is_err() {
-            self.replace_producer()?;
-        }
-        acked
+        self.replaced_if_failed(acked)
     }
 }
