@@ -597,7 +597,10 @@ impl TaskSet {
     fn finish_rebuilds(&mut self, partition: i32, done: &[Rebuild]) -> Result<(), StoreError> {
         for r in done {
             let m = &self.topo.metrics[r.metric];
-            let stale = self.store.stale_states(m, partition)?;
+            // A cached key holds the rebuilt generation, and the store will: a sealed flush in
+            // flight has not written it yet, so the store may still show the old one.
+            let mut stale = self.store.stale_states(m, partition)?;
+            stale.retain(|k| !self.cache.contains_key(k.as_ref()));
             tracing::info!(metric = %m.name, partition, up_to = r.at.next, stale = stale.len(), "rebuilt from the source");
             let source = m.source;
             self.pending_deletes.extend(stale.into_iter().map(|k| (source, partition, k.to_vec())));
