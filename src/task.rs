@@ -961,8 +961,10 @@ mod tests {
     use super::*;
 
     fn topo() -> Arc<Topology> {
-        crate::topology::test_topology(
-            r#"
+        crate::topology::test_topology(TOPO)
+    }
+
+    const TOPO: &str = r#"
             [[metrics]]
             name = "per_min"
             source = "s"
@@ -976,9 +978,7 @@ mod tests {
             filter = "v = 1"
             aggregates = ["count"]
             window = { type = "global" }
-        "#,
-        )
-    }
+        "#;
 
     fn rec(ts: i64, k: &str, v: i64) -> Vec<u8> {
         format!(r#"{{"ts":{ts},"k":"{k}","v":{v}}}"#).into_bytes()
@@ -1009,11 +1009,16 @@ mod tests {
     }
 
     fn stored(store: &Store, metric: &str, slice: i64, group: &str) -> Option<StoredAggregate> {
+        stored_as(&topo(), store, metric, slice, group)
+    }
+
+    /// The state `topo`'s `metric` has stored for `group`, if it is of that topology's
+    /// layout and generation.
+    fn stored_as(topo: &Topology, store: &Store, metric: &str, slice: i64, group: &str) -> Option<StoredAggregate> {
         let mut k = Vec::new();
         store::state_key_prefix(&mut k, metric, 0, slice, store::EVERY_WINDOW);
         k.extend_from_slice(group.as_bytes());
-        let topo = topo();
-        store.get(topo.metric(metric).unwrap().1, &k).unwrap()
+        store.get_current(topo.metric(metric).unwrap().1, &k).unwrap()
     }
 
     #[test]
@@ -1097,6 +1102,40 @@ mod tests {
         assert!(again.refusals().get("ones").is_some());
         let mut a = AggState::Count(1);
         assert!(a.merge(&AggState::Sum(1)).is_err(), "partials of two kinds do not merge");
+    }
+
+    /// A rebuild that ends while a flush is sealed but not written: the keys that flush
+    /// rebuilt still show their old generation in the store, yet they are the new one's and
+    /// must survive the deletion of what the rebuild left over.
+    #[test]
+    fn a_rebuild_ending_inside_a_sealed_flush_keeps_what_it_rebuilt() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let records = [rec(10, "a", 1), rec(20, "b", 1), rec(30, "c", 1)];
+        let mut first = TaskSet::new(topo(), store.clone());
+        first.assign(0, 0).unwrap();
+        for (o, r) in records.iter().enumerate() {
+            first.process(0, 0, o as i64, None, r).unwrap();
+        }
+        first.flush(None).unwrap();
+        let rebuilt = crate::topology::test_topology(&TOPO.replace("retention = \"2m\"", "retention = \"2m\"\nrebuild = \"t\""));
+        let mut tasks = TaskSet::new(rebuilt.clone(), store.clone());
+        assert_eq!(tasks.assign(0, 0).unwrap(), Some(0), "the rebuild reads from the start");
+        tasks.process(0, 0, 0, None, &records[0]).unwrap();
+        let sealed = tasks.seal(None).unwrap();
+        // "a" is in the sealed flush only; the rebuild ends with "c", before the store has "a".
+        tasks.process(0, 0, 1, None, &records[1]).unwrap();
+        assert_eq!(tasks.process(0, 0, 2, None, &records[2]).unwrap(), Outcome::Rebuilt);
+        assert!(!tasks.rebuilding(0, 0));
+        tasks.complete(sealed, Vec::new()).unwrap();
+        tasks.flush(None).unwrap();
+        for k in ["a", "b", "c"] {
+            assert_eq!(
+                stored_as(&rebuilt, &store, "per_min", 0, k).map(|s| s.states),
+                Some(vec![AggState::Count(1), AggState::Sum(1_000_000)]),
+                "{k}"
+            );
+        }
     }
 
     #[test]
