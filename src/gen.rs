@@ -381,10 +381,16 @@ impl Dims {
     }
 }
 
+/// The `product_id`s of S1's events with `cardinality` distinct users.
+pub fn s1_products(cardinality: u64) -> std::ops::Range<u64> {
+    101..101 + Dims { seed: 0, cardinality }.scaled(100, 5, 900)
+}
+
 /// S1 `uvpv-demo`: ~90 % page views, ~10 % purchases; key = user_id.
 fn s1(rng: &mut Rng, d: &Dims, ms: i64) -> (String, Fields) {
     let user = 1 + rng.below(d.cardinality);
-    let product = 101 + rng.below(d.scaled(100, 5, 900));
+    let products = s1_products(d.cardinality);
+    let product = products.start + rng.below(products.end - products.start);
     let record_type = u8::from(rng.unit() < 0.1);
     // The seed's example gives user 6 the address 100.0.0.6: the address follows the user.
     let ip = format!("100.0.{}.{}", (user >> 8) & 0xff, user & 0xff);

@@ -10,14 +10,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use http_body_util::{BodyExt, Empty};
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::Producer;
 
+use super::load::{self, pct, QueryKind};
 use super::{bench_config, complete, create_internal, http_get, sample, scrape, sum, BenchOptions, Child};
 use crate::gen::{self, GenOptions, Scenario};
 use crate::kafka::feed::Feed;
@@ -32,85 +28,6 @@ fn wait_complete(addr: std::net::SocketAddr, limit: Duration) -> anyhow::Result<
         std::thread::sleep(Duration::from_millis(50));
     }
     Ok(())
-}
-
-/// Queries in flight at most in the open loop, as a load balancer's connection pool bounds
-/// them (unbounded, a saturated replica would be sent one connection per late query).
-const IN_FLIGHT: usize = 256;
-
-/// Latencies of one query path: open loop at `qps` for `secs`, each measured from when it
-/// was due (so a stall counts against every query it delays).
-async fn open_loop(client: &Client<HttpConnector, Empty<Bytes>>, url: String, qps: u64, secs: u64) -> (Vec<f64>, usize, f64) {
-    let n = qps * secs;
-    let start = tokio::time::Instant::now();
-    let slots = Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT));
-    let mut tasks = Vec::with_capacity(n as usize);
-    for i in 0..n {
-        let due = start + Duration::from_secs_f64(i as f64 / qps as f64);
-        tokio::time::sleep_until(due).await;
-        let (client, url) = (client.clone(), url.clone());
-        let Ok(slot) = Arc::clone(&slots).acquire_owned().await else { break };
-        tasks.push(tokio::spawn(async move {
-            let _slot = slot;
-            let ok = match client.get(url.parse().expect("a valid URL")).await {
-                Ok(resp) => resp.status() == 200 && resp.into_body().collect().await.is_ok(),
-                Err(_) => false,
-            };
-            (ok, due.elapsed().as_secs_f64())
-        }));
-    }
-    let (mut lat, mut failed) = (Vec::new(), 0);
-    for t in tasks {
-        match t.await {
-            Ok((true, l)) => lat.push(l),
-            _ => failed += 1,
-        }
-    }
-    let took = start.elapsed().as_secs_f64();
-    lat.sort_by(f64::total_cmp);
-    (lat, failed, n as f64 / took)
-}
-
-/// Latencies of one query path asked by `workers` clients one query after another for
-/// `secs` (the throughput it sustains), and the QPS reached.
-async fn closed_loop(client: &Client<HttpConnector, Empty<Bytes>>, url: String, workers: usize, secs: u64) -> (Vec<f64>, usize, f64) {
-    let start = tokio::time::Instant::now();
-    let end = start + Duration::from_secs(secs);
-    let tasks: Vec<_> = (0..workers)
-        .map(|_| {
-            let (client, url) = (client.clone(), url.clone());
-            tokio::spawn(async move {
-                let (mut lat, mut failed) = (Vec::new(), 0);
-                while tokio::time::Instant::now() < end {
-                    let t = tokio::time::Instant::now();
-                    let ok = match client.get(url.parse().expect("a valid URL")).await {
-                        Ok(resp) => resp.status() == 200 && resp.into_body().collect().await.is_ok(),
-                        Err(_) => false,
-                    };
-                    if ok {
-                        lat.push(t.elapsed().as_secs_f64());
-                    } else {
-                        failed += 1;
-                    }
-                }
-                (lat, failed)
-            })
-        })
-        .collect();
-    let (mut lat, mut failed) = (Vec::new(), 0);
-    for t in tasks {
-        if let Ok((l, f)) = t.await {
-            lat.extend(l);
-            failed += f;
-        }
-    }
-    let qps = lat.len() as f64 / start.elapsed().as_secs_f64();
-    lat.sort_by(f64::total_cmp);
-    (lat, failed, qps)
-}
-
-fn pct(sorted: &[f64], q: f64) -> f64 {
-    sorted.get(((sorted.len() as f64 - 1.0) * q).round() as usize).copied().unwrap_or(f64::NAN) * 1000.0
 }
 
 /// The replicas, their config and where they live.
@@ -199,33 +116,17 @@ pub fn run(opts: &BenchOptions) -> anyhow::Result<()> {
 
 /// Query latency and throughput through r0, per query kind.
 fn queries(cluster: &Cluster, opts: &BenchOptions) -> anyhow::Result<()> {
-    let rt = tokio::runtime::Runtime::new()?;
-    let client: Client<HttpConnector, Empty<Bytes>> =
-        Client::builder(TokioExecutor::new()).pool_max_idle_per_host(IN_FLIGHT).pool_idle_timeout(Duration::from_secs(5)).build(HttpConnector::new());
     let base = format!("http://{}", cluster.replicas[0].addr);
     let at = "2021-09-06T16:30:00%2B08:00";
-    let queries = [
-        ("point query (one key, one window)", format!("{base}/api/v1/metrics/pv_by_product?key=101&from={at}&to=2021-09-06T16:35:00%2B08:00")),
-        ("UV over a 6-hour span", format!("{base}/api/v1/metrics/uv_10m/span?last=6h")),
-        ("top-10", format!("{base}/api/v1/metrics/pv_by_product/top?n=10")),
+    let kinds = [
+        QueryKind {
+            what: "point query (one key, one window)",
+            urls: vec![format!("{base}/api/v1/metrics/pv_by_product?key=101&from={at}&to=2021-09-06T16:35:00%2B08:00")],
+        },
+        QueryKind { what: "UV over a 6-hour span", urls: vec![format!("{base}/api/v1/metrics/uv_10m/span?last=6h")] },
+        QueryKind { what: "top-10", urls: vec![format!("{base}/api/v1/metrics/pv_by_product/top?n=10")] },
     ];
-    for (what, url) in &queries {
-        let (lat, failed, qps) = rt.block_on(closed_loop(&client, url.clone(), 8, opts.query_seconds));
-        println!(
-            "query {what:<34} 8 clients back to back: {qps:.0} QPS, p50 {:.1} ms, p99 {:.1} ms, {failed} failed",
-            pct(&lat, 0.5),
-            pct(&lat, 0.99)
-        );
-        let (lat, failed, qps) = rt.block_on(open_loop(&client, url.clone(), opts.qps, opts.query_seconds));
-        println!(
-            "      {:<34} {} QPS offered ({qps:.0} done): p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms, {failed} failed",
-            "",
-            opts.qps,
-            pct(&lat, 0.5),
-            pct(&lat, 0.99),
-            pct(&lat, 1.0)
-        );
-    }
+    load::run(&kinds, opts.qps, opts.query_seconds)?;
     Ok(())
 }
 

@@ -11,8 +11,10 @@
 //! 2. **Latency**: events are produced at a fixed rate, stamped with the wall clock, while
 //!    tally consumes; p50/p99 come from tally's own `tally_queryable_latency_seconds`
 //!    histogram (the observations of this phase only).
-//! 3. **Restore**: a changelog of synthetic count aggregates is read into an empty store.
-//! 4. **Failover**: two replica processes; one is SIGKILLed (then, again, SIGTERMed) and
+//! 3. **Queries** (`bench/queries.rs`): point, span and top queries asked of that replica,
+//!    closed and open loop, while events flow in at the latency phase's rate.
+//! 4. **Restore**: a changelog of synthetic count aggregates is read into an empty store.
+//! 5. **Failover**: two replica processes; one is SIGKILLed (then, again, SIGTERMed) and
 //!    the time until the other answers for every partition is measured.
 //!
 //! Every figure is read from tally's `/metrics` over HTTP, as an operator would.
@@ -22,7 +24,9 @@
 
 mod cluster;
 mod external;
+mod load;
 mod migrate;
+mod queries;
 mod tables;
 
 use std::collections::BTreeMap;
@@ -82,10 +86,10 @@ pub struct BenchOptions {
     /// Cluster phases: events produced before the replicas start.
     #[arg(long, default_value_t = 100_000)]
     pub cluster_events: usize,
-    /// Cluster phases: queries per second offered, per query kind.
+    /// Query phases (one replica; the cluster's): queries per second offered, per query kind.
     #[arg(long, default_value_t = 5_000)]
     pub qps: u64,
-    /// Cluster phases: seconds per query kind.
+    /// Query phases: seconds per query kind and loop.
     #[arg(long, default_value_t = 5)]
     pub query_seconds: u64,
     /// Cluster phases: seconds watched after the SIGKILL of the failover phase.
@@ -118,8 +122,8 @@ pub struct BenchOptions {
     /// state keys (S1's metrics), migrated to the current one.
     #[arg(long)]
     pub migrate: Option<u64>,
-    /// A short run (about a minute): 200 k events, a 5 s latency phase, 200 k synthetic
-    /// restore records and no failover phase. Its figures are noisier than a full run's.
+    /// A short run (about a minute): 200 k events, a 5 s latency phase, 2 s per query loop,
+    /// 200 k synthetic restore records and no failover phase. Its figures are noisier than a full run's.
     #[arg(long)]
     pub quick: bool,
     /// Only the processing core (tasks and sled, no Kafka) on `--events` events: the phase
@@ -142,6 +146,7 @@ impl BenchOptions {
             self.events = self.events.min(200_000);
             self.latency_seconds = self.latency_seconds.min(5);
             self.restore_records = self.restore_records.min(200_000);
+            self.query_seconds = self.query_seconds.min(2);
         }
         self
     }
@@ -853,6 +858,8 @@ pub fn run(opts: BenchOptions) -> anyhow::Result<()> {
 
     // Phase 2: latency at a fixed rate, wall-clock event times.
     let latency = Latency::measure(tally.addr, &feed, &opts)?;
+    latency.print();
+    let queried = queries::measure(tally.addr, &feed, &opts)?;
     tally.stop()?;
     let rss = peak_rss_kib("self").unwrap_or(0) / 1024;
 
@@ -889,7 +896,6 @@ pub fn run(opts: BenchOptions) -> anyhow::Result<()> {
         core_flushing.as_secs_f64() * 1e6 / core_puts.max(1) as f64,
         core_flushing.as_secs_f64() * core / events as f64 * 100.0
     );
-    latency.print();
     println!("peak RSS             {rss} MiB (whole process: mock broker and producer included)");
     println!(
         "state on disk        {:.1} MiB per million events ({} bytes after {events} events)",
@@ -918,6 +924,7 @@ pub fn run(opts: BenchOptions) -> anyhow::Result<()> {
         "bare_consumer_records_per_s": raw.round(),
         "core_events_per_s": core.round(),
         "latency": latency.json(),
+        "queries": queried,
         "peak_rss_mib_whole_process": rss,
         "state_bytes": state_bytes,
         "restore_records_per_s": per_s(&real),

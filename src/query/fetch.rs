@@ -482,14 +482,15 @@ impl LocalFetch {
             let mut entries: Vec<Entry> = Vec::new();
             let mut bounds: Option<(i64, i64)> = None;
             let mut merged: std::collections::BTreeMap<Vec<u8>, Vec<AggState>> = std::collections::BTreeMap::new();
-            for e in self.store.scan(m, p, r.lo, r.hi) {
+            let scanned: Box<dyn Iterator<Item = Result<crate::store::ScanEntry, StoreError>>> = match &r.group {
+                Some(g) => Box::new(self.store.scan_group(m, p, (r.lo, r.hi), g)),
+                None => Box::new(self.store.scan(m, p, r.lo, r.hi)),
+            };
+            for e in scanned {
                 let e = match e {
                     Err(e @ StoreError::Layout { .. }) => return Ok(Err(Unavailable::Refused(e.to_string()))),
                     e => e?,
                 };
-                if r.group.as_ref().is_some_and(|g| *g != e.group) {
-                    continue;
-                }
                 if !r.merged {
                     entries.push(Entry { group: e.group, slice: e.slice, from_end: e.from_end, states: e.value.states });
                     continue;
