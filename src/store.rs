@@ -528,6 +528,11 @@ impl Store {
         }
     }
 
+    /// The stored position of a source partition, as stored (see [`PartitionMeta::decode`]).
+    pub fn partition_meta_bytes(&self, source: &str, partition: i32) -> Result<Option<sled::IVec>, StoreError> {
+        Ok(self.tree.get(meta_key(source, partition))?)
+    }
+
     /// The stored position of a source partition.
     pub fn partition_meta(&self, source: &str, partition: i32) -> Result<Option<PartitionMeta>, StoreError> {
         let k = meta_key(source, partition);

@@ -126,8 +126,8 @@ pub struct PartitionPartials {
     pub partition: i32,
     /// The position whose state the partials are: read before and after them, unchanged.
     pub position: Position,
-    /// Per [`FetchRequest::reads`], in order.
-    pub reads: Vec<MetricPartials>,
+    /// Per [`FetchRequest::reads`], in order (shared with the read cache).
+    pub reads: Vec<std::sync::Arc<MetricPartials>>,
     /// `Some(lag)`: read from a standby copy this many changelog records behind.
     pub standby_lag: Option<u64>,
     /// `Some(t)`: the state read is as of a flush before `t` (wall clock, ms) — the owner's
@@ -263,7 +263,7 @@ pub fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, String> {
 /// position has not moved has not changed (every flush of it moves its position).
 #[derive(Default)]
 struct ReadCache {
-    map: HashMap<(i32, MetricRead), (Position, MetricPartials)>,
+    map: HashMap<(i32, MetricRead), (Position, std::sync::Arc<MetricPartials>)>,
     entries: usize,
     /// The ownership generation the entries were read under: any change of what this
     /// replica owns or copies empties the cache (the partition may have another state now).
@@ -277,17 +277,17 @@ const CACHE_ENTRIES: usize = 20_000;
 const CACHE_LARGEST: usize = 5_000;
 
 impl ReadCache {
-    fn get(&mut self, p: i32, r: &MetricRead, at: Position, generation: u64) -> Option<MetricPartials> {
+    fn get(&mut self, p: i32, r: &MetricRead, at: Position, generation: u64) -> Option<std::sync::Arc<MetricPartials>> {
         if generation != self.generation {
             self.map.clear();
             self.entries = 0;
             self.generation = generation;
             return None;
         }
-        self.map.get(&(p, r.clone())).filter(|(pos, _)| *pos == at).map(|(_, mp)| mp.clone())
+        self.map.get(&(p, r.clone())).filter(|(pos, _)| *pos == at).map(|(_, mp)| std::sync::Arc::clone(mp))
     }
 
-    fn put(&mut self, p: i32, r: &MetricRead, at: Position, mp: &MetricPartials, generation: u64) {
+    fn put(&mut self, p: i32, r: &MetricRead, at: Position, mp: &std::sync::Arc<MetricPartials>, generation: u64) {
         if mp.entries.len() > CACHE_LARGEST || generation != self.generation {
             return;
         }
@@ -296,10 +296,17 @@ impl ReadCache {
             self.entries = 0;
         }
         self.entries += mp.entries.len();
-        if let Some((_, old)) = self.map.insert((p, r.clone()), (at, mp.clone())) {
+        if let Some((_, old)) = self.map.insert((p, r.clone()), (at, std::sync::Arc::clone(mp))) {
             self.entries -= old.entries.len();
         }
     }
+}
+
+/// A partition's stored position as [`LocalFetch::stored_position`] read it.
+struct StoredPosition {
+    position: Position,
+    meta: Option<PartitionMeta>,
+    bytes: Option<sled::IVec>,
 }
 
 /// Reads this replica's store, for the partitions it owns and has restored.
@@ -414,31 +421,28 @@ impl LocalFetch {
     fn read_partition(&self, req: &FetchRequest, p: i32, deadline: Instant) -> Result<Result<PartitionPartials, Unavailable>, StoreError> {
         let generation = self.owned.generation();
         let wanted = req.min_offsets.iter().find(|(q, _)| *q == p).map(|(_, o)| *o);
-        let (position, meta) = loop {
-            let meta = self.store.partition_meta(&req.source, p)?;
-            let position = Position::of(meta.as_ref());
+        let mut at = loop {
+            let at = self.stored_position(&req.source, p)?;
             match wanted {
-                Some(w) if position.next_offset < w => {
+                Some(w) if at.position.next_offset < w => {
                     if Instant::now() >= deadline {
-                        return Ok(Err(Unavailable::Behind { at: position.next_offset, wanted: w }));
+                        return Ok(Err(Unavailable::Behind { at: at.position.next_offset, wanted: w }));
                     }
                     std::thread::sleep(POSITION_POLL);
                 }
-                _ => break (position, meta),
+                _ => break at,
             }
         };
         // A flush applied between reading the position and the partials would make them
-        // newer than it says; every flush of the partition moves its position, so read again
-        // until the position stands still around the partials.
-        let (mut position, mut meta) = (position, meta);
+        // newer than it says; every flush of the partition rewrites its position, so read
+        // again until the stored position stands still around the partials.
         for _ in 0..CONSISTENT_READ_TRIES {
-            let reads = match self.read_metrics(req, p, (position, meta.as_ref()), generation)? {
+            let position = at.position;
+            let reads = match self.read_metrics(req, p, (position, at.meta.as_ref()), generation)? {
                 Ok(reads) => reads,
                 Err(why) => return Ok(Err(why)),
             };
-            let after_meta = self.store.partition_meta(&req.source, p)?;
-            let after = Position::of(after_meta.as_ref());
-            if after == position {
+            if self.store.partition_meta_bytes(&req.source, p)? == at.bytes {
                 if let Some(cache) = &self.cache {
                     let mut cache = cache.lock().unwrap_or_else(|e| e.into_inner());
                     for (r, mp) in req.reads.iter().zip(&reads) {
@@ -447,9 +451,17 @@ impl LocalFetch {
                 }
                 return Ok(Ok(PartitionPartials { partition: p, position, reads, standby_lag: None, stale_since_ms: None }));
             }
-            (position, meta) = (after, after_meta);
+            at = self.stored_position(&req.source, p)?;
         }
         Ok(Err(Unavailable::Unreachable(format!("its state kept changing during {CONSISTENT_READ_TRIES} reads"))))
+    }
+
+    /// The stored position of `source`'s partition `p`, decoded, with its bytes (to tell
+    /// cheaply whether it has moved since).
+    fn stored_position(&self, source: &str, p: i32) -> Result<StoredPosition, StoreError> {
+        let bytes = self.store.partition_meta_bytes(source, p)?;
+        let meta = bytes.as_ref().map(|b| PartitionMeta::decode(&crate::store::meta_key(source, p), b)).transpose()?;
+        Ok(StoredPosition { position: Position::of(meta.as_ref()), meta, bytes })
     }
 
     /// Reads `req`'s metrics of partition `p`, which was at `position` (stored as `meta`)
@@ -460,7 +472,7 @@ impl LocalFetch {
         p: i32,
         (position, meta): (Position, Option<&PartitionMeta>),
         generation: u64,
-    ) -> Result<Result<Vec<MetricPartials>, Unavailable>, StoreError> {
+    ) -> Result<Result<Vec<std::sync::Arc<MetricPartials>>, Unavailable>, StoreError> {
         let mut reads = Vec::with_capacity(req.reads.len());
         for r in &req.reads {
             if let Some(mp) = self.cache.as_ref().and_then(|c| c.lock().unwrap_or_else(|e| e.into_inner()).get(p, r, position, generation)) {
@@ -512,7 +524,7 @@ impl LocalFetch {
             entries.extend(merged.into_iter().map(|(group, states)| Entry { group, slice: r.lo, from_end: i64::MIN, states }));
             let newest = if r.newest { self.store.last_slice(&m.name, p)? } else { None };
             let expired_before = meta.and_then(|mt| mt.mark(&m.name)).and_then(|mk| mk.expired_before);
-            reads.push(MetricPartials { entries, newest, bounds, expired_before });
+            reads.push(std::sync::Arc::new(MetricPartials { entries, newest, bounds, expired_before }));
         }
         Ok(Ok(reads))
     }
@@ -541,12 +553,12 @@ mod tests {
             PartitionReply::Partials(PartitionPartials {
                 partition: 3,
                 position: Position { next_offset: 42, watermark: Some(7), max_event_time: None },
-                reads: vec![MetricPartials {
+                reads: vec![std::sync::Arc::new(MetricPartials {
                     entries: vec![Entry { group: b"101".to_vec(), slice: 60_000, from_end: i64::MIN, states: vec![AggState::Count(5)] }],
                     newest: Some(60_000),
                     bounds: None,
                     expired_before: Some(0),
-                }],
+                })],
                 standby_lag: Some(12),
                 stale_since_ms: None,
             }),

@@ -503,10 +503,15 @@ impl QueryEngine {
                 if let Some((lo, hi)) = mp.bounds {
                     *bounds = Some(bounds.map_or((lo, hi), |(a, b)| (a.min(lo), b.max(hi))));
                 }
-                for e in mp.entries {
-                    match merged.entry(e.group).or_default().entry((e.slice, e.from_end)) {
+                for e in &mp.entries {
+                    // Looked up by reference: most groups are already there, from another partition.
+                    let slices = match merged.get_mut(&e.group) {
+                        Some(slices) => slices,
+                        None => merged.entry(e.group.clone()).or_default(),
+                    };
+                    match slices.entry((e.slice, e.from_end)) {
                         std::collections::btree_map::Entry::Vacant(v) => {
-                            v.insert(e.states);
+                            v.insert(e.states.clone());
                         }
                         std::collections::btree_map::Entry::Occupied(mut o) => merge_into(o.get_mut(), &e.states)?,
                     }
