@@ -302,10 +302,13 @@ impl ReadCache {
     }
 }
 
+/// Stored positions by (source, partition): their bytes and what they decode to.
+type Decoded = HashMap<(usize, i32), (sled::IVec, std::sync::Arc<PartitionMeta>)>;
+
 /// A partition's stored position as [`LocalFetch::stored_position`] read it.
 struct StoredPosition {
     position: Position,
-    meta: Option<PartitionMeta>,
+    meta: Option<std::sync::Arc<PartitionMeta>>,
     bytes: Option<sled::IVec>,
 }
 
@@ -323,12 +326,16 @@ pub struct LocalFetch {
     faults: Option<std::sync::Arc<Faults>>,
     /// This replica's name, as answers report it.
     pub replica: String,
+    /// Each partition's stored position as last decoded, by (source, partition), with its
+    /// bytes: decoding the marks is most of a cached read's cost, and the bytes tell whether
+    /// they changed.
+    decoded: std::sync::Arc<std::sync::Mutex<Decoded>>,
 }
 
 impl LocalFetch {
     /// Reads `store` for the partitions `owned` says are this replica's.
     pub fn new(topo: std::sync::Arc<Topology>, store: Store, owned: std::sync::Arc<Ownership>, replica: String) -> LocalFetch {
-        LocalFetch { topo, store, owned, cache: None, refusals: Default::default(), faults: None, replica }
+        LocalFetch { topo, store, owned, cache: None, refusals: Default::default(), faults: None, replica, decoded: Default::default() }
     }
 
     /// The metrics this replica refuses.
@@ -400,11 +407,15 @@ impl LocalFetch {
             let lost = req.max_standby_lag.and_then(|_| self.owned.lost(source, p));
             let reply = match (owned.iter().find(|(q, _)| *q == p).map(|(_, s)| *s), copy, lost) {
                 (Some(PartitionState::Active), _, _) => {
-                    self.read_partition(req, p, deadline)?.map(|r| PartitionPartials { stale_since_ms: held, ..r })
+                    self.read_partition(req, (source, p), deadline)?.map(|r| PartitionPartials { stale_since_ms: held, ..r })
                 }
-                (_, Some(copy), _) => self.read_partition(req, p, deadline)?.map(|r| PartitionPartials { standby_lag: Some(copy.lag), ..r }),
+                (_, Some(copy), _) => {
+                    self.read_partition(req, (source, p), deadline)?.map(|r| PartitionPartials { standby_lag: Some(copy.lag), ..r })
+                }
                 (Some(PartitionState::Restoring { restored, total }), None, _) => Err(Unavailable::Restoring { restored, total }),
-                (None, None, Some(at)) => self.read_partition(req, p, deadline)?.map(|r| PartitionPartials { stale_since_ms: Some(at), ..r }),
+                (None, None, Some(at)) => {
+                    self.read_partition(req, (source, p), deadline)?.map(|r| PartitionPartials { stale_since_ms: Some(at), ..r })
+                }
                 (None, None, None) => Err(Unavailable::NotOwned),
             };
             out.push(match reply {
@@ -418,11 +429,16 @@ impl LocalFetch {
     /// Waits (until `deadline`) for `p` to reach its asked offset, then reads it. The outer
     /// error is the store's; the inner says why the partition has no answer.
     #[allow(clippy::type_complexity)]
-    fn read_partition(&self, req: &FetchRequest, p: i32, deadline: Instant) -> Result<Result<PartitionPartials, Unavailable>, StoreError> {
+    fn read_partition(
+        &self,
+        req: &FetchRequest,
+        (source, p): (usize, i32),
+        deadline: Instant,
+    ) -> Result<Result<PartitionPartials, Unavailable>, StoreError> {
         let generation = self.owned.generation();
         let wanted = req.min_offsets.iter().find(|(q, _)| *q == p).map(|(_, o)| *o);
         let mut at = loop {
-            let at = self.stored_position(&req.source, p)?;
+            let at = self.stored_position(source, p)?;
             match wanted {
                 Some(w) if at.position.next_offset < w => {
                     if Instant::now() >= deadline {
@@ -438,7 +454,7 @@ impl LocalFetch {
         // again until the stored position stands still around the partials.
         for _ in 0..CONSISTENT_READ_TRIES {
             let position = at.position;
-            let reads = match self.read_metrics(req, p, (position, at.meta.as_ref()), generation)? {
+            let reads = match self.read_metrics(req, p, (position, at.meta.as_deref()), generation)? {
                 Ok(reads) => reads,
                 Err(why) => return Ok(Err(why)),
             };
@@ -451,17 +467,31 @@ impl LocalFetch {
                 }
                 return Ok(Ok(PartitionPartials { partition: p, position, reads, standby_lag: None, stale_since_ms: None }));
             }
-            at = self.stored_position(&req.source, p)?;
+            at = self.stored_position(source, p)?;
         }
         Ok(Err(Unavailable::Unreachable(format!("its state kept changing during {CONSISTENT_READ_TRIES} reads"))))
     }
 
     /// The stored position of `source`'s partition `p`, decoded, with its bytes (to tell
     /// cheaply whether it has moved since).
-    fn stored_position(&self, source: &str, p: i32) -> Result<StoredPosition, StoreError> {
-        let bytes = self.store.partition_meta_bytes(source, p)?;
-        let meta = bytes.as_ref().map(|b| PartitionMeta::decode(&crate::store::meta_key(source, p), b)).transpose()?;
-        Ok(StoredPosition { position: Position::of(meta.as_ref()), meta, bytes })
+    fn stored_position(&self, source: usize, p: i32) -> Result<StoredPosition, StoreError> {
+        let name = &self.topo.sources[source].name;
+        let bytes = self.store.partition_meta_bytes(name, p)?;
+        let meta = match &bytes {
+            None => None,
+            Some(b) => Some(self.decode_position(source, p, b)?),
+        };
+        Ok(StoredPosition { position: Position::of(meta.as_deref()), meta, bytes })
+    }
+
+    fn decode_position(&self, source: usize, p: i32, bytes: &sled::IVec) -> Result<std::sync::Arc<PartitionMeta>, StoreError> {
+        let mut decoded = self.decoded.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((_, meta)) = decoded.get(&(source, p)).filter(|(b, _)| b == bytes) {
+            return Ok(std::sync::Arc::clone(meta));
+        }
+        let meta = std::sync::Arc::new(PartitionMeta::decode(&crate::store::meta_key(&self.topo.sources[source].name, p), bytes)?);
+        decoded.insert((source, p), (bytes.clone(), std::sync::Arc::clone(&meta)));
+        Ok(meta)
     }
 
     /// Reads `req`'s metrics of partition `p`, which was at `position` (stored as `meta`)

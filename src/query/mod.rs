@@ -321,6 +321,8 @@ fn number_json(x: f64) -> Json {
 /// Per group key, per (slice start, first window end it counts for), merged partials.
 type Slices = BTreeMap<(i64, i64), Vec<AggState>>;
 type Partials = BTreeMap<Vec<u8>, Slices>;
+/// Every partition's partials of each group and (slice, first window end), before merging.
+type Found<'a> = BTreeMap<&'a [u8], BTreeMap<(i64, i64), Vec<&'a [AggState]>>>;
 
 /// What a windowed row holds.
 #[derive(Debug, Clone, PartialEq)]
@@ -389,6 +391,34 @@ fn merge_into(acc: &mut [AggState], other: &[AggState]) -> Result<(), QueryError
         a.merge(b).map_err(|e| QueryError::Store(StoreError::Corrupt { key: "sketch".into(), why: e.to_string() }))?;
     }
     Ok(())
+}
+
+/// Merges the partials of one key from every partition. Sketches merge pairwise, as a
+/// balanced tree: merged one after another, each sparse merge re-sorts all merged so far,
+/// which costs the square of the partitions. Any order gives the same states (partitions
+/// already come in whatever order their replicas answer).
+fn merge_all(parts: &[&[AggState]]) -> Result<Vec<AggState>, QueryError> {
+    let Some((first, rest)) = parts.split_first() else { return Ok(Vec::new()) };
+    if !first.iter().any(|s| matches!(s, AggState::Distinct(_))) {
+        let mut acc = first.to_vec();
+        for p in rest {
+            merge_into(&mut acc, p)?;
+        }
+        return Ok(acc);
+    }
+    let mut level: Vec<Vec<AggState>> = parts.iter().map(|p| p.to_vec()).collect();
+    while level.len() > 1 {
+        let mut pairs = level.into_iter();
+        let mut next = Vec::with_capacity(pairs.len().div_ceil(2));
+        while let Some(mut a) = pairs.next() {
+            if let Some(b) = pairs.next() {
+                merge_into(&mut a, &b)?;
+            }
+            next.push(a);
+        }
+        level = next;
+    }
+    Ok(level.pop().unwrap_or_default())
 }
 
 /// Folds one partial into an accumulator that may still be empty.
@@ -494,29 +524,29 @@ impl QueryEngine {
             return Err(QueryError::Unavailable { source_name: name.clone(), missing: fetched.missing });
         }
         let cov = Coverage::of(name, &fetched, &req.reads, self.expiry);
-        let mut partials = vec![Partials::new(); req.reads.len()];
+        // Every partition's partials of each (group, slice, first window end), merged below.
+        let mut found: Vec<Found> = vec![BTreeMap::new(); req.reads.len()];
         let mut newest = vec![None; req.reads.len()];
         let mut bounds: Vec<Option<(i64, i64)>> = vec![None; req.reads.len()];
-        for answered in fetched.parts {
-            for (((merged, newest), bounds), mp) in partials.iter_mut().zip(newest.iter_mut()).zip(bounds.iter_mut()).zip(answered.partials.reads) {
+        for answered in &fetched.parts {
+            for (((found, newest), bounds), mp) in found.iter_mut().zip(newest.iter_mut()).zip(bounds.iter_mut()).zip(&answered.partials.reads) {
                 *newest = (*newest).max(mp.newest);
                 if let Some((lo, hi)) = mp.bounds {
                     *bounds = Some(bounds.map_or((lo, hi), |(a, b)| (a.min(lo), b.max(hi))));
                 }
                 for e in &mp.entries {
-                    // Looked up by reference: most groups are already there, from another partition.
-                    let slices = match merged.get_mut(&e.group) {
-                        Some(slices) => slices,
-                        None => merged.entry(e.group.clone()).or_default(),
-                    };
-                    match slices.entry((e.slice, e.from_end)) {
-                        std::collections::btree_map::Entry::Vacant(v) => {
-                            v.insert(e.states.clone());
-                        }
-                        std::collections::btree_map::Entry::Occupied(mut o) => merge_into(o.get_mut(), &e.states)?,
-                    }
+                    found.entry(e.group.as_slice()).or_default().entry((e.slice, e.from_end)).or_default().push(&e.states);
                 }
             }
+        }
+        let mut partials = Vec::with_capacity(found.len());
+        for groups in found {
+            let mut merged = Partials::new();
+            for (group, slices) in groups {
+                let slices = slices.into_iter().map(|(at, parts)| merge_all(&parts).map(|states| (at, states))).collect::<Result<_, _>>()?;
+                merged.insert(group.to_vec(), slices);
+            }
+            partials.push(merged);
         }
         Ok(Gathered { cov, partials, newest, bounds })
     }
@@ -849,6 +879,37 @@ impl QueryEngine {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Forty partitions' sketches merged as a tree equal, in the canonical encoding, the
+    /// same merged one after another: while they stay sparse, and once the union turns dense.
+    #[test]
+    fn sketches_merged_as_a_tree_equal_those_merged_in_turn() {
+        use crate::aggregate::sketch::Sketch;
+        for per_partition in [40u64, 2_000] {
+            let parts: Vec<Vec<AggState>> = (0..40u64)
+                .map(|p| {
+                    let mut sk = Sketch::new(14).unwrap();
+                    // Overlapping ranges: every value is in two partitions.
+                    for v in p * per_partition / 2..p * per_partition / 2 + per_partition {
+                        sk.insert(v.to_string().as_bytes());
+                    }
+                    vec![AggState::Distinct(sk), AggState::Count(p)]
+                })
+                .collect();
+            let refs: Vec<&[AggState]> = parts.iter().map(|p| p.as_slice()).collect();
+            let tree = merge_all(&refs).unwrap();
+            let mut in_turn = parts[0].clone();
+            for p in &parts[1..] {
+                merge_into(&mut in_turn, p).unwrap();
+            }
+            let canonical = |states: &[AggState]| match &states[0] {
+                AggState::Distinct(sk) => sk.to_canonical(),
+                other => panic!("{other:?}"),
+            };
+            assert_eq!(canonical(&tree), canonical(&in_turn), "{per_partition} values per partition");
+            assert_eq!(tree[1], AggState::Count(780));
+        }
+    }
 
     #[test]
     fn unavailable_partitions_are_described_once_per_reason() {
