@@ -100,7 +100,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'stati
     let cluster = ClusterFetch::new(local.clone(), members, counts, timeout, topo.cluster.max_standby_lag, tokio::runtime::Handle::current())
         .authenticated(cfg.http.token.clone());
     let api = ApiState {
-        engine: QueryEngine::new(Arc::clone(&topo), Arc::new(cluster)).refusing(Arc::clone(&refusals)),
+        engine: QueryEngine::new(Arc::clone(&topo), Arc::new(cluster)).refusing(Arc::clone(&refusals)).remembering(),
         local,
         metrics: metrics.clone(),
         owned,

@@ -13,6 +13,7 @@
 //! crash could take back.
 
 pub mod fetch;
+mod memo;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -26,6 +27,7 @@ use crate::store::{encode_group, split_group, StoreError};
 use crate::topology::{Metric, Topology};
 use crate::window::{Window, WindowKind, GLOBAL};
 use fetch::{Fetch, FetchRequest, Fetched, MetricRead, Unavailable};
+use memo::{Memo, Merged};
 
 /// Why a query has no answer.
 #[derive(Debug, thiserror::Error)]
@@ -369,10 +371,7 @@ pub struct WindowRows {
 /// over partitions and the newest slice holding data.
 struct Gathered {
     cov: Coverage,
-    partials: Vec<Partials>,
-    newest: Vec<Option<i64>>,
-    /// Per read: the first slice's start and last slice's end of merged reads.
-    bounds: Vec<Option<(i64, i64)>>,
+    merged: Arc<Merged>,
 }
 
 /// Answers queries from partials a [`Fetch`] reads (this replica's store, or the cluster).
@@ -384,6 +383,8 @@ pub struct QueryEngine {
     expiry: bool,
     /// The metrics this replica refuses: answered with why, whoever owns their partitions.
     refusals: Arc<crate::layout::Refusals>,
+    /// With [`QueryEngine::remembering`].
+    memo: Option<Arc<Memo>>,
 }
 
 fn merge_into(acc: &mut [AggState], other: &[AggState]) -> Result<(), QueryError> {
@@ -443,7 +444,14 @@ fn read(m: &Metric, lo: i64, hi: i64, group: Option<&[u8]>, newest: bool) -> Met
 impl QueryEngine {
     /// An engine answering from what `fetch` reads.
     pub fn new(topo: Arc<Topology>, fetch: Arc<dyn Fetch>) -> QueryEngine {
-        QueryEngine { topo, fetch, expiry: true, refusals: Arc::default() }
+        QueryEngine { topo, fetch, expiry: true, refusals: Arc::default(), memo: None }
+    }
+
+    /// The same engine, keeping each merge of partitions' partials while the positions it
+    /// was read at stand still (see `query/memo.rs`). Only over partials that change only
+    /// with their partition's position: the state store's are; the result view's are not.
+    pub fn remembering(self) -> QueryEngine {
+        QueryEngine { memo: Some(Arc::default()), ..self }
     }
 
     /// The same engine, refusing the metrics `refusals` names.
@@ -524,10 +532,26 @@ impl QueryEngine {
             return Err(QueryError::Unavailable { source_name: name.clone(), missing: fetched.missing });
         }
         let cov = Coverage::of(name, &fetched, &req.reads, self.expiry);
+        let remembered = self.memo.as_ref().and_then(|memo| memo.get(name, &req.reads, &fetched));
+        let merged = match remembered {
+            Some(merged) => merged,
+            None => {
+                let merged = Arc::new(Self::merge(&req.reads, &fetched)?);
+                if let Some(memo) = &self.memo {
+                    memo.put(name, &req.reads, &fetched, &merged);
+                }
+                merged
+            }
+        };
+        Ok(Gathered { cov, merged })
+    }
+
+    /// Merges every partition's partials of each read.
+    fn merge(reads: &[MetricRead], fetched: &Fetched) -> Result<Merged, QueryError> {
         // Every partition's partials of each (group, slice, first window end), merged below.
-        let mut found: Vec<Found> = vec![BTreeMap::new(); req.reads.len()];
-        let mut newest = vec![None; req.reads.len()];
-        let mut bounds: Vec<Option<(i64, i64)>> = vec![None; req.reads.len()];
+        let mut found: Vec<Found> = vec![BTreeMap::new(); reads.len()];
+        let mut newest = vec![None; reads.len()];
+        let mut bounds: Vec<Option<(i64, i64)>> = vec![None; reads.len()];
         for answered in &fetched.parts {
             for (((found, newest), bounds), mp) in found.iter_mut().zip(newest.iter_mut()).zip(bounds.iter_mut()).zip(&answered.partials.reads) {
                 *newest = (*newest).max(mp.newest);
@@ -548,7 +572,7 @@ impl QueryEngine {
             }
             partials.push(merged);
         }
-        Ok(Gathered { cov, partials, newest, bounds })
+        Ok(Merged { partials, newest, bounds })
     }
 
     fn group_bytes(&self, m: &Metric, key: &str) -> Result<Vec<u8>, QueryError> {
@@ -650,9 +674,9 @@ impl QueryEngine {
         let (mi, m) = self.metric(name)?;
         let group = key.map(|k| self.group_bytes(m, k)).transpose()?;
         let (lo, hi) = Self::slice_bounds(m, range);
-        let Gathered { cov, partials, .. } = self.gather(m.source, vec![read(m, lo, hi, group.as_deref(), false)], ask)?;
+        let Gathered { cov, merged } = self.gather(m.source, vec![read(m, lo, hi, group.as_deref(), false)], ask)?;
         let mut rows = Vec::new();
-        for (g, slices) in &partials[0] {
+        for (g, slices) in &merged.partials[0] {
             for w in cov.listed(m, slices, m.grace_ms).into_iter().filter(|w| overlaps(range, *w) && !cov.expired(m, *w)) {
                 if let Some(states) = Self::window_states(w, slices)? {
                     if Self::passes_having(m, &states) {
@@ -671,8 +695,8 @@ impl QueryEngine {
         let group = key.map(|k| self.group_bytes(num_m, k)).transpose()?;
         let (lo, hi) = Self::slice_bounds(num_m, range);
         let reads = vec![read(num_m, lo, hi, group.as_deref(), false), read(den_m, lo, hi, group.as_deref(), false)];
-        let Gathered { cov, partials, .. } = self.gather(num_m.source, reads, ask)?;
-        let (nums, dens) = (&partials[0], &partials[1]);
+        let Gathered { cov, merged } = self.gather(num_m.source, reads, ask)?;
+        let (nums, dens) = (&merged.partials[0], &merged.partials[1]);
         let empty = BTreeMap::new();
         let mut rows = Vec::new();
         for (g, den_slices) in dens {
@@ -729,7 +753,7 @@ impl QueryEngine {
     /// coverage it was read at.
     fn newest_slice(&self, m: &Metric, ask: &Ask) -> Result<(Coverage, Option<i64>), QueryError> {
         let g = self.gather(m.source, vec![read(m, 0, 0, None, true)], ask)?;
-        let newest = g.newest[0].filter(|s| g.cov.retained_from(m).is_none_or(|cut| *s >= cut));
+        let newest = g.merged.newest[0].filter(|s| g.cov.retained_from(m).is_none_or(|cut| *s >= cut));
         Ok((g.cov, newest))
     }
 
@@ -770,7 +794,7 @@ impl QueryEngine {
         // partitions' positions first. A partition may expire further meanwhile: then the
         // start is refused (410), or for an unbounded span looked up once more.
         let mut attempts = 0;
-        let (cov, partials, bounds) = loop {
+        let (cov, merged, bounds) = loop {
             attempts += 1;
             let lo = match (global, range.from, last_ms) {
                 (true, ..) => GLOBAL.start,
@@ -784,15 +808,15 @@ impl QueryEngine {
             };
             let hi = if global { GLOBAL.start + 1 } else { range.to.unwrap_or(i64::MAX) };
             let r = MetricRead { merged: true, ..read(m, lo, hi, group.as_deref(), false) };
-            let Gathered { cov, mut partials, bounds, .. } = self.gather(m.source, vec![r], ask)?;
+            let Gathered { cov, merged } = self.gather(m.source, vec![r], ask)?;
             match cov.check_retained(m, lo) {
                 Err(_) if attempts < 3 && range.from.is_none() && last_ms.is_none() => continue,
                 Err(e) => return Err(e),
-                Ok(()) => break (cov, partials.swap_remove(0), bounds[0]),
+                Ok(()) => break (cov, Arc::clone(&merged), merged.bounds[0]),
             }
         };
         let mut rows = Vec::new();
-        for (g, slices) in &partials {
+        for (g, slices) in &merged.partials[0] {
             let mut acc: Option<Vec<AggState>> = None;
             for st in slices.values() {
                 accumulate(&mut acc, st)?;
@@ -833,9 +857,9 @@ impl QueryEngine {
             }
         };
         let (lo, hi) = if w == GLOBAL { (GLOBAL.start, GLOBAL.start + 1) } else { (w.start, w.end) };
-        let Gathered { cov, partials, .. } = self.gather(m.source, vec![read(m, lo, hi, None, false)], ask)?;
+        let Gathered { cov, merged } = self.gather(m.source, vec![read(m, lo, hi, None, false)], ask)?;
         cov.check_retained(m, w.start)?;
-        let partials = &partials[0];
+        let partials = &merged.partials[0];
         let spec = &m.aggregates[ai];
         let top = if let AggKind::TopN { .. } = spec.kind {
             let mut acc: Option<AggState> = None;
