@@ -26,7 +26,7 @@ use crate::event::Value;
 use crate::store::{encode_group, split_group, StoreError};
 use crate::topology::{Metric, Topology};
 use crate::window::{Window, WindowKind, GLOBAL};
-use fetch::{Fetch, FetchRequest, Fetched, MetricRead, Unavailable};
+use fetch::{Entry, Fetch, FetchRequest, Fetched, MetricRead, Unavailable};
 use memo::{Memo, Merged};
 
 /// Why a query has no answer.
@@ -323,8 +323,6 @@ fn number_json(x: f64) -> Json {
 /// Per group key, per (slice start, first window end it counts for), merged partials.
 type Slices = BTreeMap<(i64, i64), Vec<AggState>>;
 type Partials = BTreeMap<Vec<u8>, Slices>;
-/// Every partition's partials of each group and (slice, first window end), before merging.
-type Found<'a> = BTreeMap<&'a [u8], BTreeMap<(i64, i64), Vec<&'a [AggState]>>>;
 
 /// What a windowed row holds.
 #[derive(Debug, Clone, PartialEq)]
@@ -420,6 +418,40 @@ fn merge_all(parts: &[&[AggState]]) -> Result<Vec<AggState>, QueryError> {
         level = next;
     }
     Ok(level.pop().unwrap_or_default())
+}
+
+/// Merges entries of the same (group, slice, first window end) from every partition. Each
+/// partition's entries come in store order — slice, window end, group — so a stable sort by
+/// that order merges sorted runs instead of sorting from scratch; a map of maps costs a
+/// tree search per entry, which at thousands of groups is most of a query.
+fn merge_entries<'a>(entries: impl Iterator<Item = &'a Entry>) -> Result<Partials, QueryError> {
+    let mut all: Vec<&Entry> = entries.collect();
+    all.sort_by(|a, b| (a.slice, a.from_end, &a.group).cmp(&(b.slice, b.from_end, &b.group)));
+    let mut states = Vec::new();
+    let mut parts: Vec<&[AggState]> = Vec::new();
+    for run in all.chunk_by(|a, b| (a.slice, a.from_end, &a.group) == (b.slice, b.from_end, &b.group)) {
+        parts.clear();
+        parts.extend(run.iter().map(|e| e.states.as_slice()));
+        states.push((run[0].group.as_slice(), (run[0].slice, run[0].from_end), merge_all(&parts)?));
+    }
+    // By group, each group's slices still in order.
+    states.sort_by(|a, b| a.0.cmp(b.0));
+    let mut partials = Partials::new();
+    let mut group: Option<(&[u8], Slices)> = None;
+    for (g, at, st) in states {
+        match &mut group {
+            Some((current, slices)) if *current == g => {
+                slices.insert(at, st);
+            }
+            _ => {
+                if let Some((done, slices)) = group.replace((g, Slices::from([(at, st)]))) {
+                    partials.insert(done.to_vec(), slices);
+                }
+            }
+        }
+    }
+    partials.extend(group.map(|(g, slices)| (g.to_vec(), slices)));
+    Ok(partials)
 }
 
 /// Folds one partial into an accumulator that may still be empty.
@@ -548,31 +580,18 @@ impl QueryEngine {
 
     /// Merges every partition's partials of each read.
     fn merge(reads: &[MetricRead], fetched: &Fetched) -> Result<Merged, QueryError> {
-        // Every partition's partials of each (group, slice, first window end), merged below.
-        let mut found: Vec<Found> = vec![BTreeMap::new(); reads.len()];
-        let mut newest = vec![None; reads.len()];
-        let mut bounds: Vec<Option<(i64, i64)>> = vec![None; reads.len()];
-        for answered in &fetched.parts {
-            for (((found, newest), bounds), mp) in found.iter_mut().zip(newest.iter_mut()).zip(bounds.iter_mut()).zip(&answered.partials.reads) {
-                *newest = (*newest).max(mp.newest);
+        let mut merged = Merged { partials: Vec::with_capacity(reads.len()), newest: vec![None; reads.len()], bounds: vec![None; reads.len()] };
+        for ri in 0..reads.len() {
+            let of_read = || fetched.parts.iter().filter_map(move |a| a.partials.reads.get(ri));
+            for mp in of_read() {
+                merged.newest[ri] = merged.newest[ri].max(mp.newest);
                 if let Some((lo, hi)) = mp.bounds {
-                    *bounds = Some(bounds.map_or((lo, hi), |(a, b)| (a.min(lo), b.max(hi))));
-                }
-                for e in &mp.entries {
-                    found.entry(e.group.as_slice()).or_default().entry((e.slice, e.from_end)).or_default().push(&e.states);
+                    merged.bounds[ri] = Some(merged.bounds[ri].map_or((lo, hi), |(a, b)| (a.min(lo), b.max(hi))));
                 }
             }
+            merged.partials.push(merge_entries(of_read().flat_map(|mp| &mp.entries))?);
         }
-        let mut partials = Vec::with_capacity(found.len());
-        for groups in found {
-            let mut merged = Partials::new();
-            for (group, slices) in groups {
-                let slices = slices.into_iter().map(|(at, parts)| merge_all(&parts).map(|states| (at, states))).collect::<Result<_, _>>()?;
-                merged.insert(group.to_vec(), slices);
-            }
-            partials.push(merged);
-        }
-        Ok(Merged { partials, newest, bounds })
+        Ok(merged)
     }
 
     fn group_bytes(&self, m: &Metric, key: &str) -> Result<Vec<u8>, QueryError> {
