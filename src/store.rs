@@ -381,12 +381,15 @@ pub struct ScanEntry {
     pub group: Vec<u8>,
     /// The partial aggregate.
     pub value: StoredAggregate,
+    /// The stored key's and value's bytes.
+    pub stored_bytes: usize,
 }
 
 /// A stored state of `m` as [`Store::scan`] yields it.
 fn scan_entry(m: &Metric, k: &[u8], v: &[u8]) -> Result<ScanEntry, StoreError> {
     let at = split_state_key(k).ok_or_else(|| corrupt_key(k))?;
-    Ok(ScanEntry { slice: at.slice, from_end: at.from_end, group: at.group.to_vec(), value: m.layout.open(&m.name, k, v)? })
+    let value = m.layout.open(&m.name, k, v)?;
+    Ok(ScanEntry { slice: at.slice, from_end: at.from_end, group: at.group.to_vec(), value, stored_bytes: k.len() + v.len() })
 }
 
 fn corrupt_key(k: &[u8]) -> StoreError {

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
+use super::cache::{ReadCache, ENTRY_OVERHEAD};
 use super::QueryError;
 use crate::aggregate::AggState;
 use crate::health::{Faults, Link};
@@ -258,49 +259,9 @@ pub fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, String> {
     Ok(v)
 }
 
-/// Partials read recently, by (partition, read), with the position they are the state of:
-/// dashboards ask the same thing many times between two flushes, and a partition whose
-/// position has not moved has not changed (every flush of it moves its position).
-#[derive(Default)]
-struct ReadCache {
-    map: HashMap<(i32, MetricRead), (Position, std::sync::Arc<MetricPartials>)>,
-    entries: usize,
-    /// The ownership generation the entries were read under: any change of what this
-    /// replica owns or copies empties the cache (the partition may have another state now).
-    generation: u64,
-}
-
-/// Partials kept in the cache at most (it is emptied when full): sketches can be tens of
-/// kilobytes each, so this bounds its memory to some hundreds of megabytes at worst.
-const CACHE_ENTRIES: usize = 20_000;
-/// A read of more partials than this is not kept.
-const CACHE_LARGEST: usize = 5_000;
-
-impl ReadCache {
-    fn get(&mut self, p: i32, r: &MetricRead, at: Position, generation: u64) -> Option<std::sync::Arc<MetricPartials>> {
-        if generation != self.generation {
-            self.map.clear();
-            self.entries = 0;
-            self.generation = generation;
-            return None;
-        }
-        self.map.get(&(p, r.clone())).filter(|(pos, _)| *pos == at).map(|(_, mp)| std::sync::Arc::clone(mp))
-    }
-
-    fn put(&mut self, p: i32, r: &MetricRead, at: Position, mp: &std::sync::Arc<MetricPartials>, generation: u64) {
-        if mp.entries.len() > CACHE_LARGEST || generation != self.generation {
-            return;
-        }
-        if self.entries + mp.entries.len() > CACHE_ENTRIES {
-            self.map.clear();
-            self.entries = 0;
-        }
-        self.entries += mp.entries.len();
-        if let Some((_, old)) = self.map.insert((p, r.clone()), (at, std::sync::Arc::clone(mp))) {
-            self.entries -= old.entries.len();
-        }
-    }
-}
+/// A metric's partials as read, with their weight in the read cache when read from the
+/// store (`None`: the cache's own).
+type Weighed = (std::sync::Arc<MetricPartials>, Option<usize>);
 
 /// Stored positions by (source, partition): their bytes and what they decode to.
 type Decoded = HashMap<(usize, i32), (sled::IVec, std::sync::Arc<PartitionMeta>)>;
@@ -319,7 +280,7 @@ pub struct LocalFetch {
     store: Store,
     owned: std::sync::Arc<Ownership>,
     /// With [`LocalFetch::caching`].
-    cache: Option<std::sync::Arc<std::sync::Mutex<ReadCache>>>,
+    cache: Option<std::sync::Arc<ReadCache>>,
     /// The metrics this replica refuses (see [`LocalFetch::refusing`]).
     refusals: std::sync::Arc<Refusals>,
     /// With [`LocalFetch::showing_faults`]: while flushes are held, answers say since when.
@@ -449,6 +410,12 @@ impl LocalFetch {
                 _ => break at,
             }
         };
+        // Queries asking at once read the partition once (see `ReadCache::reading`): the
+        // position is read again once this one's turn comes, as others may have read it.
+        let reading = self.cache.as_ref().map(|c| c.reading(source, p));
+        if reading.is_some() {
+            at = self.stored_position(source, p)?;
+        }
         // A flush applied between reading the position and the partials would make them
         // newer than it says; every flush of the partition rewrites its position, so read
         // again until the stored position stands still around the partials.
@@ -460,11 +427,11 @@ impl LocalFetch {
             };
             if self.store.partition_meta_bytes(&req.source, p)? == at.bytes {
                 if let Some(cache) = &self.cache {
-                    let mut cache = cache.lock().unwrap_or_else(|e| e.into_inner());
-                    for (r, mp) in req.reads.iter().zip(&reads) {
-                        cache.put(p, r, position, mp, generation);
+                    for (r, mp, weight) in req.reads.iter().zip(&reads).filter_map(|(r, (mp, w))| w.map(|w| (r, mp, w))) {
+                        cache.put(p, r, position, mp, weight, generation);
                     }
                 }
+                let reads = reads.into_iter().map(|(mp, _)| mp).collect();
                 return Ok(Ok(PartitionPartials { partition: p, position, reads, standby_lag: None, stale_since_ms: None }));
             }
             at = self.stored_position(source, p)?;
@@ -502,11 +469,11 @@ impl LocalFetch {
         p: i32,
         (position, meta): (Position, Option<&PartitionMeta>),
         generation: u64,
-    ) -> Result<Result<Vec<std::sync::Arc<MetricPartials>>, Unavailable>, StoreError> {
+    ) -> Result<Result<Vec<Weighed>, Unavailable>, StoreError> {
         let mut reads = Vec::with_capacity(req.reads.len());
         for r in &req.reads {
-            if let Some(mp) = self.cache.as_ref().and_then(|c| c.lock().unwrap_or_else(|e| e.into_inner()).get(p, r, position, generation)) {
-                reads.push(mp);
+            if let Some(mp) = self.cache.as_ref().and_then(|c| c.get(p, r, position, generation)) {
+                reads.push((mp, None));
                 continue;
             }
             let Some((_, m)) = self.topo.metric(&r.metric) else {
@@ -523,6 +490,7 @@ impl LocalFetch {
             }
             let mut entries: Vec<Entry> = Vec::new();
             let mut bounds: Option<(i64, i64)> = None;
+            let mut weight = 0;
             let mut merged: std::collections::BTreeMap<Vec<u8>, Vec<AggState>> = std::collections::BTreeMap::new();
             let scanned: Box<dyn Iterator<Item = Result<crate::store::ScanEntry, StoreError>>> = match &r.group {
                 Some(g) => Box::new(self.store.scan_group(m, p, (r.lo, r.hi), g)),
@@ -533,6 +501,7 @@ impl LocalFetch {
                     Err(e @ StoreError::Layout { .. }) => return Ok(Err(Unavailable::Refused(e.to_string()))),
                     e => e?,
                 };
+                weight += e.stored_bytes + ENTRY_OVERHEAD;
                 if !r.merged {
                     entries.push(Entry { group: e.group, slice: e.slice, from_end: e.from_end, states: e.value.states });
                     continue;
@@ -554,7 +523,7 @@ impl LocalFetch {
             entries.extend(merged.into_iter().map(|(group, states)| Entry { group, slice: r.lo, from_end: i64::MIN, states }));
             let newest = if r.newest { self.store.last_slice(&m.name, p)? } else { None };
             let expired_before = meta.and_then(|mt| mt.mark(&m.name)).and_then(|mk| mk.expired_before);
-            reads.push(std::sync::Arc::new(MetricPartials { entries, newest, bounds, expired_before }));
+            reads.push((std::sync::Arc::new(MetricPartials { entries, newest, bounds, expired_before }), Some(weight)));
         }
         Ok(Ok(reads))
     }

@@ -35,26 +35,35 @@ fn answers(fetched: &Fetched) -> Answers {
     fetched.parts.iter().map(|a| (a.partials.partition, a.replica.clone(), a.partials.position, a.partials.standby_lag)).collect()
 }
 
-/// A merge's source and reads.
-type MemoKey = (String, Vec<MetricRead>);
+/// Whether `fetched` answered exactly the partitions of `at`, from the same replicas.
+fn same_answers(at: &Answers, fetched: &Fetched) -> bool {
+    at.len() == fetched.parts.len()
+        && at.iter().zip(&fetched.parts).all(|((p, replica, position, lag), a)| {
+            (*p, *position, *lag) == (a.partials.partition, a.partials.position, a.partials.standby_lag) && *replica == a.replica
+        })
+}
 
 /// Merges kept at most (the map is emptied when full).
 const ENTRIES: usize = 1_000;
 /// A merge of more groups than this is not kept: it would hold much memory for one answer.
 const LARGEST: usize = 5_000;
 
+/// Per source, per reads: the partitions merged and their merge. Nested so that a lookup
+/// borrows the source and reads asked instead of building a key.
+type Kept = HashMap<String, HashMap<Vec<MetricRead>, (Answers, Arc<Merged>)>>;
+
 /// The kept merges, by source and reads.
 #[derive(Default)]
 pub struct Memo {
-    map: Mutex<HashMap<MemoKey, (Answers, Arc<Merged>)>>,
+    map: Mutex<(Kept, usize)>,
 }
 
 impl Memo {
     /// The merge of `reads` of `source` kept for exactly the partitions `fetched` answered.
     pub fn get(&self, source: &str, reads: &[MetricRead], fetched: &Fetched) -> Option<Arc<Merged>> {
         let map = self.map.lock().unwrap_or_else(|e| e.into_inner());
-        let (at, merged) = map.get(&(source.to_string(), reads.to_vec()))?;
-        (*at == answers(fetched)).then(|| Arc::clone(merged))
+        let (at, merged) = map.0.get(source)?.get(reads)?;
+        same_answers(at, fetched).then(|| Arc::clone(merged))
     }
 
     /// Keeps `merged`, the merge of what `fetched` answered for `reads` of `source`.
@@ -63,10 +72,15 @@ impl Memo {
             return;
         }
         let mut map = self.map.lock().unwrap_or_else(|e| e.into_inner());
-        if map.len() >= ENTRIES {
-            map.clear();
+        let (kept, entries) = &mut *map;
+        if *entries >= ENTRIES {
+            kept.clear();
+            *entries = 0;
         }
-        map.insert((source.to_string(), reads.to_vec()), (answers(fetched), Arc::clone(merged)));
+        let of_source = kept.entry(source.to_string()).or_default();
+        if of_source.insert(reads.to_vec(), (answers(fetched), Arc::clone(merged))).is_none() {
+            *entries += 1;
+        }
     }
 }
 

@@ -12,6 +12,7 @@
 //! Only what a flush has made durable is visible, so an answer never shows state that a
 //! crash could take back.
 
+mod cache;
 pub mod fetch;
 mod memo;
 
