@@ -401,6 +401,8 @@ pub fn routes(state: ApiState) -> impl Filter<Extract = (Response,), Error = Inf
             "restoring": restoring,
             "standbys": standbys.len(),
             "standbys_queryable": queryable,
+            // How far behind the changelog the furthest copy is, in records.
+            "standby_lag_max": standbys.iter().map(|(_, c)| c.lag).max(),
             "tables_loaded": loaded,
             "tables": tables,
             "refused": s.local.refusals().all(),
