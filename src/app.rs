@@ -108,6 +108,7 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()> + Send + 'stati
         export_failing: Default::default(),
         faults: Arc::clone(&faults),
         access,
+        admission: Arc::new(http::Admissions::of(&cfg.http, &metrics)),
     };
     let server = tokio::spawn(http::serve(api, listener, async {
         let _ = http_stop_rx.await;

@@ -310,6 +310,15 @@ pub struct HttpConfig {
     /// and `/` (the live screen's page; its queries carry the token). Default: the probes.
     #[serde(default = "HttpConfig::default_open", skip_serializing_if = "HttpConfig::is_default_open")]
     pub open: Vec<String>,
+    /// Queries answered at once (default four per core, at least 16); as many again for the
+    /// partials other replicas ask for, a pool of their own so that replicas asking each
+    /// other can never wait on each other.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_concurrent_queries: Option<usize>,
+    /// Queries that may wait for a slot (default four times the slots); beyond them a query
+    /// is refused at once with 503 and `Retry-After: 1`, and counted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_queued_queries: Option<usize>,
 }
 
 /// The routes [`HttpConfig::open`] may name.
@@ -341,16 +350,46 @@ impl HttpConfig {
         {
             return Err(ConfigError::new("http.token", format!("must be at least {MIN_TOKEN_LEN} characters, without spaces or control characters")));
         }
-        match self.open.iter().find(|r| !OPENABLE.contains(&r.as_str())) {
-            Some(r) => Err(ConfigError::new("http.open", format!("`{r}` is not a route that can be left open; choose from {OPENABLE:?}"))),
-            None => Ok(()),
+        if let Some(r) = self.open.iter().find(|r| !OPENABLE.contains(&r.as_str())) {
+            return Err(ConfigError::new("http.open", format!("`{r}` is not a route that can be left open; choose from {OPENABLE:?}")));
         }
+        match (self.max_concurrent_queries, self.max_queued_queries) {
+            (Some(n), _) if !(1..=MAX_QUERY_SLOTS).contains(&n) => {
+                Err(ConfigError::new("http.max_concurrent_queries", format!("`{n}`: from 1 to {MAX_QUERY_SLOTS}")))
+            }
+            (_, Some(n)) if n > MAX_QUERY_SLOTS * 16 => {
+                Err(ConfigError::new("http.max_queued_queries", format!("`{n}`: at most {}", MAX_QUERY_SLOTS * 16)))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// The query slots: [`HttpConfig::max_concurrent_queries`] or its default.
+    pub fn query_slots(&self) -> usize {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        self.max_concurrent_queries.unwrap_or((4 * cores).max(16))
+    }
+
+    /// The queue for them: [`HttpConfig::max_queued_queries`] or its default.
+    pub fn query_queue(&self) -> usize {
+        self.max_queued_queries.unwrap_or(4 * self.query_slots())
     }
 }
 
+/// The most query slots: tokio's blocking pool holds 512 threads, and the partials pool
+/// takes as many again.
+pub const MAX_QUERY_SLOTS: usize = 256;
+
 impl Default for HttpConfig {
     fn default() -> Self {
-        HttpConfig { listen: Self::default_listen(), advertised_url: None, token: None, open: Self::default_open() }
+        HttpConfig {
+            listen: Self::default_listen(),
+            advertised_url: None,
+            token: None,
+            open: Self::default_open(),
+            max_concurrent_queries: None,
+            max_queued_queries: None,
+        }
     }
 }
 

@@ -100,6 +100,10 @@ pub struct Metrics {
     pub state_bytes: IntGauge,
     /// HTTP requests, by route and status.
     pub http_requests: IntCounterVec,
+    /// Requests shed because the pool (`queries`, `partials`) and its queue were full.
+    pub http_shed: IntCounterVec,
+    /// Slots of the pool taken by queries running now.
+    pub http_busy: IntGaugeVec,
     /// HTTP request duration, by route.
     pub http_duration: HistogramVec,
     /// Build information (value 1).
@@ -244,6 +248,15 @@ impl Metrics {
             state_keys: reg(&r, IntGauge::new("tally_state_keys", "Keys in the state store.").expect("valid metric")),
             state_bytes: reg(&r, IntGauge::new("tally_state_bytes", "Bytes of the state store on disk.").expect("valid metric")),
             http_requests: counter("tally_http_requests_total", "HTTP requests.", &["route", "status"]),
+            http_busy: reg(
+                &r,
+                IntGaugeVec::new(
+                    Opts::new("tally_http_busy_slots", "Query slots of the pool taken now (see http.max_concurrent_queries)."),
+                    &["pool"],
+                )
+                .expect("valid metric"),
+            ),
+            http_shed: counter("tally_http_shed_total", "Requests refused (503) because the pool's slots and queue were full.", &["pool"]),
             http_duration: reg(
                 &r,
                 HistogramVec::new(

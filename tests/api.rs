@@ -121,6 +121,52 @@ fn errors_documents_and_probes() {
     tally.stop();
 }
 
+/// With every query slot taken and no room to wait, a query is refused at once with 503 and
+/// `Retry-After` (not queued behind the others), counted; once the slot is free, queries are
+/// answered again.
+#[test]
+fn queries_beyond_the_slots_and_the_queue_are_shed_and_counted() {
+    let opts = GenOptions { count: 500, ..GenOptions::for_scenario(Scenario::S1) };
+    let records = generate(Scenario::S1, &opts);
+    let state = tempfile::tempdir().unwrap();
+    let cluster = Cluster::for_example("s1-uvpv.toml", opts.partitions);
+    cluster.produce("uvpv-demo", &records);
+    let mut cfg = example_config("s1-uvpv.toml", &cluster.brokers, state.path());
+    cfg.http.max_concurrent_queries = Some(1);
+    cfg.http.max_queued_queries = Some(0);
+    // The slot's holder: a query for a position no partition reaches, waiting this long.
+    cfg.cluster.position_wait = Some("4s".into());
+    let tally = Tally::start(cfg);
+    let ends = ends(&records);
+    wait_caught_up(tally.addr, "/api/v1/metrics/views", &ends);
+
+    let unreached = format!("uvpv~0-{}", ends[&0] + 1_000_000);
+    let addr = tally.addr;
+    let holder = std::thread::spawn(move || http_get_raw(addr, &format!("/api/v1/metrics/views?min_position={unreached}")));
+    let busy = "tally_http_busy_slots{pool=\"queries\"}";
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while metric_value(&tally.metrics(), busy) < 1.0 {
+        assert!(!holder.is_finished(), "the holder was answered before it was seen holding the slot: {:?}", holder.join());
+        assert!(std::time::Instant::now() < deadline, "the holder never took the slot");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    let (status, head, body) = http_exchange(tally.addr, "GET", "/api/v1/metrics/views", &[], &[]).unwrap();
+    let body = String::from_utf8_lossy(&body);
+    assert!(!holder.is_finished(), "the slot was still taken when the query was asked");
+    assert_eq!(status, 503, "{body}");
+    assert!(head.to_ascii_lowercase().contains("\r\nretry-after: 1"), "{head}");
+    assert!(body.contains("too many queries"), "{body}");
+    // The probes and the scrape are no queries: never shed.
+    assert_eq!(http_get_raw(tally.addr, "/ready").0, 200);
+    assert_eq!(metric_value(&tally.metrics(), "tally_http_shed_total{pool=\"queries\"}"), 1.0);
+
+    let (held, _) = holder.join().unwrap();
+    assert_ne!(held, 200, "no partition reached the position asked for");
+    assert_eq!(metric_value(&tally.metrics(), busy), 0.0);
+    assert_eq!(http_get_raw(tally.addr, "/api/v1/metrics/views").0, 200, "the slot is free again");
+    tally.stop();
+}
+
 #[test]
 fn check_explains_good_configs_and_names_the_broken_key() {
     let tally = env!("CARGO_BIN_EXE_tally");

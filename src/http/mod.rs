@@ -16,7 +16,8 @@
 //! the bearer token (`http.token`), 404 for unknown metrics or routes, 405 (with `Allow`) for
 //! another method on a route's path, 409 for a refused metric, 410 for a span or top list
 //! past a metric's retention, 414 for a query string over 8 KiB, 503 for partitions (or, at
-//! start, brokers) not answering.
+//! start, brokers) not answering, and 503 with `Retry-After` for a query shed because the
+//! replica has as many running and waiting as it takes ([`admission`]).
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -44,6 +45,10 @@ pub const SCREEN: &str = include_str!("screen.html");
 /// Default and maximum number of rows per answer.
 const DEFAULT_LIMIT: usize = 10_000;
 
+pub mod admission;
+
+pub use admission::{Admission, Admissions, Shed};
+
 /// What the HTTP layer reads.
 #[derive(Clone)]
 pub struct ApiState {
@@ -64,6 +69,8 @@ pub struct ApiState {
     pub faults: Arc<Faults>,
     /// Who may ask what.
     pub access: Arc<Access>,
+    /// How many queries run and wait at once.
+    pub admission: Arc<Admissions>,
 }
 
 /// Who may ask what: the bearer token every request carries, but those to the open routes.
@@ -329,6 +336,21 @@ async fn blocking(f: impl FnOnce() -> Response + Send + 'static) -> Result<Respo
     Ok(tokio::task::spawn_blocking(f).await.unwrap_or_else(|e| error(StatusCode::INTERNAL_SERVER_ERROR, format!("query panicked: {e}"))))
 }
 
+/// [`blocking`], once `pool` has a slot for it (held until it has run); a 503 with
+/// `Retry-After` when the pool sheds it.
+async fn admitted(pool: &Admission, f: impl FnOnce() -> Response + Send + 'static) -> Result<Response, Infallible> {
+    match pool.admit().await {
+        Ok(slot) => {
+            blocking(move || {
+                let _slot = slot;
+                f()
+            })
+            .await
+        }
+        Err(shed) => Ok(warp::reply::with_header(error(StatusCode::SERVICE_UNAVAILABLE, shed.to_string()), "retry-after", "1").into_response()),
+    }
+}
+
 /// Every route, instrumented.
 pub fn routes(state: ApiState) -> impl Filter<Extract = (Response,), Error = Infallible> + Clone {
     let with = {
@@ -352,7 +374,8 @@ pub fn routes(state: ApiState) -> impl Filter<Extract = (Response,), Error = Inf
                 "top" => ("metric_top", top),
                 _ => return Err(warp::reject::not_found()),
             };
-            Ok((route, blocking(move || query_reply(run(&s.engine, &name, &p))).await.unwrap_or_else(|e| match e {})))
+            let admission = Arc::clone(&s.admission);
+            Ok((route, admitted(&admission.queries, move || query_reply(run(&s.engine, &name, &p))).await.unwrap_or_else(|e| match e {})))
         },
     );
     let prom = warp::path!("metrics").and(with.clone()).and_then(|s: ApiState| {
@@ -416,7 +439,10 @@ pub fn routes(state: ApiState) -> impl Filter<Extract = (Response,), Error = Inf
         .and(warp::body::content_length_limit(fetch::MAX_WIRE_BYTES as u64))
         .and(warp::body::bytes())
         .and(with.clone())
-        .and_then(|body: bytes::Bytes, s: ApiState| blocking(move || partials(&s.local, &body)))
+        .and_then(|body: bytes::Bytes, s: ApiState| async move {
+            let admission = Arc::clone(&s.admission);
+            admitted(&admission.partials, move || partials(&s.local, &body)).await
+        })
         .map(|r| ("internal_partials", r));
 
     let any = list.or(query).unify().or(prom).unify().or(openapi).unify().or(health).unify().or(ready).unify().or(screen).unify();

@@ -368,6 +368,11 @@ pub fn use_token(token: &str) {
 /// One HTTP/1.0 request on loopback (`headers` as `Name: value` lines, `body` for a POST):
 /// status and body. Times out rather than hanging a test on a stalled server.
 pub fn http_request(addr: SocketAddr, method: &str, path: &str, headers: &[&str], body: &[u8]) -> std::io::Result<(u16, Vec<u8>)> {
+    http_exchange(addr, method, path, headers, body).map(|(status, _, body)| (status, body))
+}
+
+/// [`http_request`], with the response's head (status line and headers) too.
+pub fn http_exchange(addr: SocketAddr, method: &str, path: &str, headers: &[&str], body: &[u8]) -> std::io::Result<(u16, String, Vec<u8>)> {
     let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
     s.set_read_timeout(Some(Duration::from_secs(30)))?;
     s.set_write_timeout(Some(Duration::from_secs(30)))?;
@@ -387,7 +392,7 @@ pub fn http_request(addr: SocketAddr, method: &str, path: &str, headers: &[&str]
     let split = resp.windows(4).position(|w| w == b"\r\n\r\n").ok_or_else(|| std::io::Error::other("no end of HTTP headers"))?;
     let head = String::from_utf8_lossy(&resp[..split]).into_owned();
     let status = head.split(' ').nth(1).and_then(|c| c.parse().ok()).ok_or_else(|| std::io::Error::other(format!("bad status line: {head}")))?;
-    Ok((status, resp[split + 4..].to_vec()))
+    Ok((status, head, resp[split + 4..].to_vec()))
 }
 
 /// GET over loopback; returns status and body, or `None` when nothing answers (yet).
