@@ -29,12 +29,22 @@ pub struct QueryKind {
     pub urls: Vec<String>,
 }
 
-/// Latencies (seconds, sorted) of the queries answered 200, how many were not, and the
-/// rate they were done at.
+/// Latencies (seconds, sorted) of the queries answered 200, how many were turned away
+/// (503: shed by the replica's admission bound), how many failed otherwise, and the rate
+/// they were done at.
 struct Run {
     latencies: Vec<f64>,
+    shed: usize,
     failed: usize,
     qps: f64,
+}
+
+/// How one query went.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Answer {
+    Ok,
+    Shed,
+    Failed,
 }
 
 impl Run {
@@ -44,7 +54,20 @@ impl Run {
 
     fn json(&self) -> serde_json::Value {
         let ms = |q| Some(self.ms(q)).filter(|v| v.is_finite());
-        serde_json::json!({"qps": self.qps.round(), "p50_ms": ms(0.5), "p99_ms": ms(0.99), "max_ms": ms(1.0), "failed": self.failed})
+        serde_json::json!({"qps": self.qps.round(), "p50_ms": ms(0.5), "p99_ms": ms(0.99), "max_ms": ms(1.0), "shed": self.shed, "failed": self.failed})
+    }
+
+    /// Takes one query's outcome.
+    fn count(&mut self, answer: Answer, latency: f64) {
+        match answer {
+            Answer::Ok => self.latencies.push(latency),
+            Answer::Shed => self.shed += 1,
+            Answer::Failed => self.failed += 1,
+        }
+    }
+
+    fn new() -> Run {
+        Run { latencies: Vec::new(), shed: 0, failed: 0, qps: 0.0 }
     }
 }
 
@@ -53,12 +76,15 @@ pub fn pct(sorted: &[f64], q: f64) -> f64 {
     sorted.get(((sorted.len() as f64 - 1.0) * q).round() as usize).copied().unwrap_or(f64::NAN) * 1000.0
 }
 
-/// Asks one GET, reading the whole body: whether it was answered 200.
-async fn ask(client: &HttpClient, url: &str) -> bool {
-    let Ok(uri) = url.parse() else { return false };
-    match client.get(uri).await {
-        Ok(resp) => resp.status() == 200 && resp.into_body().collect().await.is_ok(),
-        Err(_) => false,
+/// Asks one GET, reading the whole body.
+async fn ask(client: &HttpClient, url: &str) -> Answer {
+    let Ok(uri) = url.parse() else { return Answer::Failed };
+    let Ok(resp) = client.get(uri).await else { return Answer::Failed };
+    let status = resp.status();
+    match (status.as_u16(), resp.into_body().collect().await.is_ok()) {
+        (200, true) => Answer::Ok,
+        (503, true) => Answer::Shed,
+        _ => Answer::Failed,
     }
 }
 
@@ -76,20 +102,18 @@ async fn open_loop(client: &HttpClient, urls: Arc<Vec<String>>, qps: u64, secs: 
         let Ok(slot) = Arc::clone(&slots).acquire_owned().await else { break };
         tasks.push(tokio::spawn(async move {
             let _slot = slot;
-            let ok = ask(&client, &urls[i as usize % urls.len()]).await;
-            (ok, due.elapsed().as_secs_f64())
+            let answer = ask(&client, &urls[i as usize % urls.len()]).await;
+            (answer, due.elapsed().as_secs_f64())
         }));
     }
-    let (mut latencies, mut failed) = (Vec::new(), 0);
+    let mut run = Run::new();
     for t in tasks {
-        match t.await {
-            Ok((true, l)) => latencies.push(l),
-            _ => failed += 1,
-        }
+        let (answer, latency) = t.await.unwrap_or((Answer::Failed, 0.0));
+        run.count(answer, latency);
     }
-    let qps = n as f64 / start.elapsed().as_secs_f64();
-    latencies.sort_by(f64::total_cmp);
-    Run { latencies, failed, qps }
+    run.qps = n as f64 / start.elapsed().as_secs_f64();
+    run.latencies.sort_by(f64::total_cmp);
+    run
 }
 
 /// [`CLIENTS`] clients asking one query after another for `secs`.
@@ -100,31 +124,32 @@ async fn closed_loop(client: &HttpClient, urls: Arc<Vec<String>>, secs: u64) -> 
         .map(|c| {
             let (client, urls) = (client.clone(), Arc::clone(&urls));
             tokio::spawn(async move {
-                let (mut latencies, mut failed) = (Vec::new(), 0);
+                let mut run = Run::new();
                 let mut i = c;
                 while tokio::time::Instant::now() < end {
                     let t = tokio::time::Instant::now();
-                    if ask(&client, &urls[i % urls.len()]).await {
-                        latencies.push(t.elapsed().as_secs_f64());
-                    } else {
-                        failed += 1;
-                    }
+                    let answer = ask(&client, &urls[i % urls.len()]).await;
+                    run.count(answer, t.elapsed().as_secs_f64());
                     i += CLIENTS;
                 }
-                (latencies, failed)
+                run
             })
         })
         .collect();
-    let (mut latencies, mut failed) = (Vec::new(), 0);
+    let mut run = Run::new();
     for t in tasks {
-        if let Ok((l, f)) = t.await {
-            latencies.extend(l);
-            failed += f;
+        match t.await {
+            Ok(client) => {
+                run.latencies.extend(client.latencies);
+                run.shed += client.shed;
+                run.failed += client.failed;
+            }
+            Err(_) => run.failed += 1,
         }
     }
-    let qps = latencies.len() as f64 / start.elapsed().as_secs_f64();
-    latencies.sort_by(f64::total_cmp);
-    Run { latencies, failed, qps }
+    run.qps = run.latencies.len() as f64 / start.elapsed().as_secs_f64();
+    run.latencies.sort_by(f64::total_cmp);
+    run
 }
 
 /// Runs every kind closed loop, then open loop at `qps`, `secs` each; prints a line per run
@@ -139,21 +164,24 @@ pub fn run(kinds: &[QueryKind], qps: u64, secs: u64) -> anyhow::Result<serde_jso
         let urls = Arc::new(kind.urls.clone());
         let closed = rt.block_on(closed_loop(&client, Arc::clone(&urls), secs));
         println!(
-            "query {:<34} {CLIENTS} clients back to back: {:.0} QPS, p50 {:.1} ms, p99 {:.1} ms, {} failed",
+            "query {:<34} {CLIENTS} clients back to back: {:.0} QPS, p50 {:.1} ms, p99 {:.1} ms, {} shed, {} failed",
             kind.what,
             closed.qps,
             closed.ms(0.5),
             closed.ms(0.99),
+            closed.shed,
             closed.failed
         );
         let open = rt.block_on(open_loop(&client, urls, qps, secs));
         println!(
-            "      {:<34} {qps} QPS offered ({:.0} done): p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms, {} failed",
+            "      {:<34} {qps} QPS offered ({:.0} done, {:.0} answered): p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms, {} shed (503), {} failed",
             "",
             open.qps,
+            open.latencies.len() as f64 / secs.max(1) as f64,
             open.ms(0.5),
             open.ms(0.99),
             open.ms(1.0),
+            open.shed,
             open.failed
         );
         figures.insert(kind.what.to_string(), serde_json::json!({"closed_loop": closed.json(), "open_loop": open.json(), "offered_qps": qps}));
