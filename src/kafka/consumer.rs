@@ -101,8 +101,8 @@ pub struct Shared {
     /// A partition without a stored position was taken: with tables, its pin must be flushed
     /// before its first record is processed.
     first_position_due: AtomicBool,
-    /// Restored partitions whose fetch position is still to be set.
-    restored: Mutex<Vec<(usize, i32, u64)>>,
+    /// Restored partitions whose fetch position is still to be set, with the seeks tried.
+    restored: Mutex<Vec<(usize, i32, u64, u32)>>,
     /// Whether some of them failed to seek and are to be tried again.
     seek_again: AtomicBool,
 }
@@ -531,7 +531,14 @@ impl Shared {
                 let n = self.assignments.fetch_add(1, Ordering::Relaxed);
                 updater.send(Command::Restore(s, p, n));
                 restoring.insert((s, p), n);
-                pause.add_partition(&self.topo.sources[s].topic, p);
+                let topic = &self.topo.sources[s].topic;
+                pause.add_partition(topic, p);
+                // An explicit start lets librdkafka start the partition's fetcher at once: left
+                // to the group's committed offset, it waits for an offset lookup that waits for
+                // every commit in flight, and a seek before that fails (seen: a restored
+                // partition never resumed while the others committed every 50 ms).
+                // (Unreadable now, the restore reports it; the seek after it sets the position.)
+                let _ = tpl.set_partition_offset(topic, p, self.stored_offset(s, p).unwrap_or(Offset::Beginning));
             }
             tracing::info!(partitions = ?parts, "partitions assigned; restoring them off the consumer thread");
         } else {
@@ -555,6 +562,15 @@ impl Shared {
             }
         }
         pause
+    }
+
+    /// Where a partition's stored state ends (before a restore: where it is fetched from if
+    /// the changelog holds nothing newer), or its beginning.
+    fn stored_offset(&self, source: usize, partition: i32) -> Result<Offset, crate::store::StoreError> {
+        Ok(match self.tasks().store().partition_meta(&self.topo.sources[source].name, partition)? {
+            Some(m) => Offset::Offset(crate::task::resume_offset(&self.topo, source, &m)),
+            None => Offset::Beginning,
+        })
     }
 
     /// Starts processing a partition at its stored position: where the (restored) state
@@ -609,24 +625,24 @@ impl Shared {
         let mut restored = self.restored.lock().unwrap_or_else(|p| p.into_inner());
         for done in news {
             match done {
-                Done::Restored(s, p, n, _) => restored.push((s, p, n)),
+                Done::Restored(s, p, n, _) => restored.push((s, p, n, 0)),
                 Done::Failed(e) => return Err(e.context("restoring assigned partitions from the changelog")),
             }
         }
         let mut restoring = self.restoring.lock().unwrap_or_else(|p| p.into_inner());
         let mut again = Vec::new();
-        for (s, p, n) in restored.drain(..) {
+        for (s, p, n, tries) in restored.drain(..) {
             if restoring.get(&(s, p)) != Some(&n) {
                 continue; // revoked meanwhile (and maybe assigned again: its own report follows)
             }
             let topic = &self.topo.sources[s].topic;
-            let offset = match self.tasks().store().partition_meta(&self.topo.sources[s].name, p)? {
-                Some(m) => Offset::Offset(crate::task::resume_offset(&self.topo, s, &m)),
-                None => Offset::Beginning,
-            };
+            let offset = self.stored_offset(s, p)?;
             if let Err(e) = consumer.seek(topic, p, offset, Duration::from_millis(500)) {
-                tracing::debug!(topic, partition = p, error = %e, "seek after restore not possible yet; trying again");
-                again.push((s, p, n));
+                // Every 500th try is about every 10 s of polls: a partition that stays paused is seen.
+                if tries % 500 == 0 {
+                    tracing::warn!(topic, partition = p, tries = tries + 1, error = %e, "seek after restore failed; the partition stays paused and it is tried again");
+                }
+                again.push((s, p, n, tries + 1));
                 continue;
             }
             self.start_task(s, p)?;
@@ -634,7 +650,7 @@ impl Shared {
             let tasks = self.tasks();
             if tasks.pin(s, p).is_some_and(|pin| !tasks.tables().covers(pin)) {
                 // Its pin names table records this replica has not read yet: stay paused.
-                again.push((s, p, n));
+                again.push((s, p, n, tries));
                 continue;
             }
             drop(tasks);
