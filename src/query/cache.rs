@@ -10,6 +10,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use super::fetch::{MetricPartials, MetricRead, Position};
+use super::turns::Turns;
 
 /// What the cache keeps at most, in stored bytes plus [`ENTRY_OVERHEAD`] per entry (it is
 /// emptied when a read would pass it): a top list of thousands of keys on forty partitions
@@ -20,8 +21,8 @@ const LARGEST: usize = BUDGET / 8;
 /// An entry's share of a read's weight besides its stored bytes: its decoded form's structs
 /// and vectors.
 pub const ENTRY_OVERHEAD: usize = 96;
-/// Locks of [`ReadCache::reading`]: partitions map onto them, so two partitions may share one.
-const STRIPES: usize = 64;
+/// Locks of [`ReadCache::reading`].
+const TURNS: usize = 64;
 
 /// One partition's partials of one read, as of `at`.
 struct Kept {
@@ -42,12 +43,12 @@ struct Entries {
 /// The cache; see the module's documentation.
 pub struct ReadCache {
     kept: Mutex<Entries>,
-    reading: Vec<Mutex<()>>,
+    reading: Turns,
 }
 
 impl Default for ReadCache {
     fn default() -> ReadCache {
-        ReadCache { kept: Mutex::default(), reading: (0..STRIPES).map(|_| Mutex::new(())).collect() }
+        ReadCache { kept: Mutex::default(), reading: Turns::new(TURNS) }
     }
 }
 
@@ -64,6 +65,13 @@ impl ReadCache {
             return None;
         }
         kept.by_read.get(r)?.get(&p).filter(|k| k.at == at).map(|k| Arc::clone(&k.partials))
+    }
+
+    /// Whether every one of `reads` of partition `p` is kept as of `at`, under `generation`:
+    /// then a query needs no turn at [`ReadCache::reading`].
+    pub fn holds(&self, p: i32, reads: &[MetricRead], at: Position, generation: u64) -> bool {
+        let kept = self.kept();
+        generation == kept.generation && reads.iter().all(|r| kept.by_read.get(r).and_then(|m| m.get(&p)).is_some_and(|k| k.at == at))
     }
 
     /// Keeps partition `p`'s partials of `r`, read at `at` under `generation`; `weight` is
@@ -87,11 +95,11 @@ impl ReadCache {
         }
     }
 
-    /// Held while partition `p` of source `source` is read for the cache: whoever asks for
-    /// it meanwhile waits, then finds the read here instead of reading the store again.
-    pub fn reading(&self, source: usize, p: i32) -> MutexGuard<'_, ()> {
-        let stripe = (source.wrapping_mul(STRIPES / 2 + 1) + p.unsigned_abs() as usize) % STRIPES;
-        self.reading[stripe].lock().unwrap_or_else(|e| e.into_inner())
+    /// Held while `reads` of partition `p` of source `source` are read for the cache:
+    /// whoever asks for the same meanwhile waits, then finds them here instead of reading the
+    /// store again. Other reads of the partition go on meanwhile.
+    pub fn reading(&self, source: usize, p: i32, reads: &[MetricRead]) -> MutexGuard<'_, ()> {
+        self.reading.of(&(source, p, reads))
     }
 }
 
@@ -114,6 +122,7 @@ mod tests {
         cache.put(3, &read("a"), at(5), &mp, 100, 0);
         assert!(cache.get(3, &read("a"), at(5), 0).is_some());
         assert!(cache.get(3, &read("a"), at(6), 0).is_none(), "the partition moved");
+        assert!(cache.holds(3, &[read("a")], at(5), 0) && !cache.holds(3, &[read("a"), read("b")], at(5), 0));
         assert!(cache.get(4, &read("a"), at(5), 0).is_none(), "another partition");
         assert!(cache.get(3, &read("b"), at(5), 0).is_none(), "another read");
         cache.put(3, &read("b"), at(5), &mp, LARGEST + 1, 0);

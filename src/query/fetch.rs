@@ -412,7 +412,8 @@ impl LocalFetch {
         };
         // Queries asking at once read the partition once (see `ReadCache::reading`): the
         // position is read again once this one's turn comes, as others may have read it.
-        let reading = self.cache.as_ref().map(|c| c.reading(source, p));
+        // What the cache holds already needs no turn.
+        let reading = self.cache.as_ref().filter(|c| !c.holds(p, &req.reads, at.position, generation)).map(|c| c.reading(source, p, &req.reads));
         if reading.is_some() {
             at = self.stored_position(source, p)?;
         }

@@ -3,11 +3,15 @@
 //! again for each costs far more than reading them. A merge is the state of the partitions
 //! at the positions they were read at (the per-partition read cache rests on the same rule),
 //! so it is answered again only for exactly those positions, from the same replicas.
+//!
+//! After a flush every query of a dashboard misses at once; [`Memo::merged`] makes them merge
+//! once between them: the first merges, the others wait for it and find its merge.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use super::fetch::{Fetched, MetricRead, Position};
+use super::turns::Turns;
 use super::Partials;
 
 /// What a fetch's partials merge to, per read.
@@ -52,22 +56,52 @@ const LARGEST: usize = 5_000;
 /// borrows the source and reads asked instead of building a key.
 type Kept = HashMap<String, HashMap<Vec<MetricRead>, (Answers, Arc<Merged>)>>;
 
+/// Locks of [`Memo::merged`].
+const TURNS: usize = 16;
+
 /// The kept merges, by source and reads.
-#[derive(Default)]
 pub struct Memo {
     map: Mutex<(Kept, usize)>,
+    merging: Turns,
+}
+
+impl Default for Memo {
+    fn default() -> Memo {
+        Memo { map: Mutex::default(), merging: Turns::new(TURNS) }
+    }
 }
 
 impl Memo {
+    /// The merge of `reads` of `source` for the partitions `fetched` answered: the one kept,
+    /// or else `merge`'s, kept. Whoever asks for the same meanwhile waits for it.
+    pub fn merged<E>(
+        &self,
+        source: &str,
+        reads: &[MetricRead],
+        fetched: &Fetched,
+        merge: impl FnOnce() -> Result<Merged, E>,
+    ) -> Result<Arc<Merged>, E> {
+        if let Some(kept) = self.get(source, reads, fetched) {
+            return Ok(kept);
+        }
+        let _merging = self.merging.of(&(source, reads));
+        if let Some(kept) = self.get(source, reads, fetched) {
+            return Ok(kept);
+        }
+        let merged = Arc::new(merge()?);
+        self.put(source, reads, fetched, &merged);
+        Ok(merged)
+    }
+
     /// The merge of `reads` of `source` kept for exactly the partitions `fetched` answered.
-    pub fn get(&self, source: &str, reads: &[MetricRead], fetched: &Fetched) -> Option<Arc<Merged>> {
+    fn get(&self, source: &str, reads: &[MetricRead], fetched: &Fetched) -> Option<Arc<Merged>> {
         let map = self.map.lock().unwrap_or_else(|e| e.into_inner());
         let (at, merged) = map.0.get(source)?.get(reads)?;
         same_answers(at, fetched).then(|| Arc::clone(merged))
     }
 
     /// Keeps `merged`, the merge of what `fetched` answered for `reads` of `source`.
-    pub fn put(&self, source: &str, reads: &[MetricRead], fetched: &Fetched, merged: &Arc<Merged>) {
+    fn put(&self, source: &str, reads: &[MetricRead], fetched: &Fetched, merged: &Arc<Merged>) {
         if merged.groups() > LARGEST {
             return;
         }
@@ -118,5 +152,31 @@ mod tests {
         assert!(memo.get("t", &reads, &at).is_none(), "another source");
         let other = [MetricRead { hi: 2, ..reads[0].clone() }];
         assert!(memo.get("s", &other, &at).is_none(), "other reads");
+    }
+
+    /// Queries missing the same merge at once merge it once between them.
+    #[test]
+    fn a_merge_missed_at_once_is_merged_once() {
+        let memo = Memo::default();
+        let reads = [MetricRead { metric: "m".into(), layout: "l".into(), lo: 0, hi: 1, group: None, newest: false, merged: true }];
+        let at = fetched(&[(0, "a", 5)]);
+        let merges = std::sync::atomic::AtomicUsize::new(0);
+        std::thread::scope(|s| {
+            for _ in 0..8 {
+                s.spawn(|| {
+                    let merged = memo.merged("s", &reads, &at, || {
+                        merges.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        std::thread::sleep(std::time::Duration::from_millis(20));
+                        Ok::<_, ()>(Merged { newest: vec![Some(9)], ..Merged::default() })
+                    });
+                    assert_eq!(merged.map(|m| m.newest.clone()), Ok(vec![Some(9)]));
+                });
+            }
+        });
+        assert_eq!(merges.into_inner(), 1);
+        let moved = fetched(&[(0, "a", 6)]);
+        assert_eq!(memo.merged("s", &reads, &moved, || Err("unreadable")).map(|_| ()), Err("unreadable"));
+        let again = memo.merged("s", &reads, &moved, || Ok::<_, &str>(Merged::default()));
+        assert_eq!(again.map(|m| m.newest.clone()), Ok(vec![]), "merged again: the partition moved, and the failure was not kept");
     }
 }

@@ -15,13 +15,14 @@
 mod cache;
 pub mod fetch;
 mod memo;
+mod turns;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use serde_json::{json, Map, Value as Json};
 
-use crate::aggregate::{rank, AggKind, AggState};
+use crate::aggregate::{AggKind, AggState};
 use crate::event::time::MAX_TIME_MS;
 use crate::event::Value;
 use crate::store::{encode_group, split_group, StoreError};
@@ -464,6 +465,18 @@ fn accumulate(acc: &mut Option<Vec<AggState>>, other: &[AggState]) -> Result<(),
     Ok(())
 }
 
+/// A group's item text: its parts joined by `|`.
+fn item_label(g: &[u8]) -> String {
+    let mut label = String::with_capacity(g.len());
+    for (i, part) in split_group(g).iter().enumerate() {
+        if i > 0 {
+            label.push('|');
+        }
+        label.push_str(&String::from_utf8_lossy(part));
+    }
+    label
+}
+
 /// Whether window `w` overlaps `range`.
 fn overlaps(range: Range, w: Window) -> bool {
     range.from.is_none_or(|f| w.end > f) && range.to.is_none_or(|t| w.start < t)
@@ -565,16 +578,10 @@ impl QueryEngine {
             return Err(QueryError::Unavailable { source_name: name.clone(), missing: fetched.missing });
         }
         let cov = Coverage::of(name, &fetched, &req.reads, self.expiry);
-        let remembered = self.memo.as_ref().and_then(|memo| memo.get(name, &req.reads, &fetched));
-        let merged = match remembered {
-            Some(merged) => merged,
-            None => {
-                let merged = Arc::new(Self::merge(&req.reads, &fetched)?);
-                if let Some(memo) = &self.memo {
-                    memo.put(name, &req.reads, &fetched, &merged);
-                }
-                merged
-            }
+        let merge = || Self::merge(&req.reads, &fetched);
+        let merged = match &self.memo {
+            Some(memo) => memo.merged(name, &req.reads, &fetched, merge)?,
+            None => Arc::new(merge()?),
         };
         Ok(Gathered { cov, merged })
     }
@@ -649,6 +656,34 @@ impl QueryEngine {
             obj.insert(spec.name.clone(), v);
         }
         Json::Object(obj)
+    }
+
+    /// The `n` groups of `partials` with the highest value of aggregate `ai` in window `w`
+    /// (ties broken by item), highest first, with that aggregate's state. Groups whose parts
+    /// join to the same item text are one item, the last of them in group order.
+    fn rank_groups(m: &Metric, w: Window, ai: usize, partials: &Partials, n: usize) -> Result<Vec<(String, AggState)>, QueryError> {
+        let mut items: Vec<(String, i128, AggState)> = Vec::new();
+        for (g, slices) in partials {
+            let Some(mut st) = Self::window_states(w, slices)? else { continue };
+            if !Self::passes_having(m, &st) {
+                continue;
+            }
+            if let Some(v) = st[ai].number() {
+                items.push((item_label(g), (v * 1e6).round() as i128, st.swap_remove(ai)));
+            }
+        }
+        // Reversed, so that the stable sort puts the last group of an item first and `dedup`
+        // keeps it.
+        items.reverse();
+        items.sort_by(|a, b| a.0.cmp(&b.0));
+        items.dedup_by(|later, kept| later.0 == kept.0);
+        let by_rank = |a: &(String, i128, AggState), b: &(String, i128, AggState)| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0));
+        if n < items.len() {
+            items.select_nth_unstable_by(n, by_rank);
+            items.truncate(n);
+        }
+        items.sort_unstable_by(by_rank);
+        Ok(items.into_iter().map(|(item, _, st)| (item, st)).collect())
     }
 
     fn passes_having(m: &Metric, states: &[AggState]) -> bool {
@@ -897,22 +932,8 @@ impl QueryEngine {
             }
             list
         } else {
-            let mut totals: BTreeMap<String, i128> = BTreeMap::new();
-            let mut shown: BTreeMap<String, Json> = BTreeMap::new();
-            for (g, slices) in partials {
-                if let Some(st) = Self::window_states(w, slices)? {
-                    if !Self::passes_having(m, &st) {
-                        continue;
-                    }
-                    if let Some(v) = st[ai].number() {
-                        let label = split_group(g).iter().map(|p| String::from_utf8_lossy(p).into_owned()).collect::<Vec<_>>().join("|");
-                        totals.insert(label.clone(), (v * 1e6).round() as i128);
-                        shown.insert(label, st[ai].to_json(&spec.kind));
-                    }
-                }
-            }
-            let ranked: Vec<Json> = rank(&totals, n).into_iter().map(|(k, _)| json!({ "item": k, "value": shown[k] })).collect();
-            Json::Array(ranked)
+            let ranked = Self::rank_groups(m, w, ai, partials, n)?;
+            Json::Array(ranked.into_iter().map(|(item, st)| json!({ "item": item, "value": st.to_json(&spec.kind) })).collect())
         };
         Ok(
             json!({ "metric": m.name, "aggregate": spec.name, "coverage": cov.to_json(), "window": Self::window_json(m.grace_ms, w, cov.watermark), "top": top }),
