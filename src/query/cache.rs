@@ -97,8 +97,8 @@ impl ReadCache {
 
     /// Held while `reads` of partition `p` of source `source` are read for the cache:
     /// whoever asks for the same meanwhile waits, then finds them here instead of reading the
-    /// store again. Other reads of the partition go on meanwhile.
-    pub fn reading(&self, source: usize, p: i32, reads: &[MetricRead]) -> MutexGuard<'_, ()> {
+    /// store again. Other reads of the partition go on meanwhile. With whether it waited.
+    pub fn reading(&self, source: usize, p: i32, reads: &[MetricRead]) -> (MutexGuard<'_, ()>, bool) {
         self.reading.of(&(source, p, reads))
     }
 }

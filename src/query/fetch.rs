@@ -411,10 +411,10 @@ impl LocalFetch {
             }
         };
         // Queries asking at once read the partition once (see `ReadCache::reading`): the
-        // position is read again once this one's turn comes, as others may have read it.
-        // What the cache holds already needs no turn.
+        // position is read again if this one waited for its turn, as the one before may have
+        // read a newer one. What the cache holds already needs no turn.
         let reading = self.cache.as_ref().filter(|c| !c.holds(p, &req.reads, at.position, generation)).map(|c| c.reading(source, p, &req.reads));
-        if reading.is_some() {
+        if reading.as_ref().is_some_and(|(_, waited)| *waited) {
             at = self.stored_position(source, p)?;
         }
         // A flush applied between reading the position and the partials would make them

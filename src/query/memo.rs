@@ -84,7 +84,7 @@ impl Memo {
         if let Some(kept) = self.get(source, reads, fetched) {
             return Ok(kept);
         }
-        let _merging = self.merging.of(&(source, reads));
+        let (_merging, _) = self.merging.of(&(source, reads));
         if let Some(kept) = self.get(source, reads, fetched) {
             return Ok(kept);
         }

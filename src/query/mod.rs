@@ -439,20 +439,14 @@ fn merge_entries<'a>(entries: impl Iterator<Item = &'a Entry>) -> Result<Partial
     // By group, each group's slices still in order.
     states.sort_by(|a, b| a.0.cmp(b.0));
     let mut partials = Partials::new();
-    let mut group: Option<(&[u8], Slices)> = None;
-    for (g, at, st) in states {
-        match &mut group {
-            Some((current, slices)) if *current == g => {
-                slices.insert(at, st);
-            }
-            _ => {
-                if let Some((done, slices)) = group.replace((g, Slices::from([(at, st)]))) {
-                    partials.insert(done.to_vec(), slices);
-                }
-            }
+    let mut states = states.into_iter().peekable();
+    while let Some((g, at, st)) = states.next() {
+        let mut slices = Slices::from([(at, st)]);
+        while let Some((_, at, st)) = states.next_if(|next| next.0 == g) {
+            slices.insert(at, st);
         }
+        partials.insert(g.to_vec(), slices);
     }
-    partials.extend(group.map(|(g, slices)| (g.to_vec(), slices)));
     Ok(partials)
 }
 

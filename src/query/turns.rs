@@ -2,7 +2,7 @@
 //! right after a flush) take turns, so the first does it and the others find its result kept.
 
 use std::hash::{DefaultHasher, Hash, Hasher};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Mutex, MutexGuard, TryLockError};
 
 /// A fixed set of locks that keys map onto: two keys may share one, which only makes one wait
 /// for the other's work.
@@ -16,11 +16,16 @@ impl Turns {
         Turns { locks: (0..n.max(1)).map(|_| Mutex::new(())).collect() }
     }
 
-    /// Held while the work named by `key` is done and its result kept.
-    pub fn of(&self, key: &impl Hash) -> MutexGuard<'_, ()> {
+    /// Held while the work named by `key` is done and its result kept; with whether it had
+    /// to wait for another's turn (only then may that one's result be there to find).
+    pub fn of(&self, key: &impl Hash) -> (MutexGuard<'_, ()>, bool) {
         let mut hasher = DefaultHasher::new();
         key.hash(&mut hasher);
         let lock = &self.locks[(hasher.finish() % self.locks.len() as u64) as usize];
-        lock.lock().unwrap_or_else(|e| e.into_inner())
+        match lock.try_lock() {
+            Ok(turn) => (turn, false),
+            Err(TryLockError::Poisoned(e)) => (e.into_inner(), false),
+            Err(TryLockError::WouldBlock) => (lock.lock().unwrap_or_else(|e| e.into_inner()), true),
+        }
     }
 }
