@@ -417,9 +417,14 @@ impl AggState {
 /// The `n` entries with the highest values, ties broken by item, highest first.
 pub fn rank(totals: &BTreeMap<String, i128>, n: usize) -> Vec<(&str, i128)> {
     let mut all: Vec<(&str, i128)> = totals.iter().map(|(k, v)| (k.as_str(), *v)).collect();
-    all.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(b.0)));
+    all.sort_by(|a, b| rank_order((a.0, a.1), (b.0, b.1)));
     all.truncate(n);
     all
+}
+
+/// The order of a top list, of (item, value): highest value first, ties by item.
+pub fn rank_order(a: (&str, i128), b: (&str, i128)) -> std::cmp::Ordering {
+    b.1.cmp(&a.1).then_with(|| a.0.cmp(b.0))
 }
 
 #[cfg(test)]

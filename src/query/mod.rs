@@ -22,7 +22,7 @@ use std::sync::Arc;
 
 use serde_json::{json, Map, Value as Json};
 
-use crate::aggregate::{AggKind, AggState};
+use crate::aggregate::{rank_order, AggKind, AggState};
 use crate::event::time::MAX_TIME_MS;
 use crate::event::Value;
 use crate::store::{encode_group, split_group, StoreError};
@@ -671,7 +671,7 @@ impl QueryEngine {
         items.reverse();
         items.sort_by(|a, b| a.0.cmp(&b.0));
         items.dedup_by(|later, kept| later.0 == kept.0);
-        let by_rank = |a: &(String, i128, AggState), b: &(String, i128, AggState)| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0));
+        let by_rank = |a: &(String, i128, AggState), b: &(String, i128, AggState)| rank_order((&a.0, a.1), (&b.0, b.1));
         if n < items.len() {
             items.select_nth_unstable_by(n, by_rank);
             items.truncate(n);
